@@ -1,0 +1,305 @@
+//! A simulated device in host memory, so every path but the CUDA calls runs without a GPU.
+//!
+//! Memory comes from anonymous `mmap` (`MAP_NORESERVE`: a 16 GiB simulated card costs only the pages
+//! touched), VMM reservations are `PROT_NONE` mappings whose pages `mprotect` commits, and the device
+//! capacity is an accounting limit (`sim_capacity`), so out-of-memory paths are testable. Work is
+//! synchronous here: events are complete when recorded and `synchronize` only counts.
+
+use super::{Backend, DevicePtr, Event, Stream};
+use crate::error::{Error, Result};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+/// VMM granularity of the simulated device, the same as a real H100's.
+pub const SIM_GRANULARITY: usize = 2 << 20;
+
+pub struct SimBackend {
+    device: i32,
+    capacity: usize,
+    /// Bytes allocated plus bytes committed inside reservations.
+    used: AtomicUsize,
+    /// Live `alloc` mappings and reservations, address -> length; lets `free` reject foreign pointers.
+    mappings: Mutex<HashMap<DevicePtr, usize>>,
+    syncs: AtomicUsize,
+    events: AtomicUsize,
+}
+
+impl SimBackend {
+    pub fn new(device: i32, capacity: usize) -> SimBackend {
+        SimBackend {
+            device,
+            capacity,
+            used: AtomicUsize::new(0),
+            mappings: Mutex::new(HashMap::new()),
+            syncs: AtomicUsize::new(0),
+            events: AtomicUsize::new(0),
+        }
+    }
+
+    /// How many times `synchronize` ran: lets tests see when a pool waited for the device.
+    pub fn sync_count(&self) -> usize {
+        self.syncs.load(Ordering::Relaxed)
+    }
+
+    /// Bytes the simulated device has handed out (allocations and committed VMM pages).
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn charge(&self, size: usize) -> Result<()> {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(size).filter(|n| *n <= self.capacity)
+            })
+            .map(|_| ())
+            .map_err(|_| Error::OutOfMemory { requested: size })
+    }
+
+    fn refund(&self, size: usize) {
+        self.used.fetch_sub(size, Ordering::AcqRel);
+    }
+
+    fn map_anonymous(&self, size: usize, prot: libc::c_int) -> Result<DevicePtr> {
+        // SAFETY: a fresh private anonymous mapping aliases nothing; the result is checked.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                prot,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(Error::OutOfMemory { requested: size });
+        }
+        Ok(ptr as DevicePtr)
+    }
+
+    fn unmap_known(&self, ptr: DevicePtr, size: usize) -> Result<()> {
+        let known = self
+            .mappings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&ptr);
+        match known {
+            Some(len) if len == size => {
+                // SAFETY: [ptr, ptr+len) is a mapping this backend made and nobody else unmaps.
+                unsafe { libc::munmap(ptr as *mut libc::c_void, len) };
+                Ok(())
+            }
+            Some(len) => {
+                self.mappings
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(ptr, len);
+                Err(Error::InvalidValue("size does not match the mapping"))
+            }
+            None => Err(Error::UnknownPointer(ptr)),
+        }
+    }
+
+    /// Checks that [ptr, ptr+size) lies inside one reservation.
+    fn check_reserved(&self, ptr: DevicePtr, size: usize) -> Result<()> {
+        let mappings = self.mappings.lock().unwrap_or_else(|e| e.into_inner());
+        let inside = mappings
+            .iter()
+            .any(|(&base, &len)| ptr >= base && ptr.saturating_add(size) <= base + len);
+        if inside && ptr % SIM_GRANULARITY == 0 && size % SIM_GRANULARITY == 0 {
+            Ok(())
+        } else {
+            Err(Error::InvalidValue(
+                "range is not granularity-aligned inside a reservation",
+            ))
+        }
+    }
+}
+
+impl Backend for SimBackend {
+    fn name(&self) -> &'static str {
+        "sim"
+    }
+
+    fn device(&self) -> i32 {
+        self.device
+    }
+
+    fn alloc(&self, size: usize) -> Result<DevicePtr> {
+        if size == 0 {
+            return Err(Error::InvalidValue("zero-byte backend allocation"));
+        }
+        self.charge(size)?;
+        match self.map_anonymous(size, libc::PROT_READ | libc::PROT_WRITE) {
+            Ok(ptr) => {
+                self.mappings
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(ptr, size);
+                Ok(ptr)
+            }
+            Err(e) => {
+                self.refund(size);
+                Err(e)
+            }
+        }
+    }
+
+    fn free(&self, ptr: DevicePtr, size: usize) -> Result<()> {
+        self.unmap_known(ptr, size)?;
+        self.refund(size);
+        Ok(())
+    }
+
+    fn mem_info(&self) -> Result<(usize, usize)> {
+        let used = self.used.load(Ordering::Acquire);
+        Ok((self.capacity.saturating_sub(used), self.capacity))
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.syncs.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn event_record(&self, _stream: Stream) -> Result<Event> {
+        Ok(self.events.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+
+    fn event_done(&self, _event: Event) -> Result<bool> {
+        Ok(true)
+    }
+
+    fn event_release(&self, _event: Event) {}
+
+    fn vmm_granularity(&self) -> Option<usize> {
+        Some(SIM_GRANULARITY)
+    }
+
+    fn vmm_reserve(&self, size: usize) -> Result<DevicePtr> {
+        if size == 0 || size % SIM_GRANULARITY != 0 {
+            return Err(Error::InvalidValue(
+                "reservation size must be a multiple of the granularity",
+            ));
+        }
+        // Over-map by one granule so the reservation can start on a granule boundary, as the
+        // driver's do; the slack is trimmed at once.
+        let raw = self.map_anonymous(size + SIM_GRANULARITY, libc::PROT_NONE)?;
+        let base = raw.next_multiple_of(SIM_GRANULARITY);
+        // SAFETY: both trimmed ranges lie inside the mapping just made and are not in use.
+        unsafe {
+            if base > raw {
+                libc::munmap(raw as *mut libc::c_void, base - raw);
+            }
+            let tail = raw + size + SIM_GRANULARITY - (base + size);
+            if tail > 0 {
+                libc::munmap((base + size) as *mut libc::c_void, tail);
+            }
+        }
+        self.mappings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(base, size);
+        Ok(base)
+    }
+
+    fn vmm_release(&self, base: DevicePtr, size: usize) -> Result<()> {
+        self.unmap_known(base, size)
+    }
+
+    fn vmm_map(&self, ptr: DevicePtr, size: usize) -> Result<()> {
+        self.check_reserved(ptr, size)?;
+        self.charge(size)?;
+        // SAFETY: the range lies inside one of this backend's reservations (checked above).
+        let rc = unsafe {
+            libc::mprotect(
+                ptr as *mut libc::c_void,
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+            )
+        };
+        if rc != 0 {
+            self.refund(size);
+            return Err(Error::OutOfMemory { requested: size });
+        }
+        Ok(())
+    }
+
+    fn vmm_unmap(&self, ptr: DevicePtr, size: usize) -> Result<()> {
+        self.check_reserved(ptr, size)?;
+        // SAFETY: the range lies inside one of this backend's reservations; dropping its pages and
+        // its access is what unmapping physical memory means here.
+        unsafe {
+            libc::madvise(ptr as *mut libc::c_void, size, libc::MADV_DONTNEED);
+            libc::mprotect(ptr as *mut libc::c_void, size, libc::PROT_NONE);
+        }
+        self.refund(size);
+        Ok(())
+    }
+
+    fn copy_d2d(&self, dst: DevicePtr, src: DevicePtr, size: usize, _stream: Stream) -> Result<()> {
+        // SAFETY: callers pass ranges inside live allocations of this backend (host memory here);
+        // `copy` allows overlap.
+        unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, size) };
+        Ok(())
+    }
+
+    fn copy_to_host(&self, dst: &mut [u8], src: DevicePtr) -> Result<()> {
+        // SAFETY: as in copy_d2d; `dst` is a distinct host buffer.
+        unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr(), dst.len()) };
+        Ok(())
+    }
+
+    fn copy_from_host(&self, dst: DevicePtr, src: &[u8]) -> Result<()> {
+        // SAFETY: as in copy_d2d; `src` is a distinct host buffer.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len()) };
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capacity_is_enforced_and_refunded() {
+        let sim = SimBackend::new(0, 8 << 20);
+        let a = sim.alloc(6 << 20).unwrap();
+        assert_eq!(a % 256, 0);
+        assert_eq!(
+            sim.alloc(4 << 20),
+            Err(Error::OutOfMemory { requested: 4 << 20 })
+        );
+        assert_eq!(sim.mem_info().unwrap(), (2 << 20, 8 << 20));
+        sim.free(a, 6 << 20).unwrap();
+        assert_eq!(sim.used(), 0);
+        assert!(
+            sim.free(a, 6 << 20).is_err(),
+            "double free of a mapping is refused"
+        );
+    }
+
+    #[test]
+    fn vmm_commit_makes_pages_usable_and_accounted() {
+        let sim = SimBackend::new(0, 64 << 20);
+        let base = sim.vmm_reserve(32 << 20).unwrap();
+        assert_eq!(base % SIM_GRANULARITY, 0);
+        assert_eq!(sim.used(), 0, "a reservation costs no memory");
+        sim.vmm_map(base + SIM_GRANULARITY, SIM_GRANULARITY)
+            .unwrap();
+        assert_eq!(sim.used(), SIM_GRANULARITY);
+        sim.copy_from_host(base + SIM_GRANULARITY, &[7u8; 64])
+            .unwrap();
+        let mut back = [0u8; 64];
+        sim.copy_to_host(&mut back, base + SIM_GRANULARITY).unwrap();
+        assert_eq!(back, [7u8; 64]);
+        assert!(
+            sim.vmm_map(base + 1, SIM_GRANULARITY).is_err(),
+            "unaligned commit refused"
+        );
+        sim.vmm_unmap(base + SIM_GRANULARITY, SIM_GRANULARITY)
+            .unwrap();
+        assert_eq!(sim.used(), 0);
+        sim.vmm_release(base, 32 << 20).unwrap();
+    }
+}

@@ -1,0 +1,268 @@
+//! `HBMALLOC_CONF`: `key:value` pairs separated by commas, read once per process.
+//!
+//! A malformed entry never aborts the host program: it prints one warning line naming the key and
+//! the entry is ignored, leaving the default in force.
+
+use once_cell::sync::OnceCell;
+
+/// Which device-memory source the process uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    /// CUDA when a driver and at least one device are present, else the simulated device.
+    Auto,
+    Cuda,
+    Sim,
+}
+
+/// How much the leak report at exit prints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LeakReport {
+    Off,
+    Summary,
+    Full,
+}
+
+/// How a block freed by `cudaFree` is kept away from work queued before the free.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamSafety {
+    /// Freed blocks wait in a pending list; one device synchronize releases a whole batch of them,
+    /// issued only when the pool needs the memory. As safe as the runtime's own `cudaFree`.
+    Batched,
+    /// Every `cudaFree` synchronizes the device before returning, as the runtime does.
+    Eager,
+    /// Freed blocks are reusable at once. Only for programs that synchronize before they free.
+    Off,
+}
+
+/// The parsed configuration. Every field has a default that a user without `HBMALLOC_CONF` gets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub backend: BackendKind,
+    pub backtrace: bool,
+    pub leak_report: LeakReport,
+    pub report_path: Option<String>,
+    pub report_json: Option<String>,
+    pub report_svg: Option<String>,
+    pub max_frames: usize,
+    /// Capacity of the simulated device in bytes.
+    pub sim_capacity: usize,
+    pub stream_safety: StreamSafety,
+    /// Bytes of freed-but-unsynchronized blocks a device pool may hold before it synchronizes.
+    pub pending_limit: usize,
+    /// Ring size of the optional alloc/free timeline (0 = off).
+    pub timeline: usize,
+    /// Print one line per pool event worth knowing (out of memory, fallbacks).
+    pub verbose: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            backend: BackendKind::Auto,
+            backtrace: true,
+            leak_report: LeakReport::Full,
+            report_path: None,
+            report_json: None,
+            report_svg: None,
+            max_frames: 32,
+            sim_capacity: 16 << 30,
+            stream_safety: StreamSafety::Batched,
+            pending_limit: 256 << 20,
+            timeline: 0,
+            verbose: false,
+        }
+    }
+}
+
+impl Config {
+    /// Parses a `HBMALLOC_CONF` string. Returns the configuration and one warning per bad entry.
+    pub fn parse(text: &str) -> (Config, Vec<String>) {
+        let mut cfg = Config::default();
+        let mut warnings = Vec::new();
+        for entry in text.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            let Some((key, value)) = entry.split_once(':') else {
+                warnings.push(format!(
+                    "hbmalloc: HBMALLOC_CONF entry '{entry}' has no ':value'; ignored"
+                ));
+                continue;
+            };
+            let (key, value) = (key.trim(), value.trim());
+            if let Err(why) = cfg.set(key, value) {
+                warnings.push(format!(
+                    "hbmalloc: HBMALLOC_CONF key '{key}': {why}; ignored"
+                ));
+            }
+        }
+        (cfg, warnings)
+    }
+
+    fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
+        let bad = |expected: &str| format!("bad value '{value}' (expected {expected})");
+        match key {
+            "backend" => {
+                self.backend = match value {
+                    "auto" => BackendKind::Auto,
+                    "cuda" => BackendKind::Cuda,
+                    "sim" => BackendKind::Sim,
+                    _ => return Err(bad("auto, cuda or sim")),
+                }
+            }
+            "backtrace" => self.backtrace = parse_switch(value).ok_or_else(|| bad("on or off"))?,
+            "verbose" => self.verbose = parse_switch(value).ok_or_else(|| bad("on or off"))?,
+            "leak_report" => {
+                self.leak_report = match value {
+                    "off" => LeakReport::Off,
+                    "summary" => LeakReport::Summary,
+                    "full" => LeakReport::Full,
+                    _ => return Err(bad("off, summary or full")),
+                }
+            }
+            "stream_safety" => {
+                self.stream_safety = match value {
+                    "batched" => StreamSafety::Batched,
+                    "eager" => StreamSafety::Eager,
+                    "off" => StreamSafety::Off,
+                    _ => return Err(bad("batched, eager or off")),
+                }
+            }
+            "report_path" => {
+                self.report_path = Some(non_empty(value).ok_or_else(|| bad("a file path"))?)
+            }
+            "report_json" => {
+                self.report_json = Some(non_empty(value).ok_or_else(|| bad("a file path"))?)
+            }
+            "report_svg" => {
+                self.report_svg = Some(non_empty(value).ok_or_else(|| bad("a file path"))?)
+            }
+            "max_frames" => {
+                self.max_frames = value
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=256).contains(n))
+                    .ok_or_else(|| bad("a count from 1 to 256"))?
+            }
+            "timeline" => {
+                self.timeline = value
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| *n <= 1 << 26)
+                    .ok_or_else(|| bad("an event count up to 67108864"))?
+            }
+            "sim_capacity" => {
+                self.sim_capacity = parse_size(value)
+                    .filter(|n| *n >= 1 << 20 && *n <= 1 << 46)
+                    .ok_or_else(|| bad("a size from 1MiB to 64TiB, e.g. 16GiB"))?
+            }
+            "pending_limit" => {
+                self.pending_limit = parse_size(value).ok_or_else(|| bad("a size, e.g. 256MiB"))?
+            }
+            _ => return Err("unknown key".to_string()),
+        }
+        Ok(())
+    }
+}
+
+fn parse_switch(value: &str) -> Option<bool> {
+    match value {
+        "on" | "true" | "1" => Some(true),
+        "off" | "false" | "0" => Some(false),
+        _ => None,
+    }
+}
+
+fn non_empty(value: &str) -> Option<String> {
+    (!value.is_empty()).then(|| value.to_string())
+}
+
+/// Parses `4096`, `64KiB`, `16GiB`, `2GB`, `512MB`, `1TiB` (SI and binary suffixes both mean powers
+/// of two here, as allocator settings conventionally do). `None` on anything else or on overflow.
+pub fn parse_size(text: &str) -> Option<usize> {
+    let text = text.trim();
+    let digits_end = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, suffix) = text.split_at(digits_end);
+    let number: usize = number.parse().ok()?;
+    let shift = match suffix.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return None,
+    };
+    number.checked_mul(1usize << shift)
+}
+
+static CONFIG: OnceCell<Config> = OnceCell::new();
+
+/// The process's configuration, read from `HBMALLOC_CONF` on first use; warnings go to stderr once.
+pub fn get() -> &'static Config {
+    CONFIG.get_or_init(|| {
+        let text = std::env::var("HBMALLOC_CONF").unwrap_or_default();
+        let (cfg, warnings) = Config::parse(&text);
+        for w in warnings {
+            eprintln!("{w}");
+        }
+        cfg
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_when_empty() {
+        let (cfg, warnings) = Config::parse("");
+        assert_eq!(cfg, Config::default());
+        assert!(warnings.is_empty());
+    }
+
+    #[test]
+    fn parses_every_documented_key() {
+        let (cfg, warnings) = Config::parse(
+            "backend:sim, backtrace:off,leak_report:summary,report_path:/tmp/a.txt,\
+             report_json:/tmp/a.json,report_svg:/tmp/a.svg,sim_capacity:2GiB,max_frames:8,\
+             stream_safety:eager,timeline:1000,pending_limit:64MiB,verbose:on",
+        );
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(cfg.backend, BackendKind::Sim);
+        assert!(!cfg.backtrace);
+        assert_eq!(cfg.leak_report, LeakReport::Summary);
+        assert_eq!(cfg.report_path.as_deref(), Some("/tmp/a.txt"));
+        assert_eq!(cfg.report_json.as_deref(), Some("/tmp/a.json"));
+        assert_eq!(cfg.report_svg.as_deref(), Some("/tmp/a.svg"));
+        assert_eq!(cfg.sim_capacity, 2 << 30);
+        assert_eq!(cfg.max_frames, 8);
+        assert_eq!(cfg.stream_safety, StreamSafety::Eager);
+        assert_eq!(cfg.timeline, 1000);
+        assert_eq!(cfg.pending_limit, 64 << 20);
+        assert!(cfg.verbose);
+    }
+
+    #[test]
+    fn bad_entries_warn_once_each_and_keep_defaults() {
+        let (cfg, warnings) =
+            Config::parse("backend:gpu,nonsense,colour:blue,sim_capacity:lots,backtrace:off");
+        assert_eq!(warnings.len(), 4, "{warnings:?}");
+        assert!(warnings[0].contains("'backend'"));
+        assert!(warnings[1].contains("'nonsense'"));
+        assert!(warnings[2].contains("'colour'") && warnings[2].contains("unknown key"));
+        assert!(warnings[3].contains("'sim_capacity'"));
+        assert_eq!(cfg.backend, BackendKind::Auto);
+        assert_eq!(cfg.sim_capacity, Config::default().sim_capacity);
+        assert!(!cfg.backtrace, "good entries beside bad ones still apply");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("64KiB"), Some(64 << 10));
+        assert_eq!(parse_size("16gib"), Some(16 << 30));
+        assert_eq!(parse_size("2GB"), Some(2 << 30));
+        assert_eq!(parse_size("GiB"), None);
+        assert_eq!(parse_size("12XB"), None);
+        assert_eq!(parse_size("99999999999999999999TiB"), None);
+    }
+}

@@ -1,0 +1,9 @@
+//! hbmalloc: a GPU memory manager for LLM inference.
+//!
+//! Data flows one way: `ffi` (the C boundary) → `pool` / `kv` → `backend`, with `track` beside
+//! them. Only `ffi` is `extern "C"`; only `backend::cuda` calls CUDA.
+
+pub mod backend;
+pub mod config;
+pub mod error;
+pub mod ffi;
