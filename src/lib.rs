@@ -7,3 +7,4 @@ pub mod backend;
 pub mod config;
 pub mod error;
 pub mod ffi;
+pub mod runtime;

@@ -1,0 +1,62 @@
+//! The process-wide state: which backend serves each device, chosen once from `HBMALLOC_CONF`.
+//!
+//! Everything above `backend` asks here for a device's backend; nothing else decides between CUDA
+//! and the simulated device.
+
+use crate::backend::sim::SimBackend;
+use crate::backend::SharedBackend;
+use crate::config::{self, BackendKind};
+use crate::error::{Error, Result};
+use once_cell::sync::OnceCell;
+use std::sync::Arc;
+
+/// The most devices one process can use; device ordinals at or above it are invalid.
+pub const MAX_DEVICES: usize = 64;
+
+/// Which kind of backend this process uses, decided on first use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Active {
+    Cuda,
+    Sim,
+}
+
+static ACTIVE: OnceCell<Active> = OnceCell::new();
+static BACKENDS: [OnceCell<SharedBackend>; MAX_DEVICES] = [const { OnceCell::new() }; MAX_DEVICES];
+
+/// The backend kind in force: `backend:auto` picks CUDA when a driver and a device are present.
+pub fn active() -> Active {
+    *ACTIVE.get_or_init(|| match config::get().backend {
+        BackendKind::Sim => Active::Sim,
+        BackendKind::Cuda => Active::Cuda,
+        BackendKind::Auto => {
+            if crate::backend::cuda::CudaBackend::available() {
+                Active::Cuda
+            } else {
+                Active::Sim
+            }
+        }
+    })
+}
+
+/// Number of devices the active backend offers (the simulated device is one device).
+pub fn device_count() -> i32 {
+    match active() {
+        Active::Sim => 1,
+        Active::Cuda => crate::backend::cuda::CudaBackend::device_count(),
+    }
+}
+
+/// The backend serving `device`, created on first use.
+pub fn backend(device: i32) -> Result<SharedBackend> {
+    if device < 0 || device >= device_count() || device as usize >= MAX_DEVICES {
+        return Err(Error::InvalidDevice(device));
+    }
+    BACKENDS[device as usize]
+        .get_or_try_init(|| -> Result<SharedBackend> {
+            Ok(match active() {
+                Active::Sim => Arc::new(SimBackend::new(device, config::get().sim_capacity)),
+                Active::Cuda => Arc::new(crate::backend::cuda::CudaBackend::new(device)?),
+            })
+        })
+        .cloned()
+}
