@@ -10,7 +10,9 @@ pub enum Error {
     InvalidValue(&'static str),
     /// A pointer that this allocator never handed out (or already took back).
     UnknownPointer(usize),
-    /// A pointer inside a live block, not its start.
+    /// The start of a block that was already freed.
+    DoubleFree(usize),
+    /// A pointer inside a block, not its start.
     InteriorPointer { ptr: usize, block: usize },
     /// The device lacks what the call needs (VMM, for instance).
     NotSupported(&'static str),
@@ -31,6 +33,7 @@ impl fmt::Display for Error {
                 f,
                 "pointer {p:#x} was not allocated by hbmalloc or is already freed"
             ),
+            Error::DoubleFree(p) => write!(f, "pointer {p:#x} was already freed"),
             Error::InteriorPointer { ptr, block } => {
                 write!(
                     f,

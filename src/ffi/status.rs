@@ -33,7 +33,9 @@ impl From<&Error> for HbmStatus {
         match e {
             Error::OutOfMemory { .. } => HbmStatus::OutOfMemory,
             Error::InvalidValue(_) => HbmStatus::InvalidValue,
-            Error::UnknownPointer(_) | Error::InteriorPointer { .. } => HbmStatus::InvalidPointer,
+            Error::DoubleFree(_) | Error::UnknownPointer(_) | Error::InteriorPointer { .. } => {
+                HbmStatus::InvalidPointer
+            }
             Error::NotSupported(_) => HbmStatus::NotSupported,
             Error::InvalidDevice(_) => HbmStatus::InvalidDevice,
             Error::Driver { .. } => HbmStatus::DriverError,
@@ -64,9 +66,10 @@ pub mod cuda_error {
 pub fn to_cuda_error(e: &Error) -> i32 {
     match e {
         Error::OutOfMemory { .. } => cuda_error::MEMORY_ALLOCATION,
-        Error::InvalidValue(_) | Error::UnknownPointer(_) | Error::InteriorPointer { .. } => {
-            cuda_error::INVALID_VALUE
-        }
+        Error::InvalidValue(_)
+        | Error::UnknownPointer(_)
+        | Error::DoubleFree(_)
+        | Error::InteriorPointer { .. } => cuda_error::INVALID_VALUE,
         Error::InvalidDevice(_) => cuda_error::INVALID_DEVICE,
         Error::NotSupported(_) => cuda_error::NOT_SUPPORTED,
         // CUresult and cudaError_t share most numbers for the errors the driver can give here

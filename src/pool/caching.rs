@@ -1,0 +1,502 @@
+//! The caching pool behind `cudaMalloc`/`cudaFree`: one per device.
+//!
+//! Fast path: a thread pops a block of its size class from its own shard (`thread_cache`), and
+//! records it in the live map; free does the reverse. No global lock, no driver call.
+//! Slow path (`*_slow`): best fit from the arena (`arena`), refilling the shard in batches; else a
+//! device synchronize if enough freed memory waits for one; else a new chunk from the driver; on
+//! out-of-memory, release every cached byte and retry once.
+//!
+//! Stream safety. The runtime's `cudaFree` synchronizes the device, so work queued before the
+//! free can never see the block reused. This pool gets the same guarantee without paying a
+//! synchronize per free: every free is stamped with the current *epoch*; a synchronize starts a
+//! new epoch and, when it returns, marks every earlier epoch complete. A block is handed out again
+//! only once its stamp is below the completed epoch, i.e. after a device-wide synchronize that
+//! began after the free. Synchronizes are batched: the pool issues one only when at least
+//! `pending_limit` bytes wait for it (or memory runs out), so a steady workload pays one
+//! synchronize per `pending_limit` bytes freed. `stream_safety:eager` synchronizes in every free,
+//! as the runtime does; `stream_safety:off` trusts the program.
+
+use super::arena::{Arena, Lookup, State};
+use super::size_class::{
+    block_size, chunk_size, class_of, class_size, MAX_CLASS_SIZE, SMALL_LIMIT,
+};
+use super::stats::{PoolStats, SlowCounters};
+use super::thread_cache::{is_cached_class, my_shard, Evicted, PaddedShard, N_SHARDS};
+use crate::backend::{DevicePtr, SharedBackend, Stream};
+use crate::config::{Config, StreamSafety};
+use crate::error::{Error, Result};
+use dashmap::DashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+/// The pool's settings, taken from `HBMALLOC_CONF` by the runtime or set directly by tests.
+#[derive(Clone, Debug)]
+pub struct PoolSettings {
+    pub stream_safety: StreamSafety,
+    pub pending_limit: usize,
+}
+
+impl PoolSettings {
+    pub fn from_config(cfg: &Config) -> PoolSettings {
+        PoolSettings {
+            stream_safety: cfg.stream_safety,
+            pending_limit: cfg.pending_limit,
+        }
+    }
+}
+
+/// Hashes device addresses (256-byte aligned, so the low bits carry nothing) by one multiply.
+#[derive(Default)]
+pub struct PtrHasher(u64);
+
+impl Hasher for PtrHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ b as u64).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.0 = ((n as u64) >> 8).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type LiveMap = DashMap<DevicePtr, usize, BuildHasherDefault<PtrHasher>>;
+
+/// Blocks of at most this many bytes in total are moved from the arena into a shard per refill.
+const REFILL_BYTES: usize = 256 << 10;
+const MAX_REFILL: usize = 16;
+
+pub struct CachingPool {
+    backend: SharedBackend,
+    settings: PoolSettings,
+    shards: Box<[PaddedShard]>,
+    /// Blocks up to `SMALL_LIMIT` live in 2 MiB chunks of their own, so that small, long-lived
+    /// blocks never pin large chunks.
+    small: Mutex<Arena>,
+    large: Mutex<Arena>,
+    /// Every block handed out and not yet freed: address -> block size.
+    live: LiveMap,
+    /// Current epoch (stamped into frees) and the epoch below which all frees are safe.
+    epoch: AtomicU64,
+    completed: AtomicU64,
+    /// Number of blocks waiting in `Arena::stream_freed`, to skip the lock when there are none.
+    stream_freed: AtomicUsize,
+    slow: SlowCounters,
+}
+
+impl CachingPool {
+    pub fn new(backend: SharedBackend, settings: PoolSettings) -> CachingPool {
+        // Epochs start at 1 so that stamp 0 means "safe from the start" (blocks straight from
+        // the arena); under `off` every stamp is below the completed epoch.
+        let completed = match settings.stream_safety {
+            StreamSafety::Off => u64::MAX,
+            StreamSafety::Batched | StreamSafety::Eager => 1,
+        };
+        CachingPool {
+            backend,
+            settings,
+            shards: (0..N_SHARDS).map(|_| PaddedShard::default()).collect(),
+            small: Mutex::new(Arena::default()),
+            large: Mutex::new(Arena::default()),
+            live: LiveMap::default(),
+            epoch: AtomicU64::new(1),
+            completed: AtomicU64::new(completed),
+            stream_freed: AtomicUsize::new(0),
+            slow: SlowCounters::default(),
+        }
+    }
+
+    pub fn backend(&self) -> &SharedBackend {
+        &self.backend
+    }
+
+    /// Allocates at least `size` (> 0) bytes, aligned to 512. Never blocks on the device unless
+    /// `pending_limit` bytes of freed blocks wait for a synchronize or memory runs out.
+    #[inline]
+    pub fn alloc(&self, size: usize) -> Result<DevicePtr> {
+        let block = checked_block(size)?;
+        if let Some(class) = cache_class(block) {
+            let mut shard = self.shards[my_shard()].lock();
+            if let Some(ptr) = shard.pop_safe(class, self.completed.load(Ordering::Acquire)) {
+                shard.counters.in_use += block as i64;
+                shard.counters.allocs += 1;
+                shard.counters.hits += 1;
+                drop(shard);
+                self.live.insert(ptr, block);
+                return Ok(ptr);
+            }
+        }
+        self.alloc_slow(block)
+    }
+
+    /// Frees a block from `alloc`/`alloc_async`; returns its size. Unknown, interior and
+    /// already-freed pointers are errors that change nothing.
+    #[inline]
+    pub fn free(&self, ptr: DevicePtr) -> Result<usize> {
+        let Some((_, block)) = self.live.remove(&ptr) else {
+            return Err(self.diagnose(ptr));
+        };
+        let stamp = self.stamp_free();
+        let mut shard = self.shards[my_shard()].lock();
+        shard.counters.in_use -= block as i64;
+        shard.counters.frees += 1;
+        let evicted = match cache_class(block) {
+            Some(class) => shard.push(class, ptr, stamp),
+            None => Some(vec![(ptr, block, stamp)]),
+        };
+        drop(shard);
+        if let Some(evicted) = evicted {
+            self.return_to_arena(evicted);
+        }
+        Ok(block)
+    }
+
+    /// `cudaMallocAsync`: reuses a block freed on the same stream at once; else as `alloc`.
+    pub fn alloc_async(&self, size: usize, stream: Stream) -> Result<DevicePtr> {
+        let block = checked_block(size)?;
+        if self.stream_freed.load(Ordering::Acquire) > 0 {
+            let taken = self.arena_for(block).take_same_stream(block, stream);
+            if let Some((ptr, actual, event)) = taken {
+                self.stream_freed.fetch_sub(1, Ordering::AcqRel);
+                self.backend.event_release(event);
+                self.count_alloc(actual, true);
+                self.live.insert(ptr, actual);
+                return Ok(ptr);
+            }
+        }
+        self.alloc(size)
+    }
+
+    /// `cudaFreeAsync`: the block is reusable at once on `stream`, elsewhere once `stream` has
+    /// passed this point (an event recorded now).
+    pub fn free_async(&self, ptr: DevicePtr, stream: Stream) -> Result<usize> {
+        let Some((_, block)) = self.live.remove(&ptr) else {
+            return Err(self.diagnose(ptr));
+        };
+        self.count_free(block);
+        match self.backend.event_record(stream) {
+            Ok(event) => {
+                self.arena_for(block)
+                    .mark_stream_pending(ptr, stream, event);
+                self.stream_freed.fetch_add(1, Ordering::AcqRel);
+            }
+            // Without an event, the epoch rule (a later device synchronize) still keeps it safe.
+            Err(_) => self.return_to_arena(vec![(ptr, block, self.epoch.load(Ordering::SeqCst))]),
+        }
+        Ok(block)
+    }
+
+    /// Whether `ptr` is a live block of this pool.
+    pub fn owns(&self, ptr: DevicePtr) -> bool {
+        self.live.contains_key(&ptr)
+    }
+
+    /// Size of the live block at `ptr`.
+    pub fn block_size_of(&self, ptr: DevicePtr) -> Option<usize> {
+        self.live.get(&ptr).map(|b| *b)
+    }
+
+    /// Returns every cached byte that can be returned to the driver; returns how many.
+    pub fn trim(&self) -> Result<usize> {
+        for shard in self.shards.iter() {
+            let drained = shard.lock().drain();
+            self.return_to_arena(drained);
+        }
+        self.sync_and_settle()?;
+        let mut released = 0;
+        for arena in [&self.small, &self.large] {
+            let chunks = lock(arena).take_free_chunks();
+            for (base, size) in chunks {
+                match self.backend.free(base, size) {
+                    Ok(()) => {
+                        self.slow.sub_reserved(size);
+                        released += size;
+                    }
+                    // The driver refused: keep the chunk rather than lose track of it.
+                    Err(_) => lock(arena).add_chunk(base, size),
+                }
+            }
+        }
+        Ok(released)
+    }
+
+    /// A statistics snapshot (takes every shard's lock once).
+    pub fn stats(&self) -> PoolStats {
+        let mut s = PoolStats::default();
+        let mut in_use: i64 = 0;
+        for shard in self.shards.iter() {
+            let c = shard.lock().counters;
+            in_use += c.in_use;
+            s.allocs += c.allocs;
+            s.frees += c.frees;
+            s.pool_hits += c.hits;
+        }
+        let in_use = in_use.max(0) as usize;
+        let peak = self
+            .slow
+            .peak_in_use
+            .fetch_max(in_use, Ordering::Relaxed)
+            .max(in_use);
+        s.in_use = in_use as u64;
+        s.peak_in_use = peak as u64;
+        s.reserved = self.slow.reserved.load(Ordering::Relaxed) as u64;
+        s.peak_reserved = self.slow.peak_reserved.load(Ordering::Relaxed) as u64;
+        s.driver_allocs = self.slow.driver_allocs.load(Ordering::Relaxed);
+        s.driver_frees = self.slow.driver_frees.load(Ordering::Relaxed);
+        s.pool_misses = self.slow.misses.load(Ordering::Relaxed);
+        s.oom_retries = self.slow.oom_retries.load(Ordering::Relaxed);
+        s.syncs = self.slow.syncs.load(Ordering::Relaxed);
+        s
+    }
+
+    /// Checks the arenas' invariants and that the live map agrees with them; for tests.
+    pub fn check(&self) {
+        for arena in [&self.small, &self.large] {
+            let a = lock(arena);
+            a.check();
+            for entry in self.live.iter() {
+                if let Lookup::Start(state) = a.lookup(*entry.key()) {
+                    assert_eq!(
+                        state,
+                        State::Used,
+                        "live block {:#x} is {state:?}",
+                        entry.key()
+                    );
+                    assert_eq!(a.size_of(*entry.key()), *entry.value());
+                }
+            }
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn alloc_slow(&self, block: usize) -> Result<DevicePtr> {
+        let (ptr, from_cache) = self.take_or_grow_slow(block)?;
+        self.count_alloc(block, from_cache);
+        self.live.insert(ptr, block);
+        Ok(ptr)
+    }
+
+    /// Finds memory for one block: (address, whether it came from cached memory).
+    fn take_or_grow_slow(&self, block: usize) -> Result<(DevicePtr, bool)> {
+        if let Some(ptr) = self.take_from_arena(block) {
+            return Ok((ptr, true));
+        }
+        if self.waiting_bytes() >= self.settings.pending_limit.max(1) {
+            self.sync_and_settle()?;
+            if let Some(ptr) = self
+                .take_from_shard(block)
+                .or_else(|| self.take_from_arena(block))
+            {
+                return Ok((ptr, true));
+            }
+        }
+        match self.grow(block) {
+            Ok(ptr) => Ok((ptr, false)),
+            Err(Error::OutOfMemory { .. }) => {
+                SlowCounters::bump(&self.slow.oom_retries);
+                // Release everything cached (after a synchronize), then try once more.
+                let _ = self.trim();
+                if let Some(ptr) = self.take_from_arena(block) {
+                    return Ok((ptr, true));
+                }
+                self.grow(block).map(|p| (p, false)).inspect_err(|e| {
+                    if matches!(e, Error::OutOfMemory { .. }) {
+                        self.report_oom(block);
+                    }
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Best fit from the arena; for cached classes, also moves a batch into this thread's shard.
+    fn take_from_arena(&self, block: usize) -> Option<DevicePtr> {
+        let completed = self.completed.load(Ordering::Acquire);
+        let mut arena = self.arena_for(block);
+        arena.settle_pending(completed);
+        let ptr = match arena.take_best_fit(block) {
+            Some(p) => p,
+            None if arena.has_stream_freed() => {
+                let backend = &self.backend;
+                let done =
+                    arena.settle_stream_freed(false, |e| backend.event_done(e).unwrap_or(false));
+                self.release_events(done);
+                arena.take_best_fit(block)?
+            }
+            None => return None,
+        };
+        if let Some(class) = cache_class(block) {
+            let want = (REFILL_BYTES / block).clamp(1, MAX_REFILL) - 1;
+            let extra: Vec<DevicePtr> = (0..want)
+                .map_while(|_| arena.take_best_fit(block))
+                .collect();
+            drop(arena);
+            if !extra.is_empty() {
+                self.shards[my_shard()].lock().refill(class, &extra);
+            }
+        }
+        Some(ptr)
+    }
+
+    fn take_from_shard(&self, block: usize) -> Option<DevicePtr> {
+        let class = cache_class(block)?;
+        self.shards[my_shard()]
+            .lock()
+            .pop_safe(class, self.completed.load(Ordering::Acquire))
+    }
+
+    /// Gets a new chunk from the driver and takes the block from it.
+    fn grow(&self, block: usize) -> Result<DevicePtr> {
+        let size = chunk_size(block);
+        let base = self.backend.alloc(size)?;
+        self.slow.add_reserved(size);
+        SlowCounters::bump(&self.slow.misses);
+        self.sample_peak_in_use();
+        let mut arena = self.arena_for(block);
+        arena.add_chunk(base, size);
+        Ok(arena
+            .take_best_fit(block)
+            .expect("a fresh chunk holds the block"))
+    }
+
+    /// Bytes that a synchronize now would make reusable (this thread's shard and the arenas).
+    fn waiting_bytes(&self) -> usize {
+        let completed = self.completed.load(Ordering::Acquire);
+        let mine = self.shards[my_shard()].lock().unsynced_bytes(completed);
+        mine + lock(&self.small).pending_bytes() + lock(&self.large).pending_bytes()
+    }
+
+    /// One device synchronize; then every block freed before it is reusable.
+    fn sync_and_settle(&self) -> Result<()> {
+        let started = self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.backend.synchronize()?;
+        self.completed.fetch_max(started + 1, Ordering::SeqCst);
+        SlowCounters::bump(&self.slow.syncs);
+        let completed = self.completed.load(Ordering::Acquire);
+        for arena in [&self.small, &self.large] {
+            let mut a = lock(arena);
+            a.settle_pending(completed);
+            let done = a.settle_stream_freed(true, |_| true);
+            drop(a);
+            self.release_events(done);
+        }
+        Ok(())
+    }
+
+    fn release_events(&self, events: Vec<crate::backend::Event>) {
+        self.stream_freed.fetch_sub(events.len(), Ordering::AcqRel);
+        for e in events {
+            self.backend.event_release(e);
+        }
+    }
+
+    /// The stamp for a free; under `eager`, synchronizes first so the block is safe at once.
+    #[inline]
+    fn stamp_free(&self) -> u64 {
+        match self.settings.stream_safety {
+            StreamSafety::Off => 0,
+            StreamSafety::Batched => self.epoch.load(Ordering::SeqCst),
+            StreamSafety::Eager => {
+                let stamp = self.epoch.load(Ordering::SeqCst);
+                // A failed synchronize leaves the stamp incomplete: the block then waits.
+                let _ = self.sync_and_settle();
+                stamp
+            }
+        }
+    }
+
+    fn return_to_arena(&self, blocks: Evicted) {
+        let completed = self.completed.load(Ordering::Acquire);
+        for (ptr, size, stamp) in blocks {
+            let mut arena = self.arena_for(size);
+            if stamp < completed {
+                arena.release(ptr);
+            } else {
+                arena.mark_pending(ptr, stamp);
+            }
+        }
+    }
+
+    /// Why `ptr` is not a live block: double free, interior pointer, or not ours at all.
+    #[cold]
+    fn diagnose(&self, ptr: DevicePtr) -> Error {
+        for arena in [&self.small, &self.large] {
+            match lock(arena).lookup(ptr) {
+                Lookup::Start(_) => return Error::DoubleFree(ptr),
+                Lookup::Interior(block) => return Error::InteriorPointer { ptr, block },
+                Lookup::NotOurs => {}
+            }
+        }
+        Error::UnknownPointer(ptr)
+    }
+
+    fn count_alloc(&self, block: usize, hit: bool) {
+        let mut shard = self.shards[my_shard()].lock();
+        shard.counters.in_use += block as i64;
+        shard.counters.allocs += 1;
+        shard.counters.hits += hit as u64;
+    }
+
+    fn count_free(&self, block: usize) {
+        let mut shard = self.shards[my_shard()].lock();
+        shard.counters.in_use -= block as i64;
+        shard.counters.frees += 1;
+    }
+
+    fn sample_peak_in_use(&self) {
+        let _ = self.stats();
+    }
+
+    #[cold]
+    fn report_oom(&self, block: usize) {
+        let s = self.stats();
+        let (free, total) = self.backend.mem_info().unwrap_or((0, 0));
+        eprintln!(
+            "hbmalloc: out of memory on device {}: requested {} bytes; in use {}, cached {}; device free {} of {}",
+            self.backend.device(),
+            block,
+            s.in_use,
+            s.reserved.saturating_sub(s.in_use),
+            free,
+            total
+        );
+    }
+
+    fn arena_for(&self, block: usize) -> MutexGuard<'_, Arena> {
+        lock(if block <= SMALL_LIMIT {
+            &self.small
+        } else {
+            &self.large
+        })
+    }
+}
+
+/// The rounded block size for a request, or why there is none.
+fn checked_block(size: usize) -> Result<usize> {
+    if size == 0 {
+        return Err(Error::InvalidValue("zero-byte pool allocation"));
+    }
+    block_size(size).ok_or(Error::OutOfMemory { requested: size })
+}
+
+/// The shard class of a block, if blocks of its size are cached per thread (its size must be a
+/// class size exactly: blocks reused whole by `alloc_async` may not be).
+#[inline]
+fn cache_class(block: usize) -> Option<usize> {
+    if block > MAX_CLASS_SIZE {
+        return None;
+    }
+    let class = class_of(block);
+    (is_cached_class(class) && class_size(class) == block).then_some(class)
+}
+
+fn lock(arena: &Mutex<Arena>) -> MutexGuard<'_, Arena> {
+    // Arena updates are completed before any call that could panic, so a poisoned lock still
+    // guards consistent data: take it rather than turn one panic into many.
+    arena.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -1,0 +1,60 @@
+//! Pool statistics: slow-path counters as atomics, fast-path counters summed from the shards.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+/// A snapshot of one pool's statistics (all bytes are block sizes, after rounding).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Bytes handed out and not yet freed.
+    pub in_use: u64,
+    /// Bytes obtained from the driver and not yet given back (in use + cached).
+    pub reserved: u64,
+    /// Highest `in_use` seen. Sampled whenever the pool grows and whenever statistics are read:
+    /// the fast path keeps no global counter, so a short peak served entirely from caches can be
+    /// missed. `peak_reserved` is exact.
+    pub peak_in_use: u64,
+    pub peak_reserved: u64,
+    /// Calls to the driver that allocated / freed memory.
+    pub driver_allocs: u64,
+    pub driver_frees: u64,
+    /// Allocations served from cached memory / that needed the driver.
+    pub pool_hits: u64,
+    pub pool_misses: u64,
+    /// Out-of-memory answers from the driver that led to releasing the cache and retrying.
+    pub oom_retries: u64,
+    /// Device synchronizations done to make freed blocks reusable.
+    pub syncs: u64,
+    /// Allocations and frees served.
+    pub allocs: u64,
+    pub frees: u64,
+}
+
+/// Counters touched only on the slow path.
+#[derive(Default)]
+pub struct SlowCounters {
+    pub reserved: AtomicUsize,
+    pub peak_reserved: AtomicUsize,
+    pub peak_in_use: AtomicUsize,
+    pub driver_allocs: AtomicU64,
+    pub driver_frees: AtomicU64,
+    pub misses: AtomicU64,
+    pub oom_retries: AtomicU64,
+    pub syncs: AtomicU64,
+}
+
+impl SlowCounters {
+    pub fn add_reserved(&self, bytes: usize) {
+        let now = self.reserved.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.peak_reserved.fetch_max(now, Ordering::Relaxed);
+        self.driver_allocs.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn sub_reserved(&self, bytes: usize) {
+        self.reserved.fetch_sub(bytes, Ordering::Relaxed);
+        self.driver_frees.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}

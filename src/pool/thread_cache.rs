@@ -1,0 +1,186 @@
+//! Per-thread caches of freed blocks: the fast path that needs no global lock.
+//!
+//! Each thread is assigned one of `N_SHARDS` shards on first use (a `const` thread-local index, no
+//! destructor, so nothing runs at thread or process exit). A shard holds, per size class, a FIFO of
+//! blocks with the epoch stamp they were freed in; a block may leave the cache only when the pool's
+//! completed epoch has passed its stamp (see `CachingPool` for what an epoch is). Frees push at the
+//! back, allocations pop at the front: the oldest block is the one most likely to be safe already.
+//!
+//! Two threads share a shard only when more than `N_SHARDS` threads allocate; the mutex keeps that
+//! correct, and an uncontended lock costs about as much as one atomic operation.
+
+use super::size_class::{class_size, N_CLASSES};
+use crate::backend::DevicePtr;
+use std::cell::Cell;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+/// Number of shards per pool: enough for one per core on the machines this is meant for.
+pub const N_SHARDS: usize = 64;
+/// Largest block a shard caches; bigger ones go straight back to the arena.
+pub const MAX_CACHED_BLOCK: usize = 4 << 20;
+/// Bytes a shard may hold before it hands its oldest blocks back to the arena.
+pub const SHARD_CAPACITY: usize = 16 << 20;
+/// Blocks per class a shard may hold.
+const MAX_PER_CLASS: usize = 64;
+
+/// Whether blocks of `class` are cached per thread.
+pub fn is_cached_class(class: usize) -> bool {
+    class < N_CLASSES && class_size(class) <= MAX_CACHED_BLOCK
+}
+
+/// Counters a shard keeps under its own lock; the pool sums them for statistics.
+#[derive(Clone, Copy, Default, Debug)]
+pub struct ShardCounters {
+    /// Bytes allocated through this shard minus bytes freed through it (may be negative when
+    /// blocks move between threads; the sum over shards is exact).
+    pub in_use: i64,
+    pub allocs: u64,
+    pub frees: u64,
+    /// Allocations served from this shard's cache.
+    pub hits: u64,
+}
+
+#[derive(Default)]
+pub struct Shard {
+    lists: Vec<VecDeque<(DevicePtr, u64)>>,
+    pub cached_bytes: usize,
+    pub counters: ShardCounters,
+    /// Bytes freed into this shard in epoch `unsynced_epoch`: the part of its cache that a device
+    /// synchronize would make reusable.
+    unsynced_epoch: u64,
+    unsynced_bytes: usize,
+}
+
+/// What a shard gives back when it is over capacity: blocks for the arena, with their stamps.
+pub type Evicted = Vec<(DevicePtr, usize, u64)>;
+
+impl Shard {
+    fn list(&mut self, class: usize) -> &mut VecDeque<(DevicePtr, u64)> {
+        if self.lists.is_empty() {
+            self.lists = (0..N_CLASSES).map(|_| VecDeque::new()).collect();
+        }
+        &mut self.lists[class]
+    }
+
+    /// Pops the oldest block of `class` if its stamp is below `completed`.
+    #[inline]
+    pub fn pop_safe(&mut self, class: usize, completed: u64) -> Option<DevicePtr> {
+        let list = self.lists.get_mut(class)?;
+        match list.front() {
+            Some(&(addr, stamp)) if stamp < completed => {
+                list.pop_front();
+                self.cached_bytes -= class_size(class);
+                Some(addr)
+            }
+            _ => None,
+        }
+    }
+
+    /// Caches a freed block. Returns blocks pushed out to stay within capacity (oldest first).
+    #[inline]
+    pub fn push(&mut self, class: usize, addr: DevicePtr, stamp: u64) -> Option<Evicted> {
+        let size = class_size(class);
+        if self.unsynced_epoch != stamp {
+            self.unsynced_epoch = stamp;
+            self.unsynced_bytes = 0;
+        }
+        self.unsynced_bytes += size;
+        self.cached_bytes += size;
+        let list = self.list(class);
+        list.push_back((addr, stamp));
+        if list.len() > MAX_PER_CLASS || self.cached_bytes > SHARD_CAPACITY {
+            return Some(self.evict_slow(class));
+        }
+        None
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn evict_slow(&mut self, class: usize) -> Evicted {
+        let mut out = Vec::new();
+        // Halve the list that overflowed; then, if still over capacity, drain others oldest-first.
+        let keep = self.lists[class].len() / 2;
+        while self.lists[class].len() > keep {
+            let (a, s) = self.lists[class].pop_front().expect("non-empty");
+            self.cached_bytes -= class_size(class);
+            out.push((a, class_size(class), s));
+        }
+        let mut c = N_CLASSES;
+        while self.cached_bytes > SHARD_CAPACITY / 2 && c > 0 {
+            c -= 1;
+            while let Some((a, s)) = self.lists[c].pop_front() {
+                self.cached_bytes -= class_size(c);
+                out.push((a, class_size(c), s));
+                if self.cached_bytes <= SHARD_CAPACITY / 2 {
+                    break;
+                }
+            }
+        }
+        out
+    }
+
+    /// Adds blocks the arena just handed over. They are free, hence safe at once: stamp 0 is below
+    /// every completed epoch, and they go to the front, ahead of blocks still waiting.
+    pub fn refill(&mut self, class: usize, blocks: &[DevicePtr]) {
+        self.cached_bytes += blocks.len() * class_size(class);
+        let list = self.list(class);
+        for &a in blocks {
+            list.push_front((a, 0));
+        }
+    }
+
+    /// Bytes freed into this shard that only a synchronize after `completed` would release.
+    pub fn unsynced_bytes(&self, completed: u64) -> usize {
+        if self.unsynced_epoch >= completed {
+            self.unsynced_bytes
+        } else {
+            0
+        }
+    }
+
+    /// Empties the shard: every cached block with its size and stamp.
+    pub fn drain(&mut self) -> Evicted {
+        let mut out = Vec::new();
+        for (c, list) in self.lists.iter_mut().enumerate() {
+            out.extend(list.drain(..).map(|(a, s)| (a, class_size(c), s)));
+        }
+        self.cached_bytes = 0;
+        self.unsynced_bytes = 0;
+        out
+    }
+}
+
+/// A shard on its own cache lines, so neighbouring shards' locks do not share a line.
+#[repr(align(128))]
+#[derive(Default)]
+pub struct PaddedShard(pub Mutex<Shard>);
+
+impl PaddedShard {
+    #[inline]
+    pub fn lock(&self) -> MutexGuard<'_, Shard> {
+        // A panic while holding a shard lock leaves consistent data (every update is one step),
+        // so a poisoned lock is taken over rather than propagated across the C boundary.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+static NEXT_SHARD: AtomicU32 = AtomicU32::new(0);
+
+thread_local! {
+    static MY_SHARD: Cell<u32> = const { Cell::new(u32::MAX) };
+}
+
+/// This thread's shard index, assigned round-robin on first use.
+#[inline]
+pub fn my_shard() -> usize {
+    MY_SHARD.with(|s| {
+        let mut i = s.get();
+        if i == u32::MAX {
+            i = NEXT_SHARD.fetch_add(1, Ordering::Relaxed) % N_SHARDS as u32;
+            s.set(i);
+        }
+        i as usize
+    })
+}

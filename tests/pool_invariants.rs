@@ -1,0 +1,307 @@
+//! The caching pool on the simulated device: random operation sequences, threads, stream safety,
+//! out-of-memory recovery and bad frees.
+
+use hbmalloc::backend::sim::SimBackend;
+use hbmalloc::backend::Backend;
+use hbmalloc::config::StreamSafety;
+use hbmalloc::error::Error;
+use hbmalloc::pool::{CachingPool, PoolSettings};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn pool(
+    capacity: usize,
+    safety: StreamSafety,
+    pending_limit: usize,
+) -> (Arc<SimBackend>, CachingPool) {
+    let sim = Arc::new(SimBackend::new(0, capacity));
+    let pool = CachingPool::new(
+        sim.clone(),
+        PoolSettings {
+            stream_safety: safety,
+            pending_limit,
+        },
+    );
+    (sim, pool)
+}
+
+/// A size drawn from the mix an inference step makes: many small, some medium, a few large.
+fn random_size(rng: &mut Rng) -> usize {
+    match rng.below(10) {
+        0..=5 => 1 + rng.below(64 << 10) as usize,
+        6..=8 => (1 << 20) + rng.below(15 << 20) as usize,
+        _ => (32 << 20) + rng.below(40 << 20) as usize,
+    }
+}
+
+/// Live blocks never overlap and each holds its own data.
+fn check_no_overlap(live: &BTreeMap<usize, usize>) {
+    let mut end = 0;
+    for (&p, &len) in live {
+        assert!(
+            p >= end,
+            "block {p:#x} overlaps the previous one ending at {end:#x}"
+        );
+        end = p + len;
+    }
+}
+
+#[test]
+fn random_sequences_keep_every_invariant() {
+    for (seed, safety) in [
+        (1, StreamSafety::Batched),
+        (2, StreamSafety::Eager),
+        (3, StreamSafety::Off),
+    ] {
+        let (sim, pool) = pool(32 << 30, safety, 64 << 20);
+        let mut rng = Rng(0x9e3779b97f4a7c15 ^ seed);
+        let mut live: BTreeMap<usize, usize> = BTreeMap::new();
+        for step in 0..4000 {
+            if live.is_empty() || rng.below(100) < 55 {
+                let size = random_size(&mut rng);
+                let p = pool.alloc(size).unwrap();
+                assert_eq!(p % 512, 0, "alignment");
+                let block = pool.block_size_of(p).unwrap();
+                assert!(block >= size);
+                // Stamp the first and last byte: a later overlap would clobber them.
+                sim.copy_from_host(p, &[(step % 251) as u8]).unwrap();
+                sim.copy_from_host(p + size - 1, &[(step % 251) as u8])
+                    .unwrap();
+                assert!(live.insert(p, size).is_none(), "address handed out twice");
+            } else {
+                let i = rng.below(live.len() as u64) as usize;
+                let (&p, &size) = live.iter().nth(i).unwrap();
+                let mut first = [0u8; 1];
+                let mut last = [0u8; 1];
+                sim.copy_to_host(&mut first, p).unwrap();
+                sim.copy_to_host(&mut last, p + size - 1).unwrap();
+                assert_eq!(first, last, "block {p:#x} was overwritten while live");
+                pool.free(p).unwrap();
+                live.remove(&p);
+            }
+            if step % 500 == 0 {
+                check_no_overlap(&live);
+                pool.check();
+                let s = pool.stats();
+                let expected: u64 = live
+                    .keys()
+                    .map(|p| pool.block_size_of(*p).unwrap() as u64)
+                    .sum();
+                assert_eq!(s.in_use, expected, "in_use adds up");
+                assert!(s.reserved >= s.in_use && s.peak_reserved >= s.reserved);
+                assert_eq!(
+                    s.reserved as usize,
+                    sim.used(),
+                    "reserved matches the device"
+                );
+                assert_eq!(s.allocs - s.frees, live.len() as u64);
+            }
+        }
+        for (p, _) in std::mem::take(&mut live) {
+            pool.free(p).unwrap();
+        }
+        pool.trim().unwrap();
+        pool.check();
+        let s = pool.stats();
+        assert_eq!(
+            (s.in_use, s.reserved),
+            (0, 0),
+            "everything coalesced back and returned"
+        );
+        assert_eq!(sim.used(), 0);
+        assert_eq!(s.driver_allocs, s.driver_frees);
+    }
+}
+
+#[test]
+fn threads_allocate_and_free_concurrently() {
+    let (sim, pool) = pool(8 << 30, StreamSafety::Batched, 16 << 20);
+    let pool = Arc::new(pool);
+    let threads: Vec<_> = (0..16u64)
+        .map(|t| {
+            let pool = pool.clone();
+            let sim = sim.clone();
+            std::thread::spawn(move || {
+                let mut rng = Rng(0x1234_5678 + t * 7919);
+                let mut mine: Vec<(usize, usize, u8)> = Vec::new();
+                for i in 0..3000 {
+                    if mine.is_empty() || rng.below(100) < 50 {
+                        let limit = if rng.below(20) == 0 {
+                            2 << 20
+                        } else {
+                            64 << 10
+                        };
+                        let size = 1 + rng.below(limit) as usize;
+                        let p = pool.alloc(size).unwrap();
+                        let tag = (t as u8).wrapping_mul(31).wrapping_add(i as u8);
+                        sim.copy_from_host(p, &vec![tag; size.min(4096)]).unwrap();
+                        mine.push((p, size, tag));
+                    } else {
+                        let (p, size, tag) =
+                            mine.swap_remove(rng.below(mine.len() as u64) as usize);
+                        let mut back = vec![0u8; size.min(4096)];
+                        sim.copy_to_host(&mut back, p).unwrap();
+                        assert!(
+                            back.iter().all(|&b| b == tag),
+                            "another thread wrote into {p:#x}"
+                        );
+                        pool.free(p).unwrap();
+                    }
+                }
+                mine
+            })
+        })
+        .collect();
+    let mut all = BTreeMap::new();
+    for t in threads {
+        for (p, size, _) in t.join().unwrap() {
+            assert!(all.insert(p, size).is_none());
+        }
+    }
+    check_no_overlap(&all);
+    pool.check();
+    assert_eq!(pool.stats().allocs - pool.stats().frees, all.len() as u64);
+    for p in all.keys() {
+        pool.free(*p).unwrap();
+    }
+    pool.trim().unwrap();
+    assert_eq!(pool.stats().reserved, 0);
+    assert_eq!(sim.used(), 0);
+}
+
+#[test]
+fn a_freed_block_waits_for_a_synchronize_before_reuse() {
+    let (sim, pool) = pool(1 << 30, StreamSafety::Batched, 4 << 20);
+    let a = pool.alloc(64 << 10).unwrap();
+    pool.free(a).unwrap();
+    let syncs = sim.sync_count();
+    let b = pool.alloc(64 << 10).unwrap();
+    assert_ne!(a, b, "reused before any synchronize");
+    assert_eq!(sim.sync_count(), syncs);
+    pool.free(b).unwrap();
+    // Keep freeing until the pending limit is crossed: then one synchronize releases the batch.
+    let blocks: Vec<usize> = (0..80).map(|_| pool.alloc(64 << 10).unwrap()).collect();
+    for p in &blocks {
+        pool.free(*p).unwrap();
+    }
+    let again: Vec<usize> = (0..80).map(|_| pool.alloc(64 << 10).unwrap()).collect();
+    assert!(
+        sim.sync_count() > syncs,
+        "a synchronize was issued once enough memory waited"
+    );
+    assert!(
+        again.contains(&a),
+        "after the synchronize the first block is reused"
+    );
+    let s = pool.stats();
+    assert!(
+        s.syncs >= 1 && s.syncs <= 3,
+        "synchronizes are batched, not per free: {}",
+        s.syncs
+    );
+}
+
+#[test]
+fn eager_mode_synchronizes_every_free_and_off_mode_never() {
+    let (sim, pool) = pool(1 << 30, StreamSafety::Eager, 64 << 20);
+    let a = pool.alloc(4096).unwrap();
+    pool.free(a).unwrap();
+    assert_eq!(sim.sync_count(), 1);
+    assert_eq!(
+        pool.alloc(4096).unwrap(),
+        a,
+        "safe at once after the free's synchronize"
+    );
+
+    let (sim, pool) = self::pool(1 << 30, StreamSafety::Off, 64 << 20);
+    let a = pool.alloc(4096).unwrap();
+    pool.free(a).unwrap();
+    assert_eq!(pool.alloc(4096).unwrap(), a);
+    assert_eq!(sim.sync_count(), 0);
+}
+
+#[test]
+fn async_free_is_reusable_at_once_on_its_stream() {
+    let (_sim, pool) = pool(1 << 30, StreamSafety::Batched, 64 << 20);
+    let a = pool.alloc_async(3 << 20, 7).unwrap();
+    pool.free_async(a, 7).unwrap();
+    assert_eq!(
+        pool.alloc_async(3 << 20, 7).unwrap(),
+        a,
+        "same stream reuses at once"
+    );
+    pool.free_async(a, 7).unwrap();
+    assert!(
+        pool.free_async(a, 7).is_err(),
+        "second async free is refused"
+    );
+    pool.check();
+}
+
+#[test]
+fn out_of_memory_releases_the_cache_and_retries_once() {
+    let (sim, pool) = pool(64 << 20, StreamSafety::Batched, 1 << 30);
+    // Fill the device with 1 MiB blocks (20 MiB chunks), free them: they stay cached.
+    let blocks: Vec<usize> = (0..40).map(|_| pool.alloc(1 << 20).unwrap()).collect();
+    for p in blocks {
+        pool.free(p).unwrap();
+    }
+    assert!(sim.used() >= 40 << 20);
+    // 48 MiB fits the device only once the cached chunks go back.
+    let big = pool.alloc(48 << 20).unwrap();
+    let s = pool.stats();
+    assert_eq!(s.oom_retries, 1);
+    assert!(s.driver_frees >= 1);
+    pool.free(big).unwrap();
+    // A request the device can never satisfy fails cleanly, leaving the pool usable.
+    assert_eq!(
+        pool.alloc(1 << 40),
+        Err(Error::OutOfMemory { requested: 1 << 40 })
+    );
+    assert!(pool.alloc(1 << 20).is_ok());
+    pool.check();
+}
+
+#[test]
+fn bad_frees_are_classified_and_change_nothing() {
+    let (_sim, pool) = pool(1 << 30, StreamSafety::Batched, 64 << 20);
+    let a = pool.alloc(10_000).unwrap();
+    let before = pool.stats();
+    assert_eq!(
+        pool.free(a + 512),
+        Err(Error::InteriorPointer {
+            ptr: a + 512,
+            block: a
+        })
+    );
+    assert_eq!(
+        pool.free(0xdead_0000),
+        Err(Error::UnknownPointer(0xdead_0000))
+    );
+    assert_eq!(pool.stats(), before);
+    assert!(pool.owns(a));
+    pool.free(a).unwrap();
+    assert_eq!(pool.free(a), Err(Error::DoubleFree(a)));
+    assert_eq!(
+        pool.alloc(0),
+        Err(Error::InvalidValue("zero-byte pool allocation"))
+    );
+    assert!(matches!(
+        pool.alloc(usize::MAX),
+        Err(Error::OutOfMemory { .. })
+    ));
+    pool.check();
+}
