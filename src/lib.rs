@@ -3,6 +3,7 @@
 //! Data flows one way: `ffi` (the C boundary) → `pool` / `kv` → `backend`, with `track` beside
 //! them. Only `ffi` is `extern "C"`; only `backend::cuda` calls CUDA.
 
+pub mod alloc;
 pub mod backend;
 pub mod config;
 pub mod error;

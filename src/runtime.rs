@@ -7,6 +7,7 @@ use crate::backend::sim::SimBackend;
 use crate::backend::SharedBackend;
 use crate::config::{self, BackendKind};
 use crate::error::{Error, Result};
+use crate::pool::{CachingPool, PoolSettings};
 use once_cell::sync::OnceCell;
 use std::sync::Arc;
 
@@ -59,4 +60,18 @@ pub fn backend(device: i32) -> Result<SharedBackend> {
             })
         })
         .cloned()
+}
+
+static POOLS: [OnceCell<CachingPool>; MAX_DEVICES] = [const { OnceCell::new() }; MAX_DEVICES];
+
+/// The caching pool of `device` (the one behind `cudaMalloc`), created on first use.
+pub fn pool(device: i32) -> Result<&'static CachingPool> {
+    let backend = backend(device)?;
+    Ok(POOLS[device as usize]
+        .get_or_init(|| CachingPool::new(backend, PoolSettings::from_config(config::get()))))
+}
+
+/// The pools created so far, with their device ordinals.
+pub fn pools() -> impl Iterator<Item = (i32, &'static CachingPool)> {
+    POOLS.iter().enumerate().filter_map(|(d, p)| p.get().map(|p| (d as i32, p)))
 }

@@ -2,6 +2,10 @@
 //!
 //! `cuda_api` holds the interposed CUDA runtime entry points (kept out of the generated header so
 //! it can be included beside `cuda_runtime.h`); `hbm_api` the library's own `hbm_*` functions.
+//! Both share `crate::alloc`; `real_cuda` finds the runtime's own functions.
 
+pub mod cuda_api;
 pub(crate) mod guard;
+pub mod hbm_api;
+mod real_cuda;
 pub mod status;

@@ -1,0 +1,74 @@
+//! The tracked allocation path shared by the interposed `cuda*` hooks, the `hbm_device_*` API and
+//! the command-line tool: pick the device's pool, allocate or free, keep the tracker informed.
+//! Pure Rust; callers at the C boundary own NULL checks, panics and error codes.
+
+use crate::backend::{DevicePtr, Stream};
+use crate::error::{Error, Result};
+use crate::pool::CachingPool;
+use crate::runtime;
+
+/// Where a free came from, for the tracker and the diagnostics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Api {
+    Runtime,
+    Hbm,
+}
+
+/// Allocates `size` (> 0) bytes on `device`, stream-ordered on `stream` when given.
+pub fn alloc(device: i32, size: usize, stream: Option<Stream>, _api: Api) -> Result<DevicePtr> {
+    let pool = runtime::pool(device)?;
+    let ptr = match stream {
+        Some(s) => pool.alloc_async(size, s)?,
+        None => pool.alloc(size)?,
+    };
+    Ok(ptr)
+}
+
+/// Frees `ptr`, whichever device's pool owns it (the runtime frees across devices too).
+/// `Err(UnknownPointer)` means no pool knows it: the caller may forward it to the runtime.
+pub fn free(ptr: DevicePtr, current_device: i32, stream: Option<Stream>, api: Api) -> Result<usize> {
+    let pool = owner(ptr, current_device)?;
+    let result = match stream {
+        Some(s) => pool.free_async(ptr, s),
+        None => pool.free(ptr),
+    };
+    if let Err(e) = &result {
+        diagnose(ptr, e, api);
+    }
+    result
+}
+
+/// The pool holding `ptr` live: the current device's first (the common case), then the others.
+fn owner(ptr: DevicePtr, current_device: i32) -> Result<&'static CachingPool> {
+    if let Ok(pool) = runtime::pool(current_device) {
+        if pool.owns(ptr) {
+            return Ok(pool);
+        }
+    }
+    for (_, pool) in runtime::pools() {
+        if pool.owns(ptr) {
+            return Ok(pool);
+        }
+    }
+    // Not live anywhere: let the current device's pool classify it (double free, interior...).
+    runtime::pool(current_device)
+}
+
+/// One diagnostic line for a bad free; an unknown pointer is left to the caller, which may
+/// still forward it to the runtime.
+#[cold]
+fn diagnose(ptr: DevicePtr, e: &Error, api: Api) {
+    let call = match api {
+        Api::Runtime => "cudaFree",
+        Api::Hbm => "hbm_device_free",
+    };
+    match e {
+        Error::DoubleFree(_) => {
+            eprintln!("hbmalloc: {call}({ptr:#x}): double free: this block was already freed; nothing done")
+        }
+        Error::InteriorPointer { block, .. } => eprintln!(
+            "hbmalloc: {call}({ptr:#x}): pointer is inside the block at {block:#x}, not its start; nothing freed"
+        ),
+        _ => {}
+    }
+}

@@ -1,0 +1,247 @@
+//! The interposed CUDA runtime entry points. `LD_PRELOAD=libhbmalloc.so app` binds the
+//! application's `cudaMalloc@libcudart.so.N` references to these unversioned definitions.
+//!
+//! Contract: the CUDA runtime's own, for every input (see DESIGN.md's table): NULL out-pointer →
+//! `cudaErrorInvalidValue`; size 0 → success and NULL; a bad free → `cudaErrorInvalidValue` plus
+//! one diagnostic line; out of memory → `cudaErrorMemoryAllocation`, which `cudaGetLastError`
+//! then reports too; a panic → `cudaErrorUnknown`. Pointers no pool owns go to the real
+//! `cudaFree`. Under `backend:sim` nothing here reaches the real runtime.
+//!
+//! These symbols are excluded from the generated header (cbindgen.toml) so that it can be
+//! included beside `cuda_runtime.h`.
+
+#![allow(non_snake_case)]
+
+use crate::alloc::{self as device_alloc, Api};
+use super::guard::ffi_guard;
+use super::real_cuda::real;
+use super::status::{cuda_error, to_cuda_error};
+use crate::error::Error;
+use crate::runtime::{self, Active};
+use std::cell::Cell;
+use std::ffi::{c_int, c_void};
+
+/// `cudaError_t`.
+pub type CudaError = c_int;
+/// `cudaStream_t`.
+pub type CudaStream = *mut c_void;
+
+thread_local! {
+    /// The error our hooks last returned on this thread, as `cudaGetLastError` must report it.
+    /// `const` and `Copy`: no destructor runs at thread or process exit.
+    static LAST_ERROR: Cell<c_int> = const { Cell::new(0) };
+    /// Set while a hook runs, so a hook entered again from inside one goes straight to the runtime.
+    static IN_HOOK: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Records `code` as this thread's last error (successes do not clear it, as in the runtime).
+fn fail(code: CudaError) -> CudaError {
+    if code != cuda_error::SUCCESS {
+        LAST_ERROR.with(|e| e.set(code));
+    }
+    code
+}
+
+/// Marks this thread as inside a hook for the guard's lifetime.
+struct HookGuard;
+
+impl HookGuard {
+    /// `None` when a hook is already running on this thread.
+    fn enter() -> Option<HookGuard> {
+        IN_HOOK.with(|h| (!h.replace(true)).then_some(HookGuard))
+    }
+}
+
+impl Drop for HookGuard {
+    fn drop(&mut self) {
+        IN_HOOK.with(|h| h.set(false));
+    }
+}
+
+/// The device the runtime considers current on this thread (0 on the simulated device).
+fn current_device() -> i32 {
+    if runtime::active() == Active::Sim {
+        return 0;
+    }
+    if let Some(get_device) = real().get_device {
+        let mut device: c_int = 0;
+        // SAFETY: the runtime's cudaGetDevice with a valid out-pointer.
+        if unsafe { get_device(&mut device) } == cuda_error::SUCCESS {
+            return device;
+        }
+    }
+    0
+}
+
+/// Shared body of `cudaMalloc` and `cudaMallocAsync`.
+///
+/// # Safety
+/// `dev_ptr` is NULL or valid for one pointer write.
+unsafe fn malloc_hook(dev_ptr: *mut *mut c_void, size: usize, stream: Option<usize>) -> CudaError {
+    if dev_ptr.is_null() {
+        return fail(cuda_error::INVALID_VALUE);
+    }
+    if size == 0 {
+        // SAFETY: checked non-NULL above; the caller promises it is writable.
+        unsafe { *dev_ptr = std::ptr::null_mut() };
+        return cuda_error::SUCCESS;
+    }
+    let Some(_guard) = HookGuard::enter() else {
+        return fail(cuda_error::UNKNOWN);
+    };
+    match device_alloc::alloc(current_device(), size, stream, Api::Runtime) {
+        Ok(ptr) => {
+            // SAFETY: as above.
+            unsafe { *dev_ptr = ptr as *mut c_void };
+            cuda_error::SUCCESS
+        }
+        Err(e) => fail(to_cuda_error(&e)),
+    }
+}
+
+/// Shared body of `cudaFree` and `cudaFreeAsync`.
+fn free_hook(ptr: *mut c_void, stream: Option<usize>) -> CudaError {
+    let forward = || -> CudaError {
+        if runtime::active() == Active::Sim {
+            return cuda_error::INVALID_VALUE;
+        }
+        // SAFETY: the runtime's own functions, given the caller's arguments unchanged.
+        match (stream, real().free, real().free_async) {
+            (None, Some(free), _) => unsafe { free(ptr) },
+            (Some(s), _, Some(free_async)) => unsafe { free_async(ptr, s as CudaStream) },
+            _ => cuda_error::INVALID_VALUE,
+        }
+    };
+    if ptr.is_null() {
+        // cudaFree(NULL) is how programs initialise the runtime: let the runtime see it.
+        return match runtime::active() {
+            Active::Sim => cuda_error::SUCCESS,
+            Active::Cuda if stream.is_none() => forward(),
+            Active::Cuda => cuda_error::SUCCESS,
+        };
+    }
+    let Some(_guard) = HookGuard::enter() else {
+        return forward();
+    };
+    match device_alloc::free(ptr as usize, current_device(), stream, Api::Runtime) {
+        Ok(_) => cuda_error::SUCCESS,
+        Err(Error::UnknownPointer(_)) => {
+            if runtime::active() == Active::Sim {
+                eprintln!("hbmalloc: cudaFree({ptr:p}): not a pointer hbmalloc allocated; nothing freed");
+            }
+            fail(forward())
+        }
+        Err(e) => fail(to_cuda_error(&e)),
+    }
+}
+
+/// `cudaMalloc`: allocates from the current device's caching pool.
+///
+/// # Safety
+/// `dev_ptr` is NULL or valid for one pointer write.
+#[no_mangle]
+pub unsafe extern "C" fn cudaMalloc(dev_ptr: *mut *mut c_void, size: usize) -> CudaError {
+    // SAFETY: forwarded caller contract.
+    ffi_guard!(fail(cuda_error::UNKNOWN), unsafe { malloc_hook(dev_ptr, size, None) })
+}
+
+/// `cudaFree`: returns a block to its pool (stream-safe, see `pool::caching`).
+///
+/// # Safety
+/// `dev_ptr` is any value; it is only compared, never dereferenced.
+#[no_mangle]
+pub unsafe extern "C" fn cudaFree(dev_ptr: *mut c_void) -> CudaError {
+    ffi_guard!(fail(cuda_error::UNKNOWN), free_hook(dev_ptr, None))
+}
+
+/// `cudaMallocAsync`: allocates, reusing blocks freed on the same stream at once.
+///
+/// # Safety
+/// `dev_ptr` is NULL or valid for one pointer write; `stream` is a stream handle or NULL.
+#[no_mangle]
+pub unsafe extern "C" fn cudaMallocAsync(
+    dev_ptr: *mut *mut c_void,
+    size: usize,
+    stream: CudaStream,
+) -> CudaError {
+    // SAFETY: forwarded caller contract.
+    ffi_guard!(fail(cuda_error::UNKNOWN), unsafe {
+        malloc_hook(dev_ptr, size, Some(stream as usize))
+    })
+}
+
+/// `cudaFreeAsync`: the block becomes reusable on `stream` at once, elsewhere once the stream
+/// has passed the free.
+///
+/// # Safety
+/// `dev_ptr` is any value (never dereferenced); `stream` is a stream handle or NULL.
+#[no_mangle]
+pub unsafe extern "C" fn cudaFreeAsync(dev_ptr: *mut c_void, stream: CudaStream) -> CudaError {
+    ffi_guard!(fail(cuda_error::UNKNOWN), free_hook(dev_ptr, Some(stream as usize)))
+}
+
+/// `cudaMemGetInfo`: the device's free memory plus what this process's pools hold cached and
+/// unused, so programs that size themselves from it see what they can really allocate.
+///
+/// # Safety
+/// `free` and `total` are NULL or valid for one write each.
+#[no_mangle]
+pub unsafe extern "C" fn cudaMemGetInfo(free: *mut usize, total: *mut usize) -> CudaError {
+    ffi_guard!(fail(cuda_error::UNKNOWN), {
+        if free.is_null() || total.is_null() {
+            return fail(cuda_error::INVALID_VALUE);
+        }
+        let device = current_device();
+        let info = runtime::pool(device).and_then(|pool| {
+            let (f, t) = pool.backend().mem_info()?;
+            let s = pool.stats();
+            Ok((f + (s.reserved - s.in_use) as usize, t))
+        });
+        match info {
+            Ok((f, t)) => {
+                // SAFETY: both checked non-NULL; the caller promises they are writable.
+                unsafe {
+                    *free = f.min(t);
+                    *total = t;
+                }
+                cuda_error::SUCCESS
+            }
+            Err(e) => fail(to_cuda_error(&e)),
+        }
+    })
+}
+
+/// `cudaGetLastError`: our hooks' last error on this thread if any, else the runtime's; both
+/// are reset.
+#[no_mangle]
+pub extern "C" fn cudaGetLastError() -> CudaError {
+    ffi_guard!(cuda_error::UNKNOWN, {
+        let ours = LAST_ERROR.with(|e| e.replace(cuda_error::SUCCESS));
+        let theirs = match (runtime::active(), real().get_last_error) {
+            // SAFETY: the runtime's own function, no arguments.
+            (Active::Cuda, Some(f)) => unsafe { f() },
+            _ => cuda_error::SUCCESS,
+        };
+        if ours != cuda_error::SUCCESS {
+            ours
+        } else {
+            theirs
+        }
+    })
+}
+
+/// `cudaPeekAtLastError`: as `cudaGetLastError`, without resetting anything.
+#[no_mangle]
+pub extern "C" fn cudaPeekAtLastError() -> CudaError {
+    ffi_guard!(cuda_error::UNKNOWN, {
+        let ours = LAST_ERROR.with(|e| e.get());
+        if ours != cuda_error::SUCCESS {
+            return ours;
+        }
+        match (runtime::active(), real().peek_at_last_error) {
+            // SAFETY: the runtime's own function, no arguments.
+            (Active::Cuda, Some(f)) => unsafe { f() },
+            _ => cuda_error::SUCCESS,
+        }
+    })
+}
