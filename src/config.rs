@@ -67,7 +67,7 @@ impl Default for Config {
             max_frames: 32,
             sim_capacity: 16 << 30,
             stream_safety: StreamSafety::Batched,
-            pending_limit: 256 << 20,
+            pending_limit: 64 << 20,
             timeline: 0,
             verbose: false,
         }

@@ -65,7 +65,17 @@ pub fn backend(device: i32) -> Result<SharedBackend> {
 static POOLS: [OnceCell<CachingPool>; MAX_DEVICES] = [const { OnceCell::new() }; MAX_DEVICES];
 
 /// The caching pool of `device` (the one behind `cudaMalloc`), created on first use.
+#[inline]
 pub fn pool(device: i32) -> Result<&'static CachingPool> {
+    // The hot path: one load, no reference-count traffic on the shared backend.
+    if let Some(pool) = POOLS.get(device as usize).and_then(OnceCell::get) {
+        return Ok(pool);
+    }
+    pool_slow(device)
+}
+
+#[cold]
+fn pool_slow(device: i32) -> Result<&'static CachingPool> {
     let backend = backend(device)?;
     Ok(POOLS[device as usize]
         .get_or_init(|| CachingPool::new(backend, PoolSettings::from_config(config::get()))))

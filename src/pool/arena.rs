@@ -47,6 +47,8 @@ pub struct Arena {
     pending: Vec<(DevicePtr, u64)>,
     pending_bytes: usize,
     stream_freed: Vec<StreamFreed>,
+    /// The completed epoch `settle_pending` last ran with.
+    settled_at: u64,
     /// Bytes obtained from the driver and not yet given back.
     pub reserved: usize,
     /// Bytes in `Free` blocks.
@@ -170,8 +172,13 @@ impl Arena {
         self.pending_bytes
     }
 
-    /// Frees every pending block whose stamp is below `completed`.
+    /// Frees every pending block whose stamp is below `completed`. Cheap when nothing completed
+    /// since the last call, which is the common case on the slow path.
     pub fn settle_pending(&mut self, completed: u64) {
+        if completed == self.settled_at || self.pending.is_empty() {
+            return;
+        }
+        self.settled_at = completed;
         let mut i = 0;
         while i < self.pending.len() {
             let (addr, stamp) = self.pending[i];

@@ -69,6 +69,10 @@ type LiveMap = DashMap<DevicePtr, usize, BuildHasherDefault<PtrHasher>>;
 /// Blocks of at most this many bytes in total are moved from the arena into a shard per refill.
 const REFILL_BYTES: usize = 256 << 10;
 const MAX_REFILL: usize = 16;
+/// A thread's cache of one size class asks for a synchronize once it holds this many blocks, or
+/// this many bytes if fewer, all waiting for one.
+const SHARD_SYNC_BLOCKS: usize = 32;
+const SHARD_SYNC_BYTES: usize = 8 << 20;
 
 pub struct CachingPool {
     backend: SharedBackend,
@@ -283,6 +287,17 @@ impl CachingPool {
 
     /// Finds memory for one block: (address, whether it came from cached memory).
     fn take_or_grow_slow(&self, block: usize) -> Result<(DevicePtr, bool)> {
+        // Enough blocks of this size wait in this thread's cache: one synchronize makes them all
+        // reusable, which is cheaper than growing the arena by as many blocks again.
+        if let Some(class) = cache_class(block) {
+            let waiting = self.shards[my_shard()].lock().waiting(class);
+            if waiting >= (block * SHARD_SYNC_BLOCKS).min(SHARD_SYNC_BYTES) {
+                self.sync_and_settle()?;
+                if let Some(ptr) = self.take_from_shard(block) {
+                    return Ok((ptr, true));
+                }
+            }
+        }
         if let Some(ptr) = self.take_from_arena(block) {
             return Ok((ptr, true));
         }
@@ -411,9 +426,17 @@ impl CachingPool {
     }
 
     fn return_to_arena(&self, blocks: Evicted) {
+        if blocks.is_empty() {
+            return;
+        }
         let completed = self.completed.load(Ordering::Acquire);
+        let (mut small, mut large) = (None, None);
         for (ptr, size, stamp) in blocks {
-            let mut arena = self.arena_for(size);
+            let arena = if size <= SMALL_LIMIT {
+                small.get_or_insert_with(|| lock(&self.small))
+            } else {
+                large.get_or_insert_with(|| lock(&self.large))
+            };
             if stamp < completed {
                 arena.release(ptr);
             } else {

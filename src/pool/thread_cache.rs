@@ -19,11 +19,13 @@ use std::sync::{Mutex, MutexGuard};
 /// Number of shards per pool: enough for one per core on the machines this is meant for.
 pub const N_SHARDS: usize = 64;
 /// Largest block a shard caches; bigger ones go straight back to the arena.
-pub const MAX_CACHED_BLOCK: usize = 4 << 20;
-/// Bytes a shard may hold before it hands its oldest blocks back to the arena.
-pub const SHARD_CAPACITY: usize = 16 << 20;
+pub const MAX_CACHED_BLOCK: usize = super::size_class::MAX_CLASS_SIZE;
+/// Bytes a shard may hold before it hands its oldest blocks back to the arena. Generous on
+/// purpose: an inference step frees hundreds of MiB and allocates the same sizes again, and a
+/// cached block is reused without a lock. Out of memory and `hbm_trim` empty every shard.
+pub const SHARD_CAPACITY: usize = 1 << 30;
 /// Blocks per class a shard may hold.
-const MAX_PER_CLASS: usize = 64;
+const MAX_PER_CLASS: usize = 256;
 
 /// Whether blocks of `class` are cached per thread.
 pub fn is_cached_class(class: usize) -> bool {
@@ -129,6 +131,12 @@ impl Shard {
         for &a in blocks {
             list.push_front((a, 0));
         }
+    }
+
+    /// Bytes of `class` blocks cached here. Called on the slow path, when the oldest block of the
+    /// class is not yet safe: then none of them is, since stamps only grow along the list.
+    pub fn waiting(&self, class: usize) -> usize {
+        self.lists.get(class).map_or(0, |l| l.len() * class_size(class))
     }
 
     /// Bytes freed into this shard that only a synchronize after `completed` would release.
