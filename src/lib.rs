@@ -7,4 +7,5 @@ pub mod backend;
 pub mod config;
 pub mod error;
 pub mod ffi;
+pub mod kv;
 pub mod runtime;

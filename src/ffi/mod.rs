@@ -4,4 +4,5 @@
 //! it can be included beside `cuda_runtime.h`); `hbm_api` the library's own `hbm_*` functions.
 
 pub(crate) mod guard;
+pub mod kv_api;
 pub mod status;
