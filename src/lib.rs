@@ -7,5 +7,6 @@ pub mod backend;
 pub mod config;
 pub mod error;
 pub mod ffi;
+pub mod kernels;
 pub mod kv;
 pub mod runtime;
