@@ -1,5 +1,6 @@
 //! Sizes of a KV cache laid out as llama.cpp lays it out: per layer a K and a V tensor, each a row
 //! of `n_head_kv * head_dim` elements per token, `n_ctx` tokens for each of `n_seq` sequences.
+//! Also the parameters and counters of the cache object (`cache::KvCache`).
 
 use super::types::HbmType;
 
@@ -59,6 +60,44 @@ pub fn kv_cache_bytes(
         type_v,
     };
     shape.bytes_for_tokens((n_ctx as u64).checked_mul(n_seq as u64)?)
+}
+
+/// How the cache gets memory as sequences grow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Growth {
+    Vmm,
+    Realloc,
+    Prealloc,
+}
+
+/// The shape and policy of a cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvParams {
+    pub n_layer: u32,
+    pub n_head_kv: u32,
+    pub head_dim: u32,
+    pub n_ctx_max: u32,
+    pub n_seq_max: u32,
+    pub type_k: HbmType,
+    pub type_v: HbmType,
+    pub growth: Growth,
+}
+
+/// Counters of a cache, in bytes unless named otherwise.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KvStats {
+    /// Address space reserved (`Vmm`), 0 otherwise.
+    pub reserved: u64,
+    /// Device memory the cache holds: committed pages or allocations.
+    pub committed: u64,
+    /// Of `committed`, what sits in released slots on the free list (`Vmm`).
+    pub cached: u64,
+    /// Sequences currently bound.
+    pub n_seq: u32,
+    /// Times a `Realloc` growth moved a sequence's tensors.
+    pub generation: u64,
+    /// Bytes copied by `Realloc` growth.
+    pub copied: u64,
 }
 
 #[cfg(test)]

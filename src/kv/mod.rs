@@ -5,7 +5,9 @@
 //! - `quant`: Q8_0 / Q4_0 quantization bit-exact with ggml's reference, and row (de)quantization
 //!   for every type.
 //! - `layout`: how many bytes a cache of a given shape needs.
+//! - `cache`: the cache object, grown by VMM commit, realloc, or allocated up front.
 
+pub mod cache;
 pub mod half;
 pub mod layout;
 pub mod quant;
