@@ -26,7 +26,12 @@ pub fn alloc(device: i32, size: usize, stream: Option<Stream>, _api: Api) -> Res
 
 /// Frees `ptr`, whichever device's pool owns it (the runtime frees across devices too).
 /// `Err(UnknownPointer)` means no pool knows it: the caller may forward it to the runtime.
-pub fn free(ptr: DevicePtr, current_device: i32, stream: Option<Stream>, api: Api) -> Result<usize> {
+pub fn free(
+    ptr: DevicePtr,
+    current_device: i32,
+    stream: Option<Stream>,
+    api: Api,
+) -> Result<usize> {
     let pool = owner(ptr, current_device)?;
     let result = match stream {
         Some(s) => pool.free_async(ptr, s),

@@ -8,5 +8,7 @@ pub mod backend;
 pub mod config;
 pub mod error;
 pub mod ffi;
+pub mod kernels;
+pub mod kv;
 pub mod pool;
 pub mod runtime;

@@ -83,5 +83,8 @@ fn pool_slow(device: i32) -> Result<&'static CachingPool> {
 
 /// The pools created so far, with their device ordinals.
 pub fn pools() -> impl Iterator<Item = (i32, &'static CachingPool)> {
-    POOLS.iter().enumerate().filter_map(|(d, p)| p.get().map(|p| (d as i32, p)))
+    POOLS
+        .iter()
+        .enumerate()
+        .filter_map(|(d, p)| p.get().map(|p| (d as i32, p)))
 }

@@ -65,7 +65,10 @@ struct Sizes(u64);
 
 impl Sizes {
     fn next(&mut self, lo: usize, hi: usize) -> usize {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         lo + ((self.0 >> 33) as usize) % (hi - lo)
     }
 }
@@ -84,7 +87,10 @@ fn demo(steps: usize) -> ExitCode {
         }
     };
     let (free0, total) = pool.backend().mem_info().unwrap_or((0, 0));
-    println!("hbmalloc {} demo: backend {backend}, device {device}", env!("CARGO_PKG_VERSION"));
+    println!(
+        "hbmalloc {} demo: backend {backend}, device {device}",
+        env!("CARGO_PKG_VERSION")
+    );
     println!("  device memory: {} free of {}", human(free0), human(total));
     println!("  workload: {steps} decode steps; each makes 100 scratch allocations of 1-16 MiB");
     println!("  and frees them in reverse; a KV cache grows every 16 steps; 3 buffers leak\n");
@@ -93,13 +99,38 @@ fn demo(steps: usize) -> ExitCode {
         Ok(report) => {
             let s = pool.stats();
             println!("what the allocator did");
-            println!("  step time (100 allocs + 100 frees): {:>8.1} us mean", report.mean_step_us);
-            println!("  same allocations straight from the driver: {:>8.1} us per step", report.driver_step_us);
-            println!("  allocations {:>9}   served from cache {:>9} ({:.1}%)", s.allocs, s.pool_hits, pct(s.pool_hits, s.allocs));
-            println!("  driver allocations {:>4}   driver frees {:>4}   device synchronizes {:>4}", s.driver_allocs, s.driver_frees, s.syncs);
-            println!("  in use now {:>10}   peak in use {:>10}", human(s.in_use as usize), human(s.peak_in_use as usize));
-            println!("  reserved   {:>10}   peak reserved {:>8}", human(s.reserved as usize), human(s.peak_reserved as usize));
-            println!("  leaked on purpose: {} in 3 allocations (see the leak report at exit)", human(report.leaked));
+            println!(
+                "  step time (100 allocs + 100 frees): {:>8.1} us mean",
+                report.mean_step_us
+            );
+            println!(
+                "  same allocations straight from the driver: {:>8.1} us per step",
+                report.driver_step_us
+            );
+            println!(
+                "  allocations {:>9}   served from cache {:>9} ({:.1}%)",
+                s.allocs,
+                s.pool_hits,
+                pct(s.pool_hits, s.allocs)
+            );
+            println!(
+                "  driver allocations {:>4}   driver frees {:>4}   device synchronizes {:>4}",
+                s.driver_allocs, s.driver_frees, s.syncs
+            );
+            println!(
+                "  in use now {:>10}   peak in use {:>10}",
+                human(s.in_use as usize),
+                human(s.peak_in_use as usize)
+            );
+            println!(
+                "  reserved   {:>10}   peak reserved {:>8}",
+                human(s.reserved as usize),
+                human(s.peak_reserved as usize)
+            );
+            println!(
+                "  leaked on purpose: {} in 3 allocations (see the leak report at exit)",
+                human(report.leaked)
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -143,7 +174,11 @@ fn run_workload(device: i32, steps: usize) -> hbmalloc::error::Result<Report> {
     alloc::free(kv_cache, device, None, Api::Hbm)?;
     let leaked = leak_logits_buffers(device)?;
     let driver_step_us = driver_step(device, &step_sizes)?;
-    Ok(Report { mean_step_us, driver_step_us, leaked })
+    Ok(Report {
+        mean_step_us,
+        driver_step_us,
+        leaked,
+    })
 }
 
 /// Allocates three buffers and forgets them: what a leak looks like in the report.
@@ -162,8 +197,10 @@ fn driver_step(device: i32, sizes: &[usize]) -> hbmalloc::error::Result<f64> {
     let rounds = 3;
     let started = Instant::now();
     for _ in 0..rounds {
-        let ptrs: Vec<(usize, usize)> =
-            sizes.iter().map(|&s| backend.alloc(s).map(|p| (p, s))).collect::<Result<_, _>>()?;
+        let ptrs: Vec<(usize, usize)> = sizes
+            .iter()
+            .map(|&s| backend.alloc(s).map(|p| (p, s)))
+            .collect::<Result<_, _>>()?;
         for (p, s) in ptrs.into_iter().rev() {
             backend.free(p, s)?;
         }

@@ -12,10 +12,10 @@
 
 #![allow(non_snake_case)]
 
-use crate::alloc::{self as device_alloc, Api};
 use super::guard::ffi_guard;
 use super::real_cuda::real;
 use super::status::{cuda_error, to_cuda_error};
+use crate::alloc::{self as device_alloc, Api};
 use crate::error::Error;
 use crate::runtime::{self, Active};
 use std::cell::Cell;
@@ -127,7 +127,9 @@ fn free_hook(ptr: *mut c_void, stream: Option<usize>) -> CudaError {
         Ok(_) => cuda_error::SUCCESS,
         Err(Error::UnknownPointer(_)) => {
             if runtime::active() == Active::Sim {
-                eprintln!("hbmalloc: cudaFree({ptr:p}): not a pointer hbmalloc allocated; nothing freed");
+                eprintln!(
+                    "hbmalloc: cudaFree({ptr:p}): not a pointer hbmalloc allocated; nothing freed"
+                );
             }
             fail(forward())
         }
@@ -142,7 +144,9 @@ fn free_hook(ptr: *mut c_void, stream: Option<usize>) -> CudaError {
 #[no_mangle]
 pub unsafe extern "C" fn cudaMalloc(dev_ptr: *mut *mut c_void, size: usize) -> CudaError {
     // SAFETY: forwarded caller contract.
-    ffi_guard!(fail(cuda_error::UNKNOWN), unsafe { malloc_hook(dev_ptr, size, None) })
+    ffi_guard!(fail(cuda_error::UNKNOWN), unsafe {
+        malloc_hook(dev_ptr, size, None)
+    })
 }
 
 /// `cudaFree`: returns a block to its pool (stream-safe, see `pool::caching`).
@@ -177,7 +181,10 @@ pub unsafe extern "C" fn cudaMallocAsync(
 /// `dev_ptr` is any value (never dereferenced); `stream` is a stream handle or NULL.
 #[no_mangle]
 pub unsafe extern "C" fn cudaFreeAsync(dev_ptr: *mut c_void, stream: CudaStream) -> CudaError {
-    ffi_guard!(fail(cuda_error::UNKNOWN), free_hook(dev_ptr, Some(stream as usize)))
+    ffi_guard!(
+        fail(cuda_error::UNKNOWN),
+        free_hook(dev_ptr, Some(stream as usize))
+    )
 }
 
 /// `cudaMemGetInfo`: the device's free memory plus what this process's pools hold cached and

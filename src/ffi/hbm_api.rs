@@ -1,9 +1,9 @@
 //! The library's own C API for device memory: allocate and free through the caching pool, read
 //! statistics, trim the cache. Every function returns `HbmStatus` unless it returns a value.
 
-use crate::alloc::{self as device_alloc, Api};
 use super::guard::ffi_guard;
 use super::status::{status_text, HbmStatus};
+use crate::alloc::{self as device_alloc, Api};
 use crate::pool::PoolStats;
 use crate::runtime::{self, Active};
 use std::ffi::{c_char, c_int, c_void};

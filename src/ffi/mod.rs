@@ -7,5 +7,6 @@
 pub mod cuda_api;
 pub(crate) mod guard;
 pub mod hbm_api;
+pub mod kv_api;
 mod real_cuda;
 pub mod status;

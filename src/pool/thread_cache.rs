@@ -136,7 +136,9 @@ impl Shard {
     /// Bytes of `class` blocks cached here. Called on the slow path, when the oldest block of the
     /// class is not yet safe: then none of them is, since stamps only grow along the list.
     pub fn waiting(&self, class: usize) -> usize {
-        self.lists.get(class).map_or(0, |l| l.len() * class_size(class))
+        self.lists
+            .get(class)
+            .map_or(0, |l| l.len() * class_size(class))
     }
 
     /// Bytes freed into this shard that only a synchronize after `completed` would release.

@@ -1,0 +1,319 @@
+//! The CUDA kernels in `kernels/*.cu`, compiled at run time by NVRTC (no CUDA toolkit at build
+//! time), loaded once per device, and launched on a caller's stream.
+//!
+//! NVRTC and the driver are loaded with `dlopen` by cudarc, which panics when a library is missing:
+//! every path here asks `is_culib_present()` first. The sources include nothing, so they compile
+//! wherever `libnvrtc.so` alone is present (the `nvidia-cuda-nvrtc` wheel is enough).
+
+use crate::backend::{DevicePtr, Stream};
+use crate::error::{Error, Result};
+use crate::kv::HbmType;
+use crate::runtime::MAX_DEVICES;
+use cudarc::driver::sys as cu;
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
+use once_cell::sync::OnceCell;
+use std::ffi::{c_void, CString};
+
+/// KV cache kernels: `hbm_kv_append` and `hbm_kv_dequantize`.
+pub const KV_QUANT_CU: &str = include_str!("../kernels/kv_quant.cu");
+
+/// Every kernel source, by file name.
+pub const SOURCES: &[(&str, &str)] = &[("kv_quant.cu", KV_QUANT_CU)];
+
+/// Options every kernel is compiled with. `--fmad=false` keeps `x * id + 8.5f` two roundings, as
+/// ggml's reference computes it; precise division and no flush-to-zero for the same reason.
+const NVRTC_OPTIONS: [&str; 4] = [
+    "--fmad=false",
+    "--ftz=false",
+    "--prec-div=true",
+    "--prec-sqrt=true",
+];
+
+/// Threads per block of every launch (a multiple of 32: a warp holds one quantized block).
+const BLOCK_THREADS: u32 = 256;
+
+/// Whether `libnvrtc` can be loaded (found through the loader's path, e.g. `LD_LIBRARY_PATH`).
+pub fn nvrtc_available() -> bool {
+    // SAFETY: only tries to dlopen the library under its usual names; calls nothing in it.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+/// Compiles kernel source `src` (named `name` in messages) to PTX for `arch`, a virtual
+/// architecture such as `compute_80` or `compute_90`. The error is NVRTC's log.
+pub fn compile(name: &str, src: &str, arch: &str) -> std::result::Result<String, String> {
+    let digits = arch.strip_prefix("compute_").unwrap_or("");
+    if digits.is_empty()
+        || !digits
+            .trim_end_matches('a')
+            .chars()
+            .all(|c| c.is_ascii_digit())
+    {
+        return Err(format!(
+            "{arch:?} is not a virtual architecture like compute_80"
+        ));
+    }
+    if !nvrtc_available() {
+        return Err("libnvrtc could not be loaded; see scripts/nvrtc-env.sh".into());
+    }
+    let mut options: Vec<String> = NVRTC_OPTIONS.iter().map(|s| s.to_string()).collect();
+    options.push(format!("--gpu-architecture={arch}"));
+    let opts = CompileOptions {
+        options,
+        name: Some(name.to_string()),
+        ..Default::default()
+    };
+    compile_ptx_with_opts(src, opts)
+        .map(|ptx| ptx.to_src())
+        .map_err(|e| format!("{name} for {arch}: {e}"))
+}
+
+/// Compiles the KV cache kernels (`kernels/kv_quant.cu`) to PTX for `arch` (`compute_90`, ...).
+pub fn compile_ptx(arch: &str) -> std::result::Result<String, String> {
+    compile("kv_quant.cu", KV_QUANT_CU, arch)
+}
+
+fn check(call: &'static str, rc: cu::CUresult) -> Result<()> {
+    if rc == cu::CUresult::CUDA_SUCCESS {
+        Ok(())
+    } else {
+        Err(Error::Driver {
+            call,
+            code: rc as i32,
+        })
+    }
+}
+
+/// The KV kernels loaded into one device's context.
+pub struct KvKernels {
+    module: cu::CUmodule,
+    append: cu::CUfunction,
+    dequantize: cu::CUfunction,
+}
+
+// SAFETY: module and function handles are plain driver handles, valid from any thread while
+// their context lives; the driver serializes what needs serializing.
+unsafe impl Send for KvKernels {}
+// SAFETY: as above; launching through a shared handle is what the driver API is made for.
+unsafe impl Sync for KvKernels {}
+
+static LOADED: [OnceCell<KvKernels>; MAX_DEVICES] = [const { OnceCell::new() }; MAX_DEVICES];
+
+impl KvKernels {
+    /// Loads PTX from `compile_ptx` into the current context.
+    pub fn load(ptx: &str) -> Result<KvKernels> {
+        // SAFETY: only dlopens the driver library.
+        if !unsafe { cu::is_culib_present() } {
+            return Err(Error::NotSupported("CUDA driver not present"));
+        }
+        let image = CString::new(ptx).map_err(|_| Error::InvalidValue("PTX contains a NUL"))?;
+        let mut module = std::ptr::null_mut();
+        // SAFETY: `image` is NUL-terminated PTX; `module` receives the handle.
+        check("cuModuleLoadData", unsafe {
+            cu::cuModuleLoadData(&mut module, image.as_ptr().cast())
+        })?;
+        let get = |name: &std::ffi::CStr| {
+            let mut f = std::ptr::null_mut();
+            // SAFETY: `module` was just loaded; `name` is NUL-terminated.
+            check("cuModuleGetFunction", unsafe {
+                cu::cuModuleGetFunction(&mut f, module, name.as_ptr())
+            })
+            .map(|_| f)
+        };
+        match (get(c"hbm_kv_append"), get(c"hbm_kv_dequantize")) {
+            (Ok(append), Ok(dequantize)) => Ok(KvKernels {
+                module,
+                append,
+                dequantize,
+            }),
+            (Err(e), _) | (_, Err(e)) => {
+                // SAFETY: the module is ours and nothing uses it yet.
+                unsafe { cu::cuModuleUnload(module) };
+                Err(e)
+            }
+        }
+    }
+
+    /// The kernels for `device`, compiled for `arch` and loaded on first use. The caller has made
+    /// `device`'s context current.
+    pub fn for_device(device: i32, arch: &str) -> Result<&'static KvKernels> {
+        let slot = LOADED
+            .get(usize::try_from(device).map_err(|_| Error::InvalidDevice(device))?)
+            .ok_or(Error::InvalidDevice(device))?;
+        slot.get_or_try_init(|| {
+            let ptx = compile_ptx(arch).map_err(|log| {
+                eprintln!("hbmalloc: NVRTC failed: {log}");
+                Error::NotSupported("NVRTC compilation of the KV kernels")
+            })?;
+            KvKernels::load(&ptx)
+        })
+    }
+
+    fn launch(
+        &self,
+        f: cu::CUfunction,
+        total: u64,
+        args: &mut [*mut c_void],
+        stream: Stream,
+    ) -> Result<()> {
+        if total == 0 {
+            return Ok(());
+        }
+        let grid = total.div_ceil(BLOCK_THREADS as u64).min(1 << 16) as u32;
+        // SAFETY: `f` belongs to this module; `args` points at values of the kernel's parameter
+        // types, in order, alive for the call; the stream is the caller's.
+        check("cuLaunchKernel", unsafe {
+            cu::cuLaunchKernel(
+                f,
+                grid,
+                1,
+                1,
+                BLOCK_THREADS,
+                1,
+                1,
+                0,
+                stream as cu::CUstream,
+                args.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        })
+    }
+
+    /// Queues on `stream` the append of `n_rows` rows of `row_elems` elements from `src` (F32 or
+    /// F16, contiguous) into the tensor at `dst` (row `p` at `dst + p * dst_row_stride`), at rows
+    /// `positions[i]` (a device array of `n_rows` ints) or, when `positions` is 0, `pos0 + i`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn launch_append(
+        &self,
+        src: DevicePtr,
+        src_type: HbmType,
+        dst: DevicePtr,
+        dst_type: HbmType,
+        dst_row_stride: usize,
+        row_elems: u32,
+        positions: DevicePtr,
+        pos0: i64,
+        n_rows: u32,
+        stream: Stream,
+    ) -> Result<()> {
+        if !matches!(src_type, HbmType::F32 | HbmType::F16) {
+            return Err(Error::InvalidValue("append reads F32 or F16"));
+        }
+        check_rows(dst_type, dst_row_stride, row_elems)?;
+        let (mut src, mut st, mut dst, mut dt) =
+            (src as u64, src_type as i32, dst as u64, dst_type as i32);
+        let (mut stride, mut elems, mut pos) =
+            (dst_row_stride as u64, row_elems as i32, positions as u64);
+        let (mut pos0, mut rows) = (pos0, n_rows as i32);
+        let mut args = [
+            arg(&mut src),
+            arg(&mut st),
+            arg(&mut dst),
+            arg(&mut dt),
+            arg(&mut stride),
+            arg(&mut elems),
+            arg(&mut pos),
+            arg(&mut pos0),
+            arg(&mut rows),
+        ];
+        self.launch(
+            self.append,
+            n_rows as u64 * row_elems as u64,
+            &mut args,
+            stream,
+        )
+    }
+
+    /// Queues on `stream` the conversion of rows `row0 .. row0 + n_rows` of the tensor at `src`
+    /// (row stride `src_row_stride`) into `dst` as F32 or F16, contiguous.
+    #[allow(clippy::too_many_arguments)]
+    pub fn launch_dequantize(
+        &self,
+        src: DevicePtr,
+        src_type: HbmType,
+        src_row_stride: usize,
+        row0: i64,
+        n_rows: u32,
+        row_elems: u32,
+        dst: DevicePtr,
+        dst_type: HbmType,
+        stream: Stream,
+    ) -> Result<()> {
+        if !matches!(dst_type, HbmType::F32 | HbmType::F16) {
+            return Err(Error::InvalidValue("dequantize writes F32 or F16"));
+        }
+        check_rows(src_type, src_row_stride, row_elems)?;
+        let (mut src, mut st, mut stride, mut row0) =
+            (src as u64, src_type as i32, src_row_stride as u64, row0);
+        let (mut rows, mut elems, mut dst, mut dt) =
+            (n_rows as i32, row_elems as i32, dst as u64, dst_type as i32);
+        let mut args = [
+            arg(&mut src),
+            arg(&mut st),
+            arg(&mut stride),
+            arg(&mut row0),
+            arg(&mut rows),
+            arg(&mut elems),
+            arg(&mut dst),
+            arg(&mut dt),
+        ];
+        self.launch(
+            self.dequantize,
+            n_rows as u64 * row_elems as u64,
+            &mut args,
+            stream,
+        )
+    }
+}
+
+impl Drop for KvKernels {
+    fn drop(&mut self) {
+        // SAFETY: the module is ours; kernels cached in `LOADED` are never dropped (no CUDA at exit).
+        unsafe { cu::cuModuleUnload(self.module) };
+    }
+}
+
+fn arg<T>(v: &mut T) -> *mut c_void {
+    (v as *mut T).cast()
+}
+
+/// A row must be whole blocks, fit the stride, and keep every row aligned for its element type.
+fn check_rows(ty: HbmType, row_stride: usize, row_elems: u32) -> Result<()> {
+    let bytes = ty
+        .row_bytes(row_elems as usize)
+        .ok_or(Error::InvalidValue("row is not a whole number of blocks"))?;
+    let align = if ty == HbmType::F32 { 4 } else { 2 };
+    if row_elems > i32::MAX as u32 || row_stride < bytes || row_stride % align != 0 {
+        return Err(Error::InvalidValue("row stride too small or misaligned"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_architectures_are_refused_before_nvrtc() {
+        for arch in ["sm_80", "compute_", "compute_8x", "80", ""] {
+            assert!(compile_ptx(arch).is_err(), "{arch:?}");
+        }
+    }
+
+    #[test]
+    fn row_checks() {
+        assert!(check_rows(HbmType::Q8_0, 34 * 4, 128).is_ok());
+        assert!(
+            check_rows(HbmType::Q8_0, 34 * 4 - 2, 128).is_err(),
+            "stride too small"
+        );
+        assert!(
+            check_rows(HbmType::Q4_0, 18 * 4, 100).is_err(),
+            "not whole blocks"
+        );
+        assert!(
+            check_rows(HbmType::F32, 514, 128).is_err(),
+            "misaligned F32 rows"
+        );
+        assert!(check_rows(HbmType::F16, 258, 128).is_ok());
+    }
+}
