@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# Everything hbmalloc checks on a real GPU, in one run. Build first on a machine with Rust:
+#   bash scripts/gpu-stage.sh          (fills gpu-stage/)
+# then, from the repository root on the GPU machine (CUDA toolkit, driver, python3 + torch):
+#   bash scripts/gpu-check.sh [section ...]   sections: rust c stream torch bench demo examples
+# Logs go to $OUT (or gpu-out/); a table of what ran is printed last. Exits 1 if anything failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+STAGE=gpu-stage
+LOG=${OUT:-gpu-out}
+mkdir -p "$LOG" build/gpu
+CUDA=${CUDA_HOME:-/usr/local/cuda}
+export PATH="$CUDA/bin:$PATH"
+LIB=$PWD/$STAGE/libhbmalloc.so
+SECTIONS=${*:-rust c stream torch bench demo examples}
+declare -a ROWS=()
+FAILED=0
+
+record() { # name status detail
+    ROWS+=("$(printf '| %-34s | %-4s | %s |' "$1" "$2" "$3")")
+    [[ $2 == FAIL ]] && FAILED=1
+    echo "== $1: $2 $3"
+}
+
+want() { [[ " $SECTIONS " == *" $1 "* ]]; }
+
+[[ -f $LIB ]] || { echo "gpu-check: $LIB missing: run scripts/gpu-stage.sh on the build machine"; exit 2; }
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$LOG/gpu.txt"
+CARD=$(head -1 "$LOG/gpu.txt")
+
+if want rust; then
+    for t in "$STAGE"/tests/*; do
+        name=$(basename "$t")
+        # Only binaries with GPU tests (marked #[ignore = "needs a CUDA GPU"]) run here.
+        "$t" --list --ignored 2>/dev/null | grep -q ': test' || continue
+        if "$t" --ignored --test-threads=1 >"$LOG/rust-$name.log" 2>&1; then
+            record "rust $name (GPU tests)" PASS "$(grep -o '[0-9]* passed' "$LOG/rust-$name.log" | tail -1)"
+        else
+            record "rust $name (GPU tests)" FAIL "see rust-$name.log: $(grep -E '^test .* FAILED' "$LOG/rust-$name.log" | head -3 | tr '\n' ' ')"
+        fi
+    done
+fi
+
+if want c; then
+    for src in c_tests/interpose_runtime.c; do
+        [[ -f $src ]] || continue
+        exe=build/gpu/$(basename "$src" .c)
+        if gcc -O1 -g -I"$CUDA/include" "$src" -o "$exe" -L"$CUDA/lib64" -lcudart -lpthread -ldl -Wl,-rpath,"$CUDA/lib64" 2>"$LOG/c-build.log"; then
+            if HBMALLOC_CONF=backend:cuda LD_PRELOAD=$LIB "$exe" >"$LOG/c-$(basename "$exe").log" 2>&1; then
+                record "C $(basename "$src") on cuda" PASS "$(tail -1 "$LOG/c-$(basename "$exe").log")"
+            else
+                record "C $(basename "$src") on cuda" FAIL "$(tail -3 "$LOG/c-$(basename "$exe").log" | tr '\n' ' ')"
+            fi
+        else
+            record "C $(basename "$src") build" FAIL "$(head -3 "$LOG/c-build.log" | tr '\n' ' ')"
+        fi
+    done
+fi
+
+if want stream; then
+    exe=build/gpu/stream_safety
+    if nvcc -O2 -cudart shared -o "$exe" c_tests/gpu/stream_safety.cu 2>"$LOG/stream-build.log"; then
+        for mode in batched eager "batched,pending_limit:1GiB"; do
+            out=$(HBMALLOC_CONF=stream_safety:$mode LD_PRELOAD=$LIB "$exe" 2>&1)
+            rc=$?
+            [[ $rc == 0 ]] && record "stream safety ($mode)" PASS "$out" || record "stream safety ($mode)" FAIL "rc=$rc $out"
+        done
+        # The test must be able to fail: with stream safety off, reuse corrupts the new block.
+        out=$(HBMALLOC_CONF=stream_safety:off LD_PRELOAD=$LIB "$exe" 2>&1)
+        rc=$?
+        [[ $rc == 1 ]] && record "stream safety off (must corrupt)" PASS "$out" || record "stream safety off (must corrupt)" FAIL "rc=$rc $out"
+    else
+        record "stream safety build" FAIL "$(head -3 "$LOG/stream-build.log" | tr '\n' ' ')"
+    fi
+fi
+
+if want torch; then
+    if python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
+        export CUBLAS_WORKSPACE_CONFIG=:4096:8
+        python3 scripts/torch_check.py run build/gpu/plain.pt >"$LOG/torch.log" 2>&1
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 HBMALLOC_CONF=leak_report:summary LD_PRELOAD=$LIB \
+            python3 scripts/torch_check.py run build/gpu/hbm.pt >>"$LOG/torch.log" 2>&1
+        rc=$?
+        if [[ $rc == 0 ]] && python3 scripts/torch_check.py compare build/gpu/plain.pt build/gpu/hbm.pt >>"$LOG/torch.log" 2>&1; then
+            record "pytorch fwd+bwd under LD_PRELOAD" PASS "$(grep 'served' "$LOG/torch.log" | head -1)"
+        else
+            record "pytorch fwd+bwd under LD_PRELOAD" FAIL "rc=$rc; $(tail -4 "$LOG/torch.log" | tr '\n' ' ')"
+        fi
+    else
+        record "pytorch" FAIL "torch with CUDA not importable"
+    fi
+fi
+
+if want bench; then
+    exe=build/gpu/alloc_bench
+    if gcc -O2 -I"$CUDA/include" bench/alloc_bench.c -o "$exe" -L"$CUDA/lib64" -lcudart -lpthread -ldl -Wl,-rpath,"$CUDA/lib64" 2>"$LOG/bench-build.log"; then
+        : >"$LOG/bench.txt"
+        export BENCH_SECONDS=${BENCH_SECONDS:-1}
+        for c in pair:512 pair:1048576 pair:16777216 step threads:1 threads:16; do
+            "$exe" malloc "$c" >>"$LOG/bench.txt" 2>&1
+            "$exe" async "$c" >>"$LOG/bench.txt" 2>&1
+            HBMALLOC_CONF=backtrace:off,leak_report:off LD_PRELOAD=$LIB "$exe" malloc "$c" >>"$LOG/bench.txt" 2>&1
+            HBMALLOC_CONF=backtrace:on,leak_report:off LD_PRELOAD=$LIB "$exe" malloc "$c" | sed 's/^hbmalloc/hbmalloc+bt/' >>"$LOG/bench.txt" 2>&1
+            HBMALLOC_CONF=backtrace:off,leak_report:off LD_PRELOAD=$LIB "$exe" async "$c" >>"$LOG/bench.txt" 2>&1
+        done
+        record "alloc benchmark" PASS "$(wc -l <"$LOG/bench.txt") figures in bench.txt"
+        column -t "$LOG/bench.txt"
+    else
+        record "alloc benchmark build" FAIL "$(head -3 "$LOG/bench-build.log" | tr '\n' ' ')"
+    fi
+fi
+
+if want demo; then
+    if "$STAGE/hbmalloc" demo >"$LOG/demo.log" 2>&1 && grep -q 'backend cuda' "$LOG/demo.log"; then
+        record "hbmalloc demo on cuda" PASS "$(grep 'step time' "$LOG/demo.log" | tr -s ' ')"
+    else
+        record "hbmalloc demo on cuda" FAIL "$(tail -3 "$LOG/demo.log" | tr '\n' ' ')"
+    fi
+    cat "$LOG/demo.log"
+fi
+
+if want examples; then
+    for ex in "$STAGE"/examples/*; do
+        [[ -x $ex ]] || continue
+        name=$(basename "$ex")
+        if "$ex" >"$LOG/example-$name.log" 2>&1; then
+            record "example $name" PASS "see example-$name.log"
+        else
+            record "example $name" FAIL "$(tail -2 "$LOG/example-$name.log" | tr '\n' ' ')"
+        fi
+        cat "$LOG/example-$name.log"
+    done
+fi
+
+echo
+echo "gpu-check on $CARD"
+printf '| %-34s | %-4s | %s |\n' check result detail
+printf '|%s|%s|%s|\n' "$(printf -- '-%.0s' {1..36})" "------" "--------"
+printf '%s\n' "${ROWS[@]}"
+exit $FAILED

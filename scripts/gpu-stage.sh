@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Builds everything the GPU machine runs (it has no Rust toolchain) into gpu-stage/, which git
+# ignores and the device tool carries: the library, the CLI, the example benchmarks and the
+# integration-test binaries. Then run `bash scripts/gpu-check.sh` there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rm -rf gpu-stage && mkdir -p gpu-stage/tests gpu-stage/examples
+cargo build --release --bins --examples
+cp target/release/libhbmalloc.so target/release/hbmalloc gpu-stage/
+for ex in target/release/examples/*; do
+    [[ -f $ex && -x $ex && $ex != *.d && $(basename "$ex") != *-* ]] && cp "$ex" gpu-stage/examples/
+done
+cargo test --release --no-run --message-format=json 2>/dev/null | python3 -c '
+import json, shutil, sys
+for line in sys.stdin:
+    msg = json.loads(line)
+    if msg.get("reason") != "compiler-artifact" or not msg.get("executable"):
+        continue
+    if msg["profile"]["test"] and "test" in msg["target"]["kind"]:
+        shutil.copy(msg["executable"], "gpu-stage/tests/" + msg["target"]["name"])
+'
+strip --strip-debug gpu-stage/tests/* gpu-stage/examples/* 2>/dev/null || true
+ls -R gpu-stage | head -40
+du -sh gpu-stage
