@@ -47,6 +47,16 @@ pub fn device_count() -> i32 {
     }
 }
 
+/// The device the CUDA runtime considers current on this thread (always 0 on the simulated
+/// device). Follows `cudaSetDevice` through the thread's current context.
+#[inline]
+pub fn current_device() -> i32 {
+    match active() {
+        Active::Sim => 0,
+        Active::Cuda => crate::backend::cuda::CudaBackend::current_device(),
+    }
+}
+
 /// The backend serving `device`, created on first use.
 pub fn backend(device: i32) -> Result<SharedBackend> {
     if device < 0 || device >= device_count() || device as usize >= MAX_DEVICES {

@@ -30,7 +30,8 @@ thread_local! {
     /// The error our hooks last returned on this thread, as `cudaGetLastError` must report it.
     /// `const` and `Copy`: no destructor runs at thread or process exit.
     static LAST_ERROR: Cell<c_int> = const { Cell::new(0) };
-    /// Set while a hook runs, so a hook entered again from inside one goes straight to the runtime.
+    /// Set while a hook forwards to the runtime, so that a call coming back into a hook from
+    /// inside the runtime is not forwarded again.
     static IN_HOOK: Cell<bool> = const { Cell::new(false) };
 }
 
@@ -42,11 +43,11 @@ fn fail(code: CudaError) -> CudaError {
     code
 }
 
-/// Marks this thread as inside a hook for the guard's lifetime.
+/// Marks this thread as forwarding to the runtime for the guard's lifetime.
 struct HookGuard;
 
 impl HookGuard {
-    /// `None` when a hook is already running on this thread.
+    /// `None` when this thread is already forwarding.
     fn enter() -> Option<HookGuard> {
         IN_HOOK.with(|h| (!h.replace(true)).then_some(HookGuard))
     }
@@ -56,21 +57,6 @@ impl Drop for HookGuard {
     fn drop(&mut self) {
         IN_HOOK.with(|h| h.set(false));
     }
-}
-
-/// The device the runtime considers current on this thread (0 on the simulated device).
-fn current_device() -> i32 {
-    if runtime::active() == Active::Sim {
-        return 0;
-    }
-    if let Some(get_device) = real().get_device {
-        let mut device: c_int = 0;
-        // SAFETY: the runtime's cudaGetDevice with a valid out-pointer.
-        if unsafe { get_device(&mut device) } == cuda_error::SUCCESS {
-            return device;
-        }
-    }
-    0
 }
 
 /// Shared body of `cudaMalloc` and `cudaMallocAsync`.
@@ -86,10 +72,7 @@ unsafe fn malloc_hook(dev_ptr: *mut *mut c_void, size: usize, stream: Option<usi
         unsafe { *dev_ptr = std::ptr::null_mut() };
         return cuda_error::SUCCESS;
     }
-    let Some(_guard) = HookGuard::enter() else {
-        return fail(cuda_error::UNKNOWN);
-    };
-    match device_alloc::alloc(current_device(), size, stream, Api::Runtime) {
+    match device_alloc::alloc(runtime::current_device(), size, stream, Api::Runtime) {
         Ok(ptr) => {
             // SAFETY: as above.
             unsafe { *dev_ptr = ptr as *mut c_void };
@@ -105,6 +88,11 @@ fn free_hook(ptr: *mut c_void, stream: Option<usize>) -> CudaError {
         if runtime::active() == Active::Sim {
             return cuda_error::INVALID_VALUE;
         }
+        // Should the runtime's cudaFree call cudaFree again, the inner call must not forward
+        // a second time: that would recurse without end.
+        let Some(_guard) = HookGuard::enter() else {
+            return cuda_error::INVALID_VALUE;
+        };
         // SAFETY: the runtime's own functions, given the caller's arguments unchanged.
         match (stream, real().free, real().free_async) {
             (None, Some(free), _) => unsafe { free(ptr) },
@@ -120,10 +108,12 @@ fn free_hook(ptr: *mut c_void, stream: Option<usize>) -> CudaError {
             Active::Cuda => cuda_error::SUCCESS,
         };
     }
-    let Some(_guard) = HookGuard::enter() else {
-        return forward();
-    };
-    match device_alloc::free(ptr as usize, current_device(), stream, Api::Runtime) {
+    match device_alloc::free(
+        ptr as usize,
+        runtime::current_device(),
+        stream,
+        Api::Runtime,
+    ) {
         Ok(_) => cuda_error::SUCCESS,
         Err(Error::UnknownPointer(_)) => {
             if runtime::active() == Active::Sim {
@@ -198,7 +188,7 @@ pub unsafe extern "C" fn cudaMemGetInfo(free: *mut usize, total: *mut usize) -> 
         if free.is_null() || total.is_null() {
             return fail(cuda_error::INVALID_VALUE);
         }
-        let device = current_device();
+        let device = runtime::current_device();
         let info = runtime::pool(device).and_then(|pool| {
             let (f, t) = pool.backend().mem_info()?;
             let s = pool.stats();

@@ -11,7 +11,6 @@ use std::ffi::{c_int, c_void, CStr};
 
 pub type FreeFn = unsafe extern "C" fn(*mut c_void) -> c_int;
 pub type FreeAsyncFn = unsafe extern "C" fn(*mut c_void, *mut c_void) -> c_int;
-pub type GetDeviceFn = unsafe extern "C" fn(*mut c_int) -> c_int;
 pub type ErrorFn = unsafe extern "C" fn() -> c_int;
 
 /// The runtime functions the hooks may forward to.
@@ -19,7 +18,6 @@ pub type ErrorFn = unsafe extern "C" fn() -> c_int;
 pub struct RealCuda {
     pub free: Option<FreeFn>,
     pub free_async: Option<FreeAsyncFn>,
-    pub get_device: Option<GetDeviceFn>,
     pub get_last_error: Option<ErrorFn>,
     pub peek_at_last_error: Option<ErrorFn>,
 }
@@ -35,8 +33,6 @@ pub fn real() -> &'static RealCuda {
                 free: lookup(c"cudaFree").map(|p| std::mem::transmute::<*mut c_void, FreeFn>(p)),
                 free_async: lookup(c"cudaFreeAsync")
                     .map(|p| std::mem::transmute::<*mut c_void, FreeAsyncFn>(p)),
-                get_device: lookup(c"cudaGetDevice")
-                    .map(|p| std::mem::transmute::<*mut c_void, GetDeviceFn>(p)),
                 get_last_error: lookup(c"cudaGetLastError")
                     .map(|p| std::mem::transmute::<*mut c_void, ErrorFn>(p)),
                 peek_at_last_error: lookup(c"cudaPeekAtLastError")

@@ -13,6 +13,7 @@ use super::{Backend, DevicePtr, Event, Stream};
 use crate::error::{Error, Result};
 use cudarc::driver::sys::{self, CUcontext, CUdevice, CUdeviceptr, CUevent, CUresult, CUstream};
 use once_cell::sync::OnceCell;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 /// A backend for one CUDA device.
@@ -46,6 +47,11 @@ unsafe impl Sync for CudaBackend {}
 
 /// Device count found by the first probe; 0 when there is no usable driver.
 static DEVICE_COUNT: OnceCell<i32> = OnceCell::new();
+
+/// Primary context of each device with a backend, as an address (0 = none yet): lets
+/// `current_device` name the thread's device without a driver call beyond `cuCtxGetCurrent`.
+static PRIMARY_CONTEXTS: [AtomicUsize; crate::runtime::MAX_DEVICES] =
+    [const { AtomicUsize::new(0) }; crate::runtime::MAX_DEVICES];
 
 /// Loads and initialises the driver and counts its devices; 0 on any failure, never a panic.
 fn probe_device_count() -> i32 {
@@ -122,6 +128,33 @@ impl CudaBackend {
         *DEVICE_COUNT.get_or_init(probe_device_count)
     }
 
+    /// The device the CUDA runtime considers current on this thread: the device of the thread's
+    /// current context, or 0 when it has none (the runtime's default). One `cuCtxGetCurrent`, plus
+    /// `cuCtxGetDevice` only for a context that is no device's primary context.
+    pub fn current_device() -> i32 {
+        if Self::device_count() == 0 {
+            return 0;
+        }
+        let mut current: CUcontext = std::ptr::null_mut();
+        // SAFETY: `current` is a valid out-parameter; the driver is loaded (device count > 0).
+        if unsafe { sys::cuCtxGetCurrent(&mut current) } != CUresult::CUDA_SUCCESS
+            || current.is_null()
+        {
+            return 0;
+        }
+        for (device, ctx) in PRIMARY_CONTEXTS.iter().enumerate() {
+            if ctx.load(Ordering::Acquire) == current as usize {
+                return device as i32;
+            }
+        }
+        let mut device: CUdevice = 0;
+        // SAFETY: a context is current on this thread (checked above); `device` is valid.
+        match unsafe { sys::cuCtxGetDevice(&mut device) } {
+            CUresult::CUDA_SUCCESS => device,
+            _ => 0,
+        }
+    }
+
     /// A backend for `device`, using that device's primary context (the runtime's context).
     ///
     /// `Error::InvalidDevice` when there is no such device, or no driver at all.
@@ -139,6 +172,9 @@ impl CudaBackend {
         check("cuDevicePrimaryCtxRetain", unsafe {
             sys::cuDevicePrimaryCtxRetain(&mut ctx, dev)
         })?;
+        if let Some(slot) = PRIMARY_CONTEXTS.get(device as usize) {
+            slot.store(ctx as usize, Ordering::Release);
+        }
         Ok(CudaBackend {
             device,
             ctx,
@@ -160,6 +196,14 @@ impl CudaBackend {
             sys::cuCtxGetCurrent(&mut current)
         })?;
         if current == self.ctx {
+            return Ok(Bound { prev: None });
+        }
+        if current.is_null() && self.device == 0 {
+            // A thread without a context is on device 0 as far as the runtime is concerned, and
+            // the runtime would make device 0's primary context current on its first call there.
+            // Leaving it current saves two context switches on every later call of this thread.
+            // SAFETY: as below.
+            check("cuCtxSetCurrent", unsafe { sys::cuCtxSetCurrent(self.ctx) })?;
             return Ok(Bound { prev: None });
         }
         // SAFETY: `self.ctx` is a primary context this backend holds a reference to, so it is
