@@ -26,16 +26,17 @@ pub fn alloc(device: i32, size: usize, stream: Option<Stream>, _api: Api) -> Res
 
 /// Frees `ptr`, whichever device's pool owns it (the runtime frees across devices too).
 /// `Err(UnknownPointer)` means no pool knows it: the caller may forward it to the runtime.
-pub fn free(
-    ptr: DevicePtr,
-    current_device: i32,
-    stream: Option<Stream>,
-    api: Api,
-) -> Result<usize> {
-    let pool = owner(ptr, current_device)?;
-    let result = match stream {
-        Some(s) => pool.free_async(ptr, s),
-        None => pool.free(ptr),
+pub fn free(ptr: DevicePtr, current_device: i32, stream: Option<Stream>, api: Api) -> Result<usize> {
+    // The current device's pool first: one live-map operation in the common case.
+    let result = free_in(runtime::pool(current_device)?, ptr, stream);
+    let result = match result {
+        Err(Error::UnknownPointer(_) | Error::DoubleFree(_) | Error::InteriorPointer { .. }) => {
+            match runtime::pools().find(|(d, p)| *d != current_device && p.owns(ptr)) {
+                Some((_, other)) => free_in(other, ptr, stream),
+                None => result,
+            }
+        }
+        other => other,
     };
     if let Err(e) = &result {
         diagnose(ptr, e, api);
@@ -43,20 +44,11 @@ pub fn free(
     result
 }
 
-/// The pool holding `ptr` live: the current device's first (the common case), then the others.
-fn owner(ptr: DevicePtr, current_device: i32) -> Result<&'static CachingPool> {
-    if let Ok(pool) = runtime::pool(current_device) {
-        if pool.owns(ptr) {
-            return Ok(pool);
-        }
+fn free_in(pool: &CachingPool, ptr: DevicePtr, stream: Option<Stream>) -> Result<usize> {
+    match stream {
+        Some(s) => pool.free_async(ptr, s),
+        None => pool.free(ptr),
     }
-    for (_, pool) in runtime::pools() {
-        if pool.owns(ptr) {
-            return Ok(pool);
-        }
-    }
-    // Not live anywhere: let the current device's pool classify it (double free, interior...).
-    runtime::pool(current_device)
 }
 
 /// One diagnostic line for a bad free; an unknown pointer is left to the caller, which may
