@@ -5,3 +5,4 @@
 
 pub(crate) mod guard;
 pub mod status;
+pub mod track_api;

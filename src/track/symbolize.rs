@@ -74,11 +74,15 @@ impl Symbolizer {
             frames.extend_from_slice(self.resolve(ip));
         }
         let start = leading_own_frames(&frames);
-        let end = frames
+        let mut end = frames
             .iter()
             .position(is_runtime_start)
             .unwrap_or(frames.len())
             .max(start);
+        // Closures and `call_once` shims of the runtime below the caller's outermost frame.
+        while end > start + 1 && is_neutral(&frames[end - 1]) {
+            end -= 1;
+        }
         let mut kept: Vec<SymFrame> = frames.drain(start..end).collect();
         kept.truncate(max);
         kept
@@ -202,7 +206,8 @@ fn is_runtime_start(frame: &SymFrame) -> bool {
         || f.starts_with("std::sys::") && f.contains("thread_start")
 }
 
-/// Paths under the current directory are shown relative to it.
+/// Paths under the current directory are shown relative to it; the Rust standard library's as
+/// `rust/library/...`, a crate's from the cargo registry as `crate-1.2.3/src/...`.
 fn shorten_path(path: &str) -> String {
     static CWD: OnceLock<Option<String>> = OnceLock::new();
     let cwd = CWD.get_or_init(|| {
@@ -210,10 +215,20 @@ fn shorten_path(path: &str) -> String {
             .ok()
             .map(|d| format!("{}/", d.display()))
     });
-    match cwd {
-        Some(cwd) => path.strip_prefix(cwd.as_str()).unwrap_or(path).to_string(),
-        None => path.to_string(),
+    if let Some(rest) = cwd.as_deref().and_then(|cwd| path.strip_prefix(cwd)) {
+        return rest.to_string();
     }
+    if let Some(rest) = path.strip_prefix("/rustc/") {
+        if let Some((_hash, rest)) = rest.split_once('/') {
+            return format!("rust/{rest}");
+        }
+    }
+    if let Some((_, rest)) = path.split_once("/.cargo/registry/src/") {
+        if let Some((_index, rest)) = rest.split_once('/') {
+            return rest.to_string();
+        }
+    }
+    path.to_string()
 }
 
 /// One line per frame: `#N function at file:line (library)`, or a note when there are none.
@@ -274,6 +289,23 @@ mod tests {
         assert_eq!(leading_own_frames(&frames), 4);
         let end = frames.iter().position(is_runtime_start).unwrap();
         assert_eq!(end, 8);
+    }
+
+    #[test]
+    fn paths_are_shortened() {
+        assert_eq!(
+            shorten_path("/rustc/59807616e1/library/core/src/ops/function.rs"),
+            "rust/library/core/src/ops/function.rs"
+        );
+        assert_eq!(
+            shorten_path(
+                "/root/.cargo/registry/src/index.crates.io-1949cf8c/dashmap-6.2.1/src/lib.rs"
+            ),
+            "dashmap-6.2.1/src/lib.rs"
+        );
+        let here = std::env::current_dir().unwrap().join("src/x.rs");
+        assert_eq!(shorten_path(here.to_str().unwrap()), "src/x.rs");
+        assert_eq!(shorten_path("/usr/include/x.h"), "/usr/include/x.h");
     }
 
     #[test]
