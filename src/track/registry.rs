@@ -1,8 +1,9 @@
 //! The `Tracker`: the registry of live allocations.
 //!
 //! Cost (bench/BENCHMARKS.md): one sharded map insert and one remove per alloc+free, one relaxed
-//! atomic for the sequence number, a monotonic clock read; with backtraces, a frame-pointer walk and
-//! an interning lookup on each side. No global lock: the live map and the stack table are sharded
+//! atomic for the sequence number, a coarse clock read, a push into this thread's freed-ring shard:
+//! ~70 ns per alloc+free without backtraces (the bare map alone is ~40 ns). With backtraces, a
+//! frame-pointer walk and a per-thread interning cache hit on each side: ~250-300 ns. No global lock: the live map and the stack table are sharded
 //! (dashmap), the recently-freed ring is sharded by thread.
 
 use super::capture::{self, ReentryGuard};
