@@ -175,6 +175,7 @@ fn is_neutral(frame: &SymFrame) -> bool {
     ]
     .iter()
     .any(|p| f.starts_with(p))
+        || f.contains(" as core::ops::function::Fn")
 }
 
 /// How many leading frames to leave out: through the last hbmalloc frame of the leading run of
@@ -289,6 +290,10 @@ mod tests {
         assert_eq!(leading_own_frames(&frames), 4);
         let end = frames.iter().position(is_runtime_start).unwrap();
         assert_eq!(end, 8);
+        let shim = "<fn() -> core::result::Result<(), alloc::string::String> as \
+                    core::ops::function::FnOnce<()>>::call_once";
+        assert!(is_neutral(&named(shim)));
+        assert!(!is_neutral(&named("<user::Model as user::Load>::load")));
     }
 
     #[test]

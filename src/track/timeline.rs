@@ -92,8 +92,9 @@ struct JsonEvent {
     /// Key into `sites`; absent without a stack.
     #[serde(skip_serializing_if = "Option::is_none")]
     site: Option<u32>,
-    /// Bytes live (tracked by this timeline's events) after this event.
-    in_use: i64,
+    /// Change in bytes in use since the first event kept, after this event: negative when the
+    /// window frees blocks allocated before it began (older events were dropped).
+    in_use_change: i64,
 }
 
 #[derive(Serialize)]
@@ -137,7 +138,7 @@ impl Tracker {
                 size: e.size,
                 device: e.device,
                 site: (!e.stack.is_none()).then_some(e.stack.0),
-                in_use,
+                in_use_change: in_use,
             });
         }
         let doc = JsonTimeline {
