@@ -12,3 +12,4 @@ pub mod kernels;
 pub mod kv;
 pub mod pool;
 pub mod runtime;
+pub mod track;

@@ -10,3 +10,4 @@ pub mod hbm_api;
 pub mod kv_api;
 mod real_cuda;
 pub mod status;
+pub mod track_api;

@@ -1,0 +1,140 @@
+//! The report at process exit, registered with `atexit`.
+//!
+//! At exit the handler makes no CUDA call (only the registry, which is host memory, is read), uses
+//! no thread-local with a destructor (those of the exiting thread have already run), never lets a
+//! panic out, and writes stderr with `write(2)` directly, so nothing is left in a buffer. Other
+//! threads may still be allocating and freeing: the snapshot takes each registry shard's lock in
+//! turn, as at any other time.
+//!
+//! Handlers run in reverse order of registration; ours is registered when the first allocation is
+//! recorded, so the handlers of libraries and interpreters set up after it (Python's `atexit`,
+//! C++ static destructors of later-loaded libraries) run first and their frees are seen.
+
+use super::registry::Tracker;
+use crate::config::LeakReport;
+use std::io::Write;
+use std::sync::Once;
+
+static INSTALL: Once = Once::new();
+
+/// Registers the exit report (idempotent). Called when the global tracker is first built.
+pub fn install_exit_report() {
+    INSTALL.call_once(|| {
+        // SAFETY: `exit_handler` is an `extern "C" fn()` that never unwinds (it catches panics).
+        let rc = unsafe { libc::atexit(exit_handler) };
+        if rc != 0 {
+            write_stderr(b"hbmalloc: could not register the leak report at exit\n");
+        }
+    });
+}
+
+extern "C" fn exit_handler() {
+    let _ = std::panic::catch_unwind(|| {
+        if let Some(tracker) = super::global_if_started() {
+            tracker.write_exit_reports();
+        }
+    });
+}
+
+impl Tracker {
+    /// Writes every report its settings ask for: text (stderr or `report_path`), JSON, SVG,
+    /// timeline. Errors are reported on stderr, never returned: this runs at exit.
+    pub fn write_exit_reports(&self) {
+        let s = self.settings();
+        let wants_files = s.report_json.is_some() || s.report_svg.is_some() || s.timeline > 0;
+        if s.leak_report == LeakReport::Off && !wants_files {
+            return;
+        }
+        let report = self.leak_report();
+        let mut text = super::report_text::render(&report, s.leak_report);
+        let mut file = |path: &str, what: &str, result: std::io::Result<()>| match result {
+            Ok(()) => {
+                if s.leak_report == LeakReport::Full {
+                    text.push_str(&format!("hbmalloc: {what} written to {path}\n"));
+                }
+            }
+            Err(e) => text.push_str(&format!("hbmalloc: could not write {what} {path}: {e}\n")),
+        };
+        if let Some(path) = &s.report_json {
+            file(
+                path,
+                "JSON report",
+                write_file(path, |w| super::report_json::write(&report, w)),
+            );
+        }
+        if let Some(path) = &s.report_svg {
+            file(
+                path,
+                "flame graph",
+                write_file(path, |w| super::report_svg::write(&report, w)),
+            );
+        }
+        if s.timeline > 0 {
+            let path = timeline_path(s.report_json.as_deref());
+            file(
+                &path,
+                "timeline",
+                write_file(&path, |w| self.write_timeline_json(w)),
+            );
+        }
+        let written = match &s.report_path {
+            Some(path) => std::fs::write(path, &text),
+            None => {
+                write_stderr(text.as_bytes());
+                Ok(())
+            }
+        };
+        if let (Err(e), Some(path)) = (written, &s.report_path) {
+            write_stderr(format!("hbmalloc: could not write {path}: {e}\n{text}").as_bytes());
+        }
+    }
+}
+
+/// `report.json` → `report.timeline.json`; without a JSON report, `hbmalloc-timeline.<pid>.json`.
+fn timeline_path(report_json: Option<&str>) -> String {
+    match report_json {
+        Some(p) => match p.strip_suffix(".json") {
+            Some(stem) => format!("{stem}.timeline.json"),
+            None => format!("{p}.timeline.json"),
+        },
+        None => format!("hbmalloc-timeline.{}.json", std::process::id()),
+    }
+}
+
+fn write_file(
+    path: &str,
+    body: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let mut w = std::io::BufWriter::new(std::fs::File::create(path)?);
+    body(&mut w)?;
+    w.flush()
+}
+
+/// Writes all of `bytes` to file descriptor 2, retrying short writes and EINTR; gives up silently
+/// on any other error (there is nowhere left to report it).
+pub(crate) fn write_stderr(mut bytes: &[u8]) {
+    while !bytes.is_empty() {
+        // SAFETY: `bytes` is a valid readable buffer of the given length.
+        let n = unsafe { libc::write(2, bytes.as_ptr().cast(), bytes.len()) };
+        if n > 0 {
+            bytes = &bytes[n as usize..];
+        } else if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
+        {
+            continue;
+        } else {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeline_file_names() {
+        assert_eq!(timeline_path(Some("/tmp/r.json")), "/tmp/r.timeline.json");
+        assert_eq!(timeline_path(Some("/tmp/r")), "/tmp/r.timeline.json");
+        assert!(timeline_path(None).starts_with("hbmalloc-timeline."));
+    }
+}

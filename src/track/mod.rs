@@ -1,0 +1,162 @@
+//! Allocation tracking: a registry of every live allocation with its call stack, leak reports
+//! (text, JSON, SVG flame graph) at exit or on demand, double-free diagnostics, and an optional
+//! timeline of alloc/free events.
+//!
+//! The core is `Tracker`, which takes its `Settings` explicitly (tests build their own). The free
+//! functions below drive one process-wide `Tracker` built from `HBMALLOC_CONF` on first use; that
+//! is what the allocator's entry points call.
+//!
+//! Decision: tracking is always on. The registry is what makes `hbm_leaks_since`, on-demand
+//! reports and double-free diagnostics work, and without backtraces it costs tens of nanoseconds
+//! per alloc+free (bench/BENCHMARKS.md). `backtrace:off` skips the stack capture (entries are then
+//! site-less); `leak_report:off` only silences the report at exit.
+//!
+//! Layout: `capture` (raw return addresses), `stacks` (interning), `registry` (the `Tracker`),
+//! `freed` (recently freed blocks, bad-free diagnostics), `symbolize`, `report` (the leak report's
+//! model) with `report_text`, `report_json`, `report_svg`, `timeline`, `exit`.
+
+pub mod capture;
+mod exit;
+pub mod freed;
+pub mod registry;
+pub mod report;
+mod report_json;
+mod report_svg;
+mod report_text;
+pub mod stacks;
+pub mod symbolize;
+pub mod timeline;
+
+use crate::config::{self, Config, LeakReport};
+use once_cell::sync::OnceCell;
+
+pub use capture::Unwinder;
+pub use exit::install_exit_report;
+pub use freed::BadFree;
+pub use registry::{Live, Tracker};
+pub use stacks::StackId;
+
+/// Which entry point handed out an allocation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Origin {
+    CudaMalloc,
+    CudaMallocAsync,
+    HbmAlloc,
+    Pool,
+    KvCache,
+}
+
+impl Origin {
+    pub fn name(self) -> &'static str {
+        match self {
+            Origin::CudaMalloc => "cudaMalloc",
+            Origin::CudaMallocAsync => "cudaMallocAsync",
+            Origin::HbmAlloc => "hbm_alloc",
+            Origin::Pool => "pool",
+            Origin::KvCache => "kv_cache",
+        }
+    }
+}
+
+/// Bytes and allocations, as in "N bytes leaked in M allocations".
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LeakSummary {
+    pub bytes: u64,
+    pub count: u64,
+}
+
+/// What a `Tracker` records and what its exit report writes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// Capture a call stack per allocation and per free.
+    pub backtrace: bool,
+    pub unwinder: Unwinder,
+    /// Frames kept per call site in reports, after the tracker's own frames are left out.
+    pub max_frames: usize,
+    pub leak_report: LeakReport,
+    /// Text report file; `None` = stderr.
+    pub report_path: Option<String>,
+    pub report_json: Option<String>,
+    pub report_svg: Option<String>,
+    /// Capacity of the alloc/free event ring; 0 = no timeline.
+    pub timeline: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings::from_config(&Config::default())
+    }
+}
+
+impl Settings {
+    pub fn from_config(cfg: &Config) -> Settings {
+        Settings {
+            backtrace: cfg.backtrace,
+            unwinder: Unwinder::FramePointer,
+            max_frames: cfg.max_frames.clamp(1, capture::MAX_FRAMES),
+            leak_report: cfg.leak_report,
+            report_path: cfg.report_path.clone(),
+            report_json: cfg.report_json.clone(),
+            report_svg: cfg.report_svg.clone(),
+            timeline: cfg.timeline,
+        }
+    }
+}
+
+static GLOBAL: OnceCell<Tracker> = OnceCell::new();
+
+/// The process-wide tracker, built from `HBMALLOC_CONF` on first use. Building it also registers
+/// the exit report, so every entry point that records an allocation gets one.
+pub fn global() -> &'static Tracker {
+    GLOBAL.get_or_init(|| {
+        let tracker = Tracker::new(Settings::from_config(config::get()));
+        install_exit_report();
+        tracker
+    })
+}
+
+/// The global tracker if anything has been recorded; the exit report uses it so that a process
+/// that never allocated does not build one at exit.
+pub(crate) fn global_if_started() -> Option<&'static Tracker> {
+    GLOBAL.get()
+}
+
+/// Records a new live allocation in the global tracker (and its stack, if `backtrace:on`).
+#[inline]
+pub fn on_alloc(ptr: usize, size: usize, device: i32, stream: usize, origin: Origin) {
+    global().on_alloc(ptr, size, device, stream, origin);
+}
+
+/// Records a free. True if `ptr` was live. Otherwise prints one diagnostic to stderr: where the
+/// block was allocated and first freed (for a double free), or that the pointer is unknown.
+#[inline]
+pub fn on_free(ptr: usize) -> bool {
+    match global().on_free(ptr) {
+        Ok(()) => true,
+        Err(bad) => {
+            global().print_bad_free(&bad);
+            false
+        }
+    }
+}
+
+/// Always true: see the module doc for why the registry is never switched off.
+pub fn enabled() -> bool {
+    true
+}
+
+/// A mark in the sequence of allocations: every allocation made after this call has a larger
+/// sequence number.
+pub fn checkpoint() -> u64 {
+    global().checkpoint()
+}
+
+/// Allocations made after `mark` that are still live.
+pub fn leaks_since(mark: u64) -> LeakSummary {
+    global().leaks_since(mark)
+}
+
+/// Writes the full text leak report of the global tracker to `path`, or to stderr for `None`.
+pub fn write_report(path: Option<&str>) -> std::io::Result<()> {
+    global().write_text_report(path, LeakReport::Full)
+}

@@ -1,0 +1,134 @@
+//! The leak report's model: live allocations grouped by call site, largest first, symbolized.
+//! The text, JSON and SVG writers all render one `LeakReport`, so they always agree.
+
+use super::registry::{Live, Tracker};
+use super::stacks::StackId;
+use super::symbolize::{SymFrame, Symbolizer};
+use super::{LeakSummary, Origin};
+use std::collections::HashMap;
+
+/// Live allocations that share a call site (the same frames once hbmalloc's own are left out).
+#[derive(Clone, Debug)]
+pub struct Site {
+    pub bytes: u64,
+    pub count: u64,
+    /// Innermost first; empty for allocations recorded without a stack.
+    pub frames: Vec<SymFrame>,
+    /// Distinct entry points and devices of the site's allocations, sorted.
+    pub origins: Vec<Origin>,
+    pub devices: Vec<i32>,
+    /// The allocations (pointer, record), largest first.
+    pub allocations: Vec<(usize, Live)>,
+}
+
+/// Everything a leak report says.
+#[derive(Clone, Debug)]
+pub struct LeakReport {
+    pub summary: LeakSummary,
+    /// Largest first (bytes, then count).
+    pub sites: Vec<Site>,
+    /// Whether stacks were being captured.
+    pub backtraces: bool,
+    /// Frees the tracker rejected (unknown pointers, double frees).
+    pub bad_frees: u64,
+    /// Allocations recorded without a stack because the stack table was full.
+    pub stacks_overflowed: u64,
+}
+
+impl Tracker {
+    /// The report of every allocation still live.
+    pub fn leak_report(&self) -> LeakReport {
+        self.leak_report_since(0)
+    }
+
+    /// The report of live allocations made after `mark` (a `checkpoint`).
+    pub fn leak_report_since(&self, mark: u64) -> LeakReport {
+        let mut by_stack: HashMap<StackId, Vec<(usize, Live)>> = HashMap::new();
+        let mut summary = LeakSummary::default();
+        for (ptr, live) in self.snapshot() {
+            if live.seq > mark {
+                summary.bytes += live.size;
+                summary.count += 1;
+                by_stack.entry(live.stack).or_default().push((ptr, live));
+            }
+        }
+
+        // Raw stacks that differ only inside hbmalloc (a different pool path to the same caller)
+        // are one call site to the user: merge by the addresses of the frames that are shown.
+        let mut sym = Symbolizer::new();
+        let mut by_frames: HashMap<Vec<(usize, Option<String>)>, Site> = HashMap::new();
+        for (stack, allocations) in by_stack {
+            let frames = match self.stacks().frames(stack) {
+                Some(raw) => sym.stack(&raw, self.settings().max_frames),
+                None => Vec::new(),
+            };
+            let key = frames.iter().map(|f| (f.ip, f.function.clone())).collect();
+            let site = by_frames.entry(key).or_insert_with(|| Site {
+                bytes: 0,
+                count: 0,
+                frames,
+                origins: Vec::new(),
+                devices: Vec::new(),
+                allocations: Vec::new(),
+            });
+            for (ptr, live) in allocations {
+                site.bytes += live.size;
+                site.count += 1;
+                site.origins.push(live.origin);
+                site.devices.push(live.device);
+                site.allocations.push((ptr, live));
+            }
+        }
+
+        let mut sites: Vec<Site> = by_frames.into_values().collect();
+        for site in &mut sites {
+            site.origins.sort();
+            site.origins.dedup();
+            site.devices.sort();
+            site.devices.dedup();
+            site.allocations
+                .sort_by(|a, b| b.1.size.cmp(&a.1.size).then(a.1.seq.cmp(&b.1.seq)));
+        }
+        sites.sort_by(|a, b| {
+            (b.bytes, b.count)
+                .cmp(&(a.bytes, a.count))
+                .then_with(|| a.allocations[0].1.seq.cmp(&b.allocations[0].1.seq))
+        });
+        LeakReport {
+            summary,
+            sites,
+            backtraces: self.settings().backtrace,
+            bad_frees: self.bad_free_count(),
+            stacks_overflowed: self.stacks().overflowed(),
+        }
+    }
+}
+
+/// `1.5 MiB`-style text for a byte count.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["bytes", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} bytes")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human_bytes(0), "0 bytes");
+        assert_eq!(human_bytes(1023), "1023 bytes");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
+    }
+}

@@ -1,0 +1,424 @@
+//! Allocation tracking as a user sees it: counts under many threads, checkpoints, call sites in
+//! the text/JSON/SVG reports, bad-free diagnostics, and the report a process prints at exit.
+//!
+//! Each test builds its own `Tracker` from explicit `Settings`; only the exit test uses the
+//! process-wide one, in a child process.
+
+use hbmalloc::config::LeakReport;
+use hbmalloc::track::{self, Origin, Settings, Tracker, Unwinder};
+use std::process::Command;
+
+fn settings() -> Settings {
+    Settings {
+        leak_report: LeakReport::Full,
+        ..Settings::default()
+    }
+}
+
+const MIB: usize = 1 << 20;
+
+#[inline(never)]
+fn leak_a(t: &Tracker, base: usize) {
+    for i in 0..3 {
+        t.on_alloc(base + i * MIB, MIB, 0, 0, Origin::CudaMalloc);
+    }
+}
+
+#[inline(never)]
+fn leak_b(t: &Tracker, base: usize) {
+    for i in 0..2 {
+        t.on_alloc(base + i * 4096, 4096, 1, 0x77, Origin::Pool);
+    }
+}
+
+fn two_sites(unwinder: Unwinder) -> Tracker {
+    let t = Tracker::new(Settings {
+        unwinder,
+        ..settings()
+    });
+    leak_a(&t, 0x7000_0000_0000);
+    leak_b(&t, 0x7100_0000_0000);
+    // Allocated and freed: must not appear.
+    leak_b(&t, 0x7200_0000_0000);
+    assert!(t.on_free(0x7200_0000_0000).is_ok());
+    assert!(t.on_free(0x7200_0000_1000).is_ok());
+    t
+}
+
+fn first_function(frames: &[hbmalloc::track::symbolize::SymFrame]) -> String {
+    frames
+        .first()
+        .and_then(|f| f.function.clone())
+        .unwrap_or_default()
+}
+
+#[test]
+fn registry_counts_are_exact_under_16_threads() {
+    for backtrace in [false, true] {
+        let t = Tracker::new(Settings {
+            backtrace,
+            ..settings()
+        });
+        std::thread::scope(|s| {
+            for thread in 0..16usize {
+                let t = &t;
+                s.spawn(move || {
+                    let base = (thread + 1) << 32;
+                    for i in 0..5_000usize {
+                        t.on_alloc(base + i * 256, i + 1, 0, 0, Origin::HbmAlloc);
+                    }
+                    // Free the even ones.
+                    for i in (0..5_000usize).step_by(2) {
+                        assert!(t.on_free(base + i * 256).is_ok());
+                    }
+                });
+            }
+        });
+        let per_thread_bytes: u64 = (0..5_000u64).filter(|i| i % 2 == 1).map(|i| i + 1).sum();
+        let leaks = t.leaks_since(0);
+        assert_eq!(leaks.count, 16 * 2_500, "backtrace {backtrace}");
+        assert_eq!(leaks.bytes, 16 * per_thread_bytes, "backtrace {backtrace}");
+        assert_eq!(t.checkpoint(), 16 * 5_000);
+        assert_eq!(t.bad_free_count(), 0);
+    }
+}
+
+#[test]
+fn checkpoint_marks_a_region() {
+    let t = Tracker::new(settings());
+    t.on_alloc(0x1000, 100, 0, 0, Origin::HbmAlloc);
+    let mark = t.checkpoint();
+    assert_eq!(t.leaks_since(mark), track::LeakSummary::default());
+    t.on_alloc(0x2000, 200, 0, 0, Origin::HbmAlloc);
+    t.on_alloc(0x3000, 300, 0, 0, Origin::HbmAlloc);
+    assert_eq!(t.leaks_since(mark).bytes, 500);
+    t.on_free(0x2000).unwrap();
+    // Freeing what was allocated before the mark does not change the region's count.
+    t.on_free(0x1000).unwrap();
+    let since = t.leaks_since(mark);
+    assert_eq!((since.bytes, since.count), (300, 1));
+    t.on_free(0x3000).unwrap();
+    assert_eq!(t.leaks_since(mark).count, 0);
+    assert_eq!(t.leak_report_since(mark).sites.len(), 0);
+}
+
+#[test]
+fn two_leaking_functions_are_two_call_sites() {
+    for unwinder in [Unwinder::FramePointer, Unwinder::Dwarf] {
+        let t = two_sites(unwinder);
+        let report = t.leak_report();
+        assert_eq!(report.summary.bytes, (3 * MIB + 2 * 4096) as u64);
+        assert_eq!(report.summary.count, 5);
+        assert_eq!(report.sites.len(), 2, "{unwinder:?}: {:#?}", report.sites);
+        let (a, b) = (&report.sites[0], &report.sites[1]);
+        assert_eq!((a.bytes, a.count), ((3 * MIB) as u64, 3));
+        assert_eq!((b.bytes, b.count), (8192, 2));
+        assert!(
+            first_function(&a.frames).ends_with("leak_a"),
+            "{unwinder:?}: {a:#?}"
+        );
+        assert!(
+            first_function(&b.frames).ends_with("leak_b"),
+            "{unwinder:?}: {b:#?}"
+        );
+        assert!(
+            a.frames.iter().any(|f| f.line.is_some()),
+            "debug info gives lines"
+        );
+        assert!(
+            a.frames
+                .iter()
+                .all(|f| !f.function.as_deref().unwrap_or("").contains("hbmalloc::")),
+            "hbmalloc's own frames are left out: {a:#?}"
+        );
+        assert_eq!(a.origins, vec![Origin::CudaMalloc]);
+        assert_eq!(b.devices, vec![1]);
+    }
+}
+
+#[test]
+fn text_report_lists_sites_largest_first() {
+    let t = two_sites(Unwinder::FramePointer);
+    let text = t.render_text_report(LeakReport::Full);
+    println!("{text}");
+    let first_line = text.lines().next().unwrap();
+    assert_eq!(
+        first_line,
+        "hbmalloc: LEAK SUMMARY: 3153920 bytes leaked in 5 allocations (3.0 MiB)"
+    );
+    let a =
+        text.find("hbmalloc: 3145728 bytes (3.0 MiB) in 3 allocations from cudaMalloc on device 0");
+    let b = text.find("hbmalloc: 8192 bytes (8.0 KiB) in 2 allocations from pool on device 1");
+    let (a, b) = (a.expect(&text), b.expect(&text));
+    assert!(a < b, "largest first");
+    assert!(text[a..b].contains("leak_a at tests/track.rs:"), "{text}");
+    assert!(text[b..].contains("leak_b at tests/track.rs:"), "{text}");
+    assert!(
+        !text.contains("leak_b at tests/track.rs:28"),
+        "freed blocks do not count"
+    );
+
+    let summary = t.render_text_report(LeakReport::Summary);
+    assert_eq!(summary.lines().count(), 1, "{summary}");
+    assert_eq!(t.render_text_report(LeakReport::Off), "");
+}
+
+#[test]
+fn nothing_leaked_prints_zeros() {
+    let t = Tracker::new(settings());
+    t.on_alloc(0x1000, 10, 0, 0, Origin::CudaMalloc);
+    t.on_free(0x1000).unwrap();
+    assert_eq!(
+        t.render_text_report(LeakReport::Full),
+        "hbmalloc: LEAK SUMMARY: 0 bytes leaked in 0 allocations\n"
+    );
+}
+
+#[test]
+fn json_report_has_the_same_sites() {
+    let t = two_sites(Unwinder::FramePointer);
+    let mut out = Vec::new();
+    t.write_json_report(&mut out).unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(doc["summary"]["bytes"], 3 * MIB + 2 * 4096);
+    assert_eq!(doc["summary"]["count"], 5);
+    let sites = doc["sites"].as_array().unwrap();
+    assert_eq!(sites.len(), 2);
+    assert_eq!(sites[0]["bytes"], 3 * MIB);
+    assert_eq!(sites[0]["count"], 3);
+    assert_eq!(sites[1]["count"], 2);
+    let function = |s: &serde_json::Value| s["frames"][0]["function"].as_str().unwrap().to_string();
+    assert!(function(&sites[0]).ends_with("leak_a"));
+    assert!(function(&sites[1]).ends_with("leak_b"));
+    assert_eq!(sites[0]["frames"][0]["file"], "tests/track.rs");
+    let allocs = sites[1]["allocations"].as_array().unwrap();
+    assert_eq!(allocs.len(), 2);
+    assert_eq!(allocs[0]["size"], 4096);
+    assert_eq!(allocs[0]["stream"], "0x77");
+    assert_eq!(allocs[0]["origin"], "pool");
+    assert!(allocs[0]["ptr"].as_str().unwrap().starts_with("0x71"));
+}
+
+/// Parses `svg` to the end with quick-xml; panics on malformed XML. Returns the text content.
+fn parse_xml(svg: &[u8]) -> String {
+    let mut reader = quick_xml::Reader::from_reader(svg);
+    let mut buf = Vec::new();
+    let (mut text, mut depth, mut elements) = (String::new(), 0i32, 0);
+    loop {
+        match reader.read_event_into(&mut buf).expect("well-formed SVG") {
+            quick_xml::events::Event::Start(_) => {
+                depth += 1;
+                elements += 1;
+            }
+            quick_xml::events::Event::End(_) => depth -= 1,
+            quick_xml::events::Event::Empty(_) => elements += 1,
+            quick_xml::events::Event::Text(t) => {
+                text.push_str(&String::from_utf8_lossy(&t));
+                text.push(' ');
+            }
+            quick_xml::events::Event::Eof => break,
+            _ => {}
+        }
+        buf.clear();
+    }
+    assert_eq!(depth, 0, "every element closed");
+    assert!(elements > 0);
+    text
+}
+
+#[test]
+fn svg_flame_graph_is_well_formed() {
+    let t = two_sites(Unwinder::FramePointer);
+    let mut out = Vec::new();
+    t.write_svg_report(&mut out).unwrap();
+    assert!(out.starts_with(b"<?xml") || out.starts_with(b"<svg"));
+    let text = parse_xml(&out);
+    assert!(text.contains("leak_a"), "{text}");
+    assert!(text.contains("leak_b"), "{text}");
+
+    let empty = Tracker::new(settings());
+    let mut out = Vec::new();
+    empty.write_svg_report(&mut out).unwrap();
+    assert!(parse_xml(&out).contains("no leaks"));
+}
+
+#[inline(never)]
+fn allocate_for_double_free(t: &Tracker) {
+    t.on_alloc(0xdead_0000, 4096, 0, 0, Origin::CudaMalloc);
+}
+
+#[inline(never)]
+fn first_free(t: &Tracker) {
+    t.on_free(0xdead_0000).unwrap();
+}
+
+#[inline(never)]
+fn second_free(t: &Tracker) -> Box<track::BadFree> {
+    t.on_free(0xdead_0000).unwrap_err()
+}
+
+#[test]
+fn double_free_names_the_allocation_and_the_first_free() {
+    let t = Tracker::new(settings());
+    allocate_for_double_free(&t);
+    first_free(&t);
+    let bad = second_free(&t);
+    assert!(bad.is_double_free());
+    let text = bad.render(&t);
+    println!("{text}");
+    assert!(
+        text.starts_with("hbmalloc: double free of 0xdead0000 (4096 bytes"),
+        "{text}"
+    );
+    let this = text.find("this free").unwrap();
+    let alloc = text.find("allocated by thread").unwrap();
+    let first = text.find("first freed by thread").unwrap();
+    assert!(text[this..alloc].contains("second_free"), "{text}");
+    assert!(
+        text[alloc..first].contains("allocate_for_double_free"),
+        "{text}"
+    );
+    assert!(text[first..].contains("first_free"), "{text}");
+    assert_eq!(t.bad_free_count(), 1);
+}
+
+#[test]
+fn unknown_and_interior_pointers() {
+    let t = Tracker::new(settings());
+    let bad = t.on_free(0x1234_5000).unwrap_err();
+    assert!(!bad.is_double_free());
+    assert!(bad
+        .render(&t)
+        .starts_with("hbmalloc: free of unknown pointer 0x12345000"));
+
+    t.on_alloc(0x10_0000, 4096, 0, 0, Origin::HbmAlloc);
+    let bad = t.on_free(0x10_0100).unwrap_err();
+    let text = bad.render(&t);
+    assert!(
+        text.contains("points 256 bytes into the live block 0x100000"),
+        "{text}"
+    );
+    assert!(
+        text.contains("interior_pointers"),
+        "allocation site shown: {text}"
+    );
+    assert!(
+        t.get(0x10_0000).is_some(),
+        "a bad free leaves the block live"
+    );
+}
+
+#[test]
+fn backtrace_off_still_counts() {
+    let t = Tracker::new(Settings {
+        backtrace: false,
+        ..settings()
+    });
+    leak_a(&t, 0x7000_0000_0000);
+    leak_b(&t, 0x7100_0000_0000);
+    let report = t.leak_report();
+    assert_eq!(report.summary.count, 5);
+    assert_eq!(report.sites.len(), 1, "every entry is site-less");
+    assert!(report.sites[0].frames.is_empty());
+    assert!(t.stacks().is_empty());
+    let text = t.render_text_report(LeakReport::Full);
+    assert!(text.contains("backtrace:off"), "{text}");
+    let bad = t.on_free(0xbad_0000).unwrap_err();
+    let text = bad.render(&t);
+    assert!(
+        text.starts_with("hbmalloc: free of unknown pointer 0xbad0000"),
+        "{text}"
+    );
+    assert!(text.contains("(no stack: backtrace:off"), "{text}");
+}
+
+#[test]
+fn timeline_records_events_in_order() {
+    let t = Tracker::new(Settings {
+        timeline: 3,
+        ..settings()
+    });
+    leak_b(&t, 0x100_0000);
+    t.on_free(0x100_0000).unwrap();
+    t.on_free(0x100_1000).unwrap();
+    let mut out = Vec::new();
+    t.write_timeline_json(&mut out).unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(doc["dropped"], 1);
+    let ops: Vec<&str> = doc["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["op"].as_str().unwrap())
+        .collect();
+    assert_eq!(ops, ["alloc", "free", "free"]);
+    let site = doc["events"][0]["site"].as_u64().unwrap().to_string();
+    assert!(doc["sites"][&site][0]["function"]
+        .as_str()
+        .unwrap()
+        .ends_with("leak_b"));
+}
+
+/// Runs in a child process (see `exit_report_is_printed_at_exit`): leaks through the global
+/// tracker with another thread still allocating, then returns and lets the process exit.
+#[test]
+fn child_leaks_then_exits() {
+    if std::env::var_os("HBM_TRACK_CHILD").is_none() {
+        return;
+    }
+    leak_through_global();
+    std::thread::spawn(|| {
+        for i in 0.. {
+            track::on_alloc(0x9000_0000 + (i % 64) * 256, 256, 0, 0, Origin::HbmAlloc);
+            track::on_free(0x9000_0000 + (i % 64) * 256);
+        }
+    });
+    std::thread::sleep(std::time::Duration::from_millis(20));
+}
+
+#[inline(never)]
+fn leak_through_global() {
+    track::on_alloc(0x6000_0000, 3 * MIB, 0, 0, Origin::CudaMalloc);
+}
+
+#[test]
+fn exit_report_is_printed_at_exit() {
+    let dir = std::env::temp_dir().join(format!("hbm-exit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("leaks.json");
+    let svg = dir.join("leaks.svg");
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_leaks_then_exits",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("HBM_TRACK_CHILD", "1")
+        .env(
+            "HBMALLOC_CONF",
+            format!(
+                "report_json:{},report_svg:{}",
+                json.display(),
+                svg.display()
+            ),
+        )
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    println!("{stderr}");
+    // The other thread may hold one 256-byte block at the moment of exit.
+    assert!(stderr.contains("hbmalloc: LEAK SUMMARY: 3145"), "{stderr}");
+    let site = "hbmalloc: 3145728 bytes (3.0 MiB) in 1 allocation from cudaMalloc on device 0\n";
+    assert!(stderr.contains(site), "{stderr}");
+    assert!(
+        stderr.contains("leak_through_global at tests/track.rs:"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("JSON report written to"), "{stderr}");
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(doc["sites"][0]["bytes"], 3 * MIB);
+    parse_xml(&std::fs::read(&svg).unwrap());
+    let _ = std::fs::remove_dir_all(&dir);
+}
