@@ -6,8 +6,9 @@ use crate::backend::{DevicePtr, Stream};
 use crate::error::{Error, Result};
 use crate::pool::CachingPool;
 use crate::runtime;
+use crate::track::{self, Origin};
 
-/// Where a free came from, for the tracker and the diagnostics.
+/// Which entry point asked, for the tracker and the diagnostics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Api {
     Runtime,
@@ -15,18 +16,29 @@ pub enum Api {
 }
 
 /// Allocates `size` (> 0) bytes on `device`, stream-ordered on `stream` when given.
-pub fn alloc(device: i32, size: usize, stream: Option<Stream>, _api: Api) -> Result<DevicePtr> {
+pub fn alloc(device: i32, size: usize, stream: Option<Stream>, api: Api) -> Result<DevicePtr> {
     let pool = runtime::pool(device)?;
     let ptr = match stream {
         Some(s) => pool.alloc_async(size, s)?,
         None => pool.alloc(size)?,
     };
+    let origin = match (api, stream) {
+        (Api::Runtime, None) => Origin::CudaMalloc,
+        (Api::Runtime, Some(_)) => Origin::CudaMallocAsync,
+        (Api::Hbm, _) => Origin::HbmAlloc,
+    };
+    track::on_alloc(ptr, size, device, stream.unwrap_or(0), origin);
     Ok(ptr)
 }
 
 /// Frees `ptr`, whichever device's pool owns it (the runtime frees across devices too).
 /// `Err(UnknownPointer)` means no pool knows it: the caller may forward it to the runtime.
-pub fn free(ptr: DevicePtr, current_device: i32, stream: Option<Stream>, api: Api) -> Result<usize> {
+pub fn free(
+    ptr: DevicePtr,
+    current_device: i32,
+    stream: Option<Stream>,
+    api: Api,
+) -> Result<usize> {
     // The current device's pool first: one live-map operation in the common case.
     let result = free_in(runtime::pool(current_device)?, ptr, stream);
     let result = match result {
@@ -38,8 +50,11 @@ pub fn free(ptr: DevicePtr, current_device: i32, stream: Option<Stream>, api: Ap
         }
         other => other,
     };
-    if let Err(e) = &result {
-        diagnose(ptr, e, api);
+    match &result {
+        Ok(_) => {
+            track::on_free(ptr);
+        }
+        Err(e) => diagnose(ptr, e, api),
     }
     result
 }
@@ -51,8 +66,8 @@ fn free_in(pool: &CachingPool, ptr: DevicePtr, stream: Option<Stream>) -> Result
     }
 }
 
-/// One diagnostic line for a bad free; an unknown pointer is left to the caller, which may
-/// still forward it to the runtime.
+/// One diagnostic for a bad free. An unknown pointer is left to the caller, which may still
+/// forward it to the runtime (it may be memory the runtime allocated before we were loaded).
 #[cold]
 fn diagnose(ptr: DevicePtr, e: &Error, api: Api) {
     let call = match api {
@@ -60,8 +75,9 @@ fn diagnose(ptr: DevicePtr, e: &Error, api: Api) {
         Api::Hbm => "hbm_device_free",
     };
     match e {
+        // The tracker remembers where the block was allocated and first freed, and says so.
         Error::DoubleFree(_) => {
-            eprintln!("hbmalloc: {call}({ptr:#x}): double free: this block was already freed; nothing done")
+            track::on_free(ptr);
         }
         Error::InteriorPointer { block, .. } => eprintln!(
             "hbmalloc: {call}({ptr:#x}): pointer is inside the block at {block:#x}, not its start; nothing freed"

@@ -53,16 +53,24 @@ impl Tracker {
             }
         }
 
-        // Raw stacks that differ only inside hbmalloc (a different pool path to the same caller)
-        // are one call site to the user: merge by the addresses of the frames that are shown.
+        // Raw stacks that differ only inside hbmalloc (a different pool path to the same caller),
+        // or only in which copy of an unrolled loop called, are one call site to the user: merge
+        // by the source position of the frames shown (by address where there is no symbol).
+        type FrameKey = (Option<String>, Option<String>, Option<u32>, usize);
         let mut sym = Symbolizer::new();
-        let mut by_frames: HashMap<Vec<(usize, Option<String>)>, Site> = HashMap::new();
+        let mut by_frames: HashMap<Vec<FrameKey>, Site> = HashMap::new();
         for (stack, allocations) in by_stack {
             let frames = match self.stacks().frames(stack) {
                 Some(raw) => sym.stack(&raw, self.settings().max_frames),
                 None => Vec::new(),
             };
-            let key = frames.iter().map(|f| (f.ip, f.function.clone())).collect();
+            let key = frames
+                .iter()
+                .map(|f| match (&f.function, f.line) {
+                    (Some(_), Some(_)) => (f.function.clone(), f.file.clone(), f.line, 0),
+                    _ => (f.function.clone(), None, None, f.ip),
+                })
+                .collect();
             let site = by_frames.entry(key).or_insert_with(|| Site {
                 bytes: 0,
                 count: 0,

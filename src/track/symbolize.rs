@@ -156,7 +156,17 @@ fn is_own(frame: &SymFrame) -> bool {
         return false;
     };
     let f = f.strip_prefix('<').unwrap_or(f);
-    f.starts_with("hbmalloc::") || f.starts_with("backtrace::") || f.starts_with("_Unwind_")
+    // The library's modules by name: a program built from this crate (the `hbmalloc` tool, the
+    // tests) has functions under `hbmalloc::` too, and those are the caller's frames.
+    const MODULES: [&str; 10] = [
+        "alloc", "backend", "config", "error", "ffi", "kernels", "kv", "pool", "runtime", "track",
+    ];
+    let ours = f.strip_prefix("hbmalloc::").is_some_and(|rest| {
+        MODULES
+            .iter()
+            .any(|m| rest.strip_prefix(m).is_some_and(|r| r.starts_with("::")))
+    });
+    ours || f.starts_with("backtrace::") || f.starts_with("_Unwind_")
 }
 
 /// Library plumbing that may sit between the caller and hbmalloc (closures, catch_unwind, maps).
