@@ -86,6 +86,13 @@ if want torch; then
         else
             record "pytorch fwd+bwd under LD_PRELOAD" FAIL "rc=$rc; $(tail -4 "$LOG/torch.log" | tr '\n' ' ')"
         fi
+        if PYTORCH_NO_CUDA_MEMORY_CACHING=1 HBMALLOC_CONF=leak_report:summary LD_PRELOAD=$LIB \
+            python3 scripts/torch_check.py leaks "$LOG/torch-leaks.txt" >"$LOG/torch-leaks.log" 2>&1; then
+            record "pytorch leak tracking" PASS "$(grep -h 'after freed' "$LOG/torch-leaks.log")"
+        else
+            record "pytorch leak tracking" FAIL "$(tail -4 "$LOG/torch-leaks.log" | tr '\n' ' ')"
+        fi
+        grep -h 'report frames' "$LOG/torch-leaks.log"
     else
         record "pytorch" FAIL "torch with CUDA not importable"
     fi

@@ -192,7 +192,7 @@ pub unsafe extern "C" fn cudaMemGetInfo(free: *mut usize, total: *mut usize) -> 
         let info = runtime::pool(device).and_then(|pool| {
             let (f, t) = pool.backend().mem_info()?;
             let s = pool.stats();
-            Ok((f + (s.reserved - s.in_use) as usize, t))
+            Ok((f + s.reserved.saturating_sub(s.in_use) as usize, t))
         });
         match info {
             Ok((f, t)) => {

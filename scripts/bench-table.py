@@ -1,0 +1,52 @@
+"""Turns the lines alloc_bench printed (bench.txt) into the markdown table of BENCHMARKS.md.
+
+Each line is "<allocator> <api> <case> <value> <unit>"; every configuration of one case was
+measured in the same gpu-check run. Usage: python3 scripts/bench-table.py bench.txt
+"""
+import sys
+
+COLUMNS = [
+    ("cudaMalloc", "malloc", "cudaMalloc/cudaFree"),
+    ("cudaMallocAsync", "async", "cudaMallocAsync (pool, no release threshold)"),
+    ("hbmalloc", "malloc", "hbmalloc cudaMalloc, backtrace off"),
+    ("hbmalloc+bt", "malloc", "hbmalloc cudaMalloc, backtrace on"),
+    ("hbmalloc", "async", "hbmalloc cudaMallocAsync, backtrace off"),
+]
+CASES = {
+    "pair:512": "alloc+free pair, 512 B",
+    "pair:1048576": "alloc+free pair, 1 MiB",
+    "pair:16777216": "alloc+free pair, 16 MiB",
+    "step": "100 allocs (1-16 MiB) then frees",
+    "threads:1": "1 thread, 64 KiB pairs",
+    "threads:16": "16 threads, 64 KiB pairs",
+}
+
+
+def main(path):
+    values = {}
+    for line in open(path):
+        parts = line.split()
+        if len(parts) == 5:
+            who, api, case, value, unit = parts
+            values[(who, api, case)] = (float(value), unit)
+    print("| case | " + " | ".join(c[2] for c in COLUMNS) + " | hbmalloc vs best baseline |")
+    print("|---" * (len(COLUMNS) + 2) + "|")
+    for case, label in CASES.items():
+        cells, unit = [], ""
+        for who, api, _ in COLUMNS:
+            v = values.get((who, api, case))
+            cells.append("-" if v is None else f"{v[0]:g}")
+            unit = v[1] if v else unit
+        base = [values.get((w, a, case)) for w, a in (("cudaMalloc", "malloc"), ("cudaMallocAsync", "async"))]
+        ours = values.get(("hbmalloc", "malloc", case))
+        ratio = "-"
+        if ours and all(base):
+            if unit.startswith("Mpairs"):  # higher is better
+                ratio = f"{ours[0] / max(b[0] for b in base):.1f}x the rate"
+            else:
+                ratio = f"{min(b[0] for b in base) / ours[0]:.1f}x faster"
+        print(f"| {label} ({unit}) | " + " | ".join(cells) + f" | {ratio} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
