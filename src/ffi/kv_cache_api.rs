@@ -251,8 +251,7 @@ pub unsafe extern "C" fn hbm_kv_cache_reserve(
 /// out of range or not live (never reserved, or already released).
 ///
 /// # Safety
-/// `cache` is NULL or a live handle; no queued work still uses the sequence's rows in realloc
-/// mode beyond what a device synchronize waits for.
+/// `cache` is NULL or a live handle.
 #[no_mangle]
 pub unsafe extern "C" fn hbm_kv_cache_release(cache: *const HbmKvCache, seq: u32) -> HbmStatus {
     ffi_guard!(HbmStatus::Panic, {
