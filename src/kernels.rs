@@ -133,14 +133,18 @@ impl KvKernels {
         }
     }
 
-    /// The kernels for `device`, compiled for `arch` and loaded on first use. The caller has made
+    /// The kernels for `device`, compiled for the virtual architecture `arch()` gives
+    /// (`compute_90`, ...) and loaded on first use; later calls cost one load. The caller has made
     /// `device`'s context current.
-    pub fn for_device(device: i32, arch: &str) -> Result<&'static KvKernels> {
+    pub fn for_device(
+        device: i32,
+        arch: impl FnOnce() -> Result<String>,
+    ) -> Result<&'static KvKernels> {
         let slot = LOADED
             .get(usize::try_from(device).map_err(|_| Error::InvalidDevice(device))?)
             .ok_or(Error::InvalidDevice(device))?;
         slot.get_or_try_init(|| {
-            let ptx = compile_ptx(arch).map_err(|log| {
+            let ptx = compile_ptx(&arch()?).map_err(|log| {
                 eprintln!("hbmalloc: NVRTC failed: {log}");
                 Error::NotSupported("NVRTC compilation of the KV kernels")
             })?;

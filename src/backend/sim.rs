@@ -5,8 +5,10 @@
 //! capacity is an accounting limit (`sim_capacity`), so out-of-memory paths are testable. Work is
 //! synchronous here: events are complete when recorded and `synchronize` only counts.
 
-use super::{Backend, DevicePtr, Event, Stream};
+use super::{check_kv_io, Backend, DevicePtr, Event, KvRows, Stream};
 use crate::error::{Error, Result};
+use crate::kv::quant::{dequantize_row, quantize_row};
+use crate::kv::HbmType;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -255,6 +257,57 @@ impl Backend for SimBackend {
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len()) };
         Ok(())
     }
+
+    fn kv_append(
+        &self,
+        src: DevicePtr,
+        src_type: HbmType,
+        dst: &KvRows,
+        _stream: Stream,
+    ) -> Result<()> {
+        let plain = KvRows::contiguous(src, src_type, dst.row_elems, dst.n_rows)?;
+        check_kv_io(&plain, dst)?;
+        convert_rows(&plain, dst)
+    }
+
+    fn kv_dequantize(
+        &self,
+        src: &KvRows,
+        dst: DevicePtr,
+        dst_type: HbmType,
+        _stream: Stream,
+    ) -> Result<()> {
+        let plain = KvRows::contiguous(dst, dst_type, src.row_elems, src.n_rows)?;
+        check_kv_io(&plain, src)?;
+        convert_rows(src, &plain)
+    }
+}
+
+/// The simulated device's KV kernels: each row goes through f32 with the CPU reference, which is
+/// what `kernels/kv_quant.cu` computes on a GPU (decode exactly, then encode as `quantize_row`).
+/// The rows were checked (`check_kv_io`); the work is synchronous, like every sim operation.
+fn convert_rows(src: &KvRows, dst: &KvRows) -> Result<()> {
+    let n = src.row_elems as usize;
+    let (src_bytes, dst_bytes) = (
+        src.ty.row_bytes(n).ok_or(Error::InvalidValue("bad row"))?,
+        dst.ty.row_bytes(n).ok_or(Error::InvalidValue("bad row"))?,
+    );
+    let mut row = vec![0.0f32; n];
+    for r in 0..src.n_rows as usize {
+        // SAFETY: the caller of `kv_append`/`kv_dequantize` promises both row sets lie in live
+        // memory of this device, which is host memory; the range cannot wrap (checked). The
+        // shared borrow ends before the mutable one below begins, so overlap cannot alias.
+        let s = unsafe {
+            std::slice::from_raw_parts((src.ptr + r * src.stride) as *const u8, src_bytes)
+        };
+        dequantize_row(src.ty, s, &mut row)?;
+        // SAFETY: as above, for the destination row.
+        let d = unsafe {
+            std::slice::from_raw_parts_mut((dst.ptr + r * dst.stride) as *mut u8, dst_bytes)
+        };
+        quantize_row(dst.ty, &row, d)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

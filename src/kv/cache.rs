@@ -20,7 +20,8 @@
 
 use super::layout::KvShape;
 pub use super::layout::{Growth, KvParams, KvStats};
-use crate::backend::{DevicePtr, SharedBackend};
+use super::types::HbmType;
+use crate::backend::{check_kv_io, DevicePtr, KvRows, SharedBackend, Stream};
 use crate::error::{Error, Result};
 use std::sync::Mutex;
 
@@ -193,8 +194,12 @@ impl KvCache {
         }
         let st = self.lock();
         let slot = self.bound_slot(&st, seq)?;
+        Ok(self.rows_locked(&st, layer, slot))
+    }
+
+    fn rows_locked(&self, st: &State, layer: u32, slot: usize) -> (DevicePtr, DevicePtr) {
         let (k, v) = (2 * layer as usize, 2 * layer as usize + 1);
-        Ok(match self.params.growth {
+        match self.params.growth {
             Growth::Realloc => {
                 let bufs = &st.slots[slot].bufs;
                 (
@@ -206,7 +211,122 @@ impl KvCache {
                 self.tensors[k].0 + slot * self.slot_k,
                 self.tensors[v].0 + slot * self.slot_v,
             ),
-        })
+        }
+    }
+
+    /// Rows `pos .. pos + n_tokens` of `seq` in `layer`'s K and V tensors, checked against the
+    /// sequence's capacity.
+    fn token_rows_locked(
+        &self,
+        st: &State,
+        layer: u32,
+        seq: u32,
+        pos: u32,
+        n_tokens: u32,
+    ) -> Result<(KvRows, KvRows)> {
+        if layer >= self.params.n_layer {
+            return Err(Error::InvalidValue("layer beyond n_layer"));
+        }
+        let slot = self.bound_slot(st, seq)?;
+        if pos
+            .checked_add(n_tokens)
+            .map_or(true, |end| end > st.slots[slot].capacity)
+        {
+            return Err(Error::InvalidValue(
+                "tokens beyond the sequence's reserved capacity",
+            ));
+        }
+        let row_elems = u32::try_from(self.params.n_head_kv as u64 * self.params.head_dim as u64)
+            .map_err(|_| Error::InvalidValue("row too long for the kernels"))?;
+        let (k, v) = self.rows_locked(st, layer, slot);
+        let rows = |base: DevicePtr, ty, stride: usize| KvRows {
+            ptr: base + pos as usize * stride,
+            ty,
+            stride,
+            row_elems,
+            n_rows: n_tokens,
+        };
+        Ok((
+            rows(k, self.params.type_k, self.row_k),
+            rows(v, self.params.type_v, self.row_v),
+        ))
+    }
+
+    /// Queues on `stream` the conversion of `n_tokens` token rows into `seq`'s rows
+    /// `pos .. pos + n_tokens` of `layer`: `k_src` and `v_src` each hold `n_tokens` rows of
+    /// `n_head_kv * head_dim` elements of `src_type` (F32 or F16), contiguous, in device memory; 0
+    /// skips that tensor. The cache's bytes come out exactly as `quant::quantize_row` makes them.
+    ///
+    /// `InvalidValue` for a layer or sequence out of range, a sequence not bound, tokens past its
+    /// capacity (`reserve` first), another `src_type`, or a misaligned source; then nothing is
+    /// queued. The launches happen under the cache's lock, so a `Realloc` growth cannot free the
+    /// rows between the look-up and the launch; its copy is ordered after them on the device.
+    #[allow(clippy::too_many_arguments)]
+    pub fn append(
+        &self,
+        layer: u32,
+        seq: u32,
+        pos: u32,
+        n_tokens: u32,
+        k_src: DevicePtr,
+        v_src: DevicePtr,
+        src_type: HbmType,
+        stream: Stream,
+    ) -> Result<()> {
+        let st = self.lock();
+        let (k, v) = self.token_rows_locked(&st, layer, seq, pos, n_tokens)?;
+        let jobs = [(k_src, k), (v_src, v)];
+        if n_tokens == 0 && matches!(src_type, HbmType::F32 | HbmType::F16) {
+            // Nothing to convert; a sequence without rows yet (Realloc, capacity 0) is fine.
+            return Ok(());
+        }
+        let jobs = jobs.iter().filter(|(src, _)| *src != 0);
+        // Every check before any launch, so that a bad V source does not leave K written.
+        for (src, rows) in jobs.clone() {
+            check_kv_io(
+                &KvRows::contiguous(*src, src_type, rows.row_elems, n_tokens)?,
+                rows,
+            )?;
+        }
+        for (src, rows) in jobs {
+            self.backend.kv_append(*src, src_type, rows, stream)?;
+        }
+        Ok(())
+    }
+
+    /// Queues on `stream` the conversion of `seq`'s rows `pos .. pos + n_tokens` of `layer` into
+    /// `k_dst` and `v_dst` (0 skips one) as `dst_type` (F32 or F16), contiguous, in device memory.
+    /// Errors as `append`'s; nothing is queued on an error.
+    #[allow(clippy::too_many_arguments)]
+    pub fn dequantize(
+        &self,
+        layer: u32,
+        seq: u32,
+        pos: u32,
+        n_tokens: u32,
+        k_dst: DevicePtr,
+        v_dst: DevicePtr,
+        dst_type: HbmType,
+        stream: Stream,
+    ) -> Result<()> {
+        let st = self.lock();
+        let (k, v) = self.token_rows_locked(&st, layer, seq, pos, n_tokens)?;
+        let jobs = [(k_dst, k), (v_dst, v)];
+        if n_tokens == 0 && matches!(dst_type, HbmType::F32 | HbmType::F16) {
+            // Nothing to convert; a sequence without rows yet (Realloc, capacity 0) is fine.
+            return Ok(());
+        }
+        let jobs = jobs.iter().filter(|(dst, _)| *dst != 0);
+        for (dst, rows) in jobs.clone() {
+            check_kv_io(
+                &KvRows::contiguous(*dst, dst_type, rows.row_elems, n_tokens)?,
+                rows,
+            )?;
+        }
+        for (dst, rows) in jobs {
+            self.backend.kv_dequantize(rows, *dst, dst_type, stream)?;
+        }
+        Ok(())
     }
 
     /// How many times `Realloc` growth has moved tensors; pointers from `seq_rows` taken before

@@ -300,3 +300,90 @@ fn vmm_falls_back_to_realloc_without_vmm() {
     drop(c);
     assert_eq!(b.0.used(), 0);
 }
+
+/// Host f32 data as the simulated device would hold it, with a spread of block scales.
+fn floats(n: usize, seed: u32) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(2_654_435_761) | 1;
+    (0..n)
+        .map(|i| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            let scale = [0.01f32, 1.0, 300.0][(i / 32) % 3];
+            (x as f32 / u32::MAX as f32 - 0.5) * scale
+        })
+        .collect()
+}
+
+#[test]
+fn append_and_dequantize_match_the_cpu_reference_for_every_type() {
+    use crate::kv::quant::{dequantize_row, quantize_row};
+    let b = sim(1 << 30);
+    for ty in HbmType::ALL {
+        let mut p = params(Growth::Vmm);
+        (p.type_k, p.type_v) = (ty, HbmType::F16);
+        let c = KvCache::new(b.clone(), p).unwrap();
+        c.reserve(1, 40).unwrap();
+        let n = 128; // elements per row
+        let src = floats(8 * n, ty as u32);
+        let (k, v) = c.seq_rows(1, 1).unwrap();
+        c.append(1, 1, 30, 8, src.as_ptr() as usize, 0, HbmType::F32, 0)
+            .unwrap();
+        let rb = ty.row_bytes(n).unwrap();
+        for r in 0..8 {
+            let mut want = vec![0u8; rb];
+            quantize_row(ty, &src[r * n..(r + 1) * n], &mut want).unwrap();
+            let mut got = vec![0u8; rb];
+            b.copy_to_host(&mut got, k + (30 + r) * rb).unwrap();
+            assert_eq!(got, want, "{ty:?} row {r}");
+            let mut back = vec![0.0f32; n];
+            dequantize_row(ty, &want, &mut back).unwrap();
+            let mut out = vec![0.0f32; n];
+            c.dequantize(
+                1,
+                1,
+                30 + r as u32,
+                1,
+                out.as_mut_ptr() as usize,
+                0,
+                HbmType::F32,
+                0,
+            )
+            .unwrap();
+            assert_eq!(out, back, "{ty:?} row {r} dequantized");
+        }
+        // V was skipped: still the zeros of fresh pages.
+        assert_eq!(read_row(&b, v, 30), vec![0u8; 256]);
+    }
+}
+
+#[test]
+fn bad_appends_write_nothing() {
+    let b = sim(1 << 30);
+    let c = KvCache::new(b.clone(), params(Growth::Vmm)).unwrap();
+    c.reserve(0, 16).unwrap();
+    let src = floats(4 * 128, 7);
+    let (k, _) = c.seq_rows(0, 0).unwrap();
+    let ok = src.as_ptr() as usize;
+    let bad = [
+        (2, 0, 0, ok, ok, HbmType::F32),        // layer
+        (0, 1, 0, ok, ok, HbmType::F32),        // sequence not bound
+        (0, 9, 0, ok, ok, HbmType::F32),        // sequence beyond n_seq_max
+        (0, 0, 8190, ok, ok, HbmType::F32),     // past the capacity (one page: 8192 rows)
+        (0, 0, u32::MAX, ok, ok, HbmType::F32), // overflowing positions
+        (0, 0, 0, ok, ok, HbmType::Q8_0),       // not a source type
+        (0, 0, 0, ok, ok + 1, HbmType::F32),    // misaligned V: K must stay unwritten too
+    ];
+    for (layer, seq, pos, ks, vs, ty) in bad {
+        assert!(
+            matches!(
+                c.append(layer, seq, pos, 4, ks, vs, ty, 0),
+                Err(Error::InvalidValue(_))
+            ),
+            "layer {layer} seq {seq} pos {pos} {ty:?}"
+        );
+    }
+    assert_eq!(read_row(&b, k, 0), vec![0u8; 256], "nothing written");
+    c.append(0, 0, 8188, 4, ok, ok, HbmType::F32, 0).unwrap();
+    c.append(0, 0, 8192, 0, ok, ok, HbmType::F32, 0).unwrap();
+}

@@ -9,8 +9,10 @@
 
 mod vmm;
 
-use super::{Backend, DevicePtr, Event, Stream};
+use super::{check_kv_io, Backend, DevicePtr, Event, KvRows, Stream};
 use crate::error::{Error, Result};
+use crate::kernels::KvKernels;
+use crate::kv::HbmType;
 use cudarc::driver::sys::{self, CUcontext, CUdevice, CUdeviceptr, CUevent, CUresult, CUstream};
 use once_cell::sync::OnceCell;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -30,6 +32,7 @@ use std::sync::Mutex;
 /// (only tests do that) leaks its idle events and one primary-context reference; nothing else.
 pub struct CudaBackend {
     device: i32,
+    dev: CUdevice,
     /// The device's primary context, retained once in `new` and never released (see above).
     ctx: CUcontext,
     /// Events created earlier and given back: `event_record` reuses them rather than paying for
@@ -177,6 +180,7 @@ impl CudaBackend {
         }
         Ok(CudaBackend {
             device,
+            dev,
             ctx,
             idle_events: Mutex::new(Vec::new()),
             vmm: vmm::Vmm::new(dev, device),
@@ -211,6 +215,26 @@ impl CudaBackend {
         check("cuCtxSetCurrent", unsafe { sys::cuCtxSetCurrent(self.ctx) })?;
         Ok(Bound {
             prev: Some(current),
+        })
+    }
+
+    /// The KV kernels loaded into this context (compiled by NVRTC for this device's compute
+    /// capability on first use). The caller has bound the context.
+    fn kv_kernels(&self) -> Result<&'static KvKernels> {
+        KvKernels::for_device(self.device, || {
+            let attr = |a: sys::CUdevice_attribute| {
+                let mut v = 0;
+                // SAFETY: `self.dev` came from cuDeviceGet; `v` is a valid out-parameter.
+                check("cuDeviceGetAttribute", unsafe {
+                    sys::cuDeviceGetAttribute(&mut v, a, self.dev)
+                })
+                .map(|_| v)
+            };
+            let major =
+                attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+            let minor =
+                attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+            Ok(format!("compute_{major}{minor}"))
         })
     }
 
@@ -392,6 +416,57 @@ impl Backend for CudaBackend {
         let rc =
             unsafe { sys::cuMemcpyHtoD_v2(dst as CUdeviceptr, src.as_ptr().cast(), src.len()) };
         check("cuMemcpyHtoD_v2", rc)
+    }
+
+    fn kv_append(
+        &self,
+        src: DevicePtr,
+        src_type: HbmType,
+        dst: &KvRows,
+        stream: Stream,
+    ) -> Result<()> {
+        check_kv_io(
+            &KvRows::contiguous(src, src_type, dst.row_elems, dst.n_rows)?,
+            dst,
+        )?;
+        let _bound = self.bind()?;
+        self.kv_kernels()?.launch_append(
+            src,
+            src_type,
+            dst.ptr,
+            dst.ty,
+            dst.stride,
+            dst.row_elems,
+            0,
+            0,
+            dst.n_rows,
+            stream,
+        )
+    }
+
+    fn kv_dequantize(
+        &self,
+        src: &KvRows,
+        dst: DevicePtr,
+        dst_type: HbmType,
+        stream: Stream,
+    ) -> Result<()> {
+        check_kv_io(
+            &KvRows::contiguous(dst, dst_type, src.row_elems, src.n_rows)?,
+            src,
+        )?;
+        let _bound = self.bind()?;
+        self.kv_kernels()?.launch_dequantize(
+            src.ptr,
+            src.ty,
+            src.stride,
+            0,
+            src.n_rows,
+            src.row_elems,
+            dst,
+            dst_type,
+            stream,
+        )
     }
 }
 
