@@ -64,9 +64,13 @@ impl Tracker {
                 Some(raw) => sym.stack(&raw, self.settings().max_frames),
                 None => Vec::new(),
             };
+            // The innermost frame by function alone: the copies of an unrolled loop's call map
+            // to neighbouring lines there.
             let key = frames
                 .iter()
-                .map(|f| match (&f.function, f.line) {
+                .enumerate()
+                .map(|(i, f)| match (&f.function, f.line) {
+                    (Some(_), Some(_)) if i == 0 => (f.function.clone(), f.file.clone(), None, 0),
                     (Some(_), Some(_)) => (f.function.clone(), f.file.clone(), f.line, 0),
                     _ => (f.function.clone(), None, None, f.ip),
                 })
