@@ -2,11 +2,13 @@
 //!
 //! `cuda_api` holds the interposed CUDA runtime entry points (kept out of the generated header so
 //! it can be included beside `cuda_runtime.h`); `hbm_api` the library's own `hbm_*` functions.
-//! Both share `crate::alloc`; `real_cuda` finds the runtime's own functions.
+//! Both share `crate::alloc`; `real_cuda` finds the runtime's own functions. `kv_api` and `pool_api`
+//! hold the KV cache's and the scratch pools' `hbm_*` functions.
 
 pub mod cuda_api;
 pub(crate) mod guard;
 pub mod hbm_api;
 pub mod kv_api;
+pub mod pool_api;
 mod real_cuda;
 pub mod status;
