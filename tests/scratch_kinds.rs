@@ -300,3 +300,32 @@ fn vmm_falls_back_to_legacy_without_vmm_or_a_reservation() {
         assert_eq!(pool.alloc(1000).unwrap().0, p);
     }
 }
+
+#[test]
+fn vmm_recently_freed_blocks_are_reused_then_coalesced_before_growth() {
+    let sim = Strict::new(1 << 30);
+    let pool = vmm(&sim, 256 * MIB);
+    let kib = 1024;
+    let blocks: Vec<_> = (0..20)
+        .map(|i| pool.alloc(64 * kib * (1 + i % 3)).unwrap())
+        .collect();
+    for &(p, n) in blocks.iter().rev() {
+        pool.free(p, n).unwrap();
+        pool.check();
+    }
+    assert_eq!(
+        pool.alloc(blocks[0].1).unwrap(),
+        blocks[0],
+        "the last freed, same size"
+    );
+    assert!(
+        pool.free(blocks[3].0, blocks[3].1).is_err(),
+        "a listed block is already free"
+    );
+    let committed = pool.stats().committed;
+    // No single free block holds 19 blocks' worth: merging them does, without growing.
+    let big = pool.alloc(blocks[1..].iter().map(|b| b.1).sum()).unwrap();
+    assert_eq!(big.0, blocks[1].0);
+    assert_eq!(pool.stats().committed, committed);
+    pool.check();
+}

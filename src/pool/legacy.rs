@@ -1,40 +1,46 @@
 //! The legacy scratch pool: whole buffers from the driver, cached when freed, handed out again by
 //! best fit, as ggml's `ggml_cuda_pool_leg` does.
 //!
-//! - Best fit: the smallest cached buffer at least as large as the request (an ordered set, so
-//!   O(log n) where ggml scans its 256 slots). `reuse_limit_percent` can refuse a buffer much
-//!   larger than the request; ggml never does.
+//! - Best fit: the smallest cached buffer at least as large as the request: a binary search in
+//!   a vector kept sorted by size (ggml scans its 256 slots), which allocates nothing on the hot
+//!   path (an ordered tree would allocate a node whenever the cache goes from empty to one).
+//!   `reuse_limit_percent` can refuse a buffer much larger than the request; ggml never does.
 //! - A miss allocates `size * (100 + overallocation_percent) / 100`, rounded up to the alignment
 //!   (ggml: `size * 1.05` rounded up to 256), so a slightly larger request later still hits.
 //! - Buffers are never split: `actual` is the whole buffer, and `free` takes that size back.
 //! - Out of memory on a miss: synchronize, free every cached buffer, retry once (as ggml does).
 //!
-//! Cost: a hit is one mutex, one ordered-set lookup and one hash insert (~100 ns); a miss is a
+//! Cost: a hit is one mutex, one binary search, a short `memmove` and one hash insert; a miss is a
 //! driver allocation. Memory goes back to the driver only on `trim`, the release threshold or a
 //! full cache, each after a device synchronize.
 
+use super::caching::PtrHasher;
 use super::scratch::{round_up, Counters, ScratchOptions, ScratchStats, MIN_ALIGNMENT};
 use crate::backend::{DevicePtr, SharedBackend};
 use crate::error::{Error, Result};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
 use std::sync::{Mutex, MutexGuard};
 
-/// One buffer from the driver. The caller's pointer is `raw` rounded up to the alignment, and
-/// `size` the bytes from there to the end: the `actual` size of the allocation.
+/// One buffer from the driver. The caller's pointer is `ptr`, `raw` rounded up to the alignment,
+/// and `size` the bytes from there to the end: the `actual` size of the allocation.
 #[derive(Clone, Copy, Debug)]
 struct Buffer {
+    ptr: DevicePtr,
     raw: DevicePtr,
     raw_size: usize,
     size: usize,
 }
 
+/// Device addresses hash by one multiply (`PtrHasher`); SipHash would double a hit's cost.
+type PtrMap<V> = HashMap<DevicePtr, V, BuildHasherDefault<PtrHasher>>;
+
 #[derive(Default)]
 struct State {
     /// Handed out, by the caller's pointer.
-    live: HashMap<DevicePtr, Buffer>,
-    /// Cached, by (size, pointer) for best fit, and by pointer.
-    cached: BTreeSet<(usize, DevicePtr)>,
-    cached_bufs: HashMap<DevicePtr, Buffer>,
+    live: PtrMap<Buffer>,
+    /// Cached, sorted by (size, pointer) for best fit.
+    cached: Vec<Buffer>,
     counters: Counters,
 }
 
@@ -42,7 +48,7 @@ impl State {
     /// What a pointer that is not live is: freed already, inside a live buffer, or foreign.
     #[cold]
     fn classify(&self, ptr: DevicePtr) -> Error {
-        if self.cached_bufs.contains_key(&ptr) {
+        if self.cached.iter().any(|b| b.ptr == ptr) {
             return Error::DoubleFree(ptr);
         }
         match self
@@ -87,17 +93,14 @@ impl LegacyPool {
             return Err(Error::InvalidValue("zero-byte pool allocation"));
         }
         let mut st = self.lock();
-        if let Some(&(found, ptr)) = st.cached.range((size, 0)..).next() {
+        let i = st.cached.partition_point(|b| b.size < size);
+        if let Some(&buf) = st.cached.get(i) {
             let limit = self.options.reuse_limit_percent as u128;
-            if limit == 0 || found as u128 * 100 <= size as u128 * (100 + limit) {
-                st.cached.remove(&(found, ptr));
-                let buf = st
-                    .cached_bufs
-                    .remove(&ptr)
-                    .expect("cached set names a buffer");
-                st.live.insert(ptr, buf);
-                st.counters.on_alloc(found, true);
-                return Ok((ptr, found));
+            if limit == 0 || buf.size as u128 * 100 <= size as u128 * (100 + limit) {
+                st.cached.remove(i);
+                st.live.insert(buf.ptr, buf);
+                st.counters.on_alloc(buf.size, true);
+                return Ok((buf.ptr, buf.size));
             }
         }
         self.alloc_slow(&mut st, size)
@@ -126,6 +129,7 @@ impl LegacyPool {
         };
         let ptr = raw.next_multiple_of(align);
         let buf = Buffer {
+            ptr,
             raw,
             raw_size,
             size: raw_size - (ptr - raw),
@@ -157,8 +161,10 @@ impl LegacyPool {
             st.counters.on_release(buf.raw_size);
             st.counters.on_trim();
         } else {
-            st.cached.insert((buf.size, ptr));
-            st.cached_bufs.insert(ptr, buf);
+            let at = st
+                .cached
+                .partition_point(|b| (b.size, b.ptr) < (buf.size, ptr));
+            st.cached.insert(at, buf);
         }
         if st.counters.committed() > self.options.release_threshold {
             self.release_cached(&mut st, self.options.release_threshold)?;
@@ -176,14 +182,12 @@ impl LegacyPool {
         self.backend.synchronize()?;
         let mut released = 0;
         while st.counters.committed() > keep {
-            let Some(&(size, ptr)) = st.cached.iter().next_back() else {
+            let Some(&buf) = st.cached.last() else {
                 break;
             };
-            let buf = st.cached_bufs[&ptr];
             // Forgotten only once the driver took it: on an error the cache stays consistent.
             self.backend.free(buf.raw, buf.raw_size)?;
-            st.cached.remove(&(size, ptr));
-            st.cached_bufs.remove(&ptr);
+            st.cached.pop();
             st.counters.on_release(buf.raw_size);
             released += buf.raw_size;
         }
@@ -214,13 +218,13 @@ impl Drop for LegacyPool {
     /// synchronize. Errors cannot be returned from here; they are printed.
     fn drop(&mut self) {
         let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
-        if st.live.is_empty() && st.cached_bufs.is_empty() {
+        if st.live.is_empty() && st.cached.is_empty() {
             return;
         }
         if let Err(e) = self.backend.synchronize() {
             eprintln!("hbmalloc: destroying a pool: synchronize failed ({e}); freeing anyway");
         }
-        for buf in st.live.values().chain(st.cached_bufs.values()) {
+        for buf in st.live.values().chain(st.cached.iter()) {
             if let Err(e) = self.backend.free(buf.raw, buf.raw_size) {
                 eprintln!(
                     "hbmalloc: destroying a pool: freeing {:#x} failed: {e}",
