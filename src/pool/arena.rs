@@ -247,6 +247,19 @@ impl Arena {
         }
     }
 
+    /// The block that holds `ptr`: its start, size and state.
+    pub fn containing(&self, ptr: DevicePtr) -> Option<(DevicePtr, usize, State)> {
+        match self.blocks.range(..=ptr).next_back() {
+            Some((&addr, b)) if ptr < addr + b.size => Some((addr, b.size, b.state)),
+            _ => None,
+        }
+    }
+
+    /// Number of blocks (used, free or pending); for tests.
+    pub fn block_count(&self) -> usize {
+        self.blocks.len()
+    }
+
     /// Marks `addr` free, merging it with free neighbours.
     fn make_free(&mut self, mut addr: DevicePtr) {
         let mut block = self.blocks[&addr];

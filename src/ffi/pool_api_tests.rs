@@ -1,0 +1,166 @@
+//! The `hbm_pool_*` exports called from Rust, on whichever backend the process uses (the
+//! simulated device without a GPU).
+
+use super::*;
+use std::ptr::{null, null_mut};
+
+fn create(kind: HbmPoolKind, options: Option<&HbmPoolOptions>) -> *mut HbmPool {
+    let mut pool = null_mut();
+    let options = options.map_or(null(), |o| o as *const HbmPoolOptions);
+    // SAFETY: `options` is NULL or a live struct; `pool` a local.
+    let st = unsafe { hbm_pool_create(0, kind as c_int, options, &mut pool) };
+    assert_eq!(st, HbmStatus::Ok);
+    assert!(!pool.is_null());
+    pool
+}
+
+fn stats(pool: *mut HbmPool) -> HbmPoolStats {
+    let mut s = std::mem::MaybeUninit::uninit();
+    // SAFETY: a live pool and a local to write.
+    assert_eq!(
+        unsafe { hbm_pool_stats(pool, s.as_mut_ptr()) },
+        HbmStatus::Ok
+    );
+    // SAFETY: written by the successful call above.
+    unsafe { s.assume_init() }
+}
+
+#[test]
+fn defaults_are_ggmls() {
+    let mut o = std::mem::MaybeUninit::<HbmPoolOptions>::uninit();
+    // SAFETY: a local to write, then read once written.
+    let o = unsafe {
+        assert_eq!(hbm_pool_options_default(o.as_mut_ptr()), HbmStatus::Ok);
+        o.assume_init()
+    };
+    assert_eq!(o.reserve_size, 32 << 30);
+    assert_eq!(o.release_threshold, usize::MAX);
+    assert_eq!((o.alignment, o.overallocation_percent), (256, 5));
+    assert_eq!((o.reuse_limit_percent, o.max_cached_buffers), (0, 256));
+    // SAFETY: NULL is the case under test.
+    assert_eq!(
+        unsafe { hbm_pool_options_default(null_mut()) },
+        HbmStatus::NullParameter
+    );
+}
+
+#[test]
+fn both_kinds_round_trip_through_the_exports() {
+    for kind in [HbmPoolKind::Legacy, HbmPoolKind::Vmm] {
+        let pool = create(kind, None);
+        let (mut p, mut actual) = (null_mut(), 0usize);
+        // SAFETY: a live pool and locals to write; freed pointers come from this pool.
+        unsafe {
+            assert_eq!(
+                hbm_pool_alloc(pool, 1000, &mut p, &mut actual),
+                HbmStatus::Ok
+            );
+            assert!(!p.is_null() && actual >= 1000 && p as usize % 256 == 0);
+            assert_eq!(
+                hbm_pool_free(pool, p, actual + 256),
+                HbmStatus::InvalidValue
+            );
+            assert_eq!(
+                hbm_pool_free(pool, (p as *mut u8).add(256).cast(), 256),
+                HbmStatus::InvalidPointer
+            );
+            assert_eq!(stats(pool).live, 1, "{kind:?}: bad frees freed nothing");
+            assert_eq!(hbm_pool_free(pool, p, actual), HbmStatus::Ok);
+            assert_eq!(
+                hbm_pool_free(pool, p, actual),
+                HbmStatus::InvalidPointer,
+                "{kind:?}: double free"
+            );
+            assert_eq!(hbm_pool_free(pool, null_mut(), 0), HbmStatus::Ok);
+            assert_eq!(hbm_pool_alloc(pool, 0, &mut p, &mut actual), HbmStatus::Ok);
+            assert!(p.is_null() && actual == 0);
+            let s = stats(pool);
+            assert_eq!(s.kind, kind, "the simulated device has VMM");
+            assert_eq!((s.allocs, s.frees, s.live, s.in_use), (1, 1, 0, 0));
+            let mut released = 0usize;
+            assert_eq!(hbm_pool_trim(pool, &mut released), HbmStatus::Ok);
+            assert!(released > 0, "{kind:?}: trim gave back the cached memory");
+            assert_eq!(stats(pool).committed, 0);
+            hbm_pool_destroy(pool);
+        }
+    }
+}
+
+#[test]
+fn null_and_bad_arguments_give_statuses() {
+    let (mut p, mut actual, mut pool) = (null_mut(), 0usize, null_mut());
+    // SAFETY: every call fails its checks before touching anything but the locals.
+    unsafe {
+        assert_eq!(
+            hbm_pool_create(0, 0, null(), null_mut()),
+            HbmStatus::NullParameter
+        );
+        assert_eq!(
+            hbm_pool_create(0, 7, null(), &mut pool),
+            HbmStatus::InvalidValue
+        );
+        assert_eq!(
+            hbm_pool_create(-1, 0, null(), &mut pool),
+            HbmStatus::InvalidDevice
+        );
+        let mut o = std::mem::zeroed::<HbmPoolOptions>();
+        o.alignment = 384;
+        assert_eq!(
+            hbm_pool_create(0, 1, &o, &mut pool),
+            HbmStatus::InvalidValue
+        );
+        assert!(pool.is_null(), "no pool on failure");
+        assert_eq!(
+            hbm_pool_alloc(null_mut(), 8, &mut p, &mut actual),
+            HbmStatus::NullParameter
+        );
+        assert_eq!(hbm_pool_free(null_mut(), p, 0), HbmStatus::NullParameter);
+        assert_eq!(
+            hbm_pool_trim(null_mut(), null_mut()),
+            HbmStatus::NullParameter
+        );
+        assert_eq!(hbm_pool_stats(null(), null_mut()), HbmStatus::NullParameter);
+        hbm_pool_destroy(null_mut());
+    }
+    let pool = create(HbmPoolKind::Legacy, None);
+    // SAFETY: a live pool; the NULL outputs are the case under test.
+    unsafe {
+        assert_eq!(
+            hbm_pool_alloc(pool, 8, null_mut(), &mut actual),
+            HbmStatus::NullParameter
+        );
+        assert_eq!(
+            hbm_pool_alloc(pool, 8, &mut p, null_mut()),
+            HbmStatus::NullParameter
+        );
+        assert_eq!(
+            hbm_pool_alloc(pool, usize::MAX, &mut p, &mut actual),
+            HbmStatus::OutOfMemory
+        );
+        hbm_pool_destroy(pool);
+    }
+}
+
+#[test]
+fn destroy_frees_live_allocations() {
+    let mut o = std::mem::MaybeUninit::<HbmPoolOptions>::uninit();
+    // SAFETY: a local to write, then read once written.
+    let mut o = unsafe {
+        hbm_pool_options_default(o.as_mut_ptr());
+        o.assume_init()
+    };
+    o.reserve_size = 64 << 20;
+    let pool = create(HbmPoolKind::Vmm, Some(&o));
+    let s = stats(pool);
+    assert_eq!(s.reserved, 64 << 20);
+    let (mut p, mut actual) = (null_mut(), 0usize);
+    // SAFETY: a live pool and locals; destroy gives it up.
+    unsafe {
+        assert_eq!(
+            hbm_pool_alloc(pool, 3 << 20, &mut p, &mut actual),
+            HbmStatus::Ok
+        );
+        assert_eq!(stats(pool).committed, 4 << 20, "two granules commit 3 MiB");
+        hbm_pool_destroy(pool);
+    }
+}
