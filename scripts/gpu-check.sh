@@ -11,6 +11,8 @@ LOG=${OUT:-gpu-out}
 mkdir -p "$LOG" build/gpu
 CUDA=${CUDA_HOME:-/usr/local/cuda}
 export PATH="$CUDA/bin:$PATH"
+# NVRTC (the KV kernels are compiled at run time) and the runtime come from the toolkit here.
+export LD_LIBRARY_PATH="$CUDA/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 LIB=$PWD/$STAGE/libhbmalloc.so
 SECTIONS=${*:-rust c stream torch bench demo examples}
 declare -a ROWS=()
@@ -111,7 +113,7 @@ if want bench; then
             HBMALLOC_CONF=backtrace:off,leak_report:off LD_PRELOAD=$LIB "$exe" async "$c" >>"$LOG/bench.txt" 2>&1
         done
         record "alloc benchmark" PASS "$(wc -l <"$LOG/bench.txt") figures in bench.txt"
-        column -t "$LOG/bench.txt"
+        cat "$LOG/bench.txt"
     else
         record "alloc benchmark build" FAIL "$(head -3 "$LOG/bench-build.log" | tr '\n' ' ')"
     fi
