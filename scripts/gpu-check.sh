@@ -111,6 +111,8 @@ if want bench; then
             HBMALLOC_CONF=backtrace:off,leak_report:off LD_PRELOAD=$LIB "$exe" malloc "$c" >>"$LOG/bench.txt" 2>&1
             HBMALLOC_CONF=backtrace:on,leak_report:off LD_PRELOAD=$LIB "$exe" malloc "$c" | sed 's/^hbmalloc/hbmalloc+bt/' >>"$LOG/bench.txt" 2>&1
             HBMALLOC_CONF=backtrace:off,leak_report:off LD_PRELOAD=$LIB "$exe" async "$c" >>"$LOG/bench.txt" 2>&1
+            # The same code on the simulated device, on this host: what the driver calls cost.
+            HBMALLOC_CONF=backend:sim,backtrace:off,leak_report:off LD_PRELOAD=$LIB "$exe" malloc "$c" 2>&1 | sed 's/^hbmalloc/hbmalloc-sim/' >>"$LOG/bench.txt"
         done
         record "alloc benchmark" PASS "$(wc -l <"$LOG/bench.txt") figures in bench.txt"
         cat "$LOG/bench.txt"
@@ -141,6 +143,7 @@ if want examples; then
     done
 fi
 
+tar czf "$LOG/../gpu-logs.tgz" -C "$LOG" . 2>/dev/null
 echo
 echo "gpu-check on $CARD"
 printf '| %-34s | %-4s | %s |\n' check result detail

@@ -39,6 +39,8 @@ pub fn free(
     stream: Option<Stream>,
     api: Api,
 ) -> Result<usize> {
+    // The tracker first: once the pool has the block back, another thread may get it at once.
+    let tracked = track::forget(ptr);
     // The current device's pool first: one live-map operation in the common case.
     let result = free_in(runtime::pool(current_device)?, ptr, stream);
     let result = match result {
@@ -50,11 +52,8 @@ pub fn free(
         }
         other => other,
     };
-    match &result {
-        Ok(_) => {
-            track::on_free(ptr);
-        }
-        Err(e) => diagnose(ptr, e, api),
+    if let Err(e) = &result {
+        diagnose(ptr, e, api, tracked.err());
     }
     result
 }
@@ -69,16 +68,17 @@ fn free_in(pool: &CachingPool, ptr: DevicePtr, stream: Option<Stream>) -> Result
 /// One diagnostic for a bad free. An unknown pointer is left to the caller, which may still
 /// forward it to the runtime (it may be memory the runtime allocated before we were loaded).
 #[cold]
-fn diagnose(ptr: DevicePtr, e: &Error, api: Api) {
+fn diagnose(ptr: DevicePtr, e: &Error, api: Api, bad: Option<Box<track::BadFree>>) {
     let call = match api {
         Api::Runtime => "cudaFree",
         Api::Hbm => "hbm_device_free",
     };
     match e {
         // The tracker remembers where the block was allocated and first freed, and says so.
-        Error::DoubleFree(_) => {
-            track::on_free(ptr);
-        }
+        Error::DoubleFree(_) => match bad {
+            Some(bad) => track::report_bad_free(&bad),
+            None => eprintln!("hbmalloc: {call}({ptr:#x}): double free; nothing done"),
+        },
         Error::InteriorPointer { block, .. } => eprintln!(
             "hbmalloc: {call}({ptr:#x}): pointer is inside the block at {block:#x}, not its start; nothing freed"
         ),

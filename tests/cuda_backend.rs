@@ -241,15 +241,31 @@ fn cuda_calls_leave_the_threads_context_as_found() {
         ctx
     };
     std::thread::scope(|s| {
+        // A thread with no context is on device 0 to the runtime; the backend leaves device 0's
+        // primary context current there, which is what the runtime's first call would do.
         s.spawn(|| {
             assert!(current().is_null(), "a fresh thread has no context");
             let p = cuda.alloc(4096).unwrap();
             cuda.free(p, 4096).unwrap();
-            assert!(
-                current().is_null(),
-                "the backend's context must not stay current: the runtime would take it as \
-                 this thread's device"
-            );
+            assert!(!current().is_null(), "device 0's primary context is current now");
+            assert_eq!(CudaBackend::current_device(), 0);
+        });
+        // A thread in a context of its own gets it back after every call.
+        s.spawn(|| {
+            let mut own: sys::CUcontext = std::ptr::null_mut();
+            let mut dev: sys::CUdevice = 0;
+            // SAFETY: valid out-parameters; device 0 exists (gpu() checked).
+            unsafe {
+                assert_eq!(sys::cuDeviceGet(&mut dev, 0), sys::CUresult::CUDA_SUCCESS);
+                let rc = sys::cuCtxCreate_v4(&mut own, std::ptr::null_mut(), 0, dev);
+                assert_eq!(rc, sys::CUresult::CUDA_SUCCESS, "cuCtxCreate_v4");
+            }
+            assert_eq!(current(), own, "cuCtxCreate makes the new context current");
+            let p = cuda.alloc(4096).unwrap();
+            cuda.free(p, 4096).unwrap();
+            assert_eq!(current(), own, "the thread's own context is restored");
+            // SAFETY: `own` was created above and is no longer used.
+            unsafe { sys::cuCtxDestroy_v2(own) };
         });
     });
 }

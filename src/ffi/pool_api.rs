@@ -134,10 +134,6 @@ fn track_alloc(device: i32, ptr: DevicePtr, size: usize) {
     track::on_alloc(ptr, size, device, 0, Origin::Pool);
 }
 
-fn track_free(ptr: DevicePtr) {
-    track::on_free(ptr);
-}
-
 /// The pool behind a handle.
 ///
 /// # Safety
@@ -283,12 +279,15 @@ pub unsafe extern "C" fn hbm_pool_free(
         }
         // SAFETY: checked non-NULL; the caller promises a live handle.
         let pool = unsafe { pool_ref(pool) };
+        // Untrack before the pool can hand the block to another thread; a refused free (wrong
+        // size, unknown pointer) puts the record back.
+        let tracked = track::forget(ptr as DevicePtr).is_ok();
         match pool.free(ptr as DevicePtr, actual) {
-            Ok(()) => {
-                track_free(ptr as DevicePtr);
-                HbmStatus::Ok
-            }
+            Ok(()) => HbmStatus::Ok,
             Err(e) => {
+                if tracked {
+                    track_alloc(pool.device(), ptr as DevicePtr, actual);
+                }
                 eprintln!("hbmalloc: hbm_pool_free({ptr:p}, {actual}): {e}; nothing freed");
                 HbmStatus::from(&e)
             }

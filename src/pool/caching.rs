@@ -21,7 +21,7 @@ use super::size_class::{
     block_size, chunk_size, class_of, class_size, MAX_CLASS_SIZE, SMALL_LIMIT,
 };
 use super::stats::{PoolStats, SlowCounters};
-use super::thread_cache::{is_cached_class, my_shard, Evicted, PaddedShard, N_SHARDS};
+use super::thread_cache::{is_cached_class, my_shard, thread_tag, Evicted, PaddedShard, N_SHARDS};
 use crate::backend::{DevicePtr, SharedBackend, Stream};
 use crate::config::{Config, StreamSafety};
 use crate::error::{Error, Result};
@@ -71,8 +71,9 @@ const REFILL_BYTES: usize = 256 << 10;
 const MAX_REFILL: usize = 16;
 /// A thread's cache of one size class asks for a synchronize once it holds this many blocks, or
 /// this many bytes if fewer (but at least 4 blocks), all waiting for one: one synchronize
-/// (about 1 us on an idle H200) then serves that many allocations.
-const SHARD_SYNC_BLOCKS: usize = 32;
+/// (about 1 us on an idle H200) then serves that many allocations, and the memory this costs is
+/// bounded by the byte limit.
+const SHARD_SYNC_BLOCKS: usize = 256;
 const SHARD_SYNC_BYTES: usize = 64 << 20;
 
 pub struct CachingPool {
@@ -164,7 +165,9 @@ impl CachingPool {
     pub fn alloc_async(&self, size: usize, stream: Stream) -> Result<DevicePtr> {
         let block = checked_block(size)?;
         if self.stream_freed.load(Ordering::Acquire) > 0 {
-            let taken = self.arena_for(block).take_same_stream(block, stream);
+            let taken = self
+                .arena_for(block)
+                .take_same_stream(block, stream_key(stream));
             if let Some((ptr, actual, event)) = taken {
                 self.stream_freed.fetch_sub(1, Ordering::AcqRel);
                 self.backend.event_release(event);
@@ -186,7 +189,7 @@ impl CachingPool {
         match self.backend.event_record(stream) {
             Ok(event) => {
                 self.arena_for(block)
-                    .mark_stream_pending(ptr, stream, event);
+                    .mark_stream_pending(ptr, stream_key(stream), event);
                 self.stream_freed.fetch_add(1, Ordering::AcqRel);
             }
             // Without an event, the epoch rule (a later device synchronize) still keeps it safe.
@@ -500,6 +503,18 @@ impl CachingPool {
         } else {
             &self.large
         })
+    }
+}
+
+/// The key under which blocks freed on `stream` are reused at once by allocations on it.
+/// Handles 0 (the default stream, per-thread under `--default-stream per-thread`) and 2
+/// (`cudaStreamPerThread`) name a different stream on every thread, so they are keyed by thread
+/// too. The key has bit 2 set, so it never equals a real stream handle (8-byte aligned) or the
+/// legacy stream's handle 1.
+fn stream_key(stream: Stream) -> Stream {
+    match stream {
+        0 | 2 => (thread_tag() << 4) | 0b100 | stream,
+        _ => stream,
     }
 }
 

@@ -13,7 +13,7 @@ use super::size_class::{class_size, N_CLASSES};
 use crate::backend::DevicePtr;
 use std::cell::Cell;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 /// Number of shards per pool: enough for one per core on the machines this is meant for.
@@ -24,8 +24,9 @@ pub const MAX_CACHED_BLOCK: usize = super::size_class::MAX_CLASS_SIZE;
 /// purpose: an inference step frees hundreds of MiB and allocates the same sizes again, and a
 /// cached block is reused without a lock. Out of memory and `hbm_trim` empty every shard.
 pub const SHARD_CAPACITY: usize = 1 << 30;
-/// Blocks per class a shard may hold.
-const MAX_PER_CLASS: usize = 256;
+/// Blocks per class a shard may hold: above the pool's per-class synchronize batch, so that a
+/// batch waits here rather than spilling into the arena.
+const MAX_PER_CLASS: usize = 512;
 
 /// Whether blocks of `class` are cached per thread.
 pub fn is_cached_class(class: usize) -> bool {
@@ -178,8 +179,22 @@ impl PaddedShard {
 
 static NEXT_SHARD: AtomicU32 = AtomicU32::new(0);
 
+static NEXT_THREAD: AtomicUsize = AtomicUsize::new(1);
+
 thread_local! {
     static MY_SHARD: Cell<u32> = const { Cell::new(u32::MAX) };
+    static MY_TAG: Cell<usize> = const { Cell::new(0) };
+}
+
+/// A number unique to this thread for the life of the process (never 0).
+#[inline]
+pub fn thread_tag() -> usize {
+    MY_TAG.with(|t| {
+        if t.get() == 0 {
+            t.set(NEXT_THREAD.fetch_add(1, Ordering::Relaxed));
+        }
+        t.get()
+    })
 }
 
 /// This thread's shard index, assigned round-robin on first use.

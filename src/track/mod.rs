@@ -160,3 +160,18 @@ pub fn leaks_since(mark: u64) -> LeakSummary {
 pub fn write_report(path: Option<&str>) -> std::io::Result<()> {
     global().write_text_report(path, LeakReport::Full)
 }
+
+/// Records a free *before* the block can be handed out again (so a concurrent allocation of the
+/// same address is never undone by this free's bookkeeping), printing nothing. `Err` holds what a
+/// diagnostic would say; the caller prints it with `report_bad_free` once it knows the free was
+/// really bad (a pointer no pool knows may still be the runtime's own, to forward).
+#[inline]
+pub fn forget(ptr: usize) -> Result<(), Box<BadFree>> {
+    global().on_free(ptr)
+}
+
+/// Prints the diagnostic of a bad free from `forget`.
+#[cold]
+pub fn report_bad_free(bad: &BadFree) {
+    global().print_bad_free(bad);
+}
