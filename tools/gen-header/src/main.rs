@@ -3,11 +3,16 @@
 //! usage: gen-header [OUTPUT]   (default: include/hbmalloc.h of the repository)
 //!
 //! On top of cbindgen.toml it derives, from the sources themselves, what no one should have to
-//! keep in a list by hand:
-//! - every `extern "C"` function not named `hbm_*` (the interposed `cuda*` hooks) and every
-//!   constant or static not named `HBM_*`/`hbm_*` is excluded, so the header holds the C API
-//!   only and can be included beside cuda_runtime.h;
-//! - the version macros, from `[package] version` in Cargo.toml.
+//! keep in a list by hand. The rule is DESIGN.md's naming of the C API: functions `hbm_*`,
+//! types `Hbm*`, constants `HBM_*`.
+//! - Excluded: every `extern "C"` function not named `hbm_*` (the interposed `cuda*` hooks),
+//!   every constant or static not named `HBM_*`/`hbm_*`, and every associated constant (cbindgen
+//!   would print `impl HbmType { const ALL }` as a broken `#define HbmType_ALL`, and drag in
+//!   the types of constants such as `StackId::NONE`). So the header holds the C API only, and
+//!   can be included beside cuda_runtime.h.
+//! - Included: every `#[repr(..)]` struct, enum or type alias named `Hbm*`, even when no function
+//!   takes it (element types are passed as `int32_t`, yet C needs `HBM_TYPE_*`).
+//! - The version macros, from `[package] version` in Cargo.toml.
 //!
 //! Everything else (new `hbm_*` functions, the types they use, their `///` docs) cbindgen picks
 //! up by itself from `src/`.
@@ -43,8 +48,9 @@ fn run() -> Result<PathBuf, String> {
 
     let mut config = cbindgen::Config::from_file(root.join("cbindgen.toml"))
         .map_err(|e| format!("cbindgen.toml: {e}"))?;
-    let excluded = names_outside_the_c_api(&root.join("src"))?;
-    config.export.exclude.extend(excluded);
+    let scan = scan_sources(&root.join("src"))?;
+    config.export.exclude.extend(scan.excluded);
+    config.export.include.extend(scan.included);
     config.after_includes = Some(version_macros(&root.join("Cargo.toml"))?);
 
     let bindings = cbindgen::Builder::new()
@@ -114,8 +120,8 @@ fn package_version(cargo_toml: &str) -> Option<String> {
     None
 }
 
-/// Names cbindgen would otherwise export that are not part of the `hbm_*` C API.
-fn names_outside_the_c_api(src: &Path) -> Result<BTreeSet<String>, String> {
+/// What to exclude from and include in the header, found in every `.rs` file under `src`.
+fn scan_sources(src: &Path) -> Result<Scan, String> {
     let mut files = Vec::new();
     rust_files(src, &mut files)?;
     files.sort();
@@ -125,7 +131,7 @@ fn names_outside_the_c_api(src: &Path) -> Result<BTreeSet<String>, String> {
         let ast = syn::parse_file(&text).map_err(|e| format!("{}: {e}", file.display()))?;
         scan.visit_file(&ast);
     }
-    Ok(scan.excluded)
+    Ok(scan)
 }
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), String> {
@@ -143,7 +149,14 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), String> {
 
 #[derive(Default)]
 struct Scan {
+    /// Names for cbindgen's `export.exclude`.
     excluded: BTreeSet<String>,
+    /// Names for cbindgen's `export.include`.
+    included: BTreeSet<String>,
+}
+
+fn has_repr(attrs: &[syn::Attribute]) -> bool {
+    attrs.iter().any(|a| a.path().is_ident("repr"))
 }
 
 impl<'ast> Visit<'ast> for Scan {
@@ -168,11 +181,56 @@ impl<'ast> Visit<'ast> for Scan {
         syn::visit::visit_item_const(self, c);
     }
 
+    fn visit_item_impl(&mut self, item: &'ast syn::ItemImpl) {
+        // cbindgen names an associated constant by the constant's name followed by its type's
+        // (`ALL` of `HbmType` is "ALLHbmType"), and matches `export.exclude` against that.
+        if let syn::Type::Path(ty) = &*item.self_ty {
+            if let Some(last) = ty.path.segments.last() {
+                for impl_item in &item.items {
+                    if let syn::ImplItem::Const(c) = impl_item {
+                        self.excluded.insert(format!("{}{}", c.ident, last.ident));
+                    }
+                }
+            }
+        }
+        syn::visit::visit_item_impl(self, item);
+    }
+
+    fn visit_item_struct(&mut self, s: &'ast syn::ItemStruct) {
+        self.include_if_c_api_type(&s.ident, &s.attrs, true);
+        syn::visit::visit_item_struct(self, s);
+    }
+
+    fn visit_item_enum(&mut self, e: &'ast syn::ItemEnum) {
+        self.include_if_c_api_type(&e.ident, &e.attrs, true);
+        syn::visit::visit_item_enum(self, e);
+    }
+
+    fn visit_item_type(&mut self, t: &'ast syn::ItemType) {
+        self.include_if_c_api_type(&t.ident, &t.attrs, false);
+        syn::visit::visit_item_type(self, t);
+    }
+
     fn visit_item_static(&mut self, s: &'ast syn::ItemStatic) {
         let name = s.ident.to_string();
         if !name.starts_with("HBM_") && !name.starts_with("hbm_") {
             self.excluded.insert(name);
         }
         syn::visit::visit_item_static(self, s);
+    }
+}
+
+impl Scan {
+    /// `Hbm*` types are the C API's; structs and enums only with a defined layout (`#[repr]`).
+    fn include_if_c_api_type(
+        &mut self,
+        ident: &syn::Ident,
+        attrs: &[syn::Attribute],
+        needs_repr: bool,
+    ) {
+        let name = ident.to_string();
+        if name.starts_with("Hbm") && (!needs_repr || has_repr(attrs)) {
+            self.included.insert(name);
+        }
     }
 }
