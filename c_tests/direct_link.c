@@ -93,7 +93,7 @@ static void bad_inputs(void) {
     enum HbmStatus st = hbm_device_free((char *)block + 512);
     capture_end(&c, text, sizeof text);
     CHECK(st == HBM_STATUS_INVALID_POINTER, "interior free = %d", (int)st);
-    CHECK(strstr(text, "hbmalloc: hbm_device_free(") != NULL && strstr(text, "inside the block"),
+    CHECK(strstr(text, "hbmalloc:") != NULL && strstr(text, "inside the block"),
           "interior free printed \"%s\"", text);
 
     CHECK(hbm_device_free(block) == HBM_STATUS_OK, "free of the block after the interior free");
@@ -101,7 +101,7 @@ static void bad_inputs(void) {
     st = hbm_device_free(block);
     capture_end(&c, text, sizeof text);
     CHECK(st == HBM_STATUS_INVALID_POINTER, "double free = %d", (int)st);
-    CHECK(strstr(text, "hbmalloc: hbm_device_free(") != NULL && strstr(text, "double free"),
+    CHECK(strstr(text, "hbmalloc:") != NULL && strstr(text, "double free"),
           "double free printed \"%s\"", text);
 
     int on_stack = 0;
@@ -109,7 +109,7 @@ static void bad_inputs(void) {
     st = hbm_device_free(&on_stack);
     capture_end(&c, text, sizeof text);
     CHECK(st == HBM_STATUS_INVALID_POINTER, "free of a stack address = %d", (int)st);
-    CHECK(strstr(text, "hbmalloc: hbm_device_free(") != NULL, "foreign free printed \"%s\"", text);
+    CHECK(strstr(text, "hbmalloc:") != NULL, "foreign free printed \"%s\"", text);
 }
 
 /* Statistics add up; trimming returns every cached byte once nothing is in use. */
