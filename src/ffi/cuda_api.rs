@@ -177,6 +177,30 @@ pub unsafe extern "C" fn cudaFreeAsync(dev_ptr: *mut c_void, stream: CudaStream)
     )
 }
 
+/// `cudaMallocAsync` as a program built with `--default-stream per-thread` calls it.
+///
+/// # Safety
+/// As `cudaMallocAsync`.
+#[no_mangle]
+pub unsafe extern "C" fn cudaMallocAsync_ptsz(
+    dev_ptr: *mut *mut c_void,
+    size: usize,
+    stream: CudaStream,
+) -> CudaError {
+    // SAFETY: forwarded caller contract.
+    unsafe { cudaMallocAsync(dev_ptr, size, stream) }
+}
+
+/// `cudaFreeAsync` as a program built with `--default-stream per-thread` calls it.
+///
+/// # Safety
+/// As `cudaFreeAsync`.
+#[no_mangle]
+pub unsafe extern "C" fn cudaFreeAsync_ptsz(dev_ptr: *mut c_void, stream: CudaStream) -> CudaError {
+    // SAFETY: forwarded caller contract.
+    unsafe { cudaFreeAsync(dev_ptr, stream) }
+}
+
 /// `cudaMemGetInfo`: the device's free memory plus what this process's pools hold cached and
 /// unused, so programs that size themselves from it see what they can really allocate.
 ///

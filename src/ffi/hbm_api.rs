@@ -60,10 +60,15 @@ pub extern "C" fn hbm_version() -> *const c_char {
     concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
 }
 
-/// A static, human-readable text for `status`. Never NULL; never free it.
+/// A static, human-readable text for `status` (an `HbmStatus` value; any other number gives
+/// "unknown status"). Never NULL; never free it.
 #[no_mangle]
-pub extern "C" fn hbm_status_str(status: HbmStatus) -> *const c_char {
-    status_text(status).as_ptr()
+pub extern "C" fn hbm_status_str(status: c_int) -> *const c_char {
+    // An int, not the enum: a value C made up must not be undefined behaviour here.
+    match HbmStatus::from_c(status) {
+        Some(s) => status_text(s).as_ptr(),
+        None => c"unknown status".as_ptr(),
+    }
 }
 
 /// The backend serving this process: "cuda" or "sim". Static storage; never free it.

@@ -28,6 +28,27 @@ pub enum HbmStatus {
     IoError = 9,
 }
 
+impl HbmStatus {
+    /// The status with number `value`, if there is one.
+    pub fn from_c(value: i32) -> Option<HbmStatus> {
+        use HbmStatus::*;
+        [
+            Ok,
+            NullParameter,
+            InvalidValue,
+            OutOfMemory,
+            InvalidPointer,
+            NotSupported,
+            InvalidDevice,
+            DriverError,
+            Panic,
+            IoError,
+        ]
+        .into_iter()
+        .find(|s| *s as i32 == value)
+    }
+}
+
 impl From<&Error> for HbmStatus {
     fn from(e: &Error) -> HbmStatus {
         match e {
