@@ -145,13 +145,14 @@ pub fn enabled() -> bool {
     true
 }
 
-/// A mark in the sequence of allocations: every allocation made after this call has a larger
-/// sequence number.
+/// Starts a new checkpoint epoch and returns it as a mark: allocations made after this call returns
+/// (by this thread, or by threads synchronized with it) are "since" the mark; allocations racing
+/// with the call from other threads may fall on either side. See `Tracker::checkpoint`.
 pub fn checkpoint() -> u64 {
     global().checkpoint()
 }
 
-/// Allocations made after `mark` that are still live.
+/// Allocations made since `mark` (from `checkpoint`) that are still live.
 pub fn leaks_since(mark: u64) -> LeakSummary {
     global().leaks_since(mark)
 }
