@@ -13,7 +13,7 @@
 //!
 //! Layout: `capture` (raw return addresses), `stacks` (interning), `registry` (the `Tracker`),
 //! `freed` (recently freed blocks, bad-free diagnostics), `symbolize`, `report` (the leak report's
-//! model) with `report_text`, `report_json`, `report_svg`, `timeline`, `exit`.
+//! model) with `report_text`, `report_json`, `report_svg`, `timeline` with `timeline_svg`, `exit`.
 
 pub mod capture;
 mod exit;
@@ -26,6 +26,7 @@ mod report_text;
 pub mod stacks;
 pub mod symbolize;
 pub mod timeline;
+pub mod timeline_svg;
 
 use crate::config::{self, Config, LeakReport};
 use once_cell::sync::OnceCell;
