@@ -17,11 +17,19 @@ fn settings() -> Settings {
 
 const MIB: usize = 1 << 20;
 
+/// Ends a leaking function: without it, its last tracker call can compile to a tail call, which
+/// replaces the function's frame (no unwinder can show it then), as it would in any program.
+#[inline(always)]
+fn keep_frame() {
+    std::hint::black_box(());
+}
+
 #[inline(never)]
 fn leak_a(t: &Tracker, base: usize) {
     for i in 0..3 {
         t.on_alloc(base + i * MIB, MIB, 0, 0, Origin::CudaMalloc);
     }
+    keep_frame();
 }
 
 #[inline(never)]
@@ -29,6 +37,7 @@ fn leak_b(t: &Tracker, base: usize) {
     for i in 0..2 {
         t.on_alloc(base + i * 4096, 4096, 1, 0x77, Origin::Pool);
     }
+    keep_frame();
 }
 
 fn two_sites(unwinder: Unwinder) -> Tracker {
@@ -78,7 +87,9 @@ fn registry_counts_are_exact_under_16_threads() {
         let leaks = t.leaks_since(0);
         assert_eq!(leaks.count, 16 * 2_500, "backtrace {backtrace}");
         assert_eq!(leaks.bytes, 16 * per_thread_bytes, "backtrace {backtrace}");
-        assert_eq!(t.checkpoint(), 16 * 5_000);
+        // Every allocation happened before this checkpoint: none is "since" it.
+        let mark = t.checkpoint();
+        assert_eq!(t.leaks_since(mark), track::LeakSummary::default());
         assert_eq!(t.bad_free_count(), 0);
     }
 }
@@ -100,6 +111,23 @@ fn checkpoint_marks_a_region() {
     t.on_free(0x3000).unwrap();
     assert_eq!(t.leaks_since(mark).count, 0);
     assert_eq!(t.leak_report_since(mark).sites.len(), 0);
+}
+
+#[test]
+fn checkpoints_nest() {
+    let t = Tracker::new(settings());
+    t.on_alloc(0x1000, 1, 0, 0, Origin::HbmAlloc);
+    let outer = t.checkpoint();
+    t.on_alloc(0x2000, 20, 0, 0, Origin::HbmAlloc);
+    let inner = t.checkpoint();
+    assert!(inner > outer && outer > 0);
+    t.on_alloc(0x3000, 300, 0, 0, Origin::HbmAlloc);
+    assert_eq!(t.leaks_since(0).bytes, 321, "0 is everything live");
+    assert_eq!(t.leaks_since(outer).bytes, 320);
+    assert_eq!(t.leaks_since(inner).bytes, 300);
+    let report = t.leak_report_since(inner);
+    assert_eq!((report.summary.bytes, report.summary.count), (300, 1));
+    assert_eq!(t.get(0x2000).unwrap().epoch, outer);
 }
 
 #[test]
@@ -245,6 +273,7 @@ fn svg_flame_graph_is_well_formed() {
 #[inline(never)]
 fn allocate_for_double_free(t: &Tracker) {
     t.on_alloc(0xdead_0000, 4096, 0, 0, Origin::CudaMalloc);
+    keep_frame();
 }
 
 #[inline(never)]
@@ -359,6 +388,269 @@ fn timeline_records_events_in_order() {
         .ends_with("leak_b"));
 }
 
+// A model of an inference server's allocations, for the timeline chart: weights loaded once, a
+// KV cache that grows, activations per step, a slow leak, and ten small sites.
+#[inline(never)]
+fn load_weights(t: &Tracker, layer: usize) {
+    t.on_alloc(
+        0x1000_0000_0000 + layer * 64 * MIB,
+        48 * MIB,
+        0,
+        0,
+        Origin::CudaMalloc,
+    );
+    keep_frame();
+}
+
+#[inline(never)]
+fn grow_kv_cache(t: &Tracker, block: usize) {
+    t.on_alloc(
+        0x2000_0000_0000 + block * 8 * MIB,
+        8 * MIB,
+        0,
+        0,
+        Origin::KvCache,
+    );
+    keep_frame();
+}
+
+#[inline(never)]
+fn forward_activations(t: &Tracker, step: usize, alloc: bool) {
+    for i in 0..4 {
+        let ptr = 0x3000_0000_0000 + (step % 2) * 256 * MIB + i * 32 * MIB;
+        if alloc {
+            t.on_alloc(ptr, (20 + 6 * i) * MIB, 0, 0, Origin::Pool);
+        } else {
+            t.on_free(ptr).unwrap();
+        }
+    }
+    keep_frame();
+}
+
+#[inline(never)]
+fn leak_scratch(t: &Tracker, step: usize) {
+    t.on_alloc(
+        0x4000_0000_0000 + step * MIB,
+        3 * MIB,
+        0,
+        0,
+        Origin::HbmAlloc,
+    );
+    keep_frame();
+}
+
+macro_rules! small_sites {
+    ($($name:ident = $n:expr),*) => {
+        $(#[inline(never)]
+        fn $name(t: &Tracker, step: usize) {
+            t.on_alloc(0x5000_0000_0000 + $n * (1 << 36) + step * MIB, ($n + 1) * 256 * 1024, 0, 0, Origin::Pool);
+            keep_frame();
+        })*
+        const SMALL_SITES: &[fn(&Tracker, usize)] = &[$($name),*];
+    };
+}
+small_sites!(
+    tokenizer_buffers = 0,
+    sampler_logits = 1,
+    rope_tables = 2,
+    lora_adapter = 3,
+    graph_workspace = 4,
+    cublas_workspace = 5,
+    prefix_cache = 6,
+    speculative_draft = 7,
+    embedding_cache = 8,
+    stats_buffers = 9
+);
+
+/// Allocations of `inference_model` up to `steps` steps; sleeps `pause` between steps.
+fn inference_model(t: &Tracker, steps: usize, pause: std::time::Duration) {
+    for layer in 0..8 {
+        load_weights(t, layer);
+        std::thread::sleep(pause);
+    }
+    for (i, site) in SMALL_SITES.iter().enumerate() {
+        site(t, i);
+    }
+    for step in 0..steps {
+        if step % 6 == 0 {
+            grow_kv_cache(t, step / 6);
+        }
+        if step % 3 == 0 {
+            leak_scratch(t, step);
+        }
+        forward_activations(t, step, true);
+        std::thread::sleep(pause);
+        forward_activations(t, step, false);
+        if step % 10 == 5 {
+            SMALL_SITES[step / 10 % SMALL_SITES.len()](t, 1000 + step);
+        }
+    }
+}
+
+/// Band outlines' y coordinates: the `M` point's and every `V`'s.
+fn band_ys(d: &str) -> Vec<f64> {
+    let mut ys = Vec::new();
+    let mut rest = d;
+    while let Some(at) = rest.find(['M', 'V']) {
+        let cmd = rest.as_bytes()[at];
+        rest = &rest[at + 1..];
+        let end = rest
+            .find(|c: char| c.is_ascii_alphabetic())
+            .unwrap_or(rest.len());
+        let arg = &rest[..end];
+        let y = if cmd == b'M' {
+            arg.split(',').nth(1).unwrap()
+        } else {
+            arg
+        };
+        ys.push(y.parse().unwrap());
+    }
+    ys
+}
+
+/// The `(name, attributes)` of every element of `svg`.
+fn elements(svg: &[u8]) -> Vec<(String, std::collections::HashMap<String, String>)> {
+    let mut reader = quick_xml::Reader::from_reader(svg);
+    let mut buf = Vec::new();
+    let mut out = Vec::new();
+    loop {
+        match reader.read_event_into(&mut buf).expect("well-formed SVG") {
+            quick_xml::events::Event::Start(e) | quick_xml::events::Event::Empty(e) => {
+                let attrs = e
+                    .attributes()
+                    .map(|a| {
+                        let a = a.unwrap();
+                        let value = a
+                            .normalized_value(quick_xml::XmlVersion::Implicit1_0)
+                            .unwrap()
+                            .to_string();
+                        (String::from_utf8_lossy(a.key.as_ref()).to_string(), value)
+                    })
+                    .collect();
+                out.push((
+                    String::from_utf8_lossy(e.name().as_ref()).to_string(),
+                    attrs,
+                ));
+            }
+            quick_xml::events::Event::Eof => break,
+            _ => {}
+        }
+        buf.clear();
+    }
+    out
+}
+
+#[test]
+fn timeline_chart_has_a_band_per_site_up_to_the_peak() {
+    let t = Tracker::new(Settings {
+        timeline: 1 << 16,
+        ..settings()
+    });
+    // HBM_TIMELINE_SVG=path writes the chart there, with pauses that spread it over time.
+    let out_path = std::env::var("HBM_TIMELINE_SVG").ok();
+    let pause = std::time::Duration::from_millis(if out_path.is_some() { 4 } else { 0 });
+    inference_model(&t, 60, pause);
+    let live: u64 = t.leaks_since(0).bytes;
+    let mut out = Vec::new();
+    t.write_timeline_svg(&mut out).unwrap();
+    if let Some(path) = out_path {
+        std::fs::write(path, &out).unwrap();
+    }
+    let text = parse_xml(&out);
+    let elements = elements(&out);
+    let bands: Vec<_> = elements
+        .iter()
+        .filter(|(name, a)| name == "path" && a.get("class").map(String::as_str) == Some("band"))
+        .map(|(_, a)| a)
+        .collect();
+    // 4 large sites and 10 small ones: 8 bands of their own and "other".
+    assert_eq!(bands.len(), 9, "{text}");
+    let sites: Vec<&str> = bands.iter().map(|a| a["data-site"].as_str()).collect();
+    assert!(
+        sites[0].starts_with("track::load_weights tests/track.rs:"),
+        "{sites:?}"
+    );
+    for name in ["forward_activations", "grow_kv_cache", "leak_scratch"] {
+        assert!(sites.iter().any(|s| s.contains(name)), "{name}: {sites:?}");
+    }
+    assert_eq!(sites[8], "other (6 call sites)");
+    assert!(
+        text.contains("bytes in use over time by call site"),
+        "{text}"
+    );
+    assert!(
+        text.contains("track::grow_kv_cache tests/track.rs:"),
+        "legend: {text}"
+    );
+
+    // The peak: weights + the KV cache and leak at the last step + one step's activations.
+    let activations = (20 + 26 + 32 + 38) * MIB as u64;
+    let peak: u64 = elements
+        .iter()
+        .find(|(_, a)| a.get("class").map(String::as_str) == Some("peak"))
+        .map(|(_, a)| a["data-bytes"].parse().unwrap())
+        .unwrap();
+    assert_eq!(peak, live + activations, "{text}");
+    // The top of the stack is the peak line: the chart's y-extent is the peak in use.
+    let peak_y: f64 = elements
+        .iter()
+        .find(|(_, a)| a.get("class").map(String::as_str) == Some("peak"))
+        .map(|(_, a)| a["y1"].parse().unwrap())
+        .unwrap();
+    let top = bands
+        .iter()
+        .flat_map(|a| band_ys(&a["d"]))
+        .fold(f64::INFINITY, f64::min);
+    assert!(
+        (top - peak_y).abs() < 0.11,
+        "top of the bands {top}, peak line {peak_y}"
+    );
+    // Each band's own peak, as the legend states it.
+    let band_peak = |name: &str| -> u64 {
+        bands
+            .iter()
+            .find(|a| a["data-site"].contains(name))
+            .unwrap()["data-peak"]
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(band_peak("load_weights"), 8 * 48 * MIB as u64);
+    assert_eq!(band_peak("forward_activations"), activations);
+}
+
+#[test]
+fn timeline_chart_of_a_window_and_of_nothing() {
+    // Only the frees are kept: every band counts from its lowest point, never below zero.
+    let t = Tracker::new(Settings {
+        timeline: 2,
+        ..settings()
+    });
+    leak_b(&t, 0x100_0000);
+    t.on_free(0x100_0000).unwrap();
+    t.on_free(0x100_1000).unwrap();
+    let mut out = Vec::new();
+    t.write_timeline_svg(&mut out).unwrap();
+    let text = parse_xml(&out);
+    assert!(text.contains("2 older events dropped"), "{text}");
+    let elements = elements(&out);
+    let band = &elements
+        .iter()
+        .find(|(_, a)| a.get("class").map(String::as_str) == Some("band"))
+        .unwrap()
+        .1;
+    assert_eq!(band["data-peak"], "8192");
+
+    let empty = Tracker::new(Settings {
+        timeline: 4,
+        ..settings()
+    });
+    let mut out = Vec::new();
+    empty.write_timeline_svg(&mut out).unwrap();
+    assert!(parse_xml(&out).contains("no events recorded"));
+    let off = Tracker::new(settings());
+    assert!(off.write_timeline_svg(&mut Vec::new()).is_err());
+}
+
 /// Runs in a child process (see `exit_report_is_printed_at_exit`): leaks through the global
 /// tracker with another thread still allocating, then returns and lets the process exit.
 #[test]
@@ -379,6 +671,7 @@ fn child_leaks_then_exits() {
 #[inline(never)]
 fn leak_through_global() {
     track::on_alloc(0x6000_0000, 3 * MIB, 0, 0, Origin::CudaMalloc);
+    keep_frame();
 }
 
 #[test]
@@ -398,7 +691,7 @@ fn exit_report_is_printed_at_exit() {
         .env(
             "HBMALLOC_CONF",
             format!(
-                "report_json:{},report_svg:{}",
+                "report_json:{},report_svg:{},timeline:4096",
                 json.display(),
                 svg.display()
             ),
@@ -420,5 +713,15 @@ fn exit_report_is_printed_at_exit() {
     let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     assert_eq!(doc["sites"][0]["bytes"], 3 * MIB);
     parse_xml(&std::fs::read(&svg).unwrap());
+    // The timeline and its chart, beside the JSON report.
+    let chart = dir.join("leaks.timeline.svg");
+    assert!(stderr.contains("timeline chart written to"), "{stderr}");
+    // (The other thread's churn fills the ring: the leak itself has left the window by exit.)
+    let text = parse_xml(&std::fs::read(&chart).unwrap());
+    assert!(
+        text.contains("bytes in use over time by call site"),
+        "{text}"
+    );
+    assert!(dir.join("leaks.timeline.json").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }

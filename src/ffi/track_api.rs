@@ -37,9 +37,11 @@ pub unsafe extern "C" fn hbm_report_leaks(path: *const c_char) -> HbmStatus {
     })
 }
 
-/// Returns a mark in the sequence of allocations: every allocation made after this call, by any
-/// thread, is "since" the mark. Pass it to `hbm_leaks_since`. Never fails; 0 on an internal error
-/// (0 is also the mark before the first allocation, so the check stays meaningful).
+/// Starts a new checkpoint epoch and returns it as a mark for `hbm_leaks_since`: every allocation
+/// made after this call returns, by this thread or by a thread that synchronized with it since
+/// (a mutex, a join), is "since" the mark. Allocations by other threads while the call runs may
+/// fall on either side. Marks increase from 1. Never fails; 0 on an internal error (0 is the mark
+/// of the tracker's start: the check then counts everything live, and stays meaningful).
 ///
 /// # Safety
 /// None: no pointer arguments. `unsafe` only for uniformity of the C API.

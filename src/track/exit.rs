@@ -38,7 +38,7 @@ extern "C" fn exit_handler() {
 
 impl Tracker {
     /// Writes every report its settings ask for: text (stderr or `report_path`), JSON, SVG,
-    /// timeline. Errors are reported on stderr, never returned: this runs at exit.
+    /// timeline (JSON and its chart). Errors are reported on stderr, never returned: this runs at exit.
     pub fn write_exit_reports(&self) {
         let s = self.settings();
         let wants_files = s.report_json.is_some() || s.report_svg.is_some() || s.timeline > 0;
@@ -76,6 +76,12 @@ impl Tracker {
                 "timeline",
                 write_file(&path, |w| self.write_timeline_json(w)),
             );
+            let svg = timeline_svg_path(&path);
+            file(
+                &svg,
+                "timeline chart",
+                write_file(&svg, |w| self.write_timeline_svg(w)),
+            );
         }
         let written = match &s.report_path {
             Some(path) => std::fs::write(path, &text),
@@ -98,6 +104,14 @@ fn timeline_path(report_json: Option<&str>) -> String {
             None => format!("{p}.timeline.json"),
         },
         None => format!("hbmalloc-timeline.{}.json", std::process::id()),
+    }
+}
+
+/// The chart beside the timeline's JSON: `x.timeline.json` → `x.timeline.svg`.
+fn timeline_svg_path(json: &str) -> String {
+    match json.strip_suffix(".json") {
+        Some(stem) => format!("{stem}.svg"),
+        None => format!("{json}.svg"),
     }
 }
 
@@ -136,5 +150,9 @@ mod tests {
         assert_eq!(timeline_path(Some("/tmp/r.json")), "/tmp/r.timeline.json");
         assert_eq!(timeline_path(Some("/tmp/r")), "/tmp/r.timeline.json");
         assert!(timeline_path(None).starts_with("hbmalloc-timeline."));
+        assert_eq!(
+            timeline_svg_path("/tmp/r.timeline.json"),
+            "/tmp/r.timeline.svg"
+        );
     }
 }

@@ -4,13 +4,17 @@
 //! bounded ring, so that a later double free can say where the block came from and where it was
 //! first freed. The ring is sharded by thread: a free locks only its own thread's shard, which no
 //! other thread touches except to search it on the cold diagnostic path.
+//!
+//! The record is best-effort: a free that finds its shard locked (a diagnostic searching it, or a
+//! thread sharing the shard past `SHARDS` threads) skips its record rather than wait, so the hot
+//! path never blocks on it. Such a block's double free is then reported as an unknown pointer.
 
 use super::registry::{Live, Tracker};
 use super::stacks::StackId;
 use super::symbolize::{format_frames, Symbolizer};
+use std::cell::UnsafeCell;
 use std::fmt::Write as _;
-use std::sync::atomic::Ordering;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 const SHARDS: usize = 64;
 /// Records per shard: 64 x 256 = 16384 recently freed blocks remembered in all.
@@ -28,7 +32,8 @@ pub struct FreedRecord {
     pub live: Live,
     pub free_stack: StackId,
     pub free_thread: u32,
-    pub free_time_ns: u64,
+    /// Set when the tracker reads the clock on frees (with a timeline).
+    pub free_time_ns: Option<u64>,
 }
 
 #[derive(Default)]
@@ -37,20 +42,84 @@ struct Shard {
     next: usize,
 }
 
+/// A shard and its lock flag, on cache lines of their own (each is written by one thread).
+#[repr(align(128))]
+struct ShardCell {
+    locked: AtomicBool,
+    shard: UnsafeCell<Shard>,
+}
+
+// SAFETY: `shard` is only reached through `ShardGuard`, which exists only while `locked` is held
+// by its creator; `Shard` is plain data, `Send`.
+unsafe impl Sync for ShardCell {}
+
+/// Exclusive access to a shard; releases the flag on drop.
+struct ShardGuard<'a>(&'a ShardCell);
+
+impl ShardCell {
+    /// A guard if the shard is free; never waits. One swap to take it and a plain release store
+    /// to give it back: a `Mutex` would need a second read-modify-write to unlock.
+    #[inline]
+    fn try_lock(&self) -> Option<ShardGuard<'_>> {
+        (!self.locked.swap(true, Ordering::Acquire)).then_some(ShardGuard(self))
+    }
+
+    /// Waits for the shard (cold paths only: diagnostics and tests). Holders never block, so the
+    /// wait is at most one push or one search.
+    fn lock(&self) -> ShardGuard<'_> {
+        loop {
+            if let Some(guard) = self.try_lock() {
+                return guard;
+            }
+            std::thread::yield_now();
+        }
+    }
+}
+
+impl std::ops::Deref for ShardGuard<'_> {
+    type Target = Shard;
+    fn deref(&self) -> &Shard {
+        // SAFETY: this guard holds the shard's flag, so no other reference to it exists.
+        unsafe { &*self.0.shard.get() }
+    }
+}
+
+impl std::ops::DerefMut for ShardGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Shard {
+        // SAFETY: as in `deref`; `&mut self` makes this the only reference through the guard.
+        unsafe { &mut *self.0.shard.get() }
+    }
+}
+
+impl Drop for ShardGuard<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        self.0.locked.store(false, Ordering::Release);
+    }
+}
+
 pub(super) struct FreedRing {
-    shards: Box<[Mutex<Shard>]>,
+    shards: Box<[ShardCell]>,
 }
 
 impl FreedRing {
     pub fn new() -> FreedRing {
         FreedRing {
-            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            shards: (0..SHARDS)
+                .map(|_| ShardCell {
+                    locked: AtomicBool::new(false),
+                    shard: UnsafeCell::new(Shard::default()),
+                })
+                .collect(),
         }
     }
 
+    /// Remembers `record` unless the thread's shard is busy (see the module doc).
     #[inline]
     pub fn push(&self, thread_slot: u32, record: FreedRecord) {
-        let mut shard = lock(&self.shards[thread_slot as usize % SHARDS]);
+        let Some(mut shard) = self.shards[thread_slot as usize % SHARDS].try_lock() else {
+            return;
+        };
         if shard.records.len() < PER_SHARD {
             shard.records.push(record);
         } else {
@@ -60,26 +129,26 @@ impl FreedRing {
         shard.next = (shard.next + 1) % PER_SHARD;
     }
 
-    /// The most recent free of `ptr` still remembered: the one of the latest allocation (a block
-    /// is freed at most once per allocation, so the allocation's sequence number orders frees).
+    /// The most recent free of `ptr` still remembered. Within a shard, ring order says which is
+    /// the latest. Across shards (the block was freed by different threads), the latest allocation
+    /// wins, by its coarse allocation time: frees of the same address by two threads within one
+    /// clock tick may be told apart wrongly, which only changes which earlier free is shown.
     pub fn find(&self, ptr: usize) -> Option<FreedRecord> {
         self.shards
             .iter()
             .filter_map(|s| {
-                lock(s)
-                    .records
+                let shard = s.lock();
+                let (newer, older) = shard.records.split_at(shard.next.min(shard.records.len()));
+                // Newest first: the records before `next`, backwards, then the wrapped-around tail.
+                newer
                     .iter()
-                    .filter(|r| r.ptr == ptr)
-                    .max_by_key(|r| r.live.seq)
+                    .rev()
+                    .chain(older.iter().rev())
+                    .find(|r| r.ptr == ptr)
                     .copied()
             })
-            .max_by_key(|r| r.live.seq)
+            .max_by_key(|r| (r.live.time_ns, r.free_time_ns))
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Nothing panics while a shard is held; if something did, the records are still plain data.
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A free of a pointer that is not live, with what is known about it.
@@ -153,12 +222,12 @@ impl BadFree {
             );
         }
         if let Some(prev) = &self.previous {
+            let when = match prev.free_time_ns {
+                Some(ns) => format!(" at {:.3} s", ns as f64 / 1e9),
+                None => String::new(),
+            };
             section(
-                format!(
-                    "first freed by thread {} at {:.3} s",
-                    prev.free_thread,
-                    prev.free_time_ns as f64 / 1e9
-                ),
+                format!("first freed by thread {}{when}", prev.free_thread),
                 prev.free_stack,
             );
         }
@@ -179,5 +248,67 @@ impl Tracker {
             return;
         };
         super::exit::write_stderr(text.as_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::track::Origin;
+
+    fn record(ptr: usize, time_ns: u64, free_thread: u32) -> FreedRecord {
+        let live = Live {
+            size: 1,
+            epoch: 0,
+            time_ns,
+            stream: 0,
+            device: 0,
+            thread: 1,
+            stack: StackId::NONE,
+            origin: Origin::HbmAlloc,
+        };
+        FreedRecord {
+            ptr,
+            live,
+            free_stack: StackId::NONE,
+            free_thread,
+            free_time_ns: None,
+        }
+    }
+
+    #[test]
+    fn find_returns_the_latest_free_after_wrapping() {
+        let ring = FreedRing::new();
+        // Same coarse time throughout: ring order alone must pick the latest.
+        for i in 0..(PER_SHARD + 10) as u32 {
+            ring.push(3, record(0xa000 + (i as usize % 5) * 0x100, 7, i));
+        }
+        let last = (PER_SHARD + 10 - 1) as u32;
+        assert_eq!(
+            ring.find(0xa000 + (last as usize % 5) * 0x100)
+                .unwrap()
+                .free_thread,
+            last
+        );
+        assert!(ring.find(0xb000).is_none());
+    }
+
+    #[test]
+    fn find_prefers_the_later_allocation_across_threads() {
+        let ring = FreedRing::new();
+        ring.push(1, record(0xa000, 200, 1));
+        ring.push(2, record(0xa000, 100, 2));
+        assert_eq!(ring.find(0xa000).unwrap().free_thread, 1);
+    }
+
+    #[test]
+    fn a_busy_shard_skips_the_record() {
+        let ring = FreedRing::new();
+        let held = ring.shards[5].lock();
+        ring.push(5, record(0xa000, 1, 1));
+        drop(held);
+        assert!(ring.find(0xa000).is_none(), "skipped, not waited for");
+        ring.push(5, record(0xa000, 1, 1));
+        assert!(ring.find(0xa000).is_some());
     }
 }

@@ -13,7 +13,7 @@
 //!
 //! Layout: `capture` (raw return addresses), `stacks` (interning), `registry` (the `Tracker`),
 //! `freed` (recently freed blocks, bad-free diagnostics), `symbolize`, `report` (the leak report's
-//! model) with `report_text`, `report_json`, `report_svg`, `timeline`, `exit`.
+//! model) with `report_text`, `report_json`, `report_svg`, `timeline` with `timeline_svg`, `exit`.
 
 pub mod capture;
 mod exit;
@@ -26,6 +26,7 @@ mod report_text;
 pub mod stacks;
 pub mod symbolize;
 pub mod timeline;
+pub mod timeline_svg;
 
 use crate::config::{self, Config, LeakReport};
 use once_cell::sync::OnceCell;
@@ -145,13 +146,14 @@ pub fn enabled() -> bool {
     true
 }
 
-/// A mark in the sequence of allocations: every allocation made after this call has a larger
-/// sequence number.
+/// Starts a new checkpoint epoch and returns it as a mark: allocations made after this call returns
+/// (by this thread, or by threads synchronized with it) are "since" the mark; allocations racing
+/// with the call from other threads may fall on either side. See `Tracker::checkpoint`.
 pub fn checkpoint() -> u64 {
     global().checkpoint()
 }
 
-/// Allocations made after `mark` that are still live.
+/// Allocations made since `mark` (from `checkpoint`) that are still live.
 pub fn leaks_since(mark: u64) -> LeakSummary {
     global().leaks_since(mark)
 }

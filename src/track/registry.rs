@@ -1,10 +1,12 @@
 //! The `Tracker`: the registry of live allocations.
 //!
-//! Cost (bench/BENCHMARKS.md): one sharded map insert and one remove per alloc+free, one relaxed
-//! atomic for the sequence number, a coarse clock read, a push into this thread's freed-ring shard:
-//! ~70 ns per alloc+free without backtraces (the bare map alone is ~40 ns). With backtraces, a
-//! frame-pointer walk and a per-thread interning cache hit on each side: ~250-300 ns. No global lock: the live map and the stack table are sharded
-//! (dashmap), the recently-freed ring is sharded by thread.
+//! Cost (bench/BENCHMARKS.md): one sharded map insert and one remove per alloc+free, a plain load
+//! of the checkpoint epoch, one coarse clock read (on the allocation), and a best-effort push into
+//! this thread's shard of the recently-freed ring: ~60 ns per alloc+free without backtraces (the
+//! bare map alone is ~40 ns). With backtraces, a frame-pointer walk and a per-thread interning
+//! cache hit on each side: ~250-300 ns. No global lock and no read-modify-write of a shared atomic:
+//! the live map and the stack table are sharded (dashmap), the recently-freed ring is sharded by
+//! thread, and the epoch is only written by `checkpoint`.
 
 use super::capture::{self, ReentryGuard};
 use super::freed::{BadFree, FreedRecord, FreedRing};
@@ -18,8 +20,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Live {
     pub size: u64,
-    /// Position in the order of all allocations of this tracker, from 1.
-    pub seq: u64,
+    /// The tracker's epoch when the allocation was recorded: how many `checkpoint`s came before.
+    pub epoch: u64,
     /// Nanoseconds since the tracker was created.
     pub time_ns: u64,
     pub stream: usize,
@@ -36,19 +38,17 @@ const INLINE_FRAMES: usize = 72;
 /// the report leaves out.
 const OWN_FRAMES_SLACK: usize = 8;
 
-/// Keeps a hot, written-by-every-thread atomic on a cache line of its own, so that the read-mostly
-/// fields beside it are not invalidated on every write (measured: 40% of the pair's cost).
-#[repr(align(128))]
-struct OwnLine<T>(T);
-
 pub struct Tracker {
     settings: Settings,
     live: DashMap<usize, Live, AddrBuildHasher>,
     stacks: StackTable,
-    seq: OwnLine<AtomicU64>,
+    /// Bumped by `checkpoint` only; allocations load it. Read-mostly, so its cache line stays
+    /// shared by every core (a per-allocation counter here was the pair's one contended line).
+    epoch: AtomicU64,
     freed: FreedRing,
     timeline: Option<Timeline>,
-    epoch_ns: u64,
+    /// CLOCK_MONOTONIC when the tracker was created; times are relative to it.
+    start_ns: u64,
     pub(super) bad_frees: AtomicU64,
 }
 
@@ -57,10 +57,10 @@ impl Tracker {
         Tracker {
             live: DashMap::with_hasher(AddrBuildHasher::default()),
             stacks: StackTable::new(),
-            seq: OwnLine(AtomicU64::new(0)),
+            epoch: AtomicU64::new(0),
             freed: FreedRing::new(),
             timeline: (settings.timeline > 0).then(|| Timeline::new(settings.timeline)),
-            epoch_ns: monotonic_ns(false),
+            start_ns: monotonic_ns(false),
             bad_frees: AtomicU64::new(0),
             settings,
         }
@@ -85,10 +85,12 @@ impl Tracker {
         let stack = self.capture_stack();
         let (thread, _) = capture::thread_ids();
         let time_ns = self.now_ns();
-        let seq = self.seq.0.fetch_add(1, Ordering::Relaxed) + 1;
+        // Relaxed: an allocation ordered after a `checkpoint` (same thread, or synchronized with
+        // it) reads the new epoch by coherence; one racing with it may read either.
+        let epoch = self.epoch.load(Ordering::Relaxed);
         let live = Live {
             size: size as u64,
-            seq,
+            epoch,
             time_ns,
             stream,
             device,
@@ -111,7 +113,9 @@ impl Tracker {
         };
         let free_stack = self.capture_stack();
         let (thread, slot) = capture::thread_ids();
-        let time_ns = self.now_ns();
+        // Only the timeline needs the time of a free; the double-free diagnostic shows it when
+        // known. Without a timeline the pair reads the clock once, on the allocation.
+        let time_ns = self.timeline.as_ref().map(|_| self.now_ns());
         self.freed.push(
             slot,
             FreedRecord {
@@ -122,7 +126,7 @@ impl Tracker {
                 free_time_ns: time_ns,
             },
         );
-        if let Some(timeline) = &self.timeline {
+        if let (Some(timeline), Some(time_ns)) = (&self.timeline, time_ns) {
             timeline.push(
                 time_ns,
                 EventKind::Free,
@@ -163,11 +167,17 @@ impl Tracker {
         })
     }
 
+    /// `NONE` without backtraces: only this test is inlined into the hot path.
     #[inline]
     fn capture_stack(&self) -> StackId {
         if !self.settings.backtrace {
             return StackId::NONE;
         }
+        self.capture_and_intern()
+    }
+
+    #[inline(never)]
+    fn capture_and_intern(&self) -> StackId {
         // A re-entrant call (the tracker's own diagnostics allocating through a hooked path) is
         // recorded without a stack rather than captured again.
         let Some(_guard) = ReentryGuard::enter() else {
@@ -189,19 +199,27 @@ impl Tracker {
     /// resolution, ~5 ns a read instead of ~25): enough to say when a leak was allocated.
     #[inline]
     fn now_ns(&self) -> u64 {
-        monotonic_ns(self.timeline.is_none()).saturating_sub(self.epoch_ns)
+        monotonic_ns(self.timeline.is_none()).saturating_sub(self.start_ns)
     }
 
-    /// A mark: allocations recorded after this call have a larger sequence number.
+    /// Starts a new epoch and returns it as a mark for `leaks_since`: every allocation recorded
+    /// after this call returns, by this thread or by one that synchronized with it since, has an
+    /// epoch of at least the mark; every allocation recorded before the call began has a smaller
+    /// one. Allocations by other threads concurrent with the call may fall on either side.
+    /// Marks increase from 1; 0 is the epoch before any checkpoint.
+    ///
+    /// The one read-modify-write of the epoch is here, so that allocations only load it.
     pub fn checkpoint(&self) -> u64 {
-        self.seq.0.load(Ordering::SeqCst)
+        self.epoch.fetch_add(1, Ordering::SeqCst) + 1
     }
 
-    /// Live allocations with a sequence number above `mark`. `leaks_since(0)` is everything live.
+    /// Live allocations recorded since `mark` was returned by `checkpoint` (epoch >= mark), with
+    /// the same caveat for allocations concurrent with that call. `leaks_since(0)` is everything
+    /// live.
     pub fn leaks_since(&self, mark: u64) -> LeakSummary {
         let mut sum = LeakSummary::default();
         for entry in self.live.iter() {
-            if entry.seq > mark {
+            if entry.epoch >= mark {
                 sum.bytes += entry.size;
                 sum.count += 1;
             }

@@ -46,7 +46,7 @@ impl Tracker {
         let mut by_stack: HashMap<StackId, Vec<(usize, Live)>> = HashMap::new();
         let mut summary = LeakSummary::default();
         for (ptr, live) in self.snapshot() {
-            if live.seq > mark {
+            if live.epoch >= mark {
                 summary.bytes += live.size;
                 summary.count += 1;
                 by_stack.entry(live.stack).or_default().push((ptr, live));
@@ -99,12 +99,13 @@ impl Tracker {
             site.devices.sort();
             site.devices.dedup();
             site.allocations
-                .sort_by(|a, b| b.1.size.cmp(&a.1.size).then(a.1.seq.cmp(&b.1.seq)));
+                .sort_by_key(|(ptr, live)| (std::cmp::Reverse(live.size), live.time_ns, *ptr));
         }
         sites.sort_by(|a, b| {
-            (b.bytes, b.count)
-                .cmp(&(a.bytes, a.count))
-                .then_with(|| a.allocations[0].1.seq.cmp(&b.allocations[0].1.seq))
+            (b.bytes, b.count).cmp(&(a.bytes, a.count)).then_with(|| {
+                let first = |s: &Site| (s.allocations[0].1.time_ns, s.allocations[0].0);
+                first(a).cmp(&first(b))
+            })
         });
         LeakReport {
             summary,

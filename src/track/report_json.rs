@@ -1,14 +1,15 @@
 //! The JSON leak report: the same content as the text report, every call site and allocation.
 //!
 //! ```json
-//! { "version": 1, "summary": { "bytes": 3145728, "count": 3 }, "backtraces": true,
+//! { "version": 2, "summary": { "bytes": 3145728, "count": 3 }, "backtraces": true,
 //!   "bad_frees": 0, "sites": [ { "bytes": 2097152, "count": 2, "origins": ["cudaMalloc"],
 //!   "devices": [0], "frames": [ { "ip": "0x55d0c3a1b2c3", "function": "app::load_weights",
 //!   "file": "src/model.rs", "line": 41, "library": "app", "offset": "0x1b2c3", "inlined": false } ],
 //!   "allocations": [ { "ptr": "0x7f3a00000000", "size": 1048576, "device": 0, "stream": "0x0",
-//!   "thread": 4242, "time_ns": 14000000, "seq": 7, "origin": "cudaMalloc" } ] } ] }
+//!   "thread": 4242, "time_ns": 14000000, "epoch": 0, "origin": "cudaMalloc" } ] } ] }
 //! ```
-//! Addresses are hex strings (JSON numbers lose precision past 2^53).
+//! Addresses are hex strings (JSON numbers lose precision past 2^53). Version 2 replaced each
+//! allocation's global `seq` number with its checkpoint `epoch` (see `Tracker::checkpoint`).
 
 use super::registry::Tracker;
 use super::report::{LeakReport, Site};
@@ -49,7 +50,7 @@ struct JsonAllocation {
     stream: String,
     thread: u32,
     time_ns: u64,
-    seq: u64,
+    epoch: u64,
     origin: &'static str,
 }
 
@@ -96,7 +97,7 @@ fn site(s: &Site) -> JsonSite {
                 stream: format!("{:#x}", live.stream),
                 thread: live.thread,
                 time_ns: live.time_ns,
-                seq: live.seq,
+                epoch: live.epoch,
                 origin: live.origin.name(),
             })
             .collect(),
@@ -106,7 +107,7 @@ fn site(s: &Site) -> JsonSite {
 /// Writes `report` as pretty-printed JSON.
 pub fn write(report: &LeakReport, w: &mut dyn Write) -> std::io::Result<()> {
     let doc = JsonReport {
-        version: 1,
+        version: 2,
         summary: JsonSummary {
             bytes: report.summary.bytes,
             count: report.summary.count,

@@ -1,5 +1,5 @@
 //! The optional timeline: a bounded ring of the most recent alloc/free events (`timeline:N`),
-//! written as JSON at exit.
+//! written as JSON and as a chart (timeline_svg.rs) at exit.
 //!
 //! Cost: one mutex per event, shared by all threads. It is off by default and meant for a run
 //! being studied, not for production; the ring keeps events in the order they were recorded.
@@ -7,6 +7,7 @@
 use super::registry::Tracker;
 use super::stacks::StackId;
 use super::symbolize::Symbolizer;
+use super::timeline_svg;
 use serde::Serialize;
 use std::collections::{BTreeMap, VecDeque};
 use std::io::Write;
@@ -150,6 +151,29 @@ impl Tracker {
         };
         serde_json::to_writer_pretty(&mut *w, &doc).map_err(std::io::Error::other)?;
         w.write_all(b"\n")
+    }
+
+    /// Writes the timeline as a stacked area chart of bytes in use by call site (timeline_svg.rs),
+    /// each site named by its first frame outside hbmalloc; an error if this tracker keeps no timeline.
+    pub fn write_timeline_svg(&self, w: &mut dyn Write) -> std::io::Result<()> {
+        let Some(timeline) = self.timeline() else {
+            return Err(std::io::Error::other("timeline is off (timeline:0)"));
+        };
+        let (events, dropped) = timeline.events();
+        let mut sym = Symbolizer::new();
+        let backtrace = self.settings().backtrace;
+        let mut label_of = |stack: StackId| {
+            let raw = self.stacks().frames(stack);
+            match raw.and_then(|raw| sym.stack(&raw, 1).into_iter().next()) {
+                Some(f) => f
+                    .location()
+                    .map_or(f.label(), |at| format!("{} {at}", f.label())),
+                None if backtrace => "(no stack)".to_string(),
+                None => "(no stack: backtrace:off)".to_string(),
+            }
+        };
+        let chart = timeline_svg::chart(&events, dropped, timeline_svg::COLUMNS, &mut label_of);
+        timeline_svg::render(&chart, w)
     }
 }
 
