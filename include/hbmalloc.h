@@ -63,6 +63,83 @@ typedef enum HbmStatus {
 } HbmStatus;
 
 /**
+ * How a KV cache gets memory as its sequences grow (`HBM_KV_GROWTH_*` in C).
+ */
+typedef enum HbmKvGrowth {
+    /**
+     * Reserve address space for `n_ctx_max` tokens of every sequence at creation, commit pages as
+     * sequences grow: pointers never move, nothing is copied. On a device without virtual memory
+     * management the cache falls back to `HBM_KV_GROWTH_REALLOC` (see `HbmKvStats.growth`).
+     */
+    HBM_KV_GROWTH_VMM = 0,
+    /**
+     * Each sequence owns one buffer per tensor; growing allocates a larger one (doubling), copies
+     * and frees the old. Pointers move: `HbmKvStats.generation` counts the moves.
+     */
+    HBM_KV_GROWTH_REALLOC = 1,
+    /**
+     * Allocate `n_ctx_max` tokens for every sequence at creation.
+     */
+    HBM_KV_GROWTH_PREALLOC = 2,
+} HbmKvGrowth;
+
+/**
+ * Which scratch pool `hbm_pool_create` makes (`HBM_POOL_KIND_*` in C).
+ */
+typedef enum HbmPoolKind {
+    /**
+     * Cached whole buffers, best fit (ggml's legacy pool).
+     */
+    HBM_POOL_KIND_LEGACY = 0,
+    /**
+     * One virtual reservation, physical memory committed on demand, frees in any order.
+     */
+    HBM_POOL_KIND_VMM = 1,
+} HbmPoolKind;
+
+/**
+ * Element type of a KV cache tensor (`HBM_TYPE_*` in C). The numbers are ggml's `GGML_TYPE_*`.
+ *
+ * Quantized types store blocks of 32 elements: `Q8_0` is an fp16 scale then 32 `int8` (34 bytes),
+ * `Q4_0` an fp16 scale then 16 bytes of nibbles (18 bytes), both bit-compatible with ggml.
+ */
+typedef enum HbmType {
+    /**
+     * 32-bit IEEE float.
+     */
+    HBM_TYPE_F32 = 0,
+    /**
+     * 16-bit IEEE half.
+     */
+    HBM_TYPE_F16 = 1,
+    /**
+     * 4-bit blocks of 32: fp16 scale `d`, element j in the low nibble of byte j, element j+16 in
+     * its high nibble; value = (nibble - 8) * d.
+     */
+    HBM_TYPE_Q4_0 = 2,
+    /**
+     * 8-bit blocks of 32: fp16 scale `d`, then 32 `int8`; value = q * d.
+     */
+    HBM_TYPE_Q8_0 = 8,
+    /**
+     * bfloat16 (the top half of an fp32).
+     */
+    HBM_TYPE_BF16 = 30,
+} HbmType;
+
+/**
+ * A KV cache (opaque). Made by `hbm_kv_cache_create`, freed by `hbm_kv_cache_destroy`. Every
+ * other function may be called from any thread; they serialize on the cache's lock.
+ */
+typedef struct HbmKvCache HbmKvCache;
+
+/**
+ * A scratch pool on one device (opaque). Create with `hbm_pool_create`, destroy with
+ * `hbm_pool_destroy`. Every function may be called on it from any thread.
+ */
+typedef struct HbmPool HbmPool;
+
+/**
  * Statistics of one device's caching pool (bytes are block sizes, after rounding).
  */
 typedef struct HbmStats {
@@ -107,6 +184,161 @@ typedef struct HbmStats {
     uint64_t frees;
 } HbmStats;
 
+/**
+ * The shape and policy of a KV cache, as llama.cpp lays its cache out: per layer a K and a V
+ * tensor, one row of `n_head_kv * head_dim` elements per token, room for `n_ctx_max` tokens in
+ * each of `n_seq_max` sequences.
+ */
+typedef struct HbmKvParams {
+    /**
+     * Layers (> 0).
+     */
+    uint32_t n_layer;
+    /**
+     * KV heads per layer (> 0).
+     */
+    uint32_t n_head_kv;
+    /**
+     * Elements per head (> 0). For Q8_0 and Q4_0, `n_head_kv * head_dim` must be a multiple of 32.
+     */
+    uint32_t head_dim;
+    /**
+     * Most tokens one sequence may hold (> 0).
+     */
+    uint32_t n_ctx_max;
+    /**
+     * Most sequences live at once (> 0); sequence ids are `0 .. n_seq_max`.
+     */
+    uint32_t n_seq_max;
+    /**
+     * Element type of K and of V, as `HBM_TYPE_*` (ggml's numbering): F32, F16, BF16, Q8_0, Q4_0.
+     */
+    int32_t type_k;
+    int32_t type_v;
+    /**
+     * CUDA device ordinal (0 on the simulated device).
+     */
+    int32_t device;
+    enum HbmKvGrowth growth;
+} HbmKvParams;
+
+/**
+ * Counters of a KV cache, in bytes unless named otherwise.
+ */
+typedef struct HbmKvStats {
+    /**
+     * Device memory the cache holds: committed pages (VMM), sequence buffers (realloc), or
+     * everything (prealloc).
+     */
+    uint64_t committed;
+    /**
+     * Address space reserved (VMM); 0 otherwise.
+     */
+    uint64_t reserved;
+    /**
+     * Of `committed`, what released sequences left for the next ones (VMM); `hbm_kv_cache_trim`
+     * gives it back.
+     */
+    uint64_t cached;
+    /**
+     * Bytes copied by realloc growth, in total.
+     */
+    uint64_t copied;
+    /**
+     * Times realloc growth moved a sequence's rows; pointers read before a change are stale.
+     */
+    uint64_t generation;
+    /**
+     * Sequences live (reserved and not released).
+     */
+    uint32_t n_seq;
+    /**
+     * The growth mode in force: `HBM_KV_GROWTH_REALLOC` after a VMM fallback.
+     */
+    enum HbmKvGrowth growth;
+} HbmKvStats;
+
+/**
+ * Options of `hbm_pool_create`. Fill them with `hbm_pool_options_default`, then change fields.
+ */
+typedef struct HbmPoolOptions {
+    /**
+     * VMM pools: bytes of address space to reserve; 0 means the default, 32 GiB. Capped at the
+     * device's memory. Reserving costs no memory.
+     */
+    size_t reserve_size;
+    /**
+     * Bytes the pool may keep from the device while unused. When a free leaves the pool holding
+     * more, unused memory above this goes back to the device at once (after a device
+     * synchronize): whole cached buffers (legacy) or whole committed chunks at the top of the
+     * reservation (VMM). Default `SIZE_MAX`: keep everything until `hbm_pool_trim`.
+     */
+    size_t release_threshold;
+    /**
+     * Alignment of every pointer handed out: a power of two, at least 256 is always given;
+     * 0 means the default, 256. VMM pools: at most the device's VMM granularity (2 MiB).
+     */
+    size_t alignment;
+    /**
+     * Legacy pools: a new buffer is this many percent larger than the request, so that slightly
+     * larger requests later reuse it. Default 5 (ggml's `size * 1.05`). At most 1000.
+     */
+    uint32_t overallocation_percent;
+    /**
+     * Legacy pools: a cached buffer serves a request only if it is at most this many percent
+     * larger than the request. Default 0: any larger buffer serves (ggml's rule).
+     */
+    uint32_t reuse_limit_percent;
+    /**
+     * Legacy pools: most buffers kept cached; a buffer freed into a full cache goes back to the
+     * device. Default 256 (ggml's).
+     */
+    uint32_t max_cached_buffers;
+} HbmPoolOptions;
+
+/**
+ * Statistics of one pool. Byte counts are `actual` sizes, as handed out.
+ */
+typedef struct HbmPoolStats {
+    /**
+     * The kind in force: `HBM_POOL_KIND_LEGACY` after a VMM pool fell back.
+     */
+    enum HbmPoolKind kind;
+    /**
+     * Bytes handed out and not yet freed, and how many allocations.
+     */
+    uint64_t in_use;
+    uint64_t live;
+    /**
+     * Highest `in_use` seen.
+     */
+    uint64_t peak_in_use;
+    /**
+     * Device memory the pool holds (mapped, for VMM; allocated, for legacy), and its peak.
+     */
+    uint64_t committed;
+    uint64_t peak_committed;
+    /**
+     * VMM: address space reserved. Legacy: equal to `committed`.
+     */
+    uint64_t reserved;
+    /**
+     * Allocations and frees served.
+     */
+    uint64_t allocs;
+    uint64_t frees;
+    /**
+     * Allocations served from memory the pool held, and those that asked the device for more.
+     */
+    uint64_t hits;
+    uint64_t misses;
+    /**
+     * Times memory went back to the device, and the bytes given back in all.
+     */
+    uint64_t trims;
+    uint64_t released_bytes;
+} HbmPoolStats;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -117,9 +349,10 @@ extern "C" {
 const char *hbm_version(void);
 
 /**
- * A static, human-readable text for `status`. Never NULL; never free it.
+ * A static, human-readable text for `status` (an `HbmStatus` value; any other number gives
+ * "unknown status"). Never NULL; never free it.
  */
-const char *hbm_status_str(enum HbmStatus status);
+const char *hbm_status_str(int status);
 
 /**
  * The backend serving this process: "cuda" or "sim". Static storage; never free it.
@@ -168,6 +401,331 @@ enum HbmStatus hbm_stats(int device, struct HbmStats *out_stats);
  * `out_released` is NULL or valid for one write.
  */
 enum HbmStatus hbm_trim(int device, uint64_t *out_released);
+
+/**
+ * Bytes that a KV cache of this shape needs:
+ * `n_layer * n_ctx * n_seq * (row_bytes(type_k) + row_bytes(type_v))`, a row being
+ * `n_head_kv * head_dim` elements (ggml's `ggml_row_size`).
+ *
+ * `type_k` and `type_v` are `HBM_TYPE_*` values (ggml's numbering). LLaMA-7B (32 layers, 32 KV
+ * heads, head dim 128) at 2048 tokens, one sequence, F16: 1,073,741,824.
+ *
+ * Returns 0 for an unknown type, a row that is not a whole number of blocks (Q8_0 and Q4_0 need
+ * `n_head_kv * head_dim` divisible by 32), or a size that does not fit in `size_t`; a shape with a
+ * zero dimension also gives 0. Allocates nothing.
+ */
+size_t hbm_kv_cache_bytes(uint32_t n_layer, uint32_t n_head_kv, uint32_t head_dim, uint32_t n_ctx, uint32_t n_seq, int32_t type_k, int32_t type_v);
+
+/**
+ * Encodes `n` floats as a row of `type` (`HBM_TYPE_*`): F32 copies, F16 and BF16 round to nearest
+ * even, Q8_0 and Q4_0 quantize bit for bit as ggml's `quantize_row_q8_0_ref` /
+ * `quantize_row_q4_0_ref` do (blocks of 32: fp16 scale, then the quants).
+ *
+ * - `src`: `n` floats, 4-byte aligned; read only.
+ * - `dst`: room for the row's bytes, which `hbm_kv_cache_bytes(1, 1, n, 1, 1, type, type) / 2`
+ *   gives (`n * 4`, `n * 2`, `n / 32 * 34`, `n / 32 * 18`); any alignment. Owned by the caller.
+ * - `n`: elements; a multiple of 32 for Q8_0 and Q4_0.
+ *
+ * Returns `HBM_STATUS_OK`; `HBM_STATUS_NULL_PARAMETER` if `src` or `dst` is NULL;
+ * `HBM_STATUS_INVALID_VALUE` for an unknown type, `n` not a multiple of the block size, or a
+ * misaligned `src`. On an error `dst` is untouched. Runs on the CPU; allocates nothing.
+ *
+ * # Safety
+ * `src` must be valid for reading `n` floats and `dst` for writing the row's bytes, and the two
+ * must not overlap.
+ */
+enum HbmStatus hbm_quantize_row(int32_t type, const float *src, void *dst, size_t n);
+
+/**
+ * Decodes a row of `n` elements of `type` (`HBM_TYPE_*`) into floats: exact for F32, F16 and
+ * BF16; `q * d` per element for Q8_0, `(q - 8) * d` for Q4_0, as ggml's `dequantize_row_*` do.
+ *
+ * - `src`: the row's bytes (see `hbm_quantize_row`), any alignment; read only.
+ * - `dst`: room for `n` floats, 4-byte aligned. Owned by the caller.
+ * - `n`: elements; a multiple of 32 for Q8_0 and Q4_0.
+ *
+ * Returns `HBM_STATUS_OK`; `HBM_STATUS_NULL_PARAMETER` if `src` or `dst` is NULL;
+ * `HBM_STATUS_INVALID_VALUE` for an unknown type, `n` not a multiple of the block size, or a
+ * misaligned `dst`. On an error `dst` is untouched. Runs on the CPU; allocates nothing.
+ *
+ * # Safety
+ * `src` must be valid for reading the row's bytes and `dst` for writing `n` floats, and the two
+ * must not overlap.
+ */
+enum HbmStatus hbm_dequantize_row(int32_t type, const void *src, float *dst, size_t n);
+
+/**
+ * Creates a KV cache on `params->device` and stores the handle in `*out_cache`.
+ *
+ * In VMM mode this reserves address space only (`n_layer * 2 * n_seq_max` ranges of `n_ctx_max`
+ * rows, rounded up to the granularity); prealloc allocates all of it; realloc allocates nothing
+ * until `hbm_kv_cache_reserve`.
+ *
+ * Returns `HBM_STATUS_OK`; `HBM_STATUS_NULL_PARAMETER` if either pointer is NULL;
+ * `HBM_STATUS_INVALID_VALUE` for a zero dimension, an unknown type or growth mode, a row
+ * (`n_head_kv * head_dim`) that is not a multiple of 32 for Q8_0/Q4_0, or sizes that overflow;
+ * `HBM_STATUS_INVALID_DEVICE`; `HBM_STATUS_OUT_OF_MEMORY` when the memory (prealloc) or address
+ * space (VMM) is not there. On an error `*out_cache` is untouched and nothing is held.
+ *
+ * The caller owns the cache and frees it with `hbm_kv_cache_destroy`.
+ *
+ * # Safety
+ * `params` is NULL or points at an `HbmKvParams`; `out_cache` is NULL or valid for one write.
+ */
+enum HbmStatus hbm_kv_cache_create(const struct HbmKvParams *params, struct HbmKvCache **out_cache);
+
+/**
+ * Destroys a cache: waits for the device to finish with it, then gives back all its memory and
+ * address space. NULL is a no-op. Pointers obtained from the cache are invalid afterwards.
+ *
+ * # Safety
+ * `cache` is NULL or a handle from `hbm_kv_cache_create` not yet destroyed, used by no other
+ * thread during or after the call.
+ */
+void hbm_kv_cache_destroy(struct HbmKvCache *cache);
+
+/**
+ * Makes room for `n_tokens` tokens in sequence `seq` (`0 .. n_seq_max`), starting the sequence
+ * if it is not live. Capacity never shrinks; asking for less than the capacity does nothing.
+ * VMM commits pages (pointers stay); realloc may move the sequence's rows (copying them, and
+ * bumping `generation`); prealloc only checks bounds.
+ *
+ * Returns `HBM_STATUS_OK`; `HBM_STATUS_NULL_PARAMETER` for a NULL cache;
+ * `HBM_STATUS_INVALID_VALUE` for `n_tokens > n_ctx_max`, `seq >= n_seq_max`, or every slot taken;
+ * `HBM_STATUS_OUT_OF_MEMORY` when the device is full even after released sequences' pages were
+ * given back. On an error the live sequences and their contents are unchanged.
+ *
+ * # Safety
+ * `cache` is NULL or a live handle.
+ */
+enum HbmStatus hbm_kv_cache_reserve(const struct HbmKvCache *cache, uint32_t seq, uint32_t n_tokens);
+
+/**
+ * Ends sequence `seq`. VMM keeps its pages for the next sequence (counted in
+ * `HbmKvStats.cached`); realloc frees its buffers after a device synchronize. The next
+ * `hbm_kv_cache_reserve` of the same id starts a new sequence, whose rows hold stale data.
+ *
+ * Returns `HBM_STATUS_OK`; `HBM_STATUS_NULL_PARAMETER`; `HBM_STATUS_INVALID_VALUE` when `seq` is
+ * out of range or not live (never reserved, or already released).
+ *
+ * # Safety
+ * `cache` is NULL or a live handle.
+ */
+enum HbmStatus hbm_kv_cache_release(const struct HbmKvCache *cache, uint32_t seq);
+
+/**
+ * Gives back the pages released sequences left committed (VMM; after one device synchronize).
+ * `out_released` (may be NULL) receives the bytes given back.
+ *
+ * # Safety
+ * `cache` is NULL or a live handle; `out_released` is NULL or valid for one write.
+ */
+enum HbmStatus hbm_kv_cache_trim(const struct HbmKvCache *cache, uint64_t *out_released);
+
+/**
+ * Tokens live sequence `seq` can hold now (its committed capacity), into `*out_n_tokens`.
+ * Rows `0 .. capacity` may be appended to, read and written without growing.
+ *
+ * Returns `HBM_STATUS_OK`; `HBM_STATUS_NULL_PARAMETER`; `HBM_STATUS_INVALID_VALUE` when `seq` is
+ * out of range or not live. On an error `*out_n_tokens` is untouched.
+ *
+ * # Safety
+ * `cache` is NULL or a live handle; `out_n_tokens` is NULL or valid for one write.
+ */
+enum HbmStatus hbm_kv_cache_capacity(const struct HbmKvCache *cache, uint32_t seq, uint32_t *out_n_tokens);
+
+/**
+ * Where live sequence `seq`'s rows are in layer `layer`: its K rows start at `*out_k` and its V
+ * rows at `*out_v` (device pointers), token `t`'s row at `k + t * row_stride_k` (and likewise
+ * for V), valid for `t` below the sequence's capacity (`hbm_kv_cache_capacity`). A row is
+ * `n_head_kv * head_dim` elements of the tensor's type (ggml's `ggml_row_size`), heads one after
+ * the other.
+ *
+ * VMM and prealloc pointers never change while the sequence lives; realloc pointers change
+ * whenever `HbmKvStats.generation` does. The cache owns the memory: never free it.
+ *
+ * Returns `HBM_STATUS_OK`; `HBM_STATUS_NULL_PARAMETER` if any pointer is NULL;
+ * `HBM_STATUS_INVALID_VALUE` for `layer >= n_layer`, `seq` out of range or not live. On an
+ * error the outputs are untouched.
+ *
+ * # Safety
+ * `cache` is NULL or a live handle; each output is NULL or valid for one write.
+ */
+enum HbmStatus hbm_kv_cache_layer(const struct HbmKvCache *cache, uint32_t layer, uint32_t seq, void **out_k, void **out_v, size_t *out_row_stride_k, size_t *out_row_stride_v);
+
+/**
+ * Fills `*out_stats` with the cache's counters.
+ *
+ * # Safety
+ * `cache` is NULL or a live handle; `out_stats` is NULL or valid for one `HbmKvStats` write.
+ */
+enum HbmStatus hbm_kv_cache_stats(const struct HbmKvCache *cache, struct HbmKvStats *out_stats);
+
+/**
+ * Queues on `stream` the append of `n_tokens` tokens to live sequence `seq` in layer `layer`,
+ * at rows `pos .. pos + n_tokens`, converting to the cache's types: F16/BF16 round to nearest
+ * even, Q8_0/Q4_0 quantize bit for bit as ggml's `quantize_row_q8_0_ref`/`_q4_0_ref`.
+ *
+ * - `k_src`, `v_src`: `n_tokens` rows of `n_head_kv * head_dim` elements of `src_type`,
+ *   contiguous, in device memory, aligned to the element size; either may be NULL to leave
+ *   that tensor alone (not both). Read by the kernel as it runs: keep them until `stream` passes.
+ * - `src_type`: `HBM_TYPE_F32` or `HBM_TYPE_F16`.
+ * - `stream`: a `cudaStream_t` of the cache's device (NULL: the legacy default stream).
+ *
+ * Returns `HBM_STATUS_OK` once queued; `HBM_STATUS_NULL_PARAMETER` for a NULL cache or both
+ * sources NULL; `HBM_STATUS_INVALID_VALUE` for `layer` or `seq` out of range, a sequence not
+ * live, `pos + n_tokens` beyond its capacity (reserve first), another `src_type`, or a misaligned
+ * source (nothing is queued then); `HBM_STATUS_NOT_SUPPORTED` when NVRTC cannot compile the
+ * kernels; `HBM_STATUS_DRIVER_ERROR` when a launch fails (K may then be written and V not).
+ *
+ * # Safety
+ * `cache` is NULL or a live handle; the sources are NULL or device memory of the sizes above.
+ */
+enum HbmStatus hbm_kv_cache_append(const struct HbmKvCache *cache, uint32_t layer, uint32_t seq, uint32_t pos, const void *k_src, const void *v_src, int32_t src_type, uint32_t n_tokens, void *stream);
+
+/**
+ * Queues on `stream` the conversion of live sequence `seq`'s rows `pos .. pos + n_tokens` in
+ * layer `layer` into `k_dst` and `v_dst` as `dst_type`: exact for F32/F16/BF16 caches, `q * d`
+ * (Q8_0) or `(q - 8) * d` (Q4_0) as ggml's `dequantize_row_*`, rounded to nearest even for F16.
+ *
+ * - `k_dst`, `v_dst`: room for `n_tokens` rows of `n_head_kv * head_dim` elements of
+ *   `dst_type`, contiguous, in device memory, aligned to the element size; either may be NULL
+ *   (not both). Owned by the caller.
+ * - `dst_type`: `HBM_TYPE_F32` or `HBM_TYPE_F16`.
+ * - `stream`: as for `hbm_kv_cache_append`.
+ *
+ * Returns as `hbm_kv_cache_append` does.
+ *
+ * # Safety
+ * `cache` is NULL or a live handle; the destinations are NULL or device memory of the sizes
+ * above, not overlapping the cache.
+ */
+enum HbmStatus hbm_kv_cache_dequantize(const struct HbmKvCache *cache, uint32_t layer, uint32_t seq, uint32_t pos, uint32_t n_tokens, void *k_dst, void *v_dst, int32_t dst_type, void *stream);
+
+/**
+ * Fills `*out_options` with the defaults: `reserve_size` 32 GiB, `release_threshold` SIZE_MAX,
+ * `alignment` 256, `overallocation_percent` 5, `reuse_limit_percent` 0,
+ * `max_cached_buffers` 256. Returns `HBM_STATUS_NULL_PARAMETER` if `out_options` is NULL.
+ *
+ * # Safety
+ * `out_options` is NULL or valid for one `HbmPoolOptions` write.
+ */
+enum HbmStatus hbm_pool_options_default(struct HbmPoolOptions *out_options);
+
+/**
+ * Creates a scratch pool on `device` and stores its handle in `*out_pool`.
+ *
+ * - `kind`: `HBM_POOL_KIND_LEGACY` or `HBM_POOL_KIND_VMM`. A VMM pool on a device without VMM
+ *   support, or whose address reservation the driver refuses, is created as a legacy pool
+ *   instead, with one notice line on stderr (`hbm_pool_stats` reports the kind in force).
+ * - `options`: NULL for the defaults (`hbm_pool_options_default`); read only during the call.
+ *
+ * A pool serves one stream, as ggml's do: a freed block may be handed out again at once, so use
+ * it for work ordered on one stream. Memory goes back to the device only after a synchronize.
+ *
+ * Returns `HBM_STATUS_NULL_PARAMETER` if `out_pool` is NULL, `HBM_STATUS_INVALID_VALUE` for an
+ * unknown kind or bad options, `HBM_STATUS_INVALID_DEVICE`. Destroy it with `hbm_pool_destroy`.
+ *
+ * # Safety
+ * `options` is NULL or points to a valid `HbmPoolOptions`; `out_pool` is NULL or valid for one
+ * pointer write.
+ */
+enum HbmStatus hbm_pool_create(int device, int kind, const struct HbmPoolOptions *options, struct HbmPool **out_pool);
+
+/**
+ * Allocates at least `size` bytes from `pool`: stores the device pointer in `*out_ptr` and the
+ * size actually reserved for it in `*out_actual`, which `hbm_pool_free` takes back. Pointers are
+ * aligned to the pool's alignment (256 by default). `size` 0 stores NULL and 0 and succeeds.
+ *
+ * Returns `HBM_STATUS_NULL_PARAMETER` if any pointer is NULL; `HBM_STATUS_OUT_OF_MEMORY` when the
+ * device (or a VMM pool's reservation) has no room, with nothing allocated.
+ *
+ * # Safety
+ * `pool` is NULL or a live handle from `hbm_pool_create`; `out_ptr` and `out_actual` are NULL or
+ * valid for one write each.
+ */
+enum HbmStatus hbm_pool_alloc(struct HbmPool *pool, size_t size, void **out_ptr, size_t *out_actual);
+
+/**
+ * Returns `ptr`, allocated from `pool` with `*out_actual == actual`, to the pool. NULL is a
+ * no-op. The memory may be handed out again at once (see `hbm_pool_create`).
+ *
+ * Returns `HBM_STATUS_INVALID_VALUE` if `actual` is not the size `hbm_pool_alloc` gave, and
+ * `HBM_STATUS_INVALID_POINTER` for a pointer this pool did not hand out, one already freed or one
+ * inside a block; either way nothing is freed and one line on stderr says why.
+ *
+ * # Safety
+ * `pool` is NULL or a live handle; `ptr` is only looked up, never dereferenced.
+ */
+enum HbmStatus hbm_pool_free(struct HbmPool *pool, void *ptr, size_t actual);
+
+/**
+ * Gives the pool's unused memory back to the device, after one device synchronize: every cached
+ * buffer (legacy), or every free committed chunk at the top of the reservation (VMM). Stores the
+ * bytes given back in `*out_released` unless it is NULL.
+ *
+ * # Safety
+ * `pool` is NULL or a live handle; `out_released` is NULL or valid for one write.
+ */
+enum HbmStatus hbm_pool_trim(struct HbmPool *pool, size_t *out_released);
+
+/**
+ * Fills `*out_stats` with the pool's statistics.
+ *
+ * # Safety
+ * `pool` is NULL or a live handle; `out_stats` is NULL or valid for one `HbmPoolStats` write.
+ */
+enum HbmStatus hbm_pool_stats(const struct HbmPool *pool, struct HbmPoolStats *out_stats);
+
+/**
+ * Destroys a pool and gives all its memory back to the device (after one synchronize). NULL is
+ * a no-op. Allocations still live are reported in one line on stderr and freed with the pool:
+ * their pointers are dangling afterwards.
+ *
+ * # Safety
+ * `pool` is NULL or a live handle, not used again by any thread after this call.
+ */
+void hbm_pool_destroy(struct HbmPool *pool);
+
+/**
+ * Writes the full text leak report of every allocation still live, now.
+ *
+ * `path`: a NUL-terminated file path, created or truncated; NULL writes to stderr. The string is
+ * only read during the call; the caller keeps ownership.
+ *
+ * Returns `HBM_STATUS_OK`, `HBM_STATUS_INVALID_VALUE` if `path` is not UTF-8, or
+ * `HBM_STATUS_IO_ERROR` if the file could not be written.
+ *
+ * # Safety
+ * `path` is NULL or points to a NUL-terminated string valid for the duration of the call.
+ */
+enum HbmStatus hbm_report_leaks(const char *path);
+
+/**
+ * Starts a new checkpoint epoch and returns it as a mark for `hbm_leaks_since`: every allocation
+ * made after this call returns, by this thread or by a thread that synchronized with it since
+ * (a mutex, a join), is "since" the mark. Allocations by other threads while the call runs may
+ * fall on either side. Marks increase from 1. Never fails; 0 on an internal error (0 is the mark
+ * of the tracker's start: the check then counts everything live, and stays meaningful).
+ *
+ * # Safety
+ * None: no pointer arguments. `unsafe` only for uniformity of the C API.
+ */
+uint64_t hbm_checkpoint(void);
+
+/**
+ * Counts the allocations made after `mark` (from `hbm_checkpoint`) that are still live, so that a
+ * test can assert that a region of code freed everything it allocated.
+ *
+ * `out_bytes`, `out_count`: where the total size and the number of such allocations are written;
+ * owned by the caller.
+ *
+ * Returns `HBM_STATUS_OK`, or `HBM_STATUS_NULL_PARAMETER` (nothing written) if either is NULL.
+ *
+ * # Safety
+ * `out_bytes` and `out_count` are NULL or valid, aligned, writable `uint64_t` pointers.
+ */
+enum HbmStatus hbm_leaks_since(uint64_t mark, uint64_t *out_bytes, uint64_t *out_count);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -17,9 +17,8 @@ step() { printf '\n==== %s\n' "$*"; }
 step "dependencies"
 bash scripts/install-test-deps.sh
 
-# Debug, the profile the tests are written and run in day to day (on main, tests/track.rs
-# fails under --release: see the commit that chose this). The CMake build below builds the
-# release library that the C tests use.
+# Debug, the profile the tests are written and run in day to day (they pass in release too);
+# the CMake build below builds the release library that the C tests use.
 # The wheel's lib/ is on the library path for tests that load NVRTC (libnvrtc.so.13) at run time.
 step "cargo test"
 LD_LIBRARY_PATH="$PWD/.whl/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \

@@ -247,7 +247,10 @@ fn cuda_calls_leave_the_threads_context_as_found() {
             assert!(current().is_null(), "a fresh thread has no context");
             let p = cuda.alloc(4096).unwrap();
             cuda.free(p, 4096).unwrap();
-            assert!(!current().is_null(), "device 0's primary context is current now");
+            assert!(
+                !current().is_null(),
+                "device 0's primary context is current now"
+            );
             assert_eq!(CudaBackend::current_device(), 0);
         });
         // A thread in a context of its own gets it back after every call.

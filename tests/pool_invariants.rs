@@ -317,7 +317,14 @@ fn per_thread_stream_blocks_are_not_reused_by_another_thread_at_once() {
     let other = std::thread::spawn(move || p2.alloc_async(3 << 20, 2).unwrap())
         .join()
         .unwrap();
-    assert_ne!(other, a, "another thread's per-thread stream must wait for the free");
-    assert_eq!(pool.alloc_async(3 << 20, 2).unwrap(), a, "the freeing thread reuses at once");
+    assert_ne!(
+        other, a,
+        "another thread's per-thread stream must wait for the free"
+    );
+    assert_eq!(
+        pool.alloc_async(3 << 20, 2).unwrap(),
+        a,
+        "the freeing thread reuses at once"
+    );
     pool.check();
 }
