@@ -8,8 +8,9 @@
  * bad inputs a program may pass, the data path, and a 16-thread stress.
  *
  * Under backend:sim the "device" memory hbmalloc hands out is ordinary host memory (anonymous
- * mmap), so this test writes and reads it with memset/memcmp directly. On a real device that
- * would be a crash; this program is for the simulated backend only.
+ * mmap), so this test writes and reads it with memset/memcmp directly. On a real GPU
+ * (scripts/gpu-check.sh runs it with the argument `cuda` and backend:cuda) the same checks go
+ * through cudaMemset and cudaMemcpy instead, and the capacity is the device's own.
  *
  * hbmalloc.h is included beside cuda_runtime.h on purpose: the generated header must not clash
  * with the runtime's declarations. This program does not link libhbmalloc; it finds hbm_stats
@@ -35,6 +36,31 @@ static HbmStats stats_now(void) {
     enum HbmStatus st = hbm_stats_ptr(0, &s);
     REQUIRE(st == HBM_STATUS_OK, "hbm_stats(0) returned %d", (int)st);
     return s;
+}
+
+/* Set when running on a real GPU: device memory is then reached through the runtime only. */
+static int on_device;
+
+/* Writes `byte` over [p, p+n) of device memory. */
+static void dev_set(void *p, int byte, size_t n) {
+    if (on_device) {
+        cudaError_t err = cudaMemset(p, byte, n);
+        REQUIRE(err == cudaSuccess, "cudaMemset(%p, %zu) = %d", p, n, (int)err);
+    } else {
+        memset(p, byte, n); /* sim: device memory is host memory */
+    }
+}
+
+/* The byte at p + off of device memory. */
+static unsigned char dev_byte(const void *p, size_t off) {
+    unsigned char b = 0;
+    if (on_device) {
+        cudaError_t err = cudaMemcpy(&b, (const unsigned char *)p + off, 1, cudaMemcpyDeviceToHost);
+        REQUIRE(err == cudaSuccess, "cudaMemcpy from %p = %d", p, (int)err);
+    } else {
+        b = ((const unsigned char *)p)[off];
+    }
+    return b;
 }
 
 /* A function's address as a data pointer, without the cast ISO C leaves undefined. */
@@ -212,6 +238,9 @@ static void mem_get_info(size_t expected_total) {
     CHECK(cudaGetLastError() == cudaSuccess, "cudaGetLastError resets");
 
     CHECK(cudaMemGetInfo(&free_bytes, &total) == cudaSuccess, "cudaMemGetInfo");
+    if (on_device) {
+        expected_total = total; /* the card's own size; the runtime's figure, checked below */
+    }
     CHECK(total == expected_total, "total %zu, want sim_capacity %zu", total, expected_total);
     CHECK(free_bytes <= total && free_bytes > 0, "free %zu of total %zu", free_bytes, total);
 
@@ -255,8 +284,7 @@ static void data_and_overlap(void) {
         sizes[i] = 1 + next_random(&rng) % ((i % 10 == 0) ? (8u << 20) : (64u << 10));
         cudaError_t err = cudaMalloc(&ptrs[i], sizes[i]);
         REQUIRE(err == cudaSuccess && ptrs[i] != NULL, "cudaMalloc(%zu) = %d", sizes[i], (int)err);
-        /* Sim backend: device memory is host memory (see the top of this file). */
-        memset(ptrs[i], i & 0xff, sizes[i]);
+        dev_set(ptrs[i], i & 0xff, sizes[i]);
         ranges[i][0] = (uintptr_t)ptrs[i];
         ranges[i][1] = (uintptr_t)ptrs[i] + sizes[i];
     }
@@ -270,14 +298,14 @@ static void data_and_overlap(void) {
     CHECK(overlaps == 0, "%d of %d live allocations overlap their neighbour", overlaps, N);
     int corrupted = 0;
     for (int i = 0; i < N; i++) {
-        const unsigned char *b = ptrs[i];
-        for (size_t j = 0; j < sizes[i]; j += 61) {
-            if (b[j] != (unsigned char)(i & 0xff)) {
+        size_t step = on_device ? (sizes[i] / 4 + 1) : 61; /* a copy per byte is slow on a GPU */
+        for (size_t j = 0; j < sizes[i]; j += step) {
+            if (dev_byte(ptrs[i], j) != (unsigned char)(i & 0xff)) {
                 corrupted++;
                 break;
             }
         }
-        corrupted += b[sizes[i] - 1] != (unsigned char)(i & 0xff);
+        corrupted += dev_byte(ptrs[i], sizes[i] - 1) != (unsigned char)(i & 0xff);
     }
     CHECK(corrupted == 0, "%d allocations lost what was written to them", corrupted);
     for (int i = 0; i < N; i++) {
@@ -306,10 +334,10 @@ static void worker_fail(struct worker *w, const char *what, int i, long code) {
 }
 
 static void fill(unsigned char *p, size_t size, uint32_t tag) {
-    /* Sim backend: device memory is host memory. Small blocks in full, large ones at both ends
-     * and every 4 KiB, which is enough to see a block shared by two threads. */
-    if (size <= 4096) {
-        memset(p, (int)(tag & 0xff), size);
+    /* Small blocks in full, large ones at both ends and every 4 KiB (on a GPU: in full, one
+     * cudaMemset), which is enough to see a block shared by two threads. */
+    if (size <= 4096 || on_device) {
+        dev_set(p, (int)(tag & 0xff), size);
         return;
     }
     for (size_t off = 0; off < size; off += 4096) {
@@ -320,13 +348,13 @@ static void fill(unsigned char *p, size_t size, uint32_t tag) {
 
 static int intact(const unsigned char *p, size_t size, uint32_t tag) {
     unsigned char want = (unsigned char)(tag & 0xff);
-    size_t step = size <= 4096 ? 1 : 4096;
+    size_t step = on_device ? size / 2 + 1 : (size <= 4096 ? 1 : 4096);
     for (size_t off = 0; off < size; off += step) {
-        if (p[off] != want) {
+        if (dev_byte(p, off) != want) {
             return 0;
         }
     }
-    return p[size - 1] == want;
+    return dev_byte(p, size - 1) == want;
 }
 
 static void *stress_worker(void *arg) {
@@ -414,9 +442,13 @@ static void thread_stress(void) {
 
 int main(int argc, char **argv) {
     if (argc != 2) {
-        fprintf(stderr, "usage: %s SIM_CAPACITY_BYTES   (run with LD_PRELOAD=libhbmalloc.so "
-                        "HBMALLOC_CONF=backend:sim,sim_capacity:...)\n", argv[0]);
+        fprintf(stderr, "usage: %s SIM_CAPACITY_BYTES|cuda   (run with LD_PRELOAD=libhbmalloc.so "
+                        "HBMALLOC_CONF=backend:sim,sim_capacity:... or backend:cuda)\n", argv[0]);
         return 2;
+    }
+    on_device = strcmp(argv[1], "cuda") == 0;
+    if (on_device) {
+        argv[1] = "1"; /* replaced by the device's total in mem_get_info */
     }
     char *end = NULL;
     errno = 0;

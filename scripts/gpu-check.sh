@@ -47,8 +47,8 @@ if want c; then
     for src in c_tests/interpose_runtime.c; do
         [[ -f $src ]] || continue
         exe=build/gpu/$(basename "$src" .c)
-        if gcc -O1 -g -I"$CUDA/include" "$src" -o "$exe" -L"$CUDA/lib64" -lcudart -lpthread -ldl -Wl,-rpath,"$CUDA/lib64" 2>"$LOG/c-build.log"; then
-            if HBMALLOC_CONF=backend:cuda LD_PRELOAD=$LIB "$exe" >"$LOG/c-$(basename "$exe").log" 2>&1; then
+        if gcc -O1 -g -I"$CUDA/include" -Iinclude "$src" -o "$exe" -L"$CUDA/lib64" -lcudart -lpthread -ldl -Wl,-rpath,"$CUDA/lib64" 2>"$LOG/c-build.log"; then
+            if HBMALLOC_CONF=backend:cuda,backtrace:off LD_PRELOAD=$LIB "$exe" cuda >"$LOG/c-$(basename "$exe").log" 2>&1; then
                 record "C $(basename "$src") on cuda" PASS "$(tail -1 "$LOG/c-$(basename "$exe").log")"
             else
                 record "C $(basename "$src") on cuda" FAIL "$(tail -3 "$LOG/c-$(basename "$exe").log" | tr '\n' ' ')"
