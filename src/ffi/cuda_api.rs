@@ -115,13 +115,18 @@ fn free_hook(ptr: *mut c_void, stream: Option<usize>) -> CudaError {
         Api::Runtime,
     ) {
         Ok(_) => cuda_error::SUCCESS,
+        // Memory hbmalloc never gave out may still be the runtime's (allocated before we were
+        // loaded, or by a call we do not interpose): the runtime decides, and only its refusal
+        // is worth a line.
         Err(Error::UnknownPointer(_)) => {
-            if runtime::active() == Active::Sim {
+            let rc = forward();
+            if rc != cuda_error::SUCCESS {
                 eprintln!(
-                    "hbmalloc: cudaFree({ptr:p}): not a pointer hbmalloc allocated; nothing freed"
+                    "hbmalloc: cudaFree({ptr:p}): not a pointer hbmalloc allocated (nor the CUDA \
+                     runtime: error {rc}); nothing freed"
                 );
             }
-            fail(forward())
+            fail(rc)
         }
         Err(e) => fail(to_cuda_error(&e)),
     }
