@@ -3,11 +3,12 @@
 #   bash scripts/gpu-stage.sh          (fills gpu-stage/)
 # then, from the repository root on the GPU machine (CUDA toolkit, driver, python3 + torch):
 #   bash scripts/gpu-check.sh [section ...]   sections: rust c stream torch bench demo examples
-# Logs go to $OUT (or gpu-out/); a table of what ran is printed last. Exits 1 if anything failed.
+# Logs go to gpu-out/ (and, packed with the summary, to $OUT where the device tool runs it); a
+# table of what ran is printed last. Exits 1 if anything failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STAGE=gpu-stage
-LOG=${OUT:-gpu-out}
+LOG=$PWD/gpu-out
 mkdir -p "$LOG" build/gpu
 CUDA=${CUDA_HOME:-/usr/local/cuda}
 export PATH="$CUDA/bin:$PATH"
@@ -143,7 +144,10 @@ if want examples; then
     done
 fi
 
-tar czf "$LOG/../gpu-logs.tgz" -C "$LOG" . 2>/dev/null
+if [[ -n ${OUT:-} ]]; then
+    tar czf "$OUT/gpu-logs.tgz" -C "$LOG" .
+    cp "$LOG/bench.txt" "$OUT/" 2>/dev/null
+fi
 echo
 echo "gpu-check on $CARD"
 printf '| %-34s | %-4s | %s |\n' check result detail
