@@ -4,7 +4,7 @@
 
 use crate::backend::{DevicePtr, Stream};
 use crate::error::{Error, Result};
-use crate::pool::CachingPool;
+use crate::pool::size_class::block_size;
 use crate::runtime;
 use crate::track::{self, Origin};
 
@@ -15,12 +15,25 @@ pub enum Api {
     Hbm,
 }
 
+/// The origins of blocks that live in the caching pools.
+const POOL_ORIGINS: [Origin; 3] = [
+    Origin::CudaMalloc,
+    Origin::CudaMallocAsync,
+    Origin::HbmAlloc,
+];
+
 /// Allocates `size` (> 0) bytes on `device`, stream-ordered on `stream` when given.
+///
+/// The tracker's registry is the one record of live blocks on this path: the pool keeps none
+/// (`*_unchecked`), which saves a second map operation per allocation and per free. The block
+/// size is a function of the request (`pool::size_class::block_size`), so the record's size
+/// is enough to give the block back.
+#[inline]
 pub fn alloc(device: i32, size: usize, stream: Option<Stream>, api: Api) -> Result<DevicePtr> {
     let pool = runtime::pool(device)?;
-    let ptr = match stream {
-        Some(s) => pool.alloc_async(size, s)?,
-        None => pool.alloc(size)?,
+    let (ptr, _block) = match stream {
+        Some(s) => pool.alloc_async_unchecked(size, s)?,
+        None => pool.alloc_unchecked(size)?,
     };
     let origin = match (api, stream) {
         (Api::Runtime, None) => Origin::CudaMalloc,
@@ -31,38 +44,45 @@ pub fn alloc(device: i32, size: usize, stream: Option<Stream>, api: Api) -> Resu
     Ok(ptr)
 }
 
-/// Frees `ptr`, whichever device's pool owns it (the runtime frees across devices too).
+/// Frees `ptr`, whichever device's pool holds it (the runtime frees across devices too).
 /// `Err(UnknownPointer)` means no pool knows it: the caller may forward it to the runtime.
+#[inline]
 pub fn free(
     ptr: DevicePtr,
     current_device: i32,
     stream: Option<Stream>,
     api: Api,
 ) -> Result<usize> {
-    // The tracker first: once the pool has the block back, another thread may get it at once.
-    let tracked = track::forget(ptr);
-    // The current device's pool first: one live-map operation in the common case.
-    let result = free_in(runtime::pool(current_device)?, ptr, stream);
-    let result = match result {
-        Err(Error::UnknownPointer(_) | Error::DoubleFree(_) | Error::InteriorPointer { .. }) => {
-            match runtime::pools().find(|(d, p)| *d != current_device && p.owns(ptr)) {
-                Some((_, other)) => free_in(other, ptr, stream),
-                None => result,
+    // The record goes first: once the pool has the block back, another thread may get it (and
+    // record it) at once.
+    match track::forget_from(ptr, &POOL_ORIGINS) {
+        Ok(live) => {
+            let pool = runtime::pool(live.device)?;
+            let block = block_size(live.size as usize).expect("a recorded size has a block");
+            match stream {
+                Some(s) => pool.free_async_unchecked(ptr, block, s),
+                None => pool.free_unchecked(ptr, block),
             }
+            Ok(block)
         }
-        other => other,
-    };
-    if let Err(e) = &result {
-        diagnose(ptr, e, api, tracked.err());
+        Err(bad) => {
+            let e = classify(ptr, current_device);
+            diagnose(ptr, &e, api, Some(bad));
+            Err(e)
+        }
     }
-    result
 }
 
-fn free_in(pool: &CachingPool, ptr: DevicePtr, stream: Option<Stream>) -> Result<usize> {
-    match stream {
-        Some(s) => pool.free_async(ptr, s),
-        None => pool.free(ptr),
-    }
+/// What a pointer that is no live block is: freed already, inside a block, or none of ours.
+#[cold]
+fn classify(ptr: DevicePtr, current_device: i32) -> Error {
+    let current = runtime::pool(current_device).ok();
+    current
+        .into_iter()
+        .chain(runtime::pools().map(|(_, p)| p))
+        .map(|pool| pool.diagnose(ptr))
+        .find(|e| !matches!(e, Error::UnknownPointer(_)))
+        .unwrap_or(Error::UnknownPointer(ptr))
 }
 
 /// One diagnostic for a bad free. An unknown pointer is left to the caller, which may still

@@ -108,28 +108,20 @@ impl Arena {
         Some(addr)
     }
 
-    /// Takes a block freed asynchronously on `stream` that fits `size` without wasting more than
-    /// half of it: the stream's own order makes it safe to reuse at once.
-    pub fn take_same_stream(
-        &mut self,
-        size: usize,
-        stream: Stream,
-    ) -> Option<(DevicePtr, usize, Event)> {
-        let (i, _) = self
+    /// Takes a block of exactly `size` bytes freed asynchronously on `stream`: the stream's own
+    /// order makes it safe to reuse at once. Exact, so that the block size stays a function of
+    /// the request (callers that keep no record of it rely on that).
+    pub fn take_same_stream(&mut self, size: usize, stream: Stream) -> Option<(DevicePtr, Event)> {
+        let i = self
             .stream_freed
             .iter()
-            .enumerate()
-            .filter(|(_, f)| f.stream == stream)
-            .map(|(i, f)| (i, self.blocks[&f.addr].size))
-            .filter(|&(_, s)| s >= size && s / 2 <= size)
-            .min_by_key(|&(_, s)| s)?;
+            .position(|f| f.stream == stream && self.blocks[&f.addr].size == size)?;
         let f = self.stream_freed.swap_remove(i);
-        let block = self
-            .blocks
+        self.blocks
             .get_mut(&f.addr)
-            .expect("stream-freed block exists");
-        block.state = State::Used;
-        Some((f.addr, block.size, f.event))
+            .expect("stream-freed block exists")
+            .state = State::Used;
+        Some((f.addr, f.event))
     }
 
     /// Size of the block starting at `addr` (which must be one).

@@ -121,22 +121,12 @@ impl CachingPool {
     }
 
     /// Allocates at least `size` (> 0) bytes, aligned to 512. Never blocks on the device unless
-    /// `pending_limit` bytes of freed blocks wait for a synchronize or memory runs out.
+    /// enough freed blocks wait for a synchronize or memory runs out.
     #[inline]
     pub fn alloc(&self, size: usize) -> Result<DevicePtr> {
-        let block = checked_block(size)?;
-        if let Some(class) = cache_class(block) {
-            let mut shard = self.shards[my_shard()].lock();
-            if let Some(ptr) = shard.pop_safe(class, self.completed.load(Ordering::Acquire)) {
-                shard.counters.in_use += block as i64;
-                shard.counters.allocs += 1;
-                shard.counters.hits += 1;
-                drop(shard);
-                self.live.insert(ptr, block);
-                return Ok(ptr);
-            }
-        }
-        self.alloc_slow(block)
+        let (ptr, block) = self.alloc_unchecked(size)?;
+        self.live.insert(ptr, block);
+        Ok(ptr)
     }
 
     /// Frees a block from `alloc`/`alloc_async`; returns its size. Unknown, interior and
@@ -146,6 +136,53 @@ impl CachingPool {
         let Some((_, block)) = self.live.remove(&ptr) else {
             return Err(self.diagnose(ptr));
         };
+        self.free_unchecked(ptr, block);
+        Ok(block)
+    }
+
+    /// `cudaMallocAsync`: reuses a block freed on the same stream at once; else as `alloc`.
+    pub fn alloc_async(&self, size: usize, stream: Stream) -> Result<DevicePtr> {
+        let (ptr, block) = self.alloc_async_unchecked(size, stream)?;
+        self.live.insert(ptr, block);
+        Ok(ptr)
+    }
+
+    /// `cudaFreeAsync`: the block is reusable at once on `stream`, elsewhere once `stream` has
+    /// passed this point (an event recorded now).
+    pub fn free_async(&self, ptr: DevicePtr, stream: Stream) -> Result<usize> {
+        let Some((_, block)) = self.live.remove(&ptr) else {
+            return Err(self.diagnose(ptr));
+        };
+        self.free_async_unchecked(ptr, block, stream);
+        Ok(block)
+    }
+
+    /// As `alloc`, but the pool keeps no record of the block: returns (address, block size),
+    /// and the caller must give exactly that back to `free_unchecked`/`free_async_unchecked`,
+    /// once. For a caller that keeps its own map of live blocks (`crate::alloc` uses the
+    /// tracker's), which saves a second map operation on every allocation and free.
+    #[inline]
+    pub fn alloc_unchecked(&self, size: usize) -> Result<(DevicePtr, usize)> {
+        let block = checked_block(size)?;
+        if let Some(class) = cache_class(block) {
+            let mut shard = self.shards[my_shard()].lock();
+            if let Some(ptr) = shard.pop_safe(class, self.completed.load(Ordering::Acquire)) {
+                shard.counters.in_use += block as i64;
+                shard.counters.allocs += 1;
+                shard.counters.hits += 1;
+                return Ok((ptr, block));
+            }
+        }
+        self.alloc_slow(block).map(|ptr| (ptr, block))
+    }
+
+    /// Returns a block from `alloc_unchecked`/`alloc_async_unchecked`.
+    ///
+    /// The caller guarantees (`ptr`, `block`) is exactly what one of those returned and has not
+    /// been given back yet; the pool does not check. Memory safety does not depend on it (this is
+    /// device memory), but the pool's bookkeeping does.
+    #[inline]
+    pub fn free_unchecked(&self, ptr: DevicePtr, block: usize) {
         let stamp = self.stamp_free();
         let mut shard = self.shards[my_shard()].lock();
         shard.counters.in_use -= block as i64;
@@ -158,33 +195,27 @@ impl CachingPool {
         if let Some(evicted) = evicted {
             self.return_to_arena(evicted);
         }
-        Ok(block)
     }
 
-    /// `cudaMallocAsync`: reuses a block freed on the same stream at once; else as `alloc`.
-    pub fn alloc_async(&self, size: usize, stream: Stream) -> Result<DevicePtr> {
+    /// As `alloc_async`, keeping no record (see `alloc_unchecked`).
+    pub fn alloc_async_unchecked(&self, size: usize, stream: Stream) -> Result<(DevicePtr, usize)> {
         let block = checked_block(size)?;
         if self.stream_freed.load(Ordering::Acquire) > 0 {
             let taken = self
                 .arena_for(block)
                 .take_same_stream(block, stream_key(stream));
-            if let Some((ptr, actual, event)) = taken {
+            if let Some((ptr, event)) = taken {
                 self.stream_freed.fetch_sub(1, Ordering::AcqRel);
                 self.backend.event_release(event);
-                self.count_alloc(actual, true);
-                self.live.insert(ptr, actual);
-                return Ok(ptr);
+                self.count_alloc(block, true);
+                return Ok((ptr, block));
             }
         }
-        self.alloc(size)
+        self.alloc_unchecked(size)
     }
 
-    /// `cudaFreeAsync`: the block is reusable at once on `stream`, elsewhere once `stream` has
-    /// passed this point (an event recorded now).
-    pub fn free_async(&self, ptr: DevicePtr, stream: Stream) -> Result<usize> {
-        let Some((_, block)) = self.live.remove(&ptr) else {
-            return Err(self.diagnose(ptr));
-        };
+    /// As `free_async`, for a block from an `*_unchecked` allocation (see `free_unchecked`).
+    pub fn free_async_unchecked(&self, ptr: DevicePtr, block: usize, stream: Stream) {
         self.count_free(block);
         match self.backend.event_record(stream) {
             Ok(event) => {
@@ -195,7 +226,19 @@ impl CachingPool {
             // Without an event, the epoch rule (a later device synchronize) still keeps it safe.
             Err(_) => self.return_to_arena(vec![(ptr, block, self.epoch.load(Ordering::SeqCst))]),
         }
-        Ok(block)
+    }
+
+    /// Why `ptr` is not a live block: double free, interior pointer, or not ours at all.
+    #[cold]
+    pub fn diagnose(&self, ptr: DevicePtr) -> Error {
+        for arena in [&self.small, &self.large] {
+            match lock(arena).lookup(ptr) {
+                Lookup::Start(_) => return Error::DoubleFree(ptr),
+                Lookup::Interior(block) => return Error::InteriorPointer { ptr, block },
+                Lookup::NotOurs => {}
+            }
+        }
+        Error::UnknownPointer(ptr)
     }
 
     /// Whether `ptr` is a live block of this pool.
@@ -285,7 +328,6 @@ impl CachingPool {
     fn alloc_slow(&self, block: usize) -> Result<DevicePtr> {
         let (ptr, from_cache) = self.take_or_grow_slow(block)?;
         self.count_alloc(block, from_cache);
-        self.live.insert(ptr, block);
         Ok(ptr)
     }
 
@@ -450,19 +492,6 @@ impl CachingPool {
                 arena.mark_pending(ptr, stamp);
             }
         }
-    }
-
-    /// Why `ptr` is not a live block: double free, interior pointer, or not ours at all.
-    #[cold]
-    fn diagnose(&self, ptr: DevicePtr) -> Error {
-        for arena in [&self.small, &self.large] {
-            match lock(arena).lookup(ptr) {
-                Lookup::Start(_) => return Error::DoubleFree(ptr),
-                Lookup::Interior(block) => return Error::InteriorPointer { ptr, block },
-                Lookup::NotOurs => {}
-            }
-        }
-        Error::UnknownPointer(ptr)
     }
 
     fn count_alloc(&self, block: usize, hit: bool) {

@@ -133,7 +133,7 @@ pub fn on_alloc(ptr: usize, size: usize, device: i32, stream: usize, origin: Ori
 #[inline]
 pub fn on_free(ptr: usize) -> bool {
     match global().on_free(ptr) {
-        Ok(()) => true,
+        Ok(_) => true,
         Err(bad) => {
             global().print_bad_free(&bad);
             false
@@ -168,8 +168,15 @@ pub fn write_report(path: Option<&str>) -> std::io::Result<()> {
 /// diagnostic would say; the caller prints it with `report_bad_free` once it knows the free was
 /// really bad (a pointer no pool knows may still be the runtime's own, to forward).
 #[inline]
-pub fn forget(ptr: usize) -> Result<(), Box<BadFree>> {
+pub fn forget(ptr: usize) -> Result<Live, Box<BadFree>> {
     global().on_free(ptr)
+}
+
+/// As `forget`, for an allocation of one of `origins` only (a `cudaFree` of a scratch-pool block
+/// must not take it from its pool).
+#[inline]
+pub fn forget_from(ptr: usize, origins: &[Origin]) -> Result<Live, Box<BadFree>> {
+    global().on_free_if(ptr, |live| origins.contains(&live.origin))
 }
 
 /// Prints the diagnostic of a bad free from `forget`.

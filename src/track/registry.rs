@@ -107,8 +107,19 @@ impl Tracker {
     /// Records a free. `Err` for a pointer that is not live; the error describes what is known of
     /// it (`print_bad_free` / `BadFree::render` turn it into the diagnostic).
     #[inline]
-    pub fn on_free(&self, ptr: usize) -> Result<(), Box<BadFree>> {
-        let Some((_, live)) = self.live.remove(&ptr) else {
+    /// Records a free; returns the allocation's record, or what a diagnostic would say.
+    pub fn on_free(&self, ptr: usize) -> Result<Live, Box<BadFree>> {
+        self.on_free_if(ptr, |_| true)
+    }
+
+    /// As `on_free`, for an allocation whose record `accept`s; any other is left live and the
+    /// free is reported as bad.
+    pub fn on_free_if(
+        &self,
+        ptr: usize,
+        accept: impl FnOnce(&Live) -> bool,
+    ) -> Result<Live, Box<BadFree>> {
+        let Some((_, live)) = self.live.remove_if(&ptr, |_, live| accept(live)) else {
             return Err(self.bad_free(ptr));
         };
         let free_stack = self.capture_stack();
@@ -136,7 +147,7 @@ impl Tracker {
                 live.stack,
             );
         }
-        Ok(())
+        Ok(live)
     }
 
     #[cold]
