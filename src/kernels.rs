@@ -29,8 +29,25 @@ const NVRTC_OPTIONS: [&str; 4] = [
     "--prec-sqrt=true",
 ];
 
-/// Threads per block of every launch (a multiple of 32: a warp holds one quantized block).
+/// Threads per block of every launch: `HBM_THREADS` in `kernels/kv_quant.cu`, whose shared
+/// staging has room for exactly this many warps.
 const BLOCK_THREADS: u32 = 256;
+
+/// Most blocks per launch; the kernels loop grid-stride over the rest.
+const MAX_GRID: u64 = 1 << 16;
+
+/// Threads a launch needs for `n_rows` rows of `row_elems` elements of the cache type `ty`: one
+/// per 32-element block for Q8_0/Q4_0, one per 8 elements otherwise (the kernels' vector path;
+/// their one-element fallback loops over the same grid). The grid only sets speed: every loop
+/// in the kernels is grid-stride.
+fn threads_for(ty: HbmType, row_elems: u32, n_rows: u32) -> u64 {
+    let elems = n_rows as u64 * row_elems as u64;
+    if ty.is_quantized() {
+        elems / 32
+    } else {
+        elems.div_ceil(8)
+    }
+}
 
 /// Whether `libnvrtc` can be loaded (found through the loader's path, e.g. `LD_LIBRARY_PATH`).
 pub fn nvrtc_available() -> bool {
@@ -155,14 +172,14 @@ impl KvKernels {
     fn launch(
         &self,
         f: cu::CUfunction,
-        total: u64,
+        threads: u64,
         args: &mut [*mut c_void],
         stream: Stream,
     ) -> Result<()> {
-        if total == 0 {
+        if threads == 0 {
             return Ok(());
         }
-        let grid = total.div_ceil(BLOCK_THREADS as u64).min(1 << 16) as u32;
+        let grid = threads.div_ceil(BLOCK_THREADS as u64).min(MAX_GRID) as u32;
         // SAFETY: `f` belongs to this module; `args` points at values of the kernel's parameter
         // types, in order, alive for the call; the stream is the caller's.
         check("cuLaunchKernel", unsafe {
@@ -221,7 +238,7 @@ impl KvKernels {
         ];
         self.launch(
             self.append,
-            n_rows as u64 * row_elems as u64,
+            threads_for(dst_type, row_elems, n_rows),
             &mut args,
             stream,
         )
@@ -262,7 +279,7 @@ impl KvKernels {
         ];
         self.launch(
             self.dequantize,
-            n_rows as u64 * row_elems as u64,
+            threads_for(src_type, row_elems, n_rows),
             &mut args,
             stream,
         )
