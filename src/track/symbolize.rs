@@ -331,4 +331,15 @@ mod tests {
         assert_eq!(f.label(), "prog+0x1234");
         assert!(format_frames(&[], "").contains("no stack"));
     }
+
+    #[test]
+    fn cpp_names_are_demangled() {
+        // What a frame in libc10_cuda.so is called in its symbol table.
+        let raw = b"_ZN3c104cuda20CUDACachingAllocator6Native22NativeCachingAllocator8allocateEm";
+        let name = format!("{:#}", backtrace::SymbolName::new(raw));
+        assert_eq!(
+            name,
+            "c10::cuda::CUDACachingAllocator::Native::NativeCachingAllocator::allocate(unsigned long)"
+        );
+    }
 }
