@@ -28,7 +28,7 @@ pub mod symbolize;
 pub mod timeline;
 pub mod timeline_svg;
 
-use crate::config::{self, Config, LeakReport};
+use crate::config::{self, Config, LeakReport, StackWalk};
 use once_cell::sync::OnceCell;
 
 pub use capture::Unwinder;
@@ -93,7 +93,10 @@ impl Settings {
     pub fn from_config(cfg: &Config) -> Settings {
         Settings {
             backtrace: cfg.backtrace,
-            unwinder: Unwinder::FramePointer,
+            unwinder: match cfg.unwinder {
+                StackWalk::FramePointer => Unwinder::FramePointer,
+                StackWalk::Dwarf => Unwinder::Dwarf,
+            },
             max_frames: cfg.max_frames.clamp(1, capture::MAX_FRAMES),
             leak_report: cfg.leak_report,
             report_path: cfg.report_path.clone(),
