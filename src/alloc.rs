@@ -46,13 +46,9 @@ pub fn alloc(device: i32, size: usize, stream: Option<Stream>, api: Api) -> Resu
 
 /// Frees `ptr`, whichever device's pool holds it (the runtime frees across devices too).
 /// `Err(UnknownPointer)` means no pool knows it: the caller may forward it to the runtime.
+/// Needs no current device: the record says whose block it is.
 #[inline]
-pub fn free(
-    ptr: DevicePtr,
-    current_device: i32,
-    stream: Option<Stream>,
-    api: Api,
-) -> Result<usize> {
+pub fn free(ptr: DevicePtr, stream: Option<Stream>, api: Api) -> Result<usize> {
     // The record goes first: once the pool has the block back, another thread may get it (and
     // record it) at once.
     match track::forget_from(ptr, &POOL_ORIGINS) {
@@ -66,7 +62,7 @@ pub fn free(
             Ok(block)
         }
         Err(bad) => {
-            let e = classify(ptr, current_device);
+            let e = classify(ptr);
             diagnose(ptr, &e, api, Some(bad));
             Err(e)
         }
@@ -75,12 +71,9 @@ pub fn free(
 
 /// What a pointer that is no live block is: freed already, inside a block, or none of ours.
 #[cold]
-fn classify(ptr: DevicePtr, current_device: i32) -> Error {
-    let current = runtime::pool(current_device).ok();
-    current
-        .into_iter()
-        .chain(runtime::pools().map(|(_, p)| p))
-        .map(|pool| pool.diagnose(ptr))
+fn classify(ptr: DevicePtr) -> Error {
+    runtime::pools()
+        .map(|(_, pool)| pool.diagnose(ptr))
         .find(|e| !matches!(e, Error::UnknownPointer(_)))
         .unwrap_or(Error::UnknownPointer(ptr))
 }

@@ -12,4 +12,5 @@ pub mod kernels;
 pub mod kv;
 pub mod pool;
 pub mod runtime;
+pub mod sync;
 pub mod track;

@@ -160,18 +160,18 @@ fn run_workload(device: i32, steps: usize) -> hbmalloc::error::Result<Report> {
             scratch.push(alloc::alloc(device, size, None, Api::Hbm)?);
         }
         while let Some(p) = scratch.pop() {
-            alloc::free(p, device, None, Api::Hbm)?;
+            alloc::free(p, None, Api::Hbm)?;
         }
         if step % 16 == 15 {
             // The realloc way of growing a cache: a bigger buffer, then the old one goes.
             let bigger = alloc::alloc(device, kv_size + (64 << 20), None, Api::Hbm)?;
-            alloc::free(kv_cache, device, None, Api::Hbm)?;
+            alloc::free(kv_cache, None, Api::Hbm)?;
             kv_cache = bigger;
             kv_size += 64 << 20;
         }
     }
     let mean_step_us = started.elapsed().as_secs_f64() * 1e6 / steps as f64;
-    alloc::free(kv_cache, device, None, Api::Hbm)?;
+    alloc::free(kv_cache, None, Api::Hbm)?;
     let leaked = leak_logits_buffers(device)?;
     let driver_step_us = driver_step(device, &step_sizes)?;
     Ok(Report {

@@ -108,12 +108,7 @@ fn free_hook(ptr: *mut c_void, stream: Option<usize>) -> CudaError {
             Active::Cuda => cuda_error::SUCCESS,
         };
     }
-    match device_alloc::free(
-        ptr as usize,
-        runtime::current_device(),
-        stream,
-        Api::Runtime,
-    ) {
+    match device_alloc::free(ptr as usize, stream, Api::Runtime) {
         Ok(_) => cuda_error::SUCCESS,
         // Memory hbmalloc never gave out may still be the runtime's (allocated before we were
         // loaded, or by a call we do not interpose): the runtime decides, and only its refusal

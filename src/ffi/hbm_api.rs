@@ -133,7 +133,7 @@ pub unsafe extern "C" fn hbm_device_free(ptr: *mut c_void) -> HbmStatus {
         if ptr.is_null() {
             return HbmStatus::Ok;
         }
-        match device_alloc::free(ptr as usize, 0, None, Api::Hbm) {
+        match device_alloc::free(ptr as usize, None, Api::Hbm) {
             Ok(_) => HbmStatus::Ok,
             Err(e) => {
                 if let crate::error::Error::UnknownPointer(_) = e {

@@ -6,15 +6,15 @@
 //! completed epoch has passed its stamp (see `CachingPool` for what an epoch is). Frees push at the
 //! back, allocations pop at the front: the oldest block is the one most likely to be safe already.
 //!
-//! Two threads share a shard only when more than `N_SHARDS` threads allocate; the mutex keeps that
-//! correct, and an uncontended lock costs about as much as one atomic operation.
+//! Two threads share a shard only when more than `N_SHARDS` threads allocate; the lock keeps that
+//! correct, and an uncontended lock costs one atomic swap and a store.
 
 use super::size_class::{class_size, N_CLASSES};
 use crate::backend::DevicePtr;
+use crate::sync::{SpinGuard, SpinLock};
 use std::cell::Cell;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard};
 
 /// Number of shards per pool: enough for one per core on the machines this is meant for.
 pub const N_SHARDS: usize = 64;
@@ -163,17 +163,16 @@ impl Shard {
     }
 }
 
-/// A shard on its own cache lines, so neighbouring shards' locks do not share a line.
+/// A shard on its own cache lines, so neighbouring shards' locks do not share a line. A spin
+/// lock: every critical section is a few list operations (no driver call is made under it).
 #[repr(align(128))]
 #[derive(Default)]
-pub struct PaddedShard(pub Mutex<Shard>);
+pub struct PaddedShard(pub SpinLock<Shard>);
 
 impl PaddedShard {
     #[inline]
-    pub fn lock(&self) -> MutexGuard<'_, Shard> {
-        // A panic while holding a shard lock leaves consistent data (every update is one step),
-        // so a poisoned lock is taken over rather than propagated across the C boundary.
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    pub fn lock(&self) -> SpinGuard<'_, Shard> {
+        self.0.lock()
     }
 }
 

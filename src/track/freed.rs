@@ -12,9 +12,9 @@
 use super::registry::{Live, Tracker};
 use super::stacks::StackId;
 use super::symbolize::{format_frames, Symbolizer};
-use std::cell::UnsafeCell;
+use crate::sync::SpinLock;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 
 const SHARDS: usize = 64;
 /// Records per shard: 64 x 256 = 16384 recently freed blocks remembered in all.
@@ -42,61 +42,11 @@ struct Shard {
     next: usize,
 }
 
-/// A shard and its lock flag, on cache lines of their own (each is written by one thread).
+/// A shard on cache lines of its own (each is written by one thread). A free that finds it held
+/// skips its record (`try_lock`), so the hot path never waits on a diagnostic.
 #[repr(align(128))]
-struct ShardCell {
-    locked: AtomicBool,
-    shard: UnsafeCell<Shard>,
-}
-
-// SAFETY: `shard` is only reached through `ShardGuard`, which exists only while `locked` is held
-// by its creator; `Shard` is plain data, `Send`.
-unsafe impl Sync for ShardCell {}
-
-/// Exclusive access to a shard; releases the flag on drop.
-struct ShardGuard<'a>(&'a ShardCell);
-
-impl ShardCell {
-    /// A guard if the shard is free; never waits. One swap to take it and a plain release store
-    /// to give it back: a `Mutex` would need a second read-modify-write to unlock.
-    #[inline]
-    fn try_lock(&self) -> Option<ShardGuard<'_>> {
-        (!self.locked.swap(true, Ordering::Acquire)).then_some(ShardGuard(self))
-    }
-
-    /// Waits for the shard (cold paths only: diagnostics and tests). Holders never block, so the
-    /// wait is at most one push or one search.
-    fn lock(&self) -> ShardGuard<'_> {
-        loop {
-            if let Some(guard) = self.try_lock() {
-                return guard;
-            }
-            std::thread::yield_now();
-        }
-    }
-}
-
-impl std::ops::Deref for ShardGuard<'_> {
-    type Target = Shard;
-    fn deref(&self) -> &Shard {
-        // SAFETY: this guard holds the shard's flag, so no other reference to it exists.
-        unsafe { &*self.0.shard.get() }
-    }
-}
-
-impl std::ops::DerefMut for ShardGuard<'_> {
-    fn deref_mut(&mut self) -> &mut Shard {
-        // SAFETY: as in `deref`; `&mut self` makes this the only reference through the guard.
-        unsafe { &mut *self.0.shard.get() }
-    }
-}
-
-impl Drop for ShardGuard<'_> {
-    #[inline]
-    fn drop(&mut self) {
-        self.0.locked.store(false, Ordering::Release);
-    }
-}
+#[derive(Default)]
+struct ShardCell(SpinLock<Shard>);
 
 pub(super) struct FreedRing {
     shards: Box<[ShardCell]>,
@@ -105,19 +55,14 @@ pub(super) struct FreedRing {
 impl FreedRing {
     pub fn new() -> FreedRing {
         FreedRing {
-            shards: (0..SHARDS)
-                .map(|_| ShardCell {
-                    locked: AtomicBool::new(false),
-                    shard: UnsafeCell::new(Shard::default()),
-                })
-                .collect(),
+            shards: (0..SHARDS).map(|_| ShardCell::default()).collect(),
         }
     }
 
     /// Remembers `record` unless the thread's shard is busy (see the module doc).
     #[inline]
     pub fn push(&self, thread_slot: u32, record: FreedRecord) {
-        let Some(mut shard) = self.shards[thread_slot as usize % SHARDS].try_lock() else {
+        let Some(mut shard) = self.shards[thread_slot as usize % SHARDS].0.try_lock() else {
             return;
         };
         if shard.records.len() < PER_SHARD {
@@ -137,7 +82,7 @@ impl FreedRing {
         self.shards
             .iter()
             .filter_map(|s| {
-                let shard = s.lock();
+                let shard = s.0.lock();
                 let (newer, older) = shard.records.split_at(shard.next.min(shard.records.len()));
                 // Newest first: the records before `next`, backwards, then the wrapped-around tail.
                 newer
@@ -304,7 +249,7 @@ mod tests {
     #[test]
     fn a_busy_shard_skips_the_record() {
         let ring = FreedRing::new();
-        let held = ring.shards[5].lock();
+        let held = ring.shards[5].0.lock();
         ring.push(5, record(0xa000, 1, 1));
         drop(held);
         assert!(ring.find(0xa000).is_none(), "skipped, not waited for");

@@ -11,13 +11,15 @@
 //! per alloc+free (bench/BENCHMARKS.md). `backtrace:off` skips the stack capture (entries are then
 //! site-less); `leak_report:off` only silences the report at exit.
 //!
-//! Layout: `capture` (raw return addresses), `stacks` (interning), `registry` (the `Tracker`),
+//! Layout: `capture` (raw return addresses), `stacks` (interning), `registry` (the `Tracker`) with
+//! `live_table` (its map of live allocations),
 //! `freed` (recently freed blocks, bad-free diagnostics), `symbolize`, `report` (the leak report's
 //! model) with `report_text`, `report_json`, `report_svg`, `timeline` with `timeline_svg`, `exit`.
 
 pub mod capture;
 mod exit;
 pub mod freed;
+pub mod live_table;
 pub mod registry;
 pub mod report;
 mod report_json;

@@ -1,19 +1,19 @@
 //! The `Tracker`: the registry of live allocations.
 //!
-//! Cost (bench/BENCHMARKS.md): one sharded map insert and one remove per alloc+free, a plain load
-//! of the checkpoint epoch, one coarse clock read (on the allocation), and a best-effort push into
-//! this thread's shard of the recently-freed ring: ~60 ns per alloc+free without backtraces (the
-//! bare map alone is ~40 ns). With backtraces, a frame-pointer walk and a per-thread interning
-//! cache hit on each side: ~250-300 ns. No global lock and no read-modify-write of a shared atomic:
-//! the live map and the stack table are sharded (dashmap), the recently-freed ring is sharded by
-//! thread, and the epoch is only written by `checkpoint`.
+//! Cost (BENCHMARKS.md): one insert and one remove in the `LiveTable` per alloc+free (a
+//! compare-and-swap and a store each), a plain load of the checkpoint epoch, one coarse clock read
+//! (on the allocation), and a best-effort push into this thread's shard of the recently-freed ring.
+//! With backtraces, a frame-pointer walk and a per-thread interning cache hit on each side. No
+//! global lock and no read-modify-write of a shared atomic: the live table's slots, the stack
+//! table's shards and the freed ring's shards are touched only by the threads whose addresses or
+//! stacks they hold, and the epoch is only written by `checkpoint`.
 
 use super::capture::{self, ReentryGuard};
 use super::freed::{BadFree, FreedRecord, FreedRing};
-use super::stacks::{AddrBuildHasher, StackId, StackTable};
+use super::live_table::LiveTable;
+use super::stacks::{StackId, StackTable};
 use super::timeline::{EventKind, Timeline};
 use super::{LeakSummary, Origin, Settings};
-use dashmap::DashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// One live allocation.
@@ -40,7 +40,7 @@ const OWN_FRAMES_SLACK: usize = 8;
 
 pub struct Tracker {
     settings: Settings,
-    live: DashMap<usize, Live, AddrBuildHasher>,
+    live: LiveTable,
     stacks: StackTable,
     /// Bumped by `checkpoint` only; allocations load it. Read-mostly, so its cache line stays
     /// shared by every core (a per-allocation counter here was the pair's one contended line).
@@ -55,7 +55,7 @@ pub struct Tracker {
 impl Tracker {
     pub fn new(settings: Settings) -> Tracker {
         Tracker {
-            live: DashMap::with_hasher(AddrBuildHasher::default()),
+            live: LiveTable::default(),
             stacks: StackTable::new(),
             epoch: AtomicU64::new(0),
             freed: FreedRing::new(),
@@ -119,7 +119,7 @@ impl Tracker {
         ptr: usize,
         accept: impl FnOnce(&Live) -> bool,
     ) -> Result<Live, Box<BadFree>> {
-        let Some((_, live)) = self.live.remove_if(&ptr, |_, live| accept(live)) else {
+        let Some(live) = self.live.remove_if(ptr, accept) else {
             return Err(self.bad_free(ptr));
         };
         let free_stack = self.capture_stack();
@@ -172,10 +172,13 @@ impl Tracker {
 
     /// The live block that `ptr` points inside of, if any (cold: scans the registry).
     fn block_containing(&self, ptr: usize) -> Option<(usize, Live)> {
-        self.live.iter().find_map(|e| {
-            let (start, live) = (*e.key(), *e.value());
-            (ptr > start && ptr - start < live.size as usize).then_some((start, live))
-        })
+        let mut found = None;
+        self.live.for_each(|start, live| {
+            if ptr > start && ptr - start < live.size as usize {
+                found = Some((start, live));
+            }
+        });
+        found
     }
 
     /// `NONE` without backtraces: only this test is inlined into the hot path.
@@ -229,24 +232,26 @@ impl Tracker {
     /// live.
     pub fn leaks_since(&self, mark: u64) -> LeakSummary {
         let mut sum = LeakSummary::default();
-        for entry in self.live.iter() {
-            if entry.epoch >= mark {
-                sum.bytes += entry.size;
+        self.live.for_each(|_, live| {
+            if live.epoch >= mark {
+                sum.bytes += live.size;
                 sum.count += 1;
             }
-        }
+        });
         sum
     }
 
     /// The live allocation at `ptr`, if any.
     pub fn get(&self, ptr: usize) -> Option<Live> {
-        self.live.get(&ptr).map(|e| *e)
+        self.live.get(ptr)
     }
 
     /// A copy of every live allocation, in no particular order. Other threads may allocate and free
-    /// meanwhile: each shard is copied under its own lock, so an entry is either in or out.
+    /// meanwhile: an entry they add or remove concurrently is either in or out, never torn.
     pub fn snapshot(&self) -> Vec<(usize, Live)> {
-        self.live.iter().map(|e| (*e.key(), *e.value())).collect()
+        let mut all = Vec::new();
+        self.live.for_each(|ptr, live| all.push((ptr, live)));
+        all
     }
 
     /// Frees this tracker has rejected (unknown pointers and double frees).
