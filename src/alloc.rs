@@ -51,10 +51,10 @@ pub fn alloc(device: i32, size: usize, stream: Option<Stream>, api: Api) -> Resu
 pub fn free(ptr: DevicePtr, stream: Option<Stream>, api: Api) -> Result<usize> {
     // The record goes first: once the pool has the block back, another thread may get it (and
     // record it) at once.
-    match track::forget_from(ptr, &POOL_ORIGINS) {
-        Ok(live) => {
-            let pool = runtime::pool(live.device)?;
-            let block = block_size(live.size as usize).expect("a recorded size has a block");
+    match track::forget_block(ptr, &POOL_ORIGINS) {
+        Ok((size, device)) => {
+            let pool = runtime::pool(device)?;
+            let block = block_size(size as usize).expect("a recorded size has a block");
             match stream {
                 Some(s) => pool.free_async_unchecked(ptr, block, s),
                 None => pool.free_unchecked(ptr, block),

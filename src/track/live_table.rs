@@ -101,8 +101,29 @@ impl LiveTable {
     /// Records `ptr` as live, replacing a record of the same address if there is one.
     #[inline]
     pub fn insert(&self, ptr: usize, live: Live) {
+        self.insert_with(ptr, || live)
+    }
+
+    /// As `insert`, with the record built by `make` once a slot is held, straight into the slot
+    /// (a record built first and then copied in was read back before its stores had retired).
+    #[inline]
+    pub fn insert_with(&self, ptr: usize, make: impl FnOnce() -> Live) {
+        match self.claim(ptr) {
+            Some((key, slot)) => {
+                // SAFETY: this thread holds `key` (set to `ptr | HELD` by `claim`).
+                unsafe { (*self.values[slot].get()).write(make()) };
+                key.store(ptr, Ordering::Release);
+            }
+            None => self.insert_overflow(ptr, make()),
+        }
+    }
+
+    /// Holds a slot for `ptr`: its existing record's (a free we never saw) or an empty one.
+    /// Returns the key word and the value's index; `None` sends the record to the overflow map.
+    #[inline]
+    fn claim(&self, ptr: usize) -> Option<(&AtomicUsize, usize)> {
         if !Self::fits(ptr) {
-            return self.insert_overflow(ptr, live);
+            return None;
         }
         let home = self.home(ptr);
         if self.spilled[home].load(Ordering::Relaxed) {
@@ -116,32 +137,20 @@ impl LiveTable {
             }
             for (s, key) in self.buckets[b].0.iter().enumerate() {
                 let k = key.load(Ordering::Relaxed);
-                if i == 0 && k & !HELD == ptr {
-                    // Already recorded (a free we never saw): take the slot over.
-                    if let Some(()) = self.hold(key, ptr) {
-                        self.write_release(key, b * SLOTS + s, ptr, live);
-                        return;
-                    }
-                    continue;
-                }
-                if k == 0
-                    && key
-                        .compare_exchange(0, ptr | HELD, Ordering::Acquire, Ordering::Relaxed)
-                        .is_ok()
-                {
-                    self.write_release(key, b * SLOTS + s, ptr, live);
-                    return;
+                let claimed = if k != 0 && k & !HELD == ptr {
+                    self.hold(key, ptr).is_some()
+                } else {
+                    k == 0
+                        && key
+                            .compare_exchange(0, ptr | HELD, Ordering::Acquire, Ordering::Relaxed)
+                            .is_ok()
+                };
+                if claimed {
+                    return Some((key, b * SLOTS + s));
                 }
             }
         }
-        self.insert_overflow(ptr, live);
-    }
-
-    #[inline]
-    fn write_release(&self, key: &AtomicUsize, slot: usize, ptr: usize, live: Live) {
-        // SAFETY: this thread holds `key` (set to `ptr | HELD` by its compare-and-swap).
-        unsafe { (*self.values[slot].get()).write(live) };
-        key.store(ptr, Ordering::Release);
+        None
     }
 
     #[cold]
@@ -173,14 +182,22 @@ impl LiveTable {
     /// stays live, and `None` is returned as for an address not recorded.
     #[inline]
     pub fn remove_if(&self, ptr: usize, accept: impl FnOnce(&Live) -> bool) -> Option<Live> {
+        self.remove_with(ptr, |live| accept(live).then_some(*live))
+    }
+
+    /// Shows `ptr`'s record to `f`, in place, while holding it: the record is removed when `f`
+    /// returns `Some`, kept when it returns `None`. `None` also when `ptr` is not recorded.
+    /// In place because the free path needs a few fields and a copy for the freed ring, and
+    /// moving the whole record through temporaries cost more than the lookup.
+    #[inline]
+    pub fn remove_with<R>(&self, ptr: usize, f: impl FnOnce(&Live) -> Option<R>) -> Option<R> {
         let Some((key, slot)) = self.find_and_hold(ptr) else {
-            return self.overflow_remove_if(ptr, accept);
+            return self.overflow_remove_with(ptr, f);
         };
         // SAFETY: held by this thread; a key is released only after its value is written.
-        let live = unsafe { (*self.values[slot].get()).assume_init() };
-        let take = accept(&live);
-        key.store(if take { 0 } else { ptr }, Ordering::Release);
-        take.then_some(live)
+        let r = f(unsafe { (*self.values[slot].get()).assume_init_ref() });
+        key.store(if r.is_some() { 0 } else { ptr }, Ordering::Release);
+        r
     }
 
     /// A copy of `ptr`'s record.
@@ -222,18 +239,15 @@ impl LiveTable {
     }
 
     #[cold]
-    fn overflow_remove_if(&self, ptr: usize, accept: impl FnOnce(&Live) -> bool) -> Option<Live> {
+    fn overflow_remove_with<R>(&self, ptr: usize, f: impl FnOnce(&Live) -> Option<R>) -> Option<R> {
         if self.overflow_len.load(Ordering::Acquire) == 0 {
             return None;
         }
         let mut map = self.overflow();
-        let live = *map.get(&ptr)?;
-        if !accept(&live) {
-            return None;
-        }
+        let r = f(map.get(&ptr)?)?;
         map.remove(&ptr);
         self.overflow_len.fetch_sub(1, Ordering::Release);
-        Some(live)
+        Some(r)
     }
 
     /// Calls `f` with a copy of every record. Records inserted or removed meanwhile by other

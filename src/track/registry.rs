@@ -88,7 +88,7 @@ impl Tracker {
         // Relaxed: an allocation ordered after a `checkpoint` (same thread, or synchronized with
         // it) reads the new epoch by coherence; one racing with it may read either.
         let epoch = self.epoch.load(Ordering::Relaxed);
-        let live = Live {
+        self.live.insert_with(ptr, || Live {
             size: size as u64,
             epoch,
             time_ns,
@@ -97,8 +97,7 @@ impl Tracker {
             thread,
             stack,
             origin,
-        };
-        self.live.insert(ptr, live);
+        });
         if let Some(timeline) = &self.timeline {
             timeline.push(time_ns, EventKind::Alloc, ptr, size as u64, device, stack);
         }
@@ -107,7 +106,6 @@ impl Tracker {
     /// Records a free. `Err` for a pointer that is not live; the error describes what is known of
     /// it (`print_bad_free` / `BadFree::render` turn it into the diagnostic).
     #[inline]
-    /// Records a free; returns the allocation's record, or what a diagnostic would say.
     pub fn on_free(&self, ptr: usize) -> Result<Live, Box<BadFree>> {
         self.on_free_if(ptr, |_| true)
     }
@@ -119,9 +117,31 @@ impl Tracker {
         ptr: usize,
         accept: impl FnOnce(&Live) -> bool,
     ) -> Result<Live, Box<BadFree>> {
-        let Some(live) = self.live.remove_if(ptr, accept) else {
-            return Err(self.bad_free(ptr));
-        };
+        self.on_free_map(ptr, accept, |live| *live)
+    }
+
+    /// As `on_free_if`, returning `map` of the record rather than a copy of it (the free path
+    /// needs two fields; see `LiveTable::remove_with`).
+    #[inline]
+    pub fn on_free_map<R>(
+        &self,
+        ptr: usize,
+        accept: impl FnOnce(&Live) -> bool,
+        map: impl FnOnce(&Live) -> R,
+    ) -> Result<R, Box<BadFree>> {
+        let removed = self.live.remove_with(ptr, |live| {
+            if !accept(live) {
+                return None;
+            }
+            self.record_free(ptr, live);
+            Some(map(live))
+        });
+        removed.ok_or_else(|| self.bad_free(ptr))
+    }
+
+    /// Keeps what a later double free's diagnostic and the timeline need of a free.
+    #[inline]
+    fn record_free(&self, ptr: usize, live: &Live) {
         let free_stack = self.capture_stack();
         let (thread, slot) = capture::thread_ids();
         // Only the timeline needs the time of a free; the double-free diagnostic shows it when
@@ -131,7 +151,7 @@ impl Tracker {
             slot,
             FreedRecord {
                 ptr,
-                live,
+                live: *live,
                 free_stack,
                 free_thread: thread,
                 free_time_ns: time_ns,
@@ -147,7 +167,6 @@ impl Tracker {
                 live.stack,
             );
         }
-        Ok(live)
     }
 
     #[cold]
