@@ -30,6 +30,8 @@ want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 [[ -f $LIB ]] || { echo "gpu-check: $LIB missing: run scripts/gpu-stage.sh on the build machine"; exit 2; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$LOG/gpu.txt"
 CARD=$(head -1 "$LOG/gpu.txt")
+# The host's cores matter to the thread-scaling figures (hyperthreads are not cores).
+lscpu 2>/dev/null | grep -E '^(Model name|CPU\(s\)|Thread\(s\) per core|Core\(s\) per socket|Socket\(s\))' | tee "$LOG/cpu.txt"
 
 if want rust; then
     for t in "$STAGE"/tests/*; do
@@ -106,7 +108,7 @@ if want bench; then
     if gcc -O2 -I"$CUDA/include" bench/alloc_bench.c -o "$exe" -L"$CUDA/lib64" -lcudart -lpthread -ldl -Wl,-rpath,"$CUDA/lib64" 2>"$LOG/bench-build.log"; then
         : >"$LOG/bench.txt"
         export BENCH_SECONDS=${BENCH_SECONDS:-1}
-        for c in pair:512 pair:1048576 pair:16777216 step threads:1 threads:16; do
+        for c in pair:512 pair:1048576 pair:16777216 step threads:1 threads:4 threads:8 threads:16; do
             "$exe" malloc "$c" >>"$LOG/bench.txt" 2>&1
             "$exe" async "$c" >>"$LOG/bench.txt" 2>&1
             HBMALLOC_CONF=backtrace:off,leak_report:off LD_PRELOAD=$LIB "$exe" malloc "$c" >>"$LOG/bench.txt" 2>&1

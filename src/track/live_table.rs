@@ -1,4 +1,5 @@
-//! The tracker's map of live allocations: address -> `Live`, built for the allocation hot path.
+//! The tracker's map of live allocations, address -> `Live`, built for the allocation hot path;
+//! it also remembers recently freed blocks for the double-free diagnostic.
 //!
 //! Why not a sharded map (`DashMap`, which this replaced): each insert and remove took a shard's
 //! lock (two read-modify-writes on a line shared by every address of the shard), and the locks
@@ -6,23 +7,29 @@
 //! Here an insert is one compare-and-swap on the key's slot plus a store, a remove the same, and
 //! two threads touch the same cache line only when their addresses hash to the same bucket.
 //!
-//! Layout: buckets of 8 key words (one cache line) and a parallel array of values. A key lives in
-//! its home bucket or, when that is full, in one of the next `PROBE - 1` buckets, and past those
-//! in a locked overflow map; the home bucket then carries a sticky `spilled` flag, so that a
-//! lookup that misses a home bucket without it stops there. The table never grows; the
-//! overflow map takes any number of entries, so it is only slower, never wrong, when full.
+//! Layout: buckets of 8 key words (one cache line) and a parallel array of slots, one cache line
+//! each. A key lives in its home bucket or, when that is full, in one of the next `PROBE - 1`
+//! buckets, and past those in a locked overflow map; the home bucket then carries a sticky
+//! `spilled` flag, so that a lookup that misses a home bucket without it stops there. The table
+//! never grows; the overflow map takes any number of entries, so it is only slower, never
+//! wrong, when full.
 //!
-//! A key word is 0 (empty), the address (live, value readable) or the address with its low bit
-//! set (held: being written, read or removed by one thread, which owns the value meanwhile).
+//! Key words: 0 (empty), `addr` (live), `addr | FREED` (freed: the slot still holds the record,
+//! now with who freed it, until an insert reuses the slot), either with `HELD` set (one thread
+//! is writing, reading or removing it and owns the slot meanwhile). A free thus leaves its
+//! record where it was, at no cost beyond the key store, instead of copying it to a ring.
 //! Holding is a compare-and-swap with acquire ordering and releasing a plain store with release
-//! ordering, so the value moves between threads under the same rules as a spin lock's data. A
+//! ordering, so the slot moves between threads under the same rules as a spin lock's data. A
 //! holder never waits for anything while it holds, so others spin only for a few instructions.
-//! Addresses that are 0 or odd cannot be keys and go to the overflow map.
+//! Addresses that are 0 or not 4-byte aligned cannot be keys and go to the overflow map, whose
+//! freed entries are not remembered.
 
 use super::registry::Live;
+use super::stacks::StackId;
 use std::cell::UnsafeCell;
 use std::collections::HashMap;
 use std::mem::MaybeUninit;
+use std::ptr::{addr_of, addr_of_mut};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
@@ -30,16 +37,35 @@ const SLOTS: usize = 8;
 /// Buckets a key may occupy, starting at its home bucket.
 const PROBE: usize = 4;
 const HELD: usize = 1;
-/// Default size: 2^14 buckets, 131,072 slots (1 MiB of keys, 6 MiB of values, touched only
+const FREED: usize = 2;
+const TAG: usize = HELD | FREED;
+/// Default size: 2^14 buckets, 131,072 slots (1 MiB of keys, 8 MiB of slots, touched only
 /// where used). Far more live allocations than real programs keep fit before the overflow map.
 pub const DEFAULT_BUCKET_BITS: u32 = 14;
 
 #[repr(align(64))]
 struct Bucket([AtomicUsize; SLOTS]);
 
+/// Who freed a block, as its slot remembers it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FreeMark {
+    pub stack: StackId,
+    pub thread: u32,
+    /// Known when the tracker reads the clock on frees (with a timeline).
+    pub time_ns: Option<u64>,
+}
+
+/// A slot's contents: one cache line. `live` is written before a key first names the slot,
+/// `free` before a key marks it `FREED`; neither is read before.
+#[repr(align(64))]
+struct Slot {
+    live: Live,
+    free: FreeMark,
+}
+
 pub struct LiveTable {
     buckets: Box<[Bucket]>,
-    values: Box<[UnsafeCell<MaybeUninit<Live>>]>,
+    slots: Box<[UnsafeCell<MaybeUninit<Slot>>]>,
     /// Per bucket: some key homed here was placed in a later bucket or the overflow map.
     spilled: Box<[AtomicBool]>,
     bits: u32,
@@ -47,8 +73,8 @@ pub struct LiveTable {
     overflow_len: AtomicUsize,
 }
 
-// SAFETY: a value is read or written only by the thread holding its slot's key word (see the
-// module doc), whose acquire/release operations order those accesses; `Live` is plain data.
+// SAFETY: a slot is read or written only by the thread holding its key word (see the module
+// doc), whose acquire/release operations order those accesses; `Slot` is plain data.
 unsafe impl Sync for LiveTable {}
 unsafe impl Send for LiveTable {}
 
@@ -63,13 +89,13 @@ impl LiveTable {
     pub fn with_bucket_bits(bits: u32) -> LiveTable {
         let bits = bits.clamp(2, 30);
         let n = 1usize << bits;
-        // SAFETY: all-zero bytes are valid for each: eight zero atomics (empty slots), an
-        // uninitialised value, `false`.
-        let (buckets, values, spilled) =
+        // SAFETY: all-zero bytes are valid for each: zero atomics (empty keys), uninitialised
+        // slots, `false`.
+        let (buckets, slots, spilled) =
             unsafe { (zeroed_slice(n), zeroed_slice(n * SLOTS), zeroed_slice(n)) };
         LiveTable {
             buckets,
-            values,
+            slots,
             spilled,
             bits,
             overflow: Mutex::new(HashMap::new()),
@@ -90,7 +116,13 @@ impl LiveTable {
 
     #[inline]
     fn fits(ptr: usize) -> bool {
-        ptr != 0 && ptr & HELD == 0
+        ptr != 0 && ptr & TAG == 0
+    }
+
+    /// The slot behind key `b`, `s`. Callers dereference it only while holding the key.
+    #[inline]
+    fn slot(&self, b: usize, s: usize) -> *mut Slot {
+        self.slots[b * SLOTS + s].get().cast()
     }
 
     fn overflow(&self) -> std::sync::MutexGuard<'_, HashMap<usize, Live>> {
@@ -111,17 +143,18 @@ impl LiveTable {
         match self.claim(ptr) {
             Some((key, slot)) => {
                 // SAFETY: this thread holds `key` (set to `ptr | HELD` by `claim`).
-                unsafe { (*self.values[slot].get()).write(make()) };
+                unsafe { addr_of_mut!((*slot).live).write(make()) };
                 key.store(ptr, Ordering::Release);
             }
             None => self.insert_overflow(ptr, make()),
         }
     }
 
-    /// Holds a slot for `ptr`: its existing record's (a free we never saw) or an empty one.
-    /// Returns the key word and the value's index; `None` sends the record to the overflow map.
+    /// Holds a slot for `ptr`: its existing record's (live: a free we never saw; or freed), else
+    /// an empty or freed one. Returns the key word and the slot; `None` sends the record to the
+    /// overflow map.
     #[inline]
-    fn claim(&self, ptr: usize) -> Option<(&AtomicUsize, usize)> {
+    fn claim(&self, ptr: usize) -> Option<(&AtomicUsize, *mut Slot)> {
         if !Self::fits(ptr) {
             return None;
         }
@@ -135,22 +168,45 @@ impl LiveTable {
             if i == 1 {
                 self.spilled[home].store(true, Ordering::Relaxed);
             }
-            for (s, key) in self.buckets[b].0.iter().enumerate() {
-                let k = key.load(Ordering::Relaxed);
-                let claimed = if k != 0 && k & !HELD == ptr {
-                    self.hold(key, ptr).is_some()
-                } else {
-                    k == 0
-                        && key
-                            .compare_exchange(0, ptr | HELD, Ordering::Acquire, Ordering::Relaxed)
-                            .is_ok()
-                };
-                if claimed {
-                    return Some((key, b * SLOTS + s));
+            let keys = &self.buckets[b].0;
+            // This address's own record first (one cache line: cheap), then any free slot.
+            let own = keys
+                .iter()
+                .position(|k| k.load(Ordering::Relaxed) & !TAG == ptr);
+            for s in own.into_iter().chain(0..SLOTS) {
+                if self.take_free_or_own(&keys[s], ptr) {
+                    return Some((&keys[s], self.slot(b, s)));
                 }
             }
         }
         None
+    }
+
+    /// Takes `key` to `ptr | HELD` if it is empty, freed, or `ptr`'s own (waiting while another
+    /// thread holds `ptr`'s record). False if it holds another live address.
+    #[inline]
+    fn take_free_or_own(&self, key: &AtomicUsize, ptr: usize) -> bool {
+        let mut spins = 0u32;
+        loop {
+            let k = key.load(Ordering::Relaxed);
+            let free = k == 0 || k & TAG == FREED;
+            if !free && k & !TAG != ptr {
+                return false;
+            }
+            if k & HELD != 0 {
+                if k & !TAG != ptr {
+                    return false;
+                }
+                backoff(&mut spins);
+                continue;
+            }
+            if key
+                .compare_exchange_weak(k, ptr | HELD, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+            {
+                return true;
+            }
+        }
     }
 
     #[cold]
@@ -163,41 +219,63 @@ impl LiveTable {
         }
     }
 
-    /// Takes `key` from live `ptr` to held. `None` if it holds another address (it changed
-    /// meanwhile); waits while another thread holds `ptr`'s record.
+    /// Takes `key` from `want` to `want | HELD`. False if it holds something else (it changed
+    /// meanwhile); waits while another thread holds `want`.
     #[inline]
-    fn hold(&self, key: &AtomicUsize, ptr: usize) -> Option<()> {
+    fn hold(&self, key: &AtomicUsize, want: usize) -> bool {
         let mut spins = 0u32;
         loop {
-            match key.compare_exchange_weak(ptr, ptr | HELD, Ordering::Acquire, Ordering::Relaxed) {
-                Ok(_) => return Some(()),
-                Err(k) if k == ptr | HELD => backoff(&mut spins),
-                Err(k) if k == ptr => {}
-                Err(_) => return None,
+            match key.compare_exchange_weak(want, want | HELD, Ordering::Acquire, Ordering::Relaxed)
+            {
+                Ok(_) => return true,
+                Err(k) if k == want | HELD => backoff(&mut spins),
+                Err(k) if k == want => {}
+                Err(_) => return false,
             }
         }
     }
 
     /// Removes `ptr`'s record if `accept` says so; returns it. A record that `accept` refuses
-    /// stays live, and `None` is returned as for an address not recorded.
+    /// stays live, and `None` is returned as for an address not recorded. Remembers no free.
     #[inline]
     pub fn remove_if(&self, ptr: usize, accept: impl FnOnce(&Live) -> bool) -> Option<Live> {
-        self.remove_with(ptr, |live| accept(live).then_some(*live))
+        self.remove_with(ptr, |live| {
+            let mark = FreeMark {
+                stack: StackId::NONE,
+                thread: 0,
+                time_ns: None,
+            };
+            accept(live).then_some((*live, mark))
+        })
     }
 
-    /// Shows `ptr`'s record to `f`, in place, while holding it: the record is removed when `f`
-    /// returns `Some`, kept when it returns `None`. `None` also when `ptr` is not recorded.
-    /// In place because the free path needs a few fields and a copy for the freed ring, and
-    /// moving the whole record through temporaries cost more than the lookup.
+    /// Shows `ptr`'s record to `f`, in place, while holding it. When `f` returns `Some((r,
+    /// mark))` the record is freed: it stays in its slot with `mark` (see `freed`) until the slot
+    /// is reused, and `r` is returned. `None` keeps it live. `None` also when `ptr` is not live.
+    /// In place because the free path needs a few fields, and moving the whole record through
+    /// temporaries cost more than the lookup.
     #[inline]
-    pub fn remove_with<R>(&self, ptr: usize, f: impl FnOnce(&Live) -> Option<R>) -> Option<R> {
+    pub fn remove_with<R>(
+        &self,
+        ptr: usize,
+        f: impl FnOnce(&Live) -> Option<(R, FreeMark)>,
+    ) -> Option<R> {
         let Some((key, slot)) = self.find_and_hold(ptr) else {
             return self.overflow_remove_with(ptr, f);
         };
-        // SAFETY: held by this thread; a key is released only after its value is written.
-        let r = f(unsafe { (*self.values[slot].get()).assume_init_ref() });
-        key.store(if r.is_some() { 0 } else { ptr }, Ordering::Release);
-        r
+        // SAFETY: held by this thread; a live key's `live` was written before it was released.
+        match f(unsafe { &*addr_of!((*slot).live) }) {
+            Some((r, mark)) => {
+                // SAFETY: held by this thread.
+                unsafe { addr_of_mut!((*slot).free).write(mark) };
+                key.store(ptr | FREED, Ordering::Release);
+                Some(r)
+            }
+            None => {
+                key.store(ptr, Ordering::Release);
+                None
+            }
+        }
     }
 
     /// A copy of `ptr`'s record.
@@ -208,16 +286,41 @@ impl LiveTable {
             }
             return self.overflow().get(&ptr).copied();
         };
-        // SAFETY: as in `remove_if`.
-        let live = unsafe { (*self.values[slot].get()).assume_init() };
+        // SAFETY: as in `remove_with`.
+        let live = unsafe { addr_of!((*slot).live).read() };
         key.store(ptr, Ordering::Release);
         Some(live)
     }
 
-    /// Finds `ptr` in the buckets and holds its key word; returns it and the value's index.
-    /// `None` if it is not there (it may still be in the overflow map).
+    /// The record of `ptr`'s last free, if its slot has not been reused since (cold: for the
+    /// double-free diagnostic).
+    pub fn freed(&self, ptr: usize) -> Option<(Live, FreeMark)> {
+        if !Self::fits(ptr) {
+            return None;
+        }
+        let home = self.home(ptr);
+        // A freed record may sit in any bucket its key could have used, spilled flag or not.
+        for i in 0..PROBE {
+            let b = self.bucket(home, i);
+            for (s, key) in self.buckets[b].0.iter().enumerate() {
+                if key.load(Ordering::Relaxed) & !HELD == ptr | FREED && self.hold(key, ptr | FREED)
+                {
+                    let slot = self.slot(b, s);
+                    // SAFETY: held by this thread; a freed key's slot has both parts written.
+                    let found =
+                        unsafe { (addr_of!((*slot).live).read(), addr_of!((*slot).free).read()) };
+                    key.store(ptr | FREED, Ordering::Release);
+                    return Some(found);
+                }
+            }
+        }
+        None
+    }
+
+    /// Finds live `ptr` in the buckets and holds its key word; returns it and the slot. `None`
+    /// if it is not there (it may still be in the overflow map).
     #[inline]
-    fn find_and_hold(&self, ptr: usize) -> Option<(&AtomicUsize, usize)> {
+    fn find_and_hold(&self, ptr: usize) -> Option<(&AtomicUsize, *mut Slot)> {
         if !Self::fits(ptr) {
             return None;
         }
@@ -230,8 +333,8 @@ impl LiveTable {
         for i in 0..probe {
             let b = self.bucket(home, i);
             for (s, key) in self.buckets[b].0.iter().enumerate() {
-                if key.load(Ordering::Relaxed) & !HELD == ptr && self.hold(key, ptr).is_some() {
-                    return Some((key, b * SLOTS + s));
+                if key.load(Ordering::Relaxed) & !HELD == ptr && self.hold(key, ptr) {
+                    return Some((key, self.slot(b, s)));
                 }
             }
         }
@@ -239,26 +342,30 @@ impl LiveTable {
     }
 
     #[cold]
-    fn overflow_remove_with<R>(&self, ptr: usize, f: impl FnOnce(&Live) -> Option<R>) -> Option<R> {
+    fn overflow_remove_with<R>(
+        &self,
+        ptr: usize,
+        f: impl FnOnce(&Live) -> Option<(R, FreeMark)>,
+    ) -> Option<R> {
         if self.overflow_len.load(Ordering::Acquire) == 0 {
             return None;
         }
         let mut map = self.overflow();
-        let r = f(map.get(&ptr)?)?;
+        let (r, _) = f(map.get(&ptr)?)?;
         map.remove(&ptr);
         self.overflow_len.fetch_sub(1, Ordering::Release);
         Some(r)
     }
 
-    /// Calls `f` with a copy of every record. Records inserted or removed meanwhile by other
-    /// threads may or may not be seen; every other record is seen exactly once.
+    /// Calls `f` with a copy of every live record. Records inserted or removed meanwhile by
+    /// other threads may or may not be seen; every other record is seen exactly once.
     pub fn for_each(&self, mut f: impl FnMut(usize, Live)) {
         for (b, bucket) in self.buckets.iter().enumerate() {
             for (s, key) in bucket.0.iter().enumerate() {
                 let mut spins = 0u32;
                 loop {
                     let k = key.load(Ordering::Relaxed);
-                    if k == 0 {
+                    if k == 0 || k & TAG == FREED {
                         break;
                     }
                     if k & HELD != 0 {
@@ -271,8 +378,8 @@ impl LiveTable {
                     {
                         continue;
                     }
-                    // SAFETY: held by this thread.
-                    let live = unsafe { *(*self.values[b * SLOTS + s].get()).assume_init_ref() };
+                    // SAFETY: held by this thread; the key is live, so `live` was written.
+                    let live = unsafe { addr_of!((*self.slot(b, s)).live).read() };
                     key.store(k, Ordering::Release);
                     f(k, live);
                     break;
@@ -352,6 +459,50 @@ mod tests {
         assert_eq!(t.remove_if(0x1000, |_| true), None, "removed twice");
         assert_eq!(t.get(0x1000), None);
         assert_eq!(all(&t), vec![(0x2000, 2)]);
+    }
+
+    fn mark(thread: u32) -> FreeMark {
+        FreeMark {
+            stack: StackId(thread + 100),
+            thread,
+            time_ns: Some(thread as u64),
+        }
+    }
+
+    #[test]
+    fn a_free_is_remembered_until_the_address_is_reused() {
+        let t = LiveTable::with_bucket_bits(4);
+        t.insert(0x1000, live(64));
+        assert_eq!(t.freed(0x1000), None, "live, not freed");
+        let size = t.remove_with(0x1000, |l| Some((l.size, mark(7))));
+        assert_eq!(size, Some(64));
+        let (was, how) = t.freed(0x1000).expect("remembered");
+        assert_eq!((was.size, how), (64, mark(7)));
+        assert_eq!(t.get(0x1000), None, "freed is not live");
+        assert!(all(&t).is_empty(), "freed records are not listed");
+        assert_eq!(t.remove_with(0x1000, |l| Some((l.size, mark(8)))), None);
+        // Reallocating the address takes its slot back; freeing it again remembers the new free.
+        t.insert(0x1000, live(128));
+        assert_eq!(t.freed(0x1000), None);
+        t.remove_with(0x1000, |l| Some((l.size, mark(9))));
+        assert_eq!(
+            t.freed(0x1000).map(|(l, m)| (l.size, m)),
+            Some((128, mark(9)))
+        );
+    }
+
+    #[test]
+    fn freed_slots_are_reused_by_other_addresses() {
+        // 4 buckets x 8 slots: 32 slots. Allocate and free 1000 distinct addresses: all must
+        // land in the table (freed slots reused), none in the overflow map.
+        let t = LiveTable::with_bucket_bits(2);
+        for i in 1..=1000usize {
+            t.insert(i << 12, live(i as u64));
+            assert!(t.remove_with(i << 12, |_| Some(((), mark(1)))).is_some());
+        }
+        assert_eq!(t.overflow_len.load(Ordering::Relaxed), 0);
+        t.insert(0x5000_0000, live(5));
+        assert_eq!(all(&t), vec![(0x5000_0000, 5)]);
     }
 
     #[test]

@@ -9,8 +9,8 @@
 //! stacks they hold, and the epoch is only written by `checkpoint`.
 
 use super::capture::{self, ReentryGuard};
-use super::freed::{BadFree, FreedRecord, FreedRing};
-use super::live_table::LiveTable;
+use super::freed::{BadFree, FreedRecord};
+use super::live_table::{FreeMark, LiveTable};
 use super::stacks::{StackId, StackTable};
 use super::timeline::{EventKind, Timeline};
 use super::{LeakSummary, Origin, Settings};
@@ -45,7 +45,6 @@ pub struct Tracker {
     /// Bumped by `checkpoint` only; allocations load it. Read-mostly, so its cache line stays
     /// shared by every core (a per-allocation counter here was the pair's one contended line).
     epoch: AtomicU64,
-    freed: FreedRing,
     timeline: Option<Timeline>,
     /// CLOCK_MONOTONIC when the tracker was created; times are relative to it.
     start_ns: u64,
@@ -58,7 +57,6 @@ impl Tracker {
             live: LiveTable::default(),
             stacks: StackTable::new(),
             epoch: AtomicU64::new(0),
-            freed: FreedRing::new(),
             timeline: (settings.timeline > 0).then(|| Timeline::new(settings.timeline)),
             start_ns: monotonic_ns(false),
             bad_frees: AtomicU64::new(0),
@@ -133,30 +131,19 @@ impl Tracker {
             if !accept(live) {
                 return None;
             }
-            self.record_free(ptr, live);
-            Some(map(live))
+            Some((map(live), self.free_mark(ptr, live)))
         });
         removed.ok_or_else(|| self.bad_free(ptr))
     }
 
-    /// Keeps what a later double free's diagnostic and the timeline need of a free.
+    /// What the freed slot keeps for a later double free's diagnostic; also the timeline event.
     #[inline]
-    fn record_free(&self, ptr: usize, live: &Live) {
-        let free_stack = self.capture_stack();
-        let (thread, slot) = capture::thread_ids();
+    fn free_mark(&self, ptr: usize, live: &Live) -> FreeMark {
+        let stack = self.capture_stack();
+        let (thread, _) = capture::thread_ids();
         // Only the timeline needs the time of a free; the double-free diagnostic shows it when
         // known. Without a timeline the pair reads the clock once, on the allocation.
         let time_ns = self.timeline.as_ref().map(|_| self.now_ns());
-        self.freed.push(
-            slot,
-            FreedRecord {
-                ptr,
-                live: *live,
-                free_stack,
-                free_thread: thread,
-                free_time_ns: time_ns,
-            },
-        );
         if let (Some(timeline), Some(time_ns)) = (&self.timeline, time_ns) {
             timeline.push(
                 time_ns,
@@ -167,6 +154,11 @@ impl Tracker {
                 live.stack,
             );
         }
+        FreeMark {
+            stack,
+            thread,
+            time_ns,
+        }
     }
 
     #[cold]
@@ -175,7 +167,13 @@ impl Tracker {
         self.bad_frees.fetch_add(1, Ordering::Relaxed);
         let free_stack = self.capture_stack();
         let (thread, _) = capture::thread_ids();
-        let previous = self.freed.find(ptr);
+        let previous = self.live.freed(ptr).map(|(live, free)| FreedRecord {
+            ptr,
+            live,
+            free_stack: free.stack,
+            free_thread: free.thread,
+            free_time_ns: free.time_ns,
+        });
         let containing = match previous {
             Some(_) => None,
             None => self.block_containing(ptr),
