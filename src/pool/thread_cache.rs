@@ -26,7 +26,7 @@ pub const MAX_CACHED_BLOCK: usize = super::size_class::MAX_CLASS_SIZE;
 pub const SHARD_CAPACITY: usize = 1 << 30;
 /// Blocks per class a shard may hold: above the pool's per-class synchronize batch, so that a
 /// batch waits here rather than spilling into the arena.
-const MAX_PER_CLASS: usize = 512;
+const MAX_PER_CLASS: usize = 2048;
 
 /// Whether blocks of `class` are cached per thread.
 pub fn is_cached_class(class: usize) -> bool {

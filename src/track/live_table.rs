@@ -7,7 +7,7 @@
 //! Here an insert is one compare-and-swap on the key's slot plus a store, a remove the same, and
 //! two threads touch the same cache line only when their addresses hash to the same bucket.
 //!
-//! Layout: buckets of 8 key words (one cache line) and a parallel array of slots, one cache line
+//! Layout: buckets of 7 key words and a flag (one cache line) and a parallel array of slots, one line
 //! each. A key lives in its home bucket or, when that is full, in one of the next `PROBE - 1`
 //! buckets, and past those in a locked overflow map; the home bucket then carries a sticky
 //! `spilled` flag, so that a lookup that misses a home bucket without it stops there. The table
@@ -33,18 +33,24 @@ use std::ptr::{addr_of, addr_of_mut};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-const SLOTS: usize = 8;
+/// Keys per bucket: seven, and the bucket's `spilled` flag in the eighth word, so that a lookup
+/// reads one cache line.
+const SLOTS: usize = 7;
 /// Buckets a key may occupy, starting at its home bucket.
 const PROBE: usize = 4;
 const HELD: usize = 1;
 const FREED: usize = 2;
 const TAG: usize = HELD | FREED;
-/// Default size: 2^14 buckets, 131,072 slots (1 MiB of keys, 8 MiB of slots, touched only
+/// Default size: 2^14 buckets, 114,688 slots (1 MiB of keys, 7 MiB of slots, touched only
 /// where used). Far more live allocations than real programs keep fit before the overflow map.
 pub const DEFAULT_BUCKET_BITS: u32 = 14;
 
 #[repr(align(64))]
-struct Bucket([AtomicUsize; SLOTS]);
+struct Bucket {
+    keys: [AtomicUsize; SLOTS],
+    /// Some key homed here was placed in a later bucket or the overflow map (sticky).
+    spilled: AtomicBool,
+}
 
 /// Who freed a block, as its slot remembers it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,8 +72,6 @@ struct Slot {
 pub struct LiveTable {
     buckets: Box<[Bucket]>,
     slots: Box<[UnsafeCell<MaybeUninit<Slot>>]>,
-    /// Per bucket: some key homed here was placed in a later bucket or the overflow map.
-    spilled: Box<[AtomicBool]>,
     bits: u32,
     overflow: Mutex<HashMap<usize, Live>>,
     overflow_len: AtomicUsize,
@@ -91,12 +95,10 @@ impl LiveTable {
         let n = 1usize << bits;
         // SAFETY: all-zero bytes are valid for each: zero atomics (empty keys), uninitialised
         // slots, `false`.
-        let (buckets, slots, spilled) =
-            unsafe { (zeroed_slice(n), zeroed_slice(n * SLOTS), zeroed_slice(n)) };
+        let (buckets, slots) = unsafe { (zeroed_slice(n), zeroed_slice(n * SLOTS)) };
         LiveTable {
             buckets,
             slots,
-            spilled,
             bits,
             overflow: Mutex::new(HashMap::new()),
             overflow_len: AtomicUsize::new(0),
@@ -159,16 +161,16 @@ impl LiveTable {
             return None;
         }
         let home = self.home(ptr);
-        if self.spilled[home].load(Ordering::Relaxed) {
+        if self.buckets[home].spilled.load(Ordering::Relaxed) {
             // The address may be recorded past its home bucket: drop that record first.
             let _ = self.remove_if(ptr, |_| true);
         }
         for i in 0..PROBE {
             let b = self.bucket(home, i);
             if i == 1 {
-                self.spilled[home].store(true, Ordering::Relaxed);
+                self.buckets[home].spilled.store(true, Ordering::Relaxed);
             }
-            let keys = &self.buckets[b].0;
+            let keys = &self.buckets[b].keys;
             // This address's own record first (one cache line: cheap), then any free slot.
             let own = keys
                 .iter()
@@ -212,7 +214,9 @@ impl LiveTable {
     #[cold]
     fn insert_overflow(&self, ptr: usize, live: Live) {
         if Self::fits(ptr) {
-            self.spilled[self.home(ptr)].store(true, Ordering::Relaxed);
+            self.buckets[self.home(ptr)]
+                .spilled
+                .store(true, Ordering::Relaxed);
         }
         if self.overflow().insert(ptr, live).is_none() {
             self.overflow_len.fetch_add(1, Ordering::Release);
@@ -302,7 +306,7 @@ impl LiveTable {
         // A freed record may sit in any bucket its key could have used, spilled flag or not.
         for i in 0..PROBE {
             let b = self.bucket(home, i);
-            for (s, key) in self.buckets[b].0.iter().enumerate() {
+            for (s, key) in self.buckets[b].keys.iter().enumerate() {
                 if key.load(Ordering::Relaxed) & !HELD == ptr | FREED && self.hold(key, ptr | FREED)
                 {
                     let slot = self.slot(b, s);
@@ -325,14 +329,14 @@ impl LiveTable {
             return None;
         }
         let home = self.home(ptr);
-        let probe = if self.spilled[home].load(Ordering::Relaxed) {
+        let probe = if self.buckets[home].spilled.load(Ordering::Relaxed) {
             PROBE
         } else {
             1
         };
         for i in 0..probe {
             let b = self.bucket(home, i);
-            for (s, key) in self.buckets[b].0.iter().enumerate() {
+            for (s, key) in self.buckets[b].keys.iter().enumerate() {
                 if key.load(Ordering::Relaxed) & !HELD == ptr && self.hold(key, ptr) {
                     return Some((key, self.slot(b, s)));
                 }
@@ -361,7 +365,7 @@ impl LiveTable {
     /// other threads may or may not be seen; every other record is seen exactly once.
     pub fn for_each(&self, mut f: impl FnMut(usize, Live)) {
         for (b, bucket) in self.buckets.iter().enumerate() {
-            for (s, key) in bucket.0.iter().enumerate() {
+            for (s, key) in bucket.keys.iter().enumerate() {
                 let mut spins = 0u32;
                 loop {
                     let k = key.load(Ordering::Relaxed);
