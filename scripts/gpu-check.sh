@@ -3,6 +3,7 @@
 #   bash scripts/gpu-stage.sh          (fills gpu-stage/)
 # then, from the repository root on the GPU machine (CUDA toolkit, driver, python3 + torch):
 #   bash scripts/gpu-check.sh [section ...]   sections: rust c stream torch bench demo examples
+#   (and `profile`, not run by default: perf of the drop-in path, after `bench`)
 # Logs go to gpu-out/ (and, packed with the summary, to $OUT where the device tool runs it); a
 # table of what ran is printed last. Exits 1 if anything failed.
 set -uo pipefail
@@ -124,6 +125,22 @@ if want bench; then
     fi
 fi
 
+# Where the drop-in path's time goes on this host (needs perf; skipped without it).
+if want profile; then
+    exe=build/gpu/alloc_bench
+    if command -v perf >/dev/null && [[ -x $exe ]]; then
+        for c in pair:1048576 step; do
+            HBMALLOC_CONF=backtrace:off,leak_report:off BENCH_SECONDS=1 perf record -q -o "$LOG/perf.data" \
+                -- env LD_PRELOAD=$LIB "$exe" malloc "$c" >>"$LOG/profile.txt" 2>&1
+            perf report -i "$LOG/perf.data" --no-children --stdio 2>/dev/null | grep -E '^ +[0-9]' | head -25 >>"$LOG/profile.txt"
+        done
+        rm -f "$LOG/perf.data"
+        record "profile" PASS "see profile.txt"
+    else
+        record "profile" SKIP "no perf, or run with the bench section"
+    fi
+fi
+
 if want demo; then
     if "$STAGE/hbmalloc" demo >"$LOG/demo.log" 2>&1 && grep -q 'backend cuda' "$LOG/demo.log"; then
         record "hbmalloc demo on cuda" PASS "$(grep 'step time' "$LOG/demo.log" | tr -s ' ')"
@@ -149,6 +166,7 @@ fi
 if [[ -n ${OUT:-} ]]; then
     tar czf "$OUT/gpu-logs.tgz" -C "$LOG" .
     cp "$LOG/bench.txt" "$OUT/" 2>/dev/null
+    cp "$LOG/profile.txt" "$OUT/" 2>/dev/null
 fi
 echo
 echo "gpu-check on $CARD"
