@@ -1,7 +1,8 @@
 """Turns the lines alloc_bench printed (bench.txt) into the markdown table of BENCHMARKS.md.
 
 Each line is "<allocator> <api> <case> <value> <unit>"; every configuration of one case was
-measured in the same gpu-check run. Usage: python3 scripts/bench-table.py bench.txt
+measured in the same gpu-check run, in several interleaved rounds: each cell is the
+configuration's best round (lowest time, highest rate). Usage: python3 scripts/bench-table.py bench.txt
 """
 import sys
 
@@ -11,6 +12,7 @@ COLUMNS = [
     ("hbmalloc", "malloc", "hbmalloc cudaMalloc, backtrace off"),
     ("hbmalloc+bt", "malloc", "hbmalloc cudaMalloc, backtrace on"),
     ("hbmalloc", "async", "hbmalloc cudaMallocAsync, backtrace off"),
+    ("hbmalloc-sim", "malloc", "hbmalloc on its simulated device (CPU cost alone)"),
 ]
 CASES = {
     "pair:512": "alloc+free pair, 512 B",
@@ -18,6 +20,8 @@ CASES = {
     "pair:16777216": "alloc+free pair, 16 MiB",
     "step": "100 allocs (1-16 MiB) then frees",
     "threads:1": "1 thread, 64 KiB pairs",
+    "threads:4": "4 threads, 64 KiB pairs",
+    "threads:8": "8 threads, 64 KiB pairs",
     "threads:16": "16 threads, 64 KiB pairs",
 }
 
@@ -28,12 +32,18 @@ def main(path):
         parts = line.split()
         if len(parts) == 5:
             who, api, case, value, unit = parts
-            values[(who, api, case)] = (float(value), unit)
-    print("| case | " + " | ".join(c[2] for c in COLUMNS) + " | hbmalloc vs best baseline |")
-    print("|---" * (len(COLUMNS) + 2) + "|")
+            key, v = (who, api, case), float(value)
+            better = max if unit.startswith("Mpairs") else min
+            values[key] = (better(v, values[key][0]) if key in values else v, unit)
+    # Reference builds (gpu-stage.sh HBM_REF) get a column each, after the fixed ones.
+    refs = sorted({k[0] for k in values if k[0].startswith("hbmalloc-") and k[0] != "hbmalloc-sim"})
+    extra = [(r, "malloc", f"{r[len('hbmalloc-'):]} (reference build), backtrace off") for r in refs]
+    columns = [c for c in COLUMNS + extra if any(k[:2] == c[:2] for k in values)]
+    print("| case | " + " | ".join(c[2] for c in columns) + " | hbmalloc vs best baseline |")
+    print("|---" * (len(columns) + 2) + "|")
     for case, label in CASES.items():
         cells, unit = [], ""
-        for who, api, _ in COLUMNS:
+        for who, api, _ in columns:
             v = values.get((who, api, case))
             cells.append("-" if v is None else f"{v[0]:g}")
             unit = v[1] if v else unit

@@ -109,14 +109,25 @@ if want bench; then
     if gcc -O2 -I"$CUDA/include" bench/alloc_bench.c -o "$exe" -L"$CUDA/lib64" -lcudart -lpthread -ldl -Wl,-rpath,"$CUDA/lib64" 2>"$LOG/bench-build.log"; then
         : >"$LOG/bench.txt"
         export BENCH_SECONDS=${BENCH_SECONDS:-1}
-        for c in pair:512 pair:1048576 pair:16777216 step threads:1 threads:4 threads:8 threads:16; do
-            "$exe" malloc "$c" >>"$LOG/bench.txt" 2>&1
-            "$exe" async "$c" >>"$LOG/bench.txt" 2>&1
-            HBMALLOC_CONF=backtrace:off,leak_report:off LD_PRELOAD=$LIB "$exe" malloc "$c" >>"$LOG/bench.txt" 2>&1
-            HBMALLOC_CONF=backtrace:on,leak_report:off LD_PRELOAD=$LIB "$exe" malloc "$c" | sed 's/^hbmalloc/hbmalloc+bt/' >>"$LOG/bench.txt" 2>&1
-            HBMALLOC_CONF=backtrace:off,leak_report:off LD_PRELOAD=$LIB "$exe" async "$c" >>"$LOG/bench.txt" 2>&1
-            # The same code on the simulated device, on this host: what the driver calls cost.
-            HBMALLOC_CONF=backend:sim,backtrace:off,leak_report:off LD_PRELOAD=$LIB "$exe" malloc "$c" 2>&1 | sed 's/^hbmalloc/hbmalloc-sim/' >>"$LOG/bench.txt"
+        # Several rounds, every configuration once per round, so that a noisy neighbour on the
+        # host hits them all alike; bench-table.py keeps each configuration's best round.
+        # Each $STAGE/ref/<name>/libhbmalloc.so (scripts/gpu-stage.sh with HBM_REF="name=commit")
+        # runs beside the current library as hbmalloc-<name>: before/after from the same run.
+        for round in $(seq "${BENCH_ROUNDS:-3}"); do
+            for c in ${BENCH_CASES:-pair:512 pair:1048576 pair:16777216 step threads:1 threads:4 threads:8 threads:16}; do
+                "$exe" malloc "$c" >>"$LOG/bench.txt" 2>&1
+                "$exe" async "$c" >>"$LOG/bench.txt" 2>&1
+                HBMALLOC_CONF=backtrace:off,leak_report:off LD_PRELOAD=$LIB "$exe" malloc "$c" >>"$LOG/bench.txt" 2>&1
+                HBMALLOC_CONF=backtrace:on,leak_report:off LD_PRELOAD=$LIB "$exe" malloc "$c" | sed 's/^hbmalloc/hbmalloc+bt/' >>"$LOG/bench.txt" 2>&1
+                HBMALLOC_CONF=backtrace:off,leak_report:off LD_PRELOAD=$LIB "$exe" async "$c" >>"$LOG/bench.txt" 2>&1
+                # The same code on the simulated device, on this host: what the driver calls cost.
+                HBMALLOC_CONF=backend:sim,backtrace:off,leak_report:off LD_PRELOAD=$LIB "$exe" malloc "$c" 2>&1 | sed 's/^hbmalloc/hbmalloc-sim/' >>"$LOG/bench.txt"
+                for ref in "$STAGE"/ref/*/libhbmalloc.so; do
+                    [[ -f $ref ]] || continue
+                    name=$(basename "$(dirname "$ref")")
+                    HBMALLOC_CONF=backtrace:off,leak_report:off LD_PRELOAD=$PWD/$ref "$exe" malloc "$c" 2>&1 | sed "s/^hbmalloc/hbmalloc-$name/" >>"$LOG/bench.txt"
+                done
+            done
         done
         record "alloc benchmark" PASS "$(wc -l <"$LOG/bench.txt") figures in bench.txt"
         cat "$LOG/bench.txt"

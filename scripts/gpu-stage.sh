@@ -20,5 +20,16 @@ for line in sys.stdin:
         shutil.copy(msg["executable"], "gpu-stage/tests/" + msg["target"]["name"])
 '
 strip --strip-debug gpu-stage/tests/* gpu-stage/examples/* 2>/dev/null || true
+# HBM_REF="name=commit ...": those commits' libraries too, as gpu-stage/ref/<name>/libhbmalloc.so,
+# for gpu-check's benchmark to run beside the current one (before/after from the same run).
+for ref in ${HBM_REF:-}; do
+    name=${ref%%=*} commit=${ref#*=}
+    ref_tree=$(mktemp -d)
+    git worktree add --detach "$ref_tree" "$commit" >/dev/null
+    (cd "$ref_tree" && CARGO_TARGET_DIR=/tmp/hbm-ref-target cargo build --release --lib --quiet)
+    mkdir -p "gpu-stage/ref/$name"
+    cp /tmp/hbm-ref-target/release/libhbmalloc.so "gpu-stage/ref/$name/"
+    git worktree remove --force "$ref_tree"
+done
 ls -R gpu-stage | head -40
 du -sh gpu-stage
