@@ -29,6 +29,7 @@ for ref in ${HBM_REF:-}; do
     (cd "$ref_tree" && CARGO_TARGET_DIR=/tmp/hbm-ref-target cargo build --release --lib --quiet)
     mkdir -p "gpu-stage/ref/$name"
     cp /tmp/hbm-ref-target/release/libhbmalloc.so "gpu-stage/ref/$name/"
+    strip --strip-debug "gpu-stage/ref/$name/libhbmalloc.so"
     git worktree remove --force "$ref_tree"
 done
 ls -R gpu-stage | head -40
