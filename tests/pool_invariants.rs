@@ -215,6 +215,38 @@ fn a_freed_block_waits_for_a_synchronize_before_reuse() {
 }
 
 #[test]
+fn blocks_a_thread_cache_hands_back_unsynchronized_wait_in_the_arena() {
+    // Thread caches keep their own epochs; blocks they evict before their own synchronize must
+    // still wait for a pool synchronize before another thread gets them from the arena.
+    let (sim, pool) = pool(1 << 30, StreamSafety::Batched, 1 << 40);
+    let pool = Arc::new(pool);
+    let freed: Vec<usize> = (0..700).map(|_| pool.alloc(4096).unwrap()).collect();
+    let syncs = sim.sync_count();
+    for p in &freed {
+        pool.free(*p).unwrap(); // past 512 cached blocks the cache evicts its oldest half
+    }
+    assert_eq!(sim.sync_count(), syncs, "freeing alone never synchronizes");
+    let other = {
+        let pool = pool.clone();
+        std::thread::spawn(move || {
+            (0..300)
+                .map(|_| pool.alloc(4096).unwrap())
+                .collect::<Vec<_>>()
+        })
+        .join()
+        .unwrap()
+    };
+    if sim.sync_count() == syncs {
+        let reused: Vec<_> = other.iter().filter(|p| freed.contains(p)).collect();
+        assert!(
+            reused.is_empty(),
+            "reused before any synchronize: {reused:x?}"
+        );
+    }
+    pool.check();
+}
+
+#[test]
 fn eager_mode_synchronizes_every_free_and_off_mode_never() {
     let (sim, pool) = pool(1 << 30, StreamSafety::Eager, 64 << 20);
     let a = pool.alloc(4096).unwrap();

@@ -21,7 +21,9 @@ use super::size_class::{
     block_size, chunk_size, class_of, class_size, MAX_CLASS_SIZE, SMALL_LIMIT,
 };
 use super::stats::{PoolStats, SlowCounters};
-use super::thread_cache::{is_cached_class, my_shard, thread_tag, Evicted, PaddedShard, N_SHARDS};
+use super::thread_cache::{
+    is_cached_class, my_shard, thread_tag, Evicted, PaddedShard, N_SHARDS, UNSYNCED,
+};
 use crate::backend::{DevicePtr, SharedBackend, Stream};
 use crate::config::{Config, StreamSafety};
 use crate::error::{Error, Result};
@@ -72,9 +74,9 @@ const MAX_REFILL: usize = 16;
 /// A thread's cache of one size class asks for a synchronize once it holds this many blocks, or
 /// this many bytes if fewer (but at least 4 blocks), all waiting for one: one synchronize
 /// (about 1 us on an idle H200) then serves that many allocations, and the memory this costs is
-/// bounded by the byte limit. 1024 rather than 256: at 16 threads, each thread's synchronize
-/// every 256 small pairs was what kept the rate from scaling with the threads.
-const SHARD_SYNC_BLOCKS: usize = 1024;
+/// bounded by the byte limit. Not more: the blocks a thread cycles through between synchronizes
+/// are its working set in the tracker's table too (1024 was slower at 16 threads on an H200).
+const SHARD_SYNC_BLOCKS: usize = 256;
 const SHARD_SYNC_BYTES: usize = 64 << 20;
 
 pub struct CachingPool {
@@ -99,6 +101,7 @@ impl CachingPool {
     pub fn new(backend: SharedBackend, settings: PoolSettings) -> CachingPool {
         // Epochs start at 1 so that stamp 0 means "safe from the start" (blocks straight from
         // the arena); under `off` every stamp is below the completed epoch.
+        let trusting = settings.stream_safety == StreamSafety::Off;
         let completed = match settings.stream_safety {
             StreamSafety::Off => u64::MAX,
             StreamSafety::Batched | StreamSafety::Eager => 1,
@@ -106,7 +109,7 @@ impl CachingPool {
         CachingPool {
             backend,
             settings,
-            shards: (0..N_SHARDS).map(|_| PaddedShard::default()).collect(),
+            shards: (0..N_SHARDS).map(|_| PaddedShard::new(trusting)).collect(),
             small: Mutex::new(Arena::default()),
             large: Mutex::new(Arena::default()),
             live: LiveMap::default(),
@@ -167,7 +170,7 @@ impl CachingPool {
         let block = checked_block(size)?;
         if let Some(class) = cache_class(block) {
             let mut shard = self.shards[my_shard()].lock();
-            if let Some(ptr) = shard.pop_safe(class, self.completed.load(Ordering::Acquire)) {
+            if let Some(ptr) = shard.pop_safe(class) {
                 shard.counters.in_use += block as i64;
                 shard.counters.allocs += 1;
                 shard.counters.hits += 1;
@@ -184,17 +187,21 @@ impl CachingPool {
     /// device memory), but the pool's bookkeeping does.
     #[inline]
     pub fn free_unchecked(&self, ptr: DevicePtr, block: usize) {
-        let stamp = self.stamp_free();
         let mut shard = self.shards[my_shard()].lock();
         shard.counters.in_use -= block as i64;
         shard.counters.frees += 1;
         let evicted = match cache_class(block) {
-            Some(class) => shard.push(class, ptr, stamp),
-            None => Some(vec![(ptr, block, stamp)]),
+            Some(class) => shard.push(class, ptr),
+            None => Some(vec![(ptr, block, UNSYNCED)]),
         };
         drop(shard);
         if let Some(evicted) = evicted {
             self.return_to_arena(evicted);
+        }
+        if self.settings.stream_safety == StreamSafety::Eager {
+            // As the runtime's cudaFree: the block is safe once this returns. A failed
+            // synchronize leaves it waiting for a later one.
+            let _ = self.sync_and_settle();
         }
     }
 
@@ -410,9 +417,7 @@ impl CachingPool {
 
     fn take_from_shard(&self, block: usize) -> Option<DevicePtr> {
         let class = cache_class(block)?;
-        self.shards[my_shard()]
-            .lock()
-            .pop_safe(class, self.completed.load(Ordering::Acquire))
+        self.shards[my_shard()].lock().pop_safe(class)
     }
 
     /// Gets a new chunk from the driver and takes the block from it.
@@ -431,16 +436,18 @@ impl CachingPool {
 
     /// Bytes that a synchronize now would make reusable (this thread's shard and the arenas).
     fn waiting_bytes(&self) -> usize {
-        let completed = self.completed.load(Ordering::Acquire);
-        let mine = self.shards[my_shard()].lock().unsynced_bytes(completed);
+        let mine = self.shards[my_shard()].lock().unsynced_bytes();
         mine + lock(&self.small).pending_bytes() + lock(&self.large).pending_bytes()
     }
 
     /// One device synchronize; then every block freed before it is reusable.
     fn sync_and_settle(&self) -> Result<()> {
+        let shard = &self.shards[my_shard()];
+        let started_here = shard.lock().begin_sync();
         let started = self.epoch.fetch_add(1, Ordering::SeqCst);
         self.backend.synchronize()?;
         self.completed.fetch_max(started + 1, Ordering::SeqCst);
+        shard.lock().end_sync(started_here);
         SlowCounters::bump(&self.slow.syncs);
         let completed = self.completed.load(Ordering::Acquire);
         for arena in [&self.small, &self.large] {
@@ -460,28 +467,17 @@ impl CachingPool {
         }
     }
 
-    /// The stamp for a free; under `eager`, synchronizes first so the block is safe at once.
-    #[inline]
-    fn stamp_free(&self) -> u64 {
-        match self.settings.stream_safety {
-            StreamSafety::Off => 0,
-            StreamSafety::Batched => self.epoch.load(Ordering::SeqCst),
-            StreamSafety::Eager => {
-                let stamp = self.epoch.load(Ordering::SeqCst);
-                // A failed synchronize leaves the stamp incomplete: the block then waits.
-                let _ = self.sync_and_settle();
-                stamp
-            }
-        }
-    }
-
     fn return_to_arena(&self, blocks: Evicted) {
         if blocks.is_empty() {
             return;
         }
         let completed = self.completed.load(Ordering::Acquire);
+        // A block whose shard epoch had not completed waits for a pool synchronize that begins
+        // after now, which also began after its free.
+        let now = self.epoch.load(Ordering::SeqCst);
         let (mut small, mut large) = (None, None);
         for (ptr, size, stamp) in blocks {
+            let stamp = if stamp == UNSYNCED { now } else { stamp };
             let arena = if size <= SMALL_LIMIT {
                 small.get_or_insert_with(|| lock(&self.small))
             } else {

@@ -2,9 +2,18 @@
 //!
 //! Each thread is assigned one of `N_SHARDS` shards on first use (a `const` thread-local index, no
 //! destructor, so nothing runs at thread or process exit). A shard holds, per size class, a FIFO of
-//! blocks with the epoch stamp they were freed in; a block may leave the cache only when the pool's
-//! completed epoch has passed its stamp (see `CachingPool` for what an epoch is). Frees push at the
-//! back, allocations pop at the front: the oldest block is the one most likely to be safe already.
+//! blocks with the epoch stamp they were freed in; a block may leave the cache only when the
+//! shard's completed epoch has passed its stamp. Frees push at the back, allocations pop at the
+//! front: the oldest block is the one most likely to be safe already.
+//!
+//! The epochs are the shard's own (see `CachingPool` for the pool-wide ones): a synchronize by
+//! the shard's thread starts a new shard epoch and completes the earlier ones. Synchronizes by
+//! other threads are not seen (they would make more blocks safe sooner; ignoring them is only
+//! conservative). Why not the pool's epoch: at 16 threads each thread's synchronize rewrote it,
+//! and every free and allocation on every core then missed on its cache line. A block leaving
+//! the shard for the arena gets a pool-wide stamp: `SAFE` if its shard epoch completed, else
+//! `UNSYNCED`, which the pool replaces by its current epoch (a later stamp than the free's is
+//! always conservative).
 //!
 //! Two threads share a shard only when more than `N_SHARDS` threads allocate; the lock keeps that
 //! correct, and an uncontended lock costs one atomic swap and a store.
@@ -26,12 +35,17 @@ pub const MAX_CACHED_BLOCK: usize = super::size_class::MAX_CLASS_SIZE;
 pub const SHARD_CAPACITY: usize = 1 << 30;
 /// Blocks per class a shard may hold: above the pool's per-class synchronize batch, so that a
 /// batch waits here rather than spilling into the arena.
-const MAX_PER_CLASS: usize = 2048;
+const MAX_PER_CLASS: usize = 512;
 
 /// Whether blocks of `class` are cached per thread.
 pub fn is_cached_class(class: usize) -> bool {
     class < N_CLASSES && class_size(class) <= MAX_CACHED_BLOCK
 }
+
+/// An evicted block's pool-wide stamp: reusable at once.
+pub const SAFE: u64 = 0;
+/// An evicted block's stamp when its shard epoch has not completed: the pool stamps it anew.
+pub const UNSYNCED: u64 = u64::MAX;
 
 /// Counters a shard keeps under its own lock; the pool sums them for statistics.
 #[derive(Clone, Copy, Default, Debug)]
@@ -45,9 +59,11 @@ pub struct ShardCounters {
     pub hits: u64,
 }
 
-#[derive(Default)]
 pub struct Shard {
     lists: Vec<VecDeque<(DevicePtr, u64)>>,
+    /// The stamp of frees now; blocks stamped below `completed` are safe to hand out.
+    epoch: u64,
+    completed: u64,
     pub cached_bytes: usize,
     pub counters: ShardCounters,
     /// Bytes freed into this shard in epoch `unsynced_epoch`: the part of its cache that a device
@@ -56,10 +72,46 @@ pub struct Shard {
     unsynced_bytes: usize,
 }
 
-/// What a shard gives back when it is over capacity: blocks for the arena, with their stamps.
+/// What a shard gives back when it is over capacity: blocks for the arena, with their pool-wide
+/// stamps (`SAFE`, `UNSYNCED`, or a pool epoch).
 pub type Evicted = Vec<(DevicePtr, usize, u64)>;
 
 impl Shard {
+    /// An empty shard; `trusting` (stream safety off) makes every block safe at once.
+    pub fn new(trusting: bool) -> Shard {
+        Shard {
+            lists: Vec::new(),
+            epoch: 1,
+            completed: if trusting { u64::MAX } else { 1 },
+            cached_bytes: 0,
+            counters: ShardCounters::default(),
+            unsynced_epoch: 0,
+            unsynced_bytes: 0,
+        }
+    }
+
+    /// Called before this shard's thread synchronizes the device: frees from now on wait for a
+    /// later synchronize. Returns the token for `end_sync`.
+    pub fn begin_sync(&mut self) -> u64 {
+        let started = self.epoch;
+        self.epoch += 1;
+        started
+    }
+
+    /// The synchronize begun with `started` returned: every block freed before it is safe.
+    pub fn end_sync(&mut self, started: u64) {
+        self.completed = self.completed.max(started + 1);
+    }
+
+    /// A cached block's pool-wide stamp (see the module doc).
+    fn pool_stamp(&self, stamp: u64) -> u64 {
+        if stamp < self.completed {
+            SAFE
+        } else {
+            UNSYNCED
+        }
+    }
+
     fn list(&mut self, class: usize) -> &mut VecDeque<(DevicePtr, u64)> {
         if self.lists.is_empty() {
             self.lists = (0..N_CLASSES).map(|_| VecDeque::new()).collect();
@@ -67,12 +119,12 @@ impl Shard {
         &mut self.lists[class]
     }
 
-    /// Pops the oldest block of `class` if its stamp is below `completed`.
+    /// Pops the oldest block of `class` if it is safe.
     #[inline]
-    pub fn pop_safe(&mut self, class: usize, completed: u64) -> Option<DevicePtr> {
+    pub fn pop_safe(&mut self, class: usize) -> Option<DevicePtr> {
         let list = self.lists.get_mut(class)?;
         match list.front() {
-            Some(&(addr, stamp)) if stamp < completed => {
+            Some(&(addr, stamp)) if stamp < self.completed => {
                 list.pop_front();
                 self.cached_bytes -= class_size(class);
                 Some(addr)
@@ -83,8 +135,9 @@ impl Shard {
 
     /// Caches a freed block. Returns blocks pushed out to stay within capacity (oldest first).
     #[inline]
-    pub fn push(&mut self, class: usize, addr: DevicePtr, stamp: u64) -> Option<Evicted> {
+    pub fn push(&mut self, class: usize, addr: DevicePtr) -> Option<Evicted> {
         let size = class_size(class);
+        let stamp = self.epoch;
         if self.unsynced_epoch != stamp {
             self.unsynced_epoch = stamp;
             self.unsynced_bytes = 0;
@@ -108,14 +161,14 @@ impl Shard {
         while self.lists[class].len() > keep {
             let (a, s) = self.lists[class].pop_front().expect("non-empty");
             self.cached_bytes -= class_size(class);
-            out.push((a, class_size(class), s));
+            out.push((a, class_size(class), self.pool_stamp(s)));
         }
         let mut c = N_CLASSES;
         while self.cached_bytes > SHARD_CAPACITY / 2 && c > 0 {
             c -= 1;
             while let Some((a, s)) = self.lists[c].pop_front() {
                 self.cached_bytes -= class_size(c);
-                out.push((a, class_size(c), s));
+                out.push((a, class_size(c), self.pool_stamp(s)));
                 if self.cached_bytes <= SHARD_CAPACITY / 2 {
                     break;
                 }
@@ -125,7 +178,8 @@ impl Shard {
     }
 
     /// Adds blocks the arena just handed over. They are free, hence safe at once: stamp 0 is below
-    /// every completed epoch, and they go to the front, ahead of blocks still waiting.
+    /// every completed epoch (which start at 1), and they go to the front, ahead of blocks still
+    /// waiting.
     pub fn refill(&mut self, class: usize, blocks: &[DevicePtr]) {
         self.cached_bytes += blocks.len() * class_size(class);
         let list = self.list(class);
@@ -142,20 +196,27 @@ impl Shard {
             .map_or(0, |l| l.len() * class_size(class))
     }
 
-    /// Bytes freed into this shard that only a synchronize after `completed` would release.
-    pub fn unsynced_bytes(&self, completed: u64) -> usize {
-        if self.unsynced_epoch >= completed {
+    /// Bytes freed into this shard that only another synchronize would release.
+    pub fn unsynced_bytes(&self) -> usize {
+        if self.unsynced_epoch >= self.completed {
             self.unsynced_bytes
         } else {
             0
         }
     }
 
-    /// Empties the shard: every cached block with its size and stamp.
+    /// Empties the shard: every cached block with its size and pool-wide stamp.
     pub fn drain(&mut self) -> Evicted {
         let mut out = Vec::new();
+        let completed = self.completed;
         for (c, list) in self.lists.iter_mut().enumerate() {
-            out.extend(list.drain(..).map(|(a, s)| (a, class_size(c), s)));
+            out.extend(list.drain(..).map(|(a, s)| {
+                (
+                    a,
+                    class_size(c),
+                    if s < completed { SAFE } else { UNSYNCED },
+                )
+            }));
         }
         self.cached_bytes = 0;
         self.unsynced_bytes = 0;
@@ -166,10 +227,13 @@ impl Shard {
 /// A shard on its own cache lines, so neighbouring shards' locks do not share a line. A spin
 /// lock: every critical section is a few list operations (no driver call is made under it).
 #[repr(align(128))]
-#[derive(Default)]
 pub struct PaddedShard(pub SpinLock<Shard>);
 
 impl PaddedShard {
+    pub fn new(trusting: bool) -> PaddedShard {
+        PaddedShard(SpinLock::new(Shard::new(trusting)))
+    }
+
     #[inline]
     pub fn lock(&self) -> SpinGuard<'_, Shard> {
         self.0.lock()
