@@ -50,7 +50,7 @@ def main(path):
         base = [values.get((w, a, case)) for w, a in (("cudaMalloc", "malloc"), ("cudaMallocAsync", "async"))]
         ours = values.get(("hbmalloc", "malloc", case))
         ratio = "-"
-        if ours and all(base):
+        if ours and base and all(base):
             if unit.startswith("Mpairs"):  # higher is better
                 ratio = f"{ours[0] / max(b[0] for b in base):.1f}x the rate"
             else:

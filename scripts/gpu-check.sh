@@ -115,13 +115,16 @@ if want bench; then
         # runs beside the current library as hbmalloc-<name>: before/after from the same run.
         for round in $(seq "${BENCH_ROUNDS:-3}"); do
             for c in ${BENCH_CASES:-pair:512 pair:1048576 pair:16777216 step threads:1 threads:4 threads:8 threads:16}; do
-                "$exe" malloc "$c" >>"$LOG/bench.txt" 2>&1
-                "$exe" async "$c" >>"$LOG/bench.txt" 2>&1
                 HBMALLOC_CONF=backtrace:off,leak_report:off LD_PRELOAD=$LIB "$exe" malloc "$c" >>"$LOG/bench.txt" 2>&1
-                HBMALLOC_CONF=backtrace:on,leak_report:off LD_PRELOAD=$LIB "$exe" malloc "$c" | sed 's/^hbmalloc/hbmalloc+bt/' >>"$LOG/bench.txt" 2>&1
-                HBMALLOC_CONF=backtrace:off,leak_report:off LD_PRELOAD=$LIB "$exe" async "$c" >>"$LOG/bench.txt" 2>&1
-                # The same code on the simulated device, on this host: what the driver calls cost.
-                HBMALLOC_CONF=backend:sim,backtrace:off,leak_report:off LD_PRELOAD=$LIB "$exe" malloc "$c" 2>&1 | sed 's/^hbmalloc/hbmalloc-sim/' >>"$LOG/bench.txt"
+                # BENCH_AB=1: only the current library against the reference builds.
+                if [[ -z ${BENCH_AB:-} ]]; then
+                    "$exe" malloc "$c" >>"$LOG/bench.txt" 2>&1
+                    "$exe" async "$c" >>"$LOG/bench.txt" 2>&1
+                    HBMALLOC_CONF=backtrace:on,leak_report:off LD_PRELOAD=$LIB "$exe" malloc "$c" | sed 's/^hbmalloc/hbmalloc+bt/' >>"$LOG/bench.txt" 2>&1
+                    HBMALLOC_CONF=backtrace:off,leak_report:off LD_PRELOAD=$LIB "$exe" async "$c" >>"$LOG/bench.txt" 2>&1
+                    # The same code on the simulated device, on this host: what the driver calls cost.
+                    HBMALLOC_CONF=backend:sim,backtrace:off,leak_report:off LD_PRELOAD=$LIB "$exe" malloc "$c" 2>&1 | sed 's/^hbmalloc/hbmalloc-sim/' >>"$LOG/bench.txt"
+                fi
                 for ref in "$STAGE"/ref/*/libhbmalloc.so; do
                     [[ -f $ref ]] || continue
                     name=$(basename "$(dirname "$ref")")
