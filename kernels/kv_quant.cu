@@ -354,58 +354,6 @@ hbm_kv_dequantize_plain(const void *src, int src_type, u64 src_row_stride, i64 r
     }
 }
 
-// Quantizes one Q8_0 block x[0..32] into 17 little-endian half-words: the fp16 scale, then the
-// 32 quants two per half-word (ggml's quantize_row_q8_0_ref, step for step).
-__device__ __forceinline__ void hbm_quantize_q8_0_ref(const float *x, u16 *out) {
-    // ggml folds amax = MAX(amax, |x_j|) with MAX(a, b) = a > b ? a : b, in element order: a NaN
-    // makes amax NaN and the next element replaces it. Same fold, same order, same operands.
-    float amax = 0.0f;
-#pragma unroll
-    for (int j = 0; j < 32; j++) {
-        const float a = fabsf(x[j]);
-        amax = amax > a ? amax : a;
-    }
-    const float d = __fdiv_rn(amax, 127.0f);
-    const float id = hbm_inverse(d);
-    out[0] = hbm_fp32_to_fp16(d);
-#pragma unroll
-    for (int j = 0; j < 16; j++) {
-        const u32 q0 = (u32)hbm_c_float_to_i8(roundf(__fmul_rn(x[2 * j], id))) & 0xffu;
-        const u32 q1 = (u32)hbm_c_float_to_i8(roundf(__fmul_rn(x[2 * j + 1], id))) & 0xffu;
-        out[1 + j] = (u16)(q0 | (q1 << 8));
-    }
-}
-
-// Quantizes one Q4_0 block into 9 half-words: the fp16 scale, then 16 bytes whose low nibble is
-// element j and high nibble element j + 16 (ggml's quantize_row_q4_0_ref).
-__device__ __forceinline__ void hbm_quantize_q4_0_ref(const float *x, u16 *out) {
-    // max is the first element of the largest magnitude, with its sign; a NaN never wins.
-    float amax = 0.0f, max = 0.0f;
-#pragma unroll
-    for (int j = 0; j < 32; j++) {
-        const float a = fabsf(x[j]);
-        if (amax < a) {
-            amax = a;
-            max = x[j];
-        }
-    }
-    const float d = __fdiv_rn(max, -8.0f);
-    const float id = hbm_inverse(d);
-    out[0] = hbm_fp32_to_fp16(d);
-    u32 bytes[16];
-#pragma unroll
-    for (int j = 0; j < 16; j++) {
-        // MIN(15, (int8_t)(x*id + 8.5f)) as int, stored as uint8_t: two roundings, no FMA.
-        int lo = hbm_c_float_to_i8(__fadd_rn(__fmul_rn(x[j], id), 8.5f));
-        int hi = hbm_c_float_to_i8(__fadd_rn(__fmul_rn(x[j + 16], id), 8.5f));
-        lo = lo < 15 ? lo : 15;
-        hi = hi < 15 ? hi : 15;
-        bytes[j] = (((u32)lo & 0xffu) | (((u32)hi & 0xffu) << 4)) & 0xffu;
-    }
-#pragma unroll
-    for (int j = 0; j < 8; j++) out[1 + j] = (u16)(bytes[2 * j] | (bytes[2 * j + 1] << 8));
-}
-
 // max.NaN: NaN when either operand is; the quantizers' fast paths see "no NaN, no infinity" in
 // one comparison of the result.
 __device__ __forceinline__ float hbm_max_nan(float a, float b) {
@@ -426,77 +374,72 @@ __device__ __forceinline__ u32 hbm_bytes4(u32 a, u32 b, u32 c, u32 e) {
     return __byte_perm(__byte_perm(a, b, 0x0040), __byte_perm(c, e, 0x0040), 0x5410);
 }
 
-// A quantized block's bytes as little-endian words (the last one half used).
-struct hbm_block_words {
-    u32 w[9];
-};
+// The quantizers come in two steps. hbm_q*_fast_ok says whether the block allows the fast path
+// (no NaN, no infinity, a usable 1/d: always so for real data); the warp then takes the fast path
+// if all its lanes may, else the general one, so that lanes never diverge between the two.
+// Both give the bytes of ggml's reference; the general one follows it step for step.
 
-// The reference quantizers on a block still in the stage, out of line: their registers would
-// otherwise count against every launch, though the fast paths below nearly always apply.
-// blk: 32 floats, or 32 fp16 when f16.
-__device__ __noinline__ hbm_block_words hbm_quantize_slow(const void *blk, bool f16, int type) {
-    float x[32];
-#pragma unroll
-    for (int j = 0; j < 32; j++)
-        x[j] = f16 ? hbm_fp16_to_fp32(((const u16 *)blk)[j]) : ((const float *)blk)[j];
-    u16 out[18];
-    out[17] = 0;
-    if (type == HBM_Q8_0) {
-        hbm_quantize_q8_0_ref(x, out);
-    } else {
-        hbm_quantize_q4_0_ref(x, out);
-        out[9] = 0;
-    }
-    hbm_block_words b;
-#pragma unroll
-    for (int i = 0; i < 9; i++) b.w[i] = hbm_pack2(out[2 * i], out[2 * i + 1]);
-    return b;
+// C's (int8_t)roundf(v) & 0xff for any v: trunc(v + copysign(0.5, v)) with the addition rounded
+// toward zero is roundf(v) exactly (rounding toward zero never crosses the integer trunc returns;
+// |v| >= 2^23 is already an integer); the conversion then gives C's INT_MIN (low byte 0) for NaN
+// and below -2^31 itself, and only the saturation at 2^31 and above needs replacing. One
+// conversion where roundf and hbm_c_float_to_i8 take two and a dozen instructions.
+__device__ __forceinline__ u32 hbm_round_i8(float v) {
+    const float r = __fadd_rz(v, copysignf(0.5f, v));
+    return r >= 2147483648.0f ? 0u : (u32)__float2int_rz(r);
 }
 
-// Quantizes one Q8_0 block x[0..32] into its 34 bytes as 9 little-endian words (the last one
-// half used): the fp16 scale, then the 32 quants.
-// Fast path, when the block holds no NaN and no infinity and 1/d is finite: amax is then the
-// plain maximum of |x| (ggml's fold only differs after a NaN), every x*id lies within about
-// +-127, and C's (int8_t)roundf(v) is trunc(v + copysign(0.5, v)) with the addition rounded
-// toward zero (exact: rounding toward zero never crosses the integer that trunc returns). That
-// is one conversion per element where roundf and the range checks of hbm_c_float_to_i8 cost
-// two and a dozen instructions. Otherwise the reference code, step for step.
-__device__ __forceinline__ void hbm_quantize_q8_0(const float *x, const void *blk, bool f16, u32 *bw) {
+// The fast path's scale: amax is the plain maximum of |x|, which equals ggml's fold when the
+// block holds no NaN (max.NaN makes any NaN or infinity fail the test), and a finite 1/d keeps
+// every x*id within about +-127.
+__device__ __forceinline__ bool hbm_q8_0_fast_ok(const float *x, float *d, float *id) {
     float amax = 0.0f;
 #pragma unroll
     for (int j = 0; j < 32; j++) amax = hbm_max_nan(amax, fabsf(x[j]));
-    const float d = __fdiv_rn(amax, 127.0f);
-    const float id = hbm_inverse(d);
-    if (amax < __int_as_float(0x7f800000) && id < __int_as_float(0x7f800000)) {
-        u32 qw[8];
-#pragma unroll
-        for (int i = 0; i < 8; i++) {
-            int q[4];
-#pragma unroll
-            for (int m = 0; m < 4; m++) {
-                const float v = __fmul_rn(x[4 * i + m], id);
-                q[m] = __float2int_rz(__fadd_rz(v, copysignf(0.5f, v)));
-            }
-            qw[i] = hbm_bytes4((u32)q[0], (u32)q[1], (u32)q[2], (u32)q[3]);
-        }
-        bw[0] = (u32)hbm_fp32_to_fp16(d) | (qw[0] << 16);
-#pragma unroll
-        for (int i = 1; i < 8; i++) bw[i] = hbm_shift16(qw[i - 1], qw[i]);
-        bw[8] = qw[7] >> 16;
-    } else {
-        const hbm_block_words b = hbm_quantize_slow(blk, f16, HBM_Q8_0);
-#pragma unroll
-        for (int i = 0; i < 9; i++) bw[i] = b.w[i];
-    }
+    *d = __fdiv_rn(amax, 127.0f);
+    *id = hbm_inverse(*d);
+    return amax < __int_as_float(0x7f800000) && *id < __int_as_float(0x7f800000);
 }
 
-// Quantizes one Q4_0 block into its 18 bytes as 5 little-endian words (the last one half used).
-// Fast path, when the block holds no NaN and no infinity and d is zero or normal: the largest
-// magnitude is the plain maximum of |x|, and max the first element of that magnitude (a NaN
-// can never win ggml's fold); |x*id| <= 8 (up to rounding), so x*id + 8.5f lies in [0, 17) and
-// (int8_t) of it is its floor, which adding 2^23 rounded toward zero leaves in the low bits.
-// Otherwise the reference code, step for step.
-__device__ __forceinline__ void hbm_quantize_q4_0(const float *x, const void *blk, bool f16, u32 *bw) {
+// Quantizes one Q8_0 block x[0..32] into its 34 bytes as 9 little-endian words (the last one
+// half used): the fp16 scale, then the 32 quants. d and id from hbm_q8_0_fast_ok when fast,
+// else recomputed with ggml's fold.
+template <bool fast>
+__device__ __forceinline__ void hbm_quantize_q8_0(const float *x, float d, float id, u32 *bw) {
+    if (!fast) {
+        // ggml folds amax = MAX(amax, |x_j|) with MAX(a, b) = a > b ? a : b, in element order: a
+        // NaN makes amax NaN and the next element replaces it. Same fold, same order.
+        float amax = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 32; j++) {
+            const float a = fabsf(x[j]);
+            amax = amax > a ? amax : a;
+        }
+        d = __fdiv_rn(amax, 127.0f);
+        id = hbm_inverse(d);
+    }
+    u32 qw[8];
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        u32 q[4];
+#pragma unroll
+        for (int m = 0; m < 4; m++) {
+            const float v = __fmul_rn(x[4 * i + m], id);
+            // Fast: |v| < 128, so the range check is not needed.
+            q[m] = fast ? (u32)__float2int_rz(__fadd_rz(v, copysignf(0.5f, v))) : hbm_round_i8(v);
+        }
+        qw[i] = hbm_bytes4(q[0], q[1], q[2], q[3]);
+    }
+    bw[0] = (u32)hbm_fp32_to_fp16(d) | (qw[0] << 16);
+#pragma unroll
+    for (int i = 1; i < 8; i++) bw[i] = hbm_shift16(qw[i - 1], qw[i]);
+    bw[8] = qw[7] >> 16;
+}
+
+// The fast path's scale for Q4_0: with no NaN and no infinity the largest magnitude is the plain
+// maximum of |x| and max the first element of that magnitude (a NaN can never win ggml's fold);
+// d zero or normal keeps |x*id| <= 8 up to rounding.
+__device__ __forceinline__ bool hbm_q4_0_fast_ok(const float *x, float *d, float *id) {
     float amax = 0.0f;
 #pragma unroll
     for (int j = 0; j < 32; j++) amax = hbm_max_nan(amax, fabsf(x[j]));
@@ -504,34 +447,59 @@ __device__ __forceinline__ void hbm_quantize_q4_0(const float *x, const void *bl
 #pragma unroll
     for (int j = 31; j >= 0; j--) max = fabsf(x[j]) == amax ? x[j] : max;
     max = amax > 0.0f ? max : 0.0f;  // all zeros: ggml's max stays +0, whatever their signs
-    const float d = __fdiv_rn(max, -8.0f);
-    const float id = hbm_inverse(d);
-    if (amax < __int_as_float(0x7f800000) && (d == 0.0f || fabsf(d) >= 1.17549435e-38f)) {
-        u32 qw[4];
+    *d = __fdiv_rn(max, -8.0f);
+    *id = hbm_inverse(*d);
+    return amax < __int_as_float(0x7f800000) && (*d == 0.0f || fabsf(*d) >= 1.17549435e-38f);
+}
+
+// Quantizes one Q4_0 block into its 18 bytes as 5 little-endian words (the last one half used).
+// Fast: x*id + 8.5f lies in [0, 17), (int8_t) of it is its floor, which adding 2^23 rounded
+// toward zero leaves in the low bits, and MIN(15, .) works on those bits. General: the
+// reference's steps.
+template <bool fast>
+__device__ __forceinline__ void hbm_quantize_q4_0(const float *x, float d, float id, u32 *bw) {
+    if (!fast) {
+        // max is the first element of the largest magnitude, with its sign; a NaN never wins.
+        float amax = 0.0f, max = 0.0f;
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            u32 q[4];
+        for (int j = 0; j < 32; j++) {
+            const float a = fabsf(x[j]);
+            if (amax < a) {
+                amax = a;
+                max = x[j];
+            }
+        }
+        d = __fdiv_rn(max, -8.0f);
+        id = hbm_inverse(d);
+    }
+    u32 qw[4];
 #pragma unroll
-            for (int m = 0; m < 4; m++) {
-                const int j = 4 * i + m;
-                const float lo = __fadd_rn(__fmul_rn(x[j], id), 8.5f);
-                const float hi = __fadd_rn(__fmul_rn(x[j + 16], id), 8.5f);
+    for (int i = 0; i < 4; i++) {
+        u32 q[4];
+#pragma unroll
+        for (int m = 0; m < 4; m++) {
+            const int j = 4 * i + m;
+            const float lo = __fadd_rn(__fmul_rn(x[j], id), 8.5f);
+            const float hi = __fadd_rn(__fmul_rn(x[j + 16], id), 8.5f);
+            if (fast) {
                 // 2^23 + floor(t), then MIN(15, .) on the bits (both sides are 2^23 + n).
                 const u32 a = min(__float_as_uint(__fadd_rz(lo, 8388608.0f)), 0x4b00000fu);
                 const u32 b = min(__float_as_uint(__fadd_rz(hi, 8388608.0f)), 0x4b00000fu);
                 q[m] = (a & 0xfu) | ((b & 0xfu) << 4);
+            } else {
+                // MIN(15, (int8_t)t) as int, stored as uint8_t.
+                int l = hbm_c_float_to_i8(lo), h = hbm_c_float_to_i8(hi);
+                l = l < 15 ? l : 15;
+                h = h < 15 ? h : 15;
+                q[m] = (((u32)l & 0xffu) | (((u32)h & 0xffu) << 4)) & 0xffu;
             }
-            qw[i] = hbm_bytes4(q[0], q[1], q[2], q[3]);
         }
-        bw[0] = (u32)hbm_fp32_to_fp16(d) | (qw[0] << 16);
-#pragma unroll
-        for (int i = 1; i < 4; i++) bw[i] = hbm_shift16(qw[i - 1], qw[i]);
-        bw[4] = qw[3] >> 16;
-    } else {
-        const hbm_block_words b = hbm_quantize_slow(blk, f16, HBM_Q4_0);
-#pragma unroll
-        for (int i = 0; i < 5; i++) bw[i] = b.w[i];
+        qw[i] = hbm_bytes4(q[0], q[1], q[2], q[3]);
     }
+    bw[0] = (u32)hbm_fp32_to_fp16(d) | (qw[0] << 16);
+#pragma unroll
+    for (int i = 1; i < 4; i++) bw[i] = hbm_shift16(qw[i - 1], qw[i]);
+    bw[4] = qw[3] >> 16;
 }
 
 // Bytes per quantized block, and 4-byte words covering one.
@@ -658,12 +626,8 @@ __device__ __forceinline__ void hbm_append_quant(const void *src, int src_type, 
         }
         __syncwarp();
         // Lane i quantizes block b0 + i and finds where it goes.
-        u32 bw[hbm_quant<QT>::words];
-        u64 addr = 0;
-        u32 k = 0;
+        float x[32];
         if ((u32)lane < nb) {
-            float x[32];
-            const void *blk = f16 ? (const void *)(stage_q + lane * 5) : (const void *)(stage + lane * 9);
             if (f16) {
 #pragma unroll
                 for (int m = 0; m < 4; m++) hbm_f16x8_to_f32(stage_q[lane * 5 + m], x + 8 * m);
@@ -674,8 +638,21 @@ __device__ __forceinline__ void hbm_append_quant(const void *src, int src_type, 
                     x[4 * m] = v.x; x[4 * m + 1] = v.y; x[4 * m + 2] = v.z; x[4 * m + 3] = v.w;
                 }
             }
-            if (QT == HBM_Q8_0) hbm_quantize_q8_0(x, blk, f16, bw);
-            else hbm_quantize_q4_0(x, blk, f16, bw);
+        }
+        float d = 0.0f, id = 0.0f;
+        bool ok = true;
+        if ((u32)lane < nb)
+            ok = QT == HBM_Q8_0 ? hbm_q8_0_fast_ok(x, &d, &id) : hbm_q4_0_fast_ok(x, &d, &id);
+        const bool fast = __all_sync(FULL_MASK, ok);
+        u32 bw[hbm_quant<QT>::words];
+        u64 addr = 0;
+        u32 k = 0;
+        if ((u32)lane < nb) {
+            // Two instantiations: the fast loop carries nothing of the general one.
+            if (QT == HBM_Q8_0 && fast) hbm_quantize_q8_0<true>(x, d, id, bw);
+            else if (QT == HBM_Q8_0) hbm_quantize_q8_0<false>(x, d, id, bw);
+            else if (fast) hbm_quantize_q4_0<true>(x, d, id, bw);
+            else hbm_quantize_q4_0<false>(x, d, id, bw);
             u64 r;
             hbm_divmod(b0 + lane, bpr, &r, &k);
             const i64 p = positions ? (i64)positions[r] : pos0 + (i64)r;
