@@ -16,19 +16,21 @@
 //   hbm_kv_append_q4_0,  hbm_kv_dequantize_q4_0        Q4_0 tensors
 // All take the same parameters (below); src/kernels.rs picks one by the tensor's type.
 //
-// Threads (HBM_THREADS per block, grid-stride loops, so any grid is correct; the launcher sizes
-// it to the work):
+// Threads (HBM_THREADS per block, HBM_APPEND_QUANT_THREADS for the quantizing appends;
+// grid-stride loops, so any grid is correct; the launcher sizes it to the work):
 // - F32/F16/BF16: a unit is 8 elements, moved with 16-byte loads and stores when rows and
-//   pointers allow it. Each pass a block takes HBM_THREADS * HBM_UNITS consecutive units; its
-//   thread t takes units t, t + HBM_THREADS, ... (coalesced), issuing all HBM_UNITS loads before
+//   pointers allow it. Each pass a block takes blockDim * HBM_UNITS consecutive units; its
+//   thread t takes units t, t + blockDim, ... (coalesced), issuing all HBM_UNITS loads before
 //   the first store, so that several loads are in flight per thread. Otherwise one element per
 //   thread and step.
 // - Q8_0/Q4_0: each warp takes tiles of 32 consecutive quantized blocks (row_elems % 32 == 0;
 //   the launcher checks); lane i quantizes or expands block i of the tile on its own, in the
 //   reference's order. The tile's F32/F16 side is contiguous and moves through shared memory as
-//   16-byte vectors. Its quantized side is one run of bytes per row it touches ("segment"); the
-//   warp moves each segment between shared memory and the tensor as aligned 4-byte words, a few
-//   single bytes at its ends, staging it at the same address modulo 4 as in the tensor.
+//   16-byte vectors; an append with an aligned source copies the next tile into a second stage
+//   (cp.async) while it quantizes the current one. The quantized side is one run of bytes per
+//   row the tile touches ("segment"); the warp moves each segment between shared memory and
+//   the tensor as aligned 4-byte words, a few single bytes at its ends, staging it at the same
+//   address modulo 4 as in the tensor.
 
 #define HBM_F32 0
 #define HBM_F16 1
@@ -101,11 +103,15 @@ __device__ __forceinline__ float hbm_inverse(float d) {
 // distinct banks. The same space holds a tile's quantized bytes (at most 32 * 34 + 127) when
 // those are staged.
 #define HBM_STAGE (32 * 9)
+// Threads per block of the quantizing appends (src/kernels.rs launches exactly this many): each
+// of their warps has two stages (9 KiB), and a block's static shared memory is at most 48 KiB.
+#define HBM_APPEND_QUANT_THREADS 128
 // Blocks per SM the quantized kernels are compiled for: caps their registers, so that enough
-// warps are resident to keep loads in flight (shared memory allows 6). Appends need about 110
-// registers to quantize without spilling (2 blocks); dequantizes fit 80 (3 blocks).
+// warps are resident to keep loads in flight (shared memory allows 6 of each). Appends fit 96
+// registers without spilling (5 blocks of 128: 20 warps per SM, each with two tiles in flight);
+// dequantizes fit 80 (3 blocks of 256).
 #ifndef HBM_APPEND_QUANT_MIN_BLOCKS
-#define HBM_APPEND_QUANT_MIN_BLOCKS 2
+#define HBM_APPEND_QUANT_MIN_BLOCKS 5
 #endif
 #ifndef HBM_DEQUANTIZE_QUANT_MIN_BLOCKS
 #define HBM_DEQUANTIZE_QUANT_MIN_BLOCKS 3
@@ -568,118 +574,170 @@ __device__ __forceinline__ void hbm_copy_segments(u8 *stage, u32 bytes, u64 addr
     }
 }
 
-// Appends to a Q8_0 or Q4_0 tensor (QT). Per tile: the warp loads the 1024 source elements
-// (contiguous in src even across rows) coalesced into the stage as floats, each lane quantizes
-// its block, writes its bytes into the stage (hbm_segments' layout), and the warp stores the
-// segments.
+// 16 bytes global -> shared without passing through registers (cp.async, sm_80 and later):
+// the next tile's source loads stay in flight while the warp quantizes the current one.
+__device__ __forceinline__ void hbm_cp_async16(void *smem, const void *gmem) {
+#if __CUDA_ARCH__ >= 800
+    u64 s;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(s) : "l"(smem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"((u32)s), "l"(gmem) : "memory");
+#else
+    *(uint4 *)smem = *(const uint4 *)gmem;
+#endif
+}
+
+__device__ __forceinline__ void hbm_cp_async_commit() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+
+// Waits for all but the newest group of this thread's copies.
+__device__ __forceinline__ void hbm_cp_async_wait_prior() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group 1;" ::: "memory");
+#endif
+}
+
+// Starts copying a tile's source (16-byte aligned) into the stage: F32 as floats, block q at
+// stage[q * 9]; F16 as F16, block q at stage[q * 5] (the lanes convert). Element order kept.
+__device__ __forceinline__ void hbm_stage_source(const void *src, bool f16, u64 b0, u32 nb,
+                                                 int lane, float4 *stage) {
+    if (!f16) {
+        const float4 *s = (const float4 *)src + b0 * 8;
+#pragma unroll
+        for (int it = 0; it < 8; it++) {
+            const u32 j = it * 32 + lane;
+            if (j < nb * 8) hbm_cp_async16(stage + (j / 8) * 9 + j % 8, s + j);
+        }
+    } else {
+        const uint4 *s = (const uint4 *)src + b0 * 4;
+#pragma unroll
+        for (int it = 0; it < 4; it++) {
+            const u32 j = it * 32 + lane;
+            if (j < nb * 4) hbm_cp_async16(stage + (j / 4) * 5 + j % 4, s + j);
+        }
+    }
+}
+
+// Quantizes the staged tile of blocks b0 .. b0 + nb (hbm_stage_source's layout, or floats at
+// stage[q * 9] when !f16) and stores it: each lane quantizes its block, writes its bytes into the
+// stage (hbm_segments' layout), and the warp stores the segments. Leaves the stage free.
+template <int QT>
+__device__ __forceinline__ void hbm_quantize_tile(bool f16, u64 b0, u32 nb, int lane, u32 bpr,
+                                                  u8 *dst, u64 dst_row_stride,
+                                                  const int *positions, i64 pos0,
+                                                  float4 *stage) {
+    const u32 bytes = hbm_quant<QT>::bytes;
+    uint4 *stage_q = (uint4 *)stage;
+    u8 *stage_b = (u8 *)stage;
+    // Lane i quantizes block b0 + i and finds where it goes.
+    float x[32];
+    if ((u32)lane < nb) {
+        if (f16) {
+#pragma unroll
+            for (int m = 0; m < 4; m++) hbm_f16x8_to_f32(stage_q[lane * 5 + m], x + 8 * m);
+        } else {
+#pragma unroll
+            for (int m = 0; m < 8; m++) {
+                const float4 v = stage[lane * 9 + m];
+                x[4 * m] = v.x; x[4 * m + 1] = v.y; x[4 * m + 2] = v.z; x[4 * m + 3] = v.w;
+            }
+        }
+    }
+    float d = 0.0f, id = 0.0f;
+    bool ok = true;
+    if ((u32)lane < nb)
+        ok = QT == HBM_Q8_0 ? hbm_q8_0_fast_ok(x, &d, &id) : hbm_q4_0_fast_ok(x, &d, &id);
+    const bool fast = __all_sync(FULL_MASK, ok);
+    u32 bw[hbm_quant<QT>::words];
+    u64 addr = 0;
+    u32 k = 0;
+    if ((u32)lane < nb) {
+        // Two instantiations: the fast loop carries nothing of the general one.
+        if (QT == HBM_Q8_0 && fast) hbm_quantize_q8_0<true>(x, d, id, bw);
+        else if (QT == HBM_Q8_0) hbm_quantize_q8_0<false>(x, d, id, bw);
+        else if (fast) hbm_quantize_q4_0<true>(x, d, id, bw);
+        else hbm_quantize_q4_0<false>(x, d, id, bw);
+        u64 r;
+        hbm_divmod(b0 + lane, bpr, &r, &k);
+        const i64 p = positions ? (i64)positions[r] : pos0 + (i64)r;
+        addr = (u64)dst + (u64)p * dst_row_stride + (u64)k * bytes;
+    }
+    u32 starts;
+    const u32 off = hbm_segments(bytes, addr, k, lane, nb, &starts);
+    __syncwarp();  // every lane has read its floats before the bytes overwrite them
+    if ((u32)lane < nb) {
+        u8 *o = stage_b + off;
+        if ((off & 3u) == 0) {
+#pragma unroll
+            for (int i = 0; i < (int)bytes / 4; i++) ((u32 *)o)[i] = bw[i];
+            *(u16 *)(o + bytes - 2) = (u16)bw[bytes / 4];
+        } else if ((off & 1u) == 0) {
+            *(u16 *)o = (u16)bw[0];
+#pragma unroll
+            for (int i = 0; i < (int)bytes / 4; i++)
+                ((u32 *)(o + 2))[i] = hbm_shift16(bw[i], bw[i + 1]);
+        } else {
+#pragma unroll
+            for (u32 i = 0; i < bytes; i++) o[i] = (u8)(bw[i / 4] >> (8 * (i % 4)));
+        }
+    }
+    __syncwarp();
+    hbm_copy_segments<true, hbm_quant<QT>::words>(stage_b, bytes, addr, off, starts, nb, lane);
+    __syncwarp();  // the stage is free for the next tile
+}
+
+// Appends to a Q8_0 or Q4_0 tensor (QT), a tile of 32 blocks (1024 source elements, contiguous
+// in src even across rows) per warp and step. With a 16-byte aligned source each warp has two
+// stages: the next tile's source is copied into one (cp.async) while it quantizes from the other.
 template <int QT>
 __device__ __forceinline__ void hbm_append_quant(const void *src, int src_type, u8 *dst,
                                                  u64 dst_row_stride, u32 row_elems,
                                                  const int *positions, i64 pos0, u64 n_rows,
-                                                 float4 *stage) {
-    const u32 bytes = hbm_quant<QT>::bytes;
+                                                 float4 *stage0, float4 *stage1) {
     const int lane = threadIdx.x & 31;
     const u32 bpr = row_elems / 32;
     const u64 nblocks = n_rows * bpr;
     const u64 ntiles = (nblocks + 31) / 32;
     const u64 warp = ((u64)blockIdx.x * blockDim.x + threadIdx.x) / 32;
     const u64 nwarps = (u64)gridDim.x * blockDim.x / 32;
-    const bool vec = hbm_aligned16(src);
-    const bool f16 = vec && src_type == HBM_F16;
-    float *stage_f = (float *)stage;
-    uint4 *stage_q = (uint4 *)stage;
-    u8 *stage_b = (u8 *)stage;
-    for (u64 tile = warp; tile < ntiles; tile += nwarps) {
-        const u64 b0 = tile * 32;
-        const u32 nb = (u32)(nblocks - b0 < 32 ? nblocks - b0 : 32);
-        // Stage the tile's source: block q at stage[q * 9], element order kept.
-        if (vec && src_type == HBM_F32) {
-            const float4 *s = (const float4 *)src + b0 * 8;
-            float4 v[8];
-#pragma unroll
-            for (int it = 0; it < 8; it++) {
-                const u32 j = it * 32 + lane;
-                if (j < nb * 8) v[it] = s[j];
-            }
-#pragma unroll
-            for (int it = 0; it < 8; it++) {
-                const u32 j = it * 32 + lane;
-                if (j < nb * 8) stage[(j / 8) * 9 + j % 8] = v[it];
-            }
-        } else if (vec) {
-            // F16 stays F16 in the stage (block q at stage_q[q * 5]); the lanes convert.
-            const uint4 *s = (const uint4 *)src + b0 * 4;
-            uint4 v[4];
-#pragma unroll
-            for (int it = 0; it < 4; it++) {
-                const u32 j = it * 32 + lane;
-                if (j < nb * 4) v[it] = s[j];
-            }
-#pragma unroll
-            for (int it = 0; it < 4; it++) {
-                const u32 j = it * 32 + lane;
-                if (j < nb * 4) stage_q[(j / 4) * 5 + j % 4] = v[it];
-            }
-        } else {
+    if (hbm_aligned16(src)) {
+        const bool f16 = src_type == HBM_F16;
+        float4 *cur = stage0, *next = stage1;
+        if (warp < ntiles) {
+            const u64 b0 = warp * 32;
+            hbm_stage_source(src, f16, b0, (u32)(nblocks - b0 < 32 ? nblocks - b0 : 32), lane,
+                             cur);
+        }
+        hbm_cp_async_commit();
+        for (u64 tile = warp; tile < ntiles; tile += nwarps) {
+            const u64 b0 = tile * 32;
+            const u32 nb = (u32)(nblocks - b0 < 32 ? nblocks - b0 : 32);
+            const u64 b1 = b0 + nwarps * 32;
+            if (b1 < nblocks)
+                hbm_stage_source(src, f16, b1, (u32)(nblocks - b1 < 32 ? nblocks - b1 : 32), lane,
+                                 next);
+            hbm_cp_async_commit();  // possibly empty: one group per step either way
+            hbm_cp_async_wait_prior();
+            __syncwarp();  // every lane's copies of this tile have landed
+            hbm_quantize_tile<QT>(f16, b0, nb, lane, bpr, dst, dst_row_stride, positions, pos0,
+                                  cur);
+            float4 *t = cur;
+            cur = next;
+            next = t;
+        }
+    } else {
+        float *stage_f = (float *)stage0;
+        for (u64 tile = warp; tile < ntiles; tile += nwarps) {
+            const u64 b0 = tile * 32;
+            const u32 nb = (u32)(nblocks - b0 < 32 ? nblocks - b0 : 32);
             for (u32 j = lane; j < nb * 32; j += 32)
                 stage_f[(j / 32) * 36 + j % 32] = hbm_load1(src, src_type, b0 * 32 + j);
+            __syncwarp();
+            hbm_quantize_tile<QT>(false, b0, nb, lane, bpr, dst, dst_row_stride, positions, pos0,
+                                  stage0);
         }
-        __syncwarp();
-        // Lane i quantizes block b0 + i and finds where it goes.
-        float x[32];
-        if ((u32)lane < nb) {
-            if (f16) {
-#pragma unroll
-                for (int m = 0; m < 4; m++) hbm_f16x8_to_f32(stage_q[lane * 5 + m], x + 8 * m);
-            } else {
-#pragma unroll
-                for (int m = 0; m < 8; m++) {
-                    const float4 v = stage[lane * 9 + m];
-                    x[4 * m] = v.x; x[4 * m + 1] = v.y; x[4 * m + 2] = v.z; x[4 * m + 3] = v.w;
-                }
-            }
-        }
-        float d = 0.0f, id = 0.0f;
-        bool ok = true;
-        if ((u32)lane < nb)
-            ok = QT == HBM_Q8_0 ? hbm_q8_0_fast_ok(x, &d, &id) : hbm_q4_0_fast_ok(x, &d, &id);
-        const bool fast = __all_sync(FULL_MASK, ok);
-        u32 bw[hbm_quant<QT>::words];
-        u64 addr = 0;
-        u32 k = 0;
-        if ((u32)lane < nb) {
-            // Two instantiations: the fast loop carries nothing of the general one.
-            if (QT == HBM_Q8_0 && fast) hbm_quantize_q8_0<true>(x, d, id, bw);
-            else if (QT == HBM_Q8_0) hbm_quantize_q8_0<false>(x, d, id, bw);
-            else if (fast) hbm_quantize_q4_0<true>(x, d, id, bw);
-            else hbm_quantize_q4_0<false>(x, d, id, bw);
-            u64 r;
-            hbm_divmod(b0 + lane, bpr, &r, &k);
-            const i64 p = positions ? (i64)positions[r] : pos0 + (i64)r;
-            addr = (u64)dst + (u64)p * dst_row_stride + (u64)k * bytes;
-        }
-        u32 starts;
-        const u32 off = hbm_segments(bytes, addr, k, lane, nb, &starts);
-        __syncwarp();  // every lane has read its floats before the bytes overwrite them
-        if ((u32)lane < nb) {
-            u8 *o = stage_b + off;
-            if ((off & 3u) == 0) {
-#pragma unroll
-                for (int i = 0; i < (int)bytes / 4; i++) ((u32 *)o)[i] = bw[i];
-                *(u16 *)(o + bytes - 2) = (u16)bw[bytes / 4];
-            } else if ((off & 1u) == 0) {
-                *(u16 *)o = (u16)bw[0];
-#pragma unroll
-                for (int i = 0; i < (int)bytes / 4; i++)
-                    ((u32 *)(o + 2))[i] = hbm_shift16(bw[i], bw[i + 1]);
-            } else {
-#pragma unroll
-                for (u32 i = 0; i < bytes; i++) o[i] = (u8)(bw[i / 4] >> (8 * (i % 4)));
-            }
-        }
-        __syncwarp();
-        hbm_copy_segments<true, hbm_quant<QT>::words>(stage_b, bytes, addr, off, starts, nb, lane);
-        __syncwarp();  // the stage is free for the next tile
     }
 }
 
@@ -795,14 +853,16 @@ __device__ __forceinline__ void hbm_dequantize_quant(const u8 *src, u64 src_row_
 // row_elems elements per row, contiguous. The tensor's type is the kernel's (dst_type of the
 // appends and src_type of the dequantizes are passed for the plain kernels, and checked by the
 // quantized ones). Launched with HBM_THREADS threads per block; any grid.
-#define HBM_APPEND_QUANT(name, QT)                                                                \
-    extern "C" __global__ void __launch_bounds__(HBM_THREADS, HBM_APPEND_QUANT_MIN_BLOCKS)             \
-    name(const void *src, int src_type, void *dst, int dst_type, u64 dst_row_stride,            \
-         int row_elems, const int *positions, i64 pos0, int n_rows) {                           \
-        __shared__ float4 stage[HBM_WARPS][HBM_STAGE];                                          \
-        if (dst_type != QT) return;                                                              \
-        hbm_append_quant<QT>(src, src_type, (u8 *)dst, dst_row_stride, (u32)row_elems,          \
-                             positions, pos0, (u64)n_rows, stage[threadIdx.x / 32]);            \
+#define HBM_APPEND_QUANT(name, QT)                                                          \
+    extern "C" __global__ void __launch_bounds__(HBM_APPEND_QUANT_THREADS,                  \
+                                                 HBM_APPEND_QUANT_MIN_BLOCKS)               \
+    name(const void *src, int src_type, void *dst, int dst_type, u64 dst_row_stride,      \
+         int row_elems, const int *positions, i64 pos0, int n_rows) {                     \
+        __shared__ float4 stage[HBM_APPEND_QUANT_THREADS / 32][2][HBM_STAGE];             \
+        if (dst_type != QT) return;                                                        \
+        hbm_append_quant<QT>(src, src_type, (u8 *)dst, dst_row_stride, (u32)row_elems,    \
+                             positions, pos0, (u64)n_rows, stage[threadIdx.x / 32][0],    \
+                             stage[threadIdx.x / 32][1]);                                 \
     }
 HBM_APPEND_QUANT(hbm_kv_append_q8_0, HBM_Q8_0)
 HBM_APPEND_QUANT(hbm_kv_append_q4_0, HBM_Q4_0)

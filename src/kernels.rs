@@ -41,9 +41,13 @@ const NVRTC_OPTIONS: [&str; 4] = [
     "--prec-sqrt=true",
 ];
 
-/// Threads per block of every launch: `HBM_THREADS` in `kernels/kv_quant.cu`, whose shared
-/// staging has room for exactly this many warps.
+/// Threads per block of every launch but the quantizing appends: `HBM_THREADS` in
+/// `kernels/kv_quant.cu`, whose shared staging has room for exactly this many warps.
 const BLOCK_THREADS: u32 = 256;
+
+/// Threads per block of `hbm_kv_append_q8_0` and `hbm_kv_append_q4_0`:
+/// `HBM_APPEND_QUANT_THREADS` (two stages per warp fill the 48 KiB of static shared memory).
+const APPEND_QUANT_THREADS: u32 = 128;
 
 /// Most blocks per launch; the kernels loop grid-stride over the rest.
 const MAX_GRID: u64 = 1 << 16;
@@ -199,13 +203,14 @@ impl KvKernels {
         &self,
         f: cu::CUfunction,
         threads: u64,
+        block: u32,
         args: &mut [*mut c_void],
         stream: Stream,
     ) -> Result<()> {
         if threads == 0 {
             return Ok(());
         }
-        let grid = threads.div_ceil(BLOCK_THREADS as u64).min(MAX_GRID) as u32;
+        let grid = threads.div_ceil(block as u64).min(MAX_GRID) as u32;
         // SAFETY: `f` belongs to this module; `args` points at values of the kernel's parameter
         // types, in order, alive for the call; the stream is the caller's.
         check("cuLaunchKernel", unsafe {
@@ -214,7 +219,7 @@ impl KvKernels {
                 grid,
                 1,
                 1,
-                BLOCK_THREADS,
+                block,
                 1,
                 1,
                 0,
@@ -262,9 +267,15 @@ impl KvKernels {
             arg(&mut pos0),
             arg(&mut rows),
         ];
+        let block = if dst_type.is_quantized() {
+            APPEND_QUANT_THREADS
+        } else {
+            BLOCK_THREADS
+        };
         self.launch(
             self.functions[kind(dst_type)],
             threads_for(dst_type, row_elems, n_rows),
+            block,
             &mut args,
             stream,
         )
@@ -306,6 +317,7 @@ impl KvKernels {
         self.launch(
             self.functions[3 + kind(src_type)],
             threads_for(src_type, row_elems, n_rows),
+            BLOCK_THREADS,
             &mut args,
             stream,
         )
