@@ -18,11 +18,13 @@
 //
 // Threads (HBM_THREADS per block, HBM_APPEND_QUANT_THREADS for the quantizing appends;
 // grid-stride loops, so any grid is correct; the launcher sizes it to the work):
-// - F32/F16/BF16: a unit is 8 elements, moved with 16-byte loads and stores when rows and
-//   pointers allow it. Each pass a block takes blockDim * HBM_UNITS consecutive units; its
-//   thread t takes units t, t + blockDim, ... (coalesced), issuing all HBM_UNITS loads before
-//   the first store, so that several loads are in flight per thread. Otherwise one element per
-//   thread and step.
+// - F32/F16/BF16: a unit is 4 elements, one 16-byte (F32) or 8-byte (F16/BF16) access, when
+//   rows are a multiple of 8 elements and pointers and stride 16-byte aligned. Each pass a
+//   block takes blockDim * HBM_UNITS consecutive units; its thread t takes units t,
+//   t + blockDim, ..., so that every load and store instruction of a warp covers one contiguous
+//   run (F32 units of 8 elements, two 16-byte stores 32 bytes apart per lane, left each store
+//   half of every sector and ran widening kernels at 0.75-0.85 of copy), and issues all
+//   HBM_UNITS loads before the first store. Otherwise one element per thread and step.
 // - Q8_0/Q4_0: each warp takes tiles of 32 consecutive quantized blocks (row_elems % 32 == 0;
 //   the launcher checks); lane i quantizes or expands block i of the tile on its own, in the
 //   reference's order. The tile's F32/F16 side is contiguous and moves through shared memory as
@@ -93,10 +95,14 @@ __device__ __forceinline__ float hbm_inverse(float d) {
 // Threads per block of every launch; src/kernels.rs launches exactly this many.
 #define HBM_THREADS 256
 #define HBM_WARPS (HBM_THREADS / 32)
-// Units of 8 elements per thread and pass in the F32/F16/BF16 kernels: HBM_UNITS loads of 16 or
-// 32 bytes in flight per thread. src/kernels.rs sizes grids with the same number.
+// Units of 4 elements per thread and pass in the F32/F16/BF16 kernels: HBM_UNITS loads of 16 or
+// 8 bytes in flight per thread. src/kernels.rs sizes grids with the same number.
 #ifndef HBM_UNITS
-#define HBM_UNITS 4
+#define HBM_UNITS 8
+#endif
+// Blocks per SM the F32/F16/BF16 kernels are compiled for (a register cap of 80; 64 spills).
+#ifndef HBM_PLAIN_MIN_BLOCKS
+#define HBM_PLAIN_MIN_BLOCKS 3
 #endif
 // Shared staging per warp: 32 quantized blocks of 32 floats, each padded to 36 floats (9 float4)
 // so that lane i reading float4 j of block i, and lanes writing consecutive float4s, hit
@@ -107,11 +113,11 @@ __device__ __forceinline__ float hbm_inverse(float d) {
 // of their warps has two stages (9 KiB), and a block's static shared memory is at most 48 KiB.
 #define HBM_APPEND_QUANT_THREADS 128
 // Blocks per SM the quantized kernels are compiled for: caps their registers, so that enough
-// warps are resident to keep loads in flight (shared memory allows 6 of each). Appends fit 96
-// registers without spilling (5 blocks of 128: 20 warps per SM, each with two tiles in flight);
-// dequantizes fit 80 (3 blocks of 256).
+// warps are resident to keep loads in flight (shared memory allows 6 of each). Appends get 80
+// registers (6 blocks of 128: 24 warps per SM, each with two tiles in flight; 8 bytes spill,
+// and 5 blocks measured slower); dequantizes fit 80 (3 blocks of 256).
 #ifndef HBM_APPEND_QUANT_MIN_BLOCKS
-#define HBM_APPEND_QUANT_MIN_BLOCKS 5
+#define HBM_APPEND_QUANT_MIN_BLOCKS 6
 #endif
 #ifndef HBM_DEQUANTIZE_QUANT_MIN_BLOCKS
 #define HBM_DEQUANTIZE_QUANT_MIN_BLOCKS 3
@@ -154,88 +160,99 @@ __device__ __forceinline__ float hbm_fp16_to_fp32_hw(u16 h) {
     return f;
 }
 
-// 8 fp16 (a 16-byte vector) -> fp32. The hardware conversion, then the exact one of
+// 4 fp16 (an 8-byte vector) -> fp32. The hardware conversion, then the exact one of
 // hbm_fp16_to_fp32 only if a NaN came out (rare): one test per pair instead of one per element.
-__device__ __forceinline__ void hbm_f16x8_to_f32(uint4 v, float *x) {
-    const u32 w[4] = {v.x, v.y, v.z, v.w};
+__device__ __forceinline__ void hbm_f16x4_to_f32(u32 w0, u32 w1, float *x) {
+    const u32 w[2] = {w0, w1};
     bool nan = false;
 #pragma unroll
-    for (int j = 0; j < 4; j++) {
+    for (int j = 0; j < 2; j++) {
         x[2 * j] = hbm_fp16_to_fp32_hw((u16)(w[j] & 0xffffu));
         x[2 * j + 1] = hbm_fp16_to_fp32_hw((u16)(w[j] >> 16));
         nan |= hbm_isnan2(x[2 * j], x[2 * j + 1]);
     }
     if (nan) {
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
+        for (int j = 0; j < 2; j++) {
             x[2 * j] = hbm_fp16_to_fp32((u16)(w[j] & 0xffffu));
             x[2 * j + 1] = hbm_fp16_to_fp32((u16)(w[j] >> 16));
         }
     }
 }
 
+__device__ __forceinline__ void hbm_f16x8_to_f32(uint4 v, float *x) {
+    hbm_f16x4_to_f32(v.x, v.y, x);
+    hbm_f16x4_to_f32(v.z, v.w, x + 4);
+}
+
+// 4 fp32 -> 4 fp16 (two words) as hbm_fp32_to_fp16 each, NaNs included.
+__device__ __forceinline__ uint2 hbm_f32x4_to_f16(const float *x) {
+    uint2 w = make_uint2(hbm_fp16x2_rn(x[0], x[1]), hbm_fp16x2_rn(x[2], x[3]));
+    if (hbm_isnan2(x[0], x[1]) | hbm_isnan2(x[2], x[3]))
+        w = make_uint2(hbm_pack2(hbm_fp32_to_fp16(x[0]), hbm_fp32_to_fp16(x[1])),
+                       hbm_pack2(hbm_fp32_to_fp16(x[2]), hbm_fp32_to_fp16(x[3])));
+    return w;
+}
+
 // 8 fp32 -> 8 fp16 as hbm_fp32_to_fp16 each, NaNs included.
 __device__ __forceinline__ uint4 hbm_f32x8_to_f16(const float *x) {
-    u32 w[4];
-    bool nan = false;
-#pragma unroll
-    for (int j = 0; j < 4; j++) {
-        w[j] = hbm_fp16x2_rn(x[2 * j], x[2 * j + 1]);
-        nan |= hbm_isnan2(x[2 * j], x[2 * j + 1]);
-    }
-    if (nan) {
-#pragma unroll
-        for (int j = 0; j < 4; j++)
-            w[j] = hbm_pack2(hbm_fp32_to_fp16(x[2 * j]), hbm_fp32_to_fp16(x[2 * j + 1]));
-    }
-    return make_uint4(w[0], w[1], w[2], w[3]);
+    const uint2 a = hbm_f32x4_to_f16(x), b = hbm_f32x4_to_f16(x + 4);
+    return make_uint4(a.x, a.y, b.x, b.y);
 }
 
-// One 8-element unit as raw 16-byte vectors: a and b for F32, a alone for F16/BF16.
-struct hbm_unit {
-    uint4 a, b;
-};
-
-__device__ __forceinline__ hbm_unit hbm_load_unit(const u8 *p, int type) {
-    hbm_unit u;
-    u.a = *(const uint4 *)p;
-    u.b = type == HBM_F32 ? *((const uint4 *)p + 1) : make_uint4(0, 0, 0, 0);
-    return u;
+// One 4-element unit as raw bytes: 16 (F32) or 8 (F16/BF16, in x and y).
+__device__ __forceinline__ uint4 hbm_load_unit(const u8 *p, int type) {
+    if (type == HBM_F32) return *(const uint4 *)p;
+    const uint2 v = *(const uint2 *)p;
+    return make_uint4(v.x, v.y, 0, 0);
 }
 
-__device__ __forceinline__ void hbm_unit_to_f32(const hbm_unit &u, int type, float *x) {
+__device__ __forceinline__ void hbm_unit_to_f32(uint4 u, int type, float *x) {
     if (type == HBM_F32) {
-        x[0] = __uint_as_float(u.a.x); x[1] = __uint_as_float(u.a.y);
-        x[2] = __uint_as_float(u.a.z); x[3] = __uint_as_float(u.a.w);
-        x[4] = __uint_as_float(u.b.x); x[5] = __uint_as_float(u.b.y);
-        x[6] = __uint_as_float(u.b.z); x[7] = __uint_as_float(u.b.w);
+        x[0] = __uint_as_float(u.x); x[1] = __uint_as_float(u.y);
+        x[2] = __uint_as_float(u.z); x[3] = __uint_as_float(u.w);
     } else if (type == HBM_F16) {
-        hbm_f16x8_to_f32(u.a, x);
+        hbm_f16x4_to_f32(u.x, u.y, x);
     } else {
-        const u32 w[4] = {u.a.x, u.a.y, u.a.z, u.a.w};
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            x[2 * j] = __uint_as_float(w[j] << 16);
-            x[2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
+        x[0] = __uint_as_float(u.x << 16); x[1] = __uint_as_float(u.x & 0xffff0000u);
+        x[2] = __uint_as_float(u.y << 16); x[3] = __uint_as_float(u.y & 0xffff0000u);
+    }
+}
+
+// 4 consecutive F32, F16 or BF16 elements at p, aligned to their size (16 or 8 bytes).
+__device__ __forceinline__ void hbm_store_unit(u8 *p, int type, const float *x) {
+    if (type == HBM_F32) {
+        *(float4 *)p = make_float4(x[0], x[1], x[2], x[3]);
+    } else if (type == HBM_F16) {
+        *(uint2 *)p = hbm_f32x4_to_f16(x);
+    } else {
+        *(uint2 *)p = make_uint2(hbm_pack2(hbm_fp32_to_bf16(x[0]), hbm_fp32_to_bf16(x[1])),
+                                 hbm_pack2(hbm_fp32_to_bf16(x[2]), hbm_fp32_to_bf16(x[3])));
+    }
+}
+
+// Row r and unit k of units u, u + step, ... with n units per row: one division for the first,
+// then additions (step = q * n + rem).
+struct hbm_rowpos {
+    u64 r;
+    u32 k, n, q, rem;
+    __device__ __forceinline__ void next() {
+        r += q;
+        k += rem;
+        if (k >= n) {
+            k -= n;
+            r++;
         }
     }
-}
+};
 
-// 8 consecutive F32, F16 or BF16 elements at p; 16-byte aligned.
-__device__ __forceinline__ void hbm_store8(u8 *p, int type, const float *x) {
-    if (type == HBM_F32) {
-        float4 *d = (float4 *)p;
-        d[0] = make_float4(x[0], x[1], x[2], x[3]);
-        d[1] = make_float4(x[4], x[5], x[6], x[7]);
-    } else if (type == HBM_F16) {
-        *(uint4 *)p = hbm_f32x8_to_f16(x);
-    } else {
-        u32 w[4];
-#pragma unroll
-        for (int j = 0; j < 4; j++)
-            w[j] = hbm_pack2(hbm_fp32_to_bf16(x[2 * j]), hbm_fp32_to_bf16(x[2 * j + 1]));
-        *(uint4 *)p = make_uint4(w[0], w[1], w[2], w[3]);
-    }
+__device__ __forceinline__ hbm_rowpos hbm_rowpos_at(u64 u, u32 n, u32 step) {
+    hbm_rowpos p;
+    hbm_divmod(u, n, &p.r, &p.k);
+    p.n = n;
+    p.q = step / n;
+    p.rem = step - p.q * n;
+    return p;
 }
 
 // One element of an F32/F16/BF16 row, any alignment of its type.
@@ -260,7 +277,7 @@ __device__ __forceinline__ u32 hbm_esize(int type) { return type == HBM_F32 ? 4u
 // Appends to an F32, F16 or BF16 tensor. Vector path (see the top of the file): rows of a
 // multiple of 8 elements and 16-byte aligned source, tensor base and stride. Otherwise one
 // element per thread and step.
-extern "C" __global__ void __launch_bounds__(HBM_THREADS)
+extern "C" __global__ void __launch_bounds__(HBM_THREADS, HBM_PLAIN_MIN_BLOCKS)
 hbm_kv_append_plain(const void *src, int src_type, void *dst, int dst_type, u64 dst_row_stride,
                     int row_elems, const int *positions, i64 pos0, int n_rows) {
     const u32 n = (u32)row_elems;
@@ -268,32 +285,32 @@ hbm_kv_append_plain(const void *src, int src_type, void *dst, int dst_type, u64 
     const u8 *s = (const u8 *)src;
     u8 *d = (u8 *)dst;
     if (n % 8 == 0 && hbm_aligned16(src) && hbm_aligned16(dst) && dst_row_stride % 16 == 0) {
-        const u32 units_per_row = n / 8;
+        const u32 units_per_row = n / 4;
         const u64 total = (u64)n_rows * units_per_row;
         const u64 chunk = (u64)blockDim.x * HBM_UNITS;
         for (u64 c = blockIdx.x * chunk; c < total; c += gridDim.x * chunk) {
-            hbm_unit v[HBM_UNITS];
+            const u64 u0 = c + threadIdx.x;
+            hbm_rowpos at = hbm_rowpos_at(u0, units_per_row, blockDim.x);
+            uint4 v[HBM_UNITS];
             u8 *out[HBM_UNITS];
             // Every load of the pass first (source and positions), then the conversions and stores.
 #pragma unroll
             for (int j = 0; j < HBM_UNITS; j++) {
-                const u64 u = c + (u64)j * blockDim.x + threadIdx.x;
+                const u64 u = u0 + (u64)j * blockDim.x;
+                if (j > 0) at.next();
                 out[j] = 0;
                 if (u < total) {
-                    u64 r;
-                    u32 k;
-                    hbm_divmod(u, units_per_row, &r, &k);
-                    const i64 p = positions ? (i64)positions[r] : pos0 + (i64)r;
-                    out[j] = d + (u64)p * dst_row_stride + (u64)k * 8 * ds;
-                    v[j] = hbm_load_unit(s + u * 8 * ss, src_type);
+                    const i64 p = positions ? (i64)positions[at.r] : pos0 + (i64)at.r;
+                    out[j] = d + (u64)p * dst_row_stride + (u64)at.k * 4 * ds;
+                    v[j] = hbm_load_unit(s + u * 4 * ss, src_type);
                 }
             }
 #pragma unroll
             for (int j = 0; j < HBM_UNITS; j++) {
                 if (out[j]) {
-                    float x[8];
+                    float x[4];
                     hbm_unit_to_f32(v[j], src_type, x);
-                    hbm_store8(out[j], dst_type, x);
+                    hbm_store_unit(out[j], dst_type, x);
                 }
             }
         }
@@ -313,7 +330,7 @@ hbm_kv_append_plain(const void *src, int src_type, void *dst, int dst_type, u64 
 // Dequantizes from an F32, F16 or BF16 tensor, the mirror of hbm_kv_append_plain: vector path
 // when rows are a multiple of 8 elements and source base, stride and destination are 16-byte
 // aligned; otherwise one element per thread and step.
-extern "C" __global__ void __launch_bounds__(HBM_THREADS)
+extern "C" __global__ void __launch_bounds__(HBM_THREADS, HBM_PLAIN_MIN_BLOCKS)
 hbm_kv_dequantize_plain(const void *src, int src_type, u64 src_row_stride, i64 row0, int n_rows,
                         int row_elems, void *dst, int dst_type) {
     const u32 n = (u32)row_elems;
@@ -321,29 +338,29 @@ hbm_kv_dequantize_plain(const void *src, int src_type, u64 src_row_stride, i64 r
     const u8 *s = (const u8 *)src;
     u8 *d = (u8 *)dst;
     if (n % 8 == 0 && hbm_aligned16(src) && src_row_stride % 16 == 0 && hbm_aligned16(dst)) {
-        const u32 units_per_row = n / 8;
+        const u32 units_per_row = n / 4;
         const u64 total = (u64)n_rows * units_per_row;
         const u64 chunk = (u64)blockDim.x * HBM_UNITS;
         for (u64 c = blockIdx.x * chunk; c < total; c += gridDim.x * chunk) {
-            hbm_unit v[HBM_UNITS];
+            const u64 u0 = c + threadIdx.x;
+            hbm_rowpos at = hbm_rowpos_at(u0, units_per_row, blockDim.x);
+            uint4 v[HBM_UNITS];
 #pragma unroll
             for (int j = 0; j < HBM_UNITS; j++) {
-                const u64 u = c + (u64)j * blockDim.x + threadIdx.x;
+                const u64 u = u0 + (u64)j * blockDim.x;
+                if (j > 0) at.next();
                 if (u < total) {
-                    u64 r;
-                    u32 k;
-                    hbm_divmod(u, units_per_row, &r, &k);
-                    const u8 *row = s + (u64)(row0 + (i64)r) * src_row_stride;
-                    v[j] = hbm_load_unit(row + (u64)k * 8 * ss, src_type);
+                    const u8 *row = s + (u64)(row0 + (i64)at.r) * src_row_stride;
+                    v[j] = hbm_load_unit(row + (u64)at.k * 4 * ss, src_type);
                 }
             }
 #pragma unroll
             for (int j = 0; j < HBM_UNITS; j++) {
-                const u64 u = c + (u64)j * blockDim.x + threadIdx.x;
+                const u64 u = u0 + (u64)j * blockDim.x;
                 if (u < total) {
-                    float x[8];
+                    float x[4];
                     hbm_unit_to_f32(v[j], src_type, x);
-                    hbm_store8(d + u * 8 * ds, dst_type, x);
+                    hbm_store_unit(d + u * 4 * ds, dst_type, x);
                 }
             }
         }
@@ -398,10 +415,21 @@ __device__ __forceinline__ u32 hbm_round_i8(float v) {
 // The fast path's scale: amax is the plain maximum of |x|, which equals ggml's fold when the
 // block holds no NaN (max.NaN makes any NaN or infinity fail the test), and a finite 1/d keeps
 // every x*id within about +-127.
-__device__ __forceinline__ bool hbm_q8_0_fast_ok(const float *x, float *d, float *id) {
-    float amax = 0.0f;
+// The maximum of |x[0..32]| by max.NaN, as a tree (5 dependent steps instead of 32).
+__device__ __forceinline__ float hbm_amax_nan(const float *x) {
+    float m[16];
 #pragma unroll
-    for (int j = 0; j < 32; j++) amax = hbm_max_nan(amax, fabsf(x[j]));
+    for (int i = 0; i < 16; i++) m[i] = hbm_max_nan(fabsf(x[2 * i]), fabsf(x[2 * i + 1]));
+#pragma unroll
+    for (int level = 0; level < 4; level++)
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+            if (i < (8 >> level)) m[i] = hbm_max_nan(m[2 * i], m[2 * i + 1]);
+    return hbm_max_nan(0.0f, m[0]);
+}
+
+__device__ __forceinline__ bool hbm_q8_0_fast_ok(const float *x, float *d, float *id) {
+    const float amax = hbm_amax_nan(x);
     *d = __fdiv_rn(amax, 127.0f);
     *id = hbm_inverse(*d);
     return amax < __int_as_float(0x7f800000) && *id < __int_as_float(0x7f800000);
@@ -446,12 +474,18 @@ __device__ __forceinline__ void hbm_quantize_q8_0(const float *x, float d, float
 // maximum of |x| and max the first element of that magnitude (a NaN can never win ggml's fold);
 // d zero or normal keeps |x*id| <= 8 up to rounding.
 __device__ __forceinline__ bool hbm_q4_0_fast_ok(const float *x, float *d, float *id) {
-    float amax = 0.0f;
+    const float amax = hbm_amax_nan(x);
+    // The first element of magnitude amax, as a tree: each node keeps its left child if that
+    // one matches (then it is its range's first match), else its right child.
+    float c[16];
 #pragma unroll
-    for (int j = 0; j < 32; j++) amax = hbm_max_nan(amax, fabsf(x[j]));
-    float max = 0.0f;
+    for (int i = 0; i < 16; i++) c[i] = fabsf(x[2 * i]) == amax ? x[2 * i] : x[2 * i + 1];
 #pragma unroll
-    for (int j = 31; j >= 0; j--) max = fabsf(x[j]) == amax ? x[j] : max;
+    for (int level = 0; level < 4; level++)
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+            if (i < (8 >> level)) c[i] = fabsf(c[2 * i]) == amax ? c[2 * i] : c[2 * i + 1];
+    float max = c[0];
     max = amax > 0.0f ? max : 0.0f;  // all zeros: ggml's max stays +0, whatever their signs
     *d = __fdiv_rn(max, -8.0f);
     *id = hbm_inverse(*d);

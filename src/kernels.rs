@@ -52,20 +52,20 @@ const APPEND_QUANT_THREADS: u32 = 128;
 /// Most blocks per launch; the kernels loop grid-stride over the rest.
 const MAX_GRID: u64 = 1 << 16;
 
-/// Units of 8 elements each thread of the F32/F16/BF16 kernels moves per pass: `HBM_UNITS` in
+/// Units of 4 elements each thread of the F32/F16/BF16 kernels moves per pass: `HBM_UNITS` in
 /// `kernels/kv_quant.cu`.
-const PLAIN_UNITS: u64 = 4;
+const PLAIN_UNITS: u64 = 8;
 
 /// Threads a launch needs for `n_rows` rows of `row_elems` elements of the cache type `ty`: one
 /// per 32-element block for Q8_0/Q4_0 (a warp per tile of 32 blocks), one per `PLAIN_UNITS`
-/// units of 8 elements otherwise (the kernels' vector path; their one-element fallback loops
+/// units of 4 elements otherwise (the kernels' vector path; their one-element fallback loops
 /// over the same grid). The grid only sets speed: every loop in the kernels is grid-stride.
 fn threads_for(ty: HbmType, row_elems: u32, n_rows: u32) -> u64 {
     let elems = n_rows as u64 * row_elems as u64;
     if ty.is_quantized() {
         elems / 32
     } else {
-        elems.div_ceil(8 * PLAIN_UNITS)
+        elems.div_ceil(4 * PLAIN_UNITS)
     }
 }
 
