@@ -16,7 +16,7 @@
 //   hbm_kv_append_q4_0,  hbm_kv_dequantize_q4_0        Q4_0 tensors
 // All take the same parameters (below); src/kernels.rs picks one by the tensor's type.
 //
-// Threads (HBM_THREADS per block, HBM_APPEND_QUANT_THREADS for the quantizing appends;
+// Threads (HBM_THREADS per block, HBM_QUANT_THREADS for the Q8_0/Q4_0 kernels;
 // grid-stride loops, so any grid is correct; the launcher sizes it to the work):
 // - F32/F16/BF16: a unit is 4 elements, one 16-byte (F32) or 8-byte (F16/BF16) access, when
 //   rows are a multiple of 8 elements and pointers and stride 16-byte aligned. Each pass a
@@ -28,11 +28,12 @@
 // - Q8_0/Q4_0: each warp takes tiles of 32 consecutive quantized blocks (row_elems % 32 == 0;
 //   the launcher checks); lane i quantizes or expands block i of the tile on its own, in the
 //   reference's order. The tile's F32/F16 side is contiguous and moves through shared memory as
-//   16-byte vectors; an append with an aligned source copies the next tile into a second stage
-//   (cp.async) while it quantizes the current one. The quantized side is one run of bytes per
-//   row the tile touches ("segment"); the warp moves each segment between shared memory and
-//   the tensor as aligned 4-byte words, a few single bytes at its ends, staging it at the same
-//   address modulo 4 as in the tensor.
+//   16-byte vectors. The quantized side is one run of bytes per row the tile touches
+//   ("segment"); the warp moves each segment between shared memory and the tensor as aligned
+//   4-byte words, a few single bytes at its ends, staging it at the same address modulo 4 as in
+//   the tensor. Each warp has two stages: the next tile's loads (cp.async, sm_80 and later)
+//   land in one while it works on the other (an append's source must be 16-byte aligned for
+//   this; otherwise it loads element by element into one stage).
 
 #define HBM_F32 0
 #define HBM_F16 1
@@ -109,18 +110,18 @@ __device__ __forceinline__ float hbm_inverse(float d) {
 // distinct banks. The same space holds a tile's quantized bytes (at most 32 * 34 + 127) when
 // those are staged.
 #define HBM_STAGE (32 * 9)
-// Threads per block of the quantizing appends (src/kernels.rs launches exactly this many): each
+// Threads per block of the Q8_0/Q4_0 kernels (src/kernels.rs launches exactly this many): each
 // of their warps has two stages (9 KiB), and a block's static shared memory is at most 48 KiB.
-#define HBM_APPEND_QUANT_THREADS 128
+#define HBM_QUANT_THREADS 128
 // Blocks per SM the quantized kernels are compiled for: caps their registers, so that enough
 // warps are resident to keep loads in flight (shared memory allows 6 of each). Appends get 80
 // registers (6 blocks of 128: 24 warps per SM, each with two tiles in flight; 8 bytes spill,
-// and 5 blocks measured slower); dequantizes fit 80 (3 blocks of 256).
+// and 5 blocks measured slower); so do dequantizes (4 bytes spill).
 #ifndef HBM_APPEND_QUANT_MIN_BLOCKS
 #define HBM_APPEND_QUANT_MIN_BLOCKS 6
 #endif
 #ifndef HBM_DEQUANTIZE_QUANT_MIN_BLOCKS
-#define HBM_DEQUANTIZE_QUANT_MIN_BLOCKS 3
+#define HBM_DEQUANTIZE_QUANT_MIN_BLOCKS 6
 #endif
 
 // r = u / n and k = u % n, in 32 bits when u fits (always, in practice): a 64-bit division is a
@@ -561,10 +562,47 @@ __device__ __forceinline__ u32 hbm_segments(u32 bytes, u64 addr, u32 k, int lane
     return bytes * lane + 4 * seg + ((u32)(addr - (u64)bytes * lane) & 3u);
 }
 
+// 16 bytes global -> shared without passing through registers (cp.async, sm_80 and later):
+// the next tile's source loads stay in flight while the warp quantizes the current one.
+__device__ __forceinline__ void hbm_cp_async16(void *smem, const void *gmem) {
+#if __CUDA_ARCH__ >= 800
+    u64 s;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(s) : "l"(smem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"((u32)s), "l"(gmem) : "memory");
+#else
+    *(uint4 *)smem = *(const uint4 *)gmem;
+#endif
+}
+
+// 4 bytes global -> shared, the same way (cp.async.ca: 4-byte copies bypass no cache level).
+__device__ __forceinline__ void hbm_cp_async4(void *smem, const void *gmem) {
+#if __CUDA_ARCH__ >= 800
+    u64 s;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(s) : "l"(smem));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"((u32)s), "l"(gmem) : "memory");
+#else
+    *(u32 *)smem = *(const u32 *)gmem;
+#endif
+}
+
+__device__ __forceinline__ void hbm_cp_async_commit() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+
+// Waits for all but the newest group of this thread's copies.
+__device__ __forceinline__ void hbm_cp_async_wait_prior() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group 1;" ::: "memory");
+#endif
+}
+
 // The warp copies every segment between the stage (byte offsets from hbm_segments) and the
 // tensor: to the tensor when `store`, else from it. Bodies go as aligned words, up to `words`
-// per lane in flight at once; the at most 3 bytes at each end one by one.
-template <bool store, int words>
+// per lane in flight at once (loads with cp.async when `async`: the caller waits); the at
+// most 3 bytes at each end one by one.
+template <bool store, int words, bool async = false>
 __device__ __forceinline__ void hbm_copy_segments(u8 *stage, u32 bytes, u64 addr, u32 off,
                                                   u32 starts, u32 nb, int lane) {
     while (starts) {
@@ -589,48 +627,27 @@ __device__ __forceinline__ void hbm_copy_segments(u8 *stage, u32 bytes, u64 addr
         }
         u32 *gw = (u32 *)(g + head);
         u32 *sw = (u32 *)(sh + head);
-        for (u32 i0 = 0; i0 < nw; i0 += 32 * words) {
-            u32 v[words];
+        if (!store && async) {
+            for (u32 i = lane; i < nw; i += 32) hbm_cp_async4(sw + i, gw + i);
+        } else {
+            for (u32 i0 = 0; i0 < nw; i0 += 32 * words) {
+                u32 v[words];
 #pragma unroll
-            for (int m = 0; m < words; m++) {
-                const u32 i = i0 + 32 * m + lane;
-                if (i < nw) v[m] = store ? sw[i] : gw[i];
-            }
+                for (int m = 0; m < words; m++) {
+                    const u32 i = i0 + 32 * m + lane;
+                    if (i < nw) v[m] = store ? sw[i] : gw[i];
+                }
 #pragma unroll
-            for (int m = 0; m < words; m++) {
-                const u32 i = i0 + 32 * m + lane;
-                if (i < nw) {
-                    if (store) gw[i] = v[m];
-                    else sw[i] = v[m];
+                for (int m = 0; m < words; m++) {
+                    const u32 i = i0 + 32 * m + lane;
+                    if (i < nw) {
+                        if (store) gw[i] = v[m];
+                        else sw[i] = v[m];
+                    }
                 }
             }
         }
     }
-}
-
-// 16 bytes global -> shared without passing through registers (cp.async, sm_80 and later):
-// the next tile's source loads stay in flight while the warp quantizes the current one.
-__device__ __forceinline__ void hbm_cp_async16(void *smem, const void *gmem) {
-#if __CUDA_ARCH__ >= 800
-    u64 s;
-    asm("cvta.to.shared.u64 %0, %1;" : "=l"(s) : "l"(smem));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"((u32)s), "l"(gmem) : "memory");
-#else
-    *(uint4 *)smem = *(const uint4 *)gmem;
-#endif
-}
-
-__device__ __forceinline__ void hbm_cp_async_commit() {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.commit_group;" ::: "memory");
-#endif
-}
-
-// Waits for all but the newest group of this thread's copies.
-__device__ __forceinline__ void hbm_cp_async_wait_prior() {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_group 1;" ::: "memory");
-#endif
 }
 
 // Starts copying a tile's source (16-byte aligned) into the stage: F32 as floats, block q at
@@ -775,107 +792,143 @@ __device__ __forceinline__ void hbm_append_quant(const void *src, int src_type, 
     }
 }
 
-// Dequantizes from a Q8_0 or Q4_0 tensor (QT). Per tile: the warp loads the segments of 32
-// blocks into the stage, each lane expands one block, and the warp writes the tile's 1024
-// outputs (contiguous in dst) with 16-byte stores.
+// Starts loading the quantized bytes of the tile of blocks b0 .. b0 + nb into the stage with
+// cp.async; returns this lane's stage offset (hbm_segments).
+template <int QT>
+__device__ __forceinline__ u32 hbm_dequantize_fetch(const u8 *src, u64 src_row_stride, i64 row0,
+                                                    u32 bpr, u64 b0, u32 nb, int lane,
+                                                    float4 *stage) {
+    const u32 bytes = hbm_quant<QT>::bytes;
+    u64 addr = 0;
+    u32 k = 0;
+    if ((u32)lane < nb) {
+        u64 r;
+        hbm_divmod(b0 + lane, bpr, &r, &k);
+        addr = (u64)src + (u64)(row0 + (i64)r) * src_row_stride + (u64)k * bytes;
+    }
+    u32 starts;
+    const u32 off = hbm_segments(bytes, addr, k, lane, nb, &starts);
+    hbm_copy_segments<false, hbm_quant<QT>::words, true>((u8 *)stage, bytes, addr, off, starts,
+                                                         nb, lane);
+    return off;
+}
+
+// Expands the staged tile of blocks b0 .. b0 + nb (lane's block at byte `off`) and writes its
+// 1024 outputs (contiguous in dst) with 16-byte stores when dst allows. Leaves the stage free.
+template <int QT>
+__device__ __forceinline__ void hbm_dequantize_tile(u64 b0, u32 nb, u32 off, int lane, void *dst,
+                                                    int dst_type, float4 *stage) {
+    const bool vec = hbm_aligned16(dst);
+    float *stage_f = (float *)stage;
+    const u32 *stage_w = (const u32 *)stage;
+    uint4 *stage_q = (uint4 *)stage;
+    float v[32];
+    if ((u32)lane < nb) {
+        // The block's bytes as aligned words b[], whatever off is modulo 4.
+        const int nw = hbm_quant<QT>::words;
+        u32 w[nw + 1], b[nw];
+#pragma unroll
+        for (int i = 0; i <= nw; i++) w[i] = stage_w[off / 4 + i];
+#pragma unroll
+        for (int i = 0; i < nw; i++) b[i] = __funnelshift_r(w[i], w[i + 1], 8 * (off & 3u));
+        const float d = hbm_fp16_to_fp32((u16)(b[0] & 0xffffu));
+        // A quant byte u becomes a float exactly: 0x4b0000uu is 2^23 + u, less 2^23 and the
+        // offset (128 for Q8_0's signed bytes, flipped to u = q + 128; 8 for Q4_0's nibbles).
+        if (QT == HBM_Q8_0) {
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                const u32 q = hbm_shift16(b[i], b[i + 1]) ^ 0x80808080u;
+#pragma unroll
+                for (int m = 0; m < 4; m++) {
+                    const float f = __uint_as_float(__byte_perm(q, 0x4b000000u, 0x7540 + m));
+                    v[4 * i + m] = __fmul_rn(__fsub_rn(f, 8388736.0f), d);
+                }
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const u32 q = hbm_shift16(b[i], b[i + 1]);
+                const u32 lo = q & 0x0f0f0f0fu, hi = (q >> 4) & 0x0f0f0f0fu;
+#pragma unroll
+                for (int m = 0; m < 4; m++) {
+                    const float fl = __uint_as_float(__byte_perm(lo, 0x4b000000u, 0x7540 + m));
+                    const float fh = __uint_as_float(__byte_perm(hi, 0x4b000000u, 0x7540 + m));
+                    v[4 * i + m] = __fmul_rn(__fsub_rn(fl, 8388616.0f), d);
+                    v[16 + 4 * i + m] = __fmul_rn(__fsub_rn(fh, 8388616.0f), d);
+                }
+            }
+        }
+    }
+    __syncwarp();  // every lane has read its bytes before the outputs overwrite them
+    if ((u32)lane < nb) {
+        if (dst_type == HBM_F16) {
+            // 32 halves = 4 uint4, blocks 5 uint4 apart (bank-conflict padding).
+#pragma unroll
+            for (int m = 0; m < 4; m++) stage_q[lane * 5 + m] = hbm_f32x8_to_f16(v + 8 * m);
+        } else {
+#pragma unroll
+            for (int m = 0; m < 8; m++)
+                stage[lane * 9 + m] =
+                    make_float4(v[4 * m], v[4 * m + 1], v[4 * m + 2], v[4 * m + 3]);
+        }
+    }
+    __syncwarp();
+    // The tile's outputs are elements b0 * 32 .. (b0 + nb) * 32 of dst.
+    if (vec && dst_type == HBM_F16) {
+        uint4 *d = (uint4 *)dst + b0 * 4;
+        for (u32 j = lane; j < nb * 4; j += 32) d[j] = stage_q[(j / 4) * 5 + j % 4];
+    } else if (vec) {
+        float4 *d = (float4 *)dst + b0 * 8;
+        for (u32 j = lane; j < nb * 8; j += 32) d[j] = stage[(j / 8) * 9 + j % 8];
+    } else if (dst_type == HBM_F16) {
+        const u16 *h = (const u16 *)stage_q;
+        for (u32 j = lane; j < nb * 32; j += 32)
+            ((u16 *)dst)[b0 * 32 + j] = h[(j / 32) * 40 + j % 32];
+    } else {
+        for (u32 j = lane; j < nb * 32; j += 32)
+            ((float *)dst)[b0 * 32 + j] = stage_f[(j / 32) * 36 + j % 32];
+    }
+    __syncwarp();  // the stage is free for the next tile
+}
+
+// Dequantizes from a Q8_0 or Q4_0 tensor (QT), a tile of 32 blocks per warp and step, with two
+// stages per warp: the next tile's bytes load (cp.async) while the warp expands the current one.
 template <int QT>
 __device__ __forceinline__ void hbm_dequantize_quant(const u8 *src, u64 src_row_stride, i64 row0,
                                                      u64 n_rows, u32 row_elems, void *dst,
-                                                     int dst_type, float4 *stage) {
-    const u32 bytes = hbm_quant<QT>::bytes;
+                                                     int dst_type, float4 *stage0,
+                                                     float4 *stage1) {
     const int lane = threadIdx.x & 31;
     const u32 bpr = row_elems / 32;
     const u64 nblocks = n_rows * bpr;
     const u64 ntiles = (nblocks + 31) / 32;
     const u64 warp = ((u64)blockIdx.x * blockDim.x + threadIdx.x) / 32;
     const u64 nwarps = (u64)gridDim.x * blockDim.x / 32;
-    const bool vec = hbm_aligned16(dst);
-    float *stage_f = (float *)stage;
-    u8 *stage_b = (u8 *)stage;
-    const u32 *stage_w = (const u32 *)stage;
-    uint4 *stage_q = (uint4 *)stage;
+    float4 *cur = stage0, *next = stage1;
+    u32 off = 0;
+    if (warp < ntiles) {
+        const u64 b0 = warp * 32;
+        off = hbm_dequantize_fetch<QT>(src, src_row_stride, row0, bpr, b0,
+                                       (u32)(nblocks - b0 < 32 ? nblocks - b0 : 32), lane, cur);
+    }
+    hbm_cp_async_commit();
     for (u64 tile = warp; tile < ntiles; tile += nwarps) {
         const u64 b0 = tile * 32;
         const u32 nb = (u32)(nblocks - b0 < 32 ? nblocks - b0 : 32);
-        u64 addr = 0;
-        u32 k = 0;
-        if ((u32)lane < nb) {
-            u64 r;
-            hbm_divmod(b0 + lane, bpr, &r, &k);
-            addr = (u64)src + (u64)(row0 + (i64)r) * src_row_stride + (u64)k * bytes;
-        }
-        u32 starts;
-        const u32 off = hbm_segments(bytes, addr, k, lane, nb, &starts);
-        hbm_copy_segments<false, hbm_quant<QT>::words>(stage_b, bytes, addr, off, starts, nb,
-                                                       lane);
-        __syncwarp();
-        float v[32];
-        if ((u32)lane < nb) {
-            // The block's bytes as aligned words b[], whatever off is modulo 4.
-            const int nw = hbm_quant<QT>::words;
-            u32 w[nw + 1], b[nw];
-#pragma unroll
-            for (int i = 0; i <= nw; i++) w[i] = stage_w[off / 4 + i];
-#pragma unroll
-            for (int i = 0; i < nw; i++) b[i] = __funnelshift_r(w[i], w[i + 1], 8 * (off & 3u));
-            const float d = hbm_fp16_to_fp32((u16)(b[0] & 0xffffu));
-            // A quant byte u becomes a float exactly: 0x4b0000uu is 2^23 + u, less 2^23 and the
-            // offset (128 for Q8_0's signed bytes, flipped to u = q + 128; 8 for Q4_0's nibbles).
-            if (QT == HBM_Q8_0) {
-#pragma unroll
-                for (int i = 0; i < 8; i++) {
-                    const u32 q = hbm_shift16(b[i], b[i + 1]) ^ 0x80808080u;
-#pragma unroll
-                    for (int m = 0; m < 4; m++) {
-                        const float f = __uint_as_float(__byte_perm(q, 0x4b000000u, 0x7540 + m));
-                        v[4 * i + m] = __fmul_rn(__fsub_rn(f, 8388736.0f), d);
-                    }
-                }
-            } else {
-#pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    const u32 q = hbm_shift16(b[i], b[i + 1]);
-                    const u32 lo = q & 0x0f0f0f0fu, hi = (q >> 4) & 0x0f0f0f0fu;
-#pragma unroll
-                    for (int m = 0; m < 4; m++) {
-                        const float fl = __uint_as_float(__byte_perm(lo, 0x4b000000u, 0x7540 + m));
-                        const float fh = __uint_as_float(__byte_perm(hi, 0x4b000000u, 0x7540 + m));
-                        v[4 * i + m] = __fmul_rn(__fsub_rn(fl, 8388616.0f), d);
-                        v[16 + 4 * i + m] = __fmul_rn(__fsub_rn(fh, 8388616.0f), d);
-                    }
-                }
-            }
-        }
-        __syncwarp();  // every lane has read its bytes before the outputs overwrite them
-        if ((u32)lane < nb) {
-            if (dst_type == HBM_F16) {
-                // 32 halves = 4 uint4, blocks 5 uint4 apart (bank-conflict padding).
-#pragma unroll
-                for (int m = 0; m < 4; m++) stage_q[lane * 5 + m] = hbm_f32x8_to_f16(v + 8 * m);
-            } else {
-#pragma unroll
-                for (int m = 0; m < 8; m++)
-                    stage[lane * 9 + m] =
-                        make_float4(v[4 * m], v[4 * m + 1], v[4 * m + 2], v[4 * m + 3]);
-            }
-        }
-        __syncwarp();
-        // The tile's outputs are elements b0 * 32 .. (b0 + nb) * 32 of dst.
-        if (vec && dst_type == HBM_F16) {
-            uint4 *d = (uint4 *)dst + b0 * 4;
-            for (u32 j = lane; j < nb * 4; j += 32) d[j] = stage_q[(j / 4) * 5 + j % 4];
-        } else if (vec) {
-            float4 *d = (float4 *)dst + b0 * 8;
-            for (u32 j = lane; j < nb * 8; j += 32) d[j] = stage[(j / 8) * 9 + j % 8];
-        } else if (dst_type == HBM_F16) {
-            const u16 *h = (const u16 *)stage_q;
-            for (u32 j = lane; j < nb * 32; j += 32)
-                ((u16 *)dst)[b0 * 32 + j] = h[(j / 32) * 40 + j % 32];
-        } else {
-            for (u32 j = lane; j < nb * 32; j += 32)
-                ((float *)dst)[b0 * 32 + j] = stage_f[(j / 32) * 36 + j % 32];
-        }
-        __syncwarp();  // the stage is free for the next tile
+        const u64 b1 = b0 + nwarps * 32;
+        u32 off1 = 0;
+        if (b1 < nblocks)
+            off1 = hbm_dequantize_fetch<QT>(src, src_row_stride, row0, bpr, b1,
+                                            (u32)(nblocks - b1 < 32 ? nblocks - b1 : 32), lane,
+                                            next);
+        hbm_cp_async_commit();  // possibly empty: one group per step either way
+        hbm_cp_async_wait_prior();
+        __syncwarp();  // every lane's copies (and single bytes) of this tile have landed
+        hbm_dequantize_tile<QT>(b0, nb, off, lane, dst, dst_type, cur);
+        off = off1;
+        float4 *t = cur;
+        cur = next;
+        next = t;
     }
 }
 
@@ -888,11 +941,11 @@ __device__ __forceinline__ void hbm_dequantize_quant(const u8 *src, u64 src_row_
 // appends and src_type of the dequantizes are passed for the plain kernels, and checked by the
 // quantized ones). Launched with HBM_THREADS threads per block; any grid.
 #define HBM_APPEND_QUANT(name, QT)                                                          \
-    extern "C" __global__ void __launch_bounds__(HBM_APPEND_QUANT_THREADS,                  \
+    extern "C" __global__ void __launch_bounds__(HBM_QUANT_THREADS,                  \
                                                  HBM_APPEND_QUANT_MIN_BLOCKS)               \
     name(const void *src, int src_type, void *dst, int dst_type, u64 dst_row_stride,      \
          int row_elems, const int *positions, i64 pos0, int n_rows) {                     \
-        __shared__ float4 stage[HBM_APPEND_QUANT_THREADS / 32][2][HBM_STAGE];             \
+        __shared__ float4 stage[HBM_QUANT_THREADS / 32][2][HBM_STAGE];             \
         if (dst_type != QT) return;                                                        \
         hbm_append_quant<QT>(src, src_type, (u8 *)dst, dst_row_stride, (u32)row_elems,    \
                              positions, pos0, (u64)n_rows, stage[threadIdx.x / 32][0],    \
@@ -902,13 +955,14 @@ HBM_APPEND_QUANT(hbm_kv_append_q8_0, HBM_Q8_0)
 HBM_APPEND_QUANT(hbm_kv_append_q4_0, HBM_Q4_0)
 
 #define HBM_DEQUANTIZE_QUANT(name, QT)                                                            \
-    extern "C" __global__ void __launch_bounds__(HBM_THREADS, HBM_DEQUANTIZE_QUANT_MIN_BLOCKS)             \
+    extern "C" __global__ void __launch_bounds__(HBM_QUANT_THREADS, HBM_DEQUANTIZE_QUANT_MIN_BLOCKS)             \
     name(const void *src, int src_type, u64 src_row_stride, i64 row0, int n_rows,               \
          int row_elems, void *dst, int dst_type) {                                               \
-        __shared__ float4 stage[HBM_WARPS][HBM_STAGE];                                          \
+        __shared__ float4 stage[HBM_QUANT_THREADS / 32][2][HBM_STAGE];                           \
         if (src_type != QT) return;                                                              \
         hbm_dequantize_quant<QT>((const u8 *)src, src_row_stride, row0, (u64)n_rows,            \
-                                 (u32)row_elems, dst, dst_type, stage[threadIdx.x / 32]);       \
+                                 (u32)row_elems, dst, dst_type, stage[threadIdx.x / 32][0],     \
+                                 stage[threadIdx.x / 32][1]);                                   \
     }
 HBM_DEQUANTIZE_QUANT(hbm_kv_dequantize_q8_0, HBM_Q8_0)
 HBM_DEQUANTIZE_QUANT(hbm_kv_dequantize_q4_0, HBM_Q4_0)

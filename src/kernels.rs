@@ -41,13 +41,22 @@ const NVRTC_OPTIONS: [&str; 4] = [
     "--prec-sqrt=true",
 ];
 
-/// Threads per block of every launch but the quantizing appends: `HBM_THREADS` in
-/// `kernels/kv_quant.cu`, whose shared staging has room for exactly this many warps.
+/// Threads per block of the F32/F16/BF16 kernels: `HBM_THREADS` in `kernels/kv_quant.cu`.
 const BLOCK_THREADS: u32 = 256;
 
-/// Threads per block of `hbm_kv_append_q8_0` and `hbm_kv_append_q4_0`:
-/// `HBM_APPEND_QUANT_THREADS` (two stages per warp fill the 48 KiB of static shared memory).
-const APPEND_QUANT_THREADS: u32 = 128;
+/// Threads per block of the Q8_0/Q4_0 kernels: `HBM_QUANT_THREADS`, whose shared staging (two
+/// stages per warp, within the 48 KiB of static shared memory) has room for exactly this many
+/// warps.
+const QUANT_THREADS: u32 = 128;
+
+/// Threads per block of the kernels for tensors of type `ty`.
+fn block_threads(ty: HbmType) -> u32 {
+    if ty.is_quantized() {
+        QUANT_THREADS
+    } else {
+        BLOCK_THREADS
+    }
+}
 
 /// Most blocks per launch; the kernels loop grid-stride over the rest.
 const MAX_GRID: u64 = 1 << 16;
@@ -267,15 +276,10 @@ impl KvKernels {
             arg(&mut pos0),
             arg(&mut rows),
         ];
-        let block = if dst_type.is_quantized() {
-            APPEND_QUANT_THREADS
-        } else {
-            BLOCK_THREADS
-        };
         self.launch(
             self.functions[kind(dst_type)],
             threads_for(dst_type, row_elems, n_rows),
-            block,
+            block_threads(dst_type),
             &mut args,
             stream,
         )
@@ -317,7 +321,7 @@ impl KvKernels {
         self.launch(
             self.functions[3 + kind(src_type)],
             threads_for(src_type, row_elems, n_rows),
-            BLOCK_THREADS,
+            block_threads(src_type),
             &mut args,
             stream,
         )
