@@ -12,6 +12,7 @@
 
 use hbmalloc::backend::{DevicePtr, KvRows, SharedBackend};
 use hbmalloc::kv::cache::{Growth, KvCache, KvParams};
+use hbmalloc::kv::half::fp32_to_fp16;
 use hbmalloc::kv::HbmType;
 use hbmalloc::runtime::{self, Active};
 use std::time::Instant;
@@ -209,19 +210,27 @@ fn kernel_table(backend: &SharedBackend) -> Res<()> {
     let cache = Buf::new(backend, elems * 4)?;
     let copy_a = Buf::new(backend, elems * 4)?;
     let copy_b = Buf::new(backend, elems * 4)?;
-    // Real numbers in every operand (uninitialised memory may hold NaNs and infinities).
+    // Real numbers in every operand, in its own type: uninitialised memory, F32 bytes read as
+    // F16, or a previous dequantize's output may hold NaNs and infinities, which send the
+    // quantizing kernels down their slow paths. `plain` is rewritten before each pair of
+    // measurements (dequantize overwrites it); each append fills the cache that the following
+    // dequantize reads.
     let mut x = 0x9e37_79b9u32;
-    let host: Vec<u8> = (0..elems)
-        .flat_map(|_| {
+    let values: Vec<f32> = (0..elems)
+        .map(|_| {
             x ^= x << 13;
             x ^= x >> 17;
             x ^= x << 5;
-            ((x as f32 / u32::MAX as f32 - 0.5) * 8.0).to_ne_bytes()
+            (x as f32 / u32::MAX as f32 - 0.5) * 8.0
         })
         .collect();
-    backend.copy_from_host(plain.ptr, &host)?;
-    backend.copy_from_host(cache.ptr, &host)?;
-    backend.copy_from_host(copy_a.ptr, &host)?;
+    let host_f32: Vec<u8> = values.iter().flat_map(|v| v.to_ne_bytes()).collect();
+    let host_f16: Vec<u8> = values
+        .iter()
+        .flat_map(|v| fp32_to_fp16(*v).to_ne_bytes())
+        .collect();
+    backend.copy_from_host(cache.ptr, &host_f32)?;
+    backend.copy_from_host(copy_a.ptr, &host_f32)?;
 
     println!(
         "\n## Append and dequantize kernels against a device-to-device copy of the same bytes"
@@ -245,6 +254,12 @@ fn kernel_table(backend: &SharedBackend) -> Res<()> {
         };
         for plain_ty in [HbmType::F32, HbmType::F16] {
             let plain_bytes = plain_ty.row_bytes(elems).ok_or("size")?;
+            let host = if plain_ty == HbmType::F32 {
+                &host_f32
+            } else {
+                &host_f16
+            };
+            backend.copy_from_host(plain.ptr, host)?;
             let moved = plain_bytes + row * n_rows as usize;
             // The copy moves the same bytes: half read, half written.
             let copy = time_per_call(backend, iters, || {

@@ -9,11 +9,31 @@
 // Layout: a row is `row_elems` elements of one token (n_head_kv * head_dim); row r of a cache
 // tensor starts at base + r * row_stride bytes. Types use ggml's numbers.
 //
-// Threads (HBM_THREADS per block, grid-stride loops, so any grid is correct; the launcher sizes
-// it to the work): F32/F16/BF16 rows take 8 elements per thread with 16-byte loads and stores
-// when rows and pointers allow it, else one element per thread. Q8_0/Q4_0 take one whole
-// 32-element block per thread, a warp staging 32 blocks through shared memory so that global
-// accesses are coalesced (row_elems % 32 == 0; the launcher checks).
+// Kernels: one per kind of cache type, so that the light F32/F16/BF16 kernels are not held to the
+// registers and shared memory of the quantized ones (one kernel for all types ran 2 blocks per SM).
+//   hbm_kv_append_plain, hbm_kv_dequantize_plain       F32, F16, BF16 tensors
+//   hbm_kv_append_q8_0,  hbm_kv_dequantize_q8_0        Q8_0 tensors
+//   hbm_kv_append_q4_0,  hbm_kv_dequantize_q4_0        Q4_0 tensors
+// All take the same parameters (below); src/kernels.rs picks one by the tensor's type.
+//
+// Threads (HBM_THREADS per block, HBM_QUANT_THREADS for the Q8_0/Q4_0 kernels;
+// grid-stride loops, so any grid is correct; the launcher sizes it to the work):
+// - F32/F16/BF16: a unit is 4 elements, one 16-byte (F32) or 8-byte (F16/BF16) access, when
+//   rows are a multiple of 8 elements and pointers and stride 16-byte aligned. Each pass a
+//   block takes blockDim * HBM_UNITS consecutive units; its thread t takes units t,
+//   t + blockDim, ..., so that every load and store instruction of a warp covers one contiguous
+//   run (F32 units of 8 elements, two 16-byte stores 32 bytes apart per lane, left each store
+//   half of every sector and ran widening kernels at 0.75-0.85 of copy), and issues all
+//   HBM_UNITS loads before the first store. Otherwise one element per thread and step.
+// - Q8_0/Q4_0: each warp takes tiles of 32 consecutive quantized blocks (row_elems % 32 == 0;
+//   the launcher checks); lane i quantizes or expands block i of the tile on its own, in the
+//   reference's order. The tile's F32/F16 side is contiguous and moves through shared memory as
+//   16-byte vectors. The quantized side is one run of bytes per row the tile touches
+//   ("segment"); the warp moves each segment between shared memory and the tensor as aligned
+//   4-byte words, a few single bytes at its ends, staging it at the same address modulo 4 as in
+//   the tensor. Each warp has two stages: the next tile's loads (cp.async, sm_80 and later)
+//   land in one while it works on the other (an append's source must be 16-byte aligned for
+//   this; otherwise it loads element by element into one stage).
 
 #define HBM_F32 0
 #define HBM_F16 1
@@ -76,10 +96,33 @@ __device__ __forceinline__ float hbm_inverse(float d) {
 // Threads per block of every launch; src/kernels.rs launches exactly this many.
 #define HBM_THREADS 256
 #define HBM_WARPS (HBM_THREADS / 32)
+// Units of 4 elements per thread and pass in the F32/F16/BF16 kernels: HBM_UNITS loads of 16 or
+// 8 bytes in flight per thread. src/kernels.rs sizes grids with the same number.
+#ifndef HBM_UNITS
+#define HBM_UNITS 8
+#endif
+// Blocks per SM the F32/F16/BF16 kernels are compiled for (a register cap of 80; 64 spills).
+#ifndef HBM_PLAIN_MIN_BLOCKS
+#define HBM_PLAIN_MIN_BLOCKS 3
+#endif
 // Shared staging per warp: 32 quantized blocks of 32 floats, each padded to 36 floats (9 float4)
 // so that lane i reading float4 j of block i, and lanes writing consecutive float4s, hit
-// distinct banks. The same space holds a tile's quantized bytes (32 * 34) when those are staged.
+// distinct banks. The same space holds a tile's quantized bytes (at most 32 * 34 + 127) when
+// those are staged.
 #define HBM_STAGE (32 * 9)
+// Threads per block of the Q8_0/Q4_0 kernels (src/kernels.rs launches exactly this many): each
+// of their warps has two stages (9 KiB), and a block's static shared memory is at most 48 KiB.
+#define HBM_QUANT_THREADS 128
+// Blocks per SM the quantized kernels are compiled for: caps their registers, so that enough
+// warps are resident to keep loads in flight (shared memory allows 6 of each). Appends get 80
+// registers (6 blocks of 128: 24 warps per SM, each with two tiles in flight; 8 bytes spill,
+// and 5 blocks measured slower); so do dequantizes (4 bytes spill).
+#ifndef HBM_APPEND_QUANT_MIN_BLOCKS
+#define HBM_APPEND_QUANT_MIN_BLOCKS 6
+#endif
+#ifndef HBM_DEQUANTIZE_QUANT_MIN_BLOCKS
+#define HBM_DEQUANTIZE_QUANT_MIN_BLOCKS 6
+#endif
 
 // r = u / n and k = u % n, in 32 bits when u fits (always, in practice): a 64-bit division is a
 // long software routine.
@@ -98,40 +141,119 @@ __device__ __forceinline__ bool hbm_aligned16(const void *p) { return ((u64)p & 
 
 __device__ __forceinline__ u32 hbm_pack2(u16 lo, u16 hi) { return (u32)lo | ((u32)hi << 16); }
 
-// 8 consecutive source elements (F32 or F16) at element index i; 16-byte aligned.
-__device__ __forceinline__ void hbm_load8(const void *src, int type, u64 i, float *x) {
-    if (type == HBM_F16) {
-        const uint4 v = *(const uint4 *)((const u16 *)src + i);
-        const u32 w[4] = {v.x, v.y, v.z, v.w};
+__device__ __forceinline__ bool hbm_isnan2(float a, float b) { return (a != a) | (b != b); }
+
+// Two fp32 -> packed fp16, as hbm_fp32_to_fp16 for every non-NaN (the caller handles NaNs):
+// one cvt.rn.f16x2.f32 on sm_80 and later.
+__device__ __forceinline__ u32 hbm_fp16x2_rn(float lo, float hi) {
+#if __CUDA_ARCH__ >= 800
+    u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+#else
+    return hbm_pack2(hbm_fp32_to_fp16(lo), hbm_fp32_to_fp16(hi));
+#endif
+}
+
+__device__ __forceinline__ float hbm_fp16_to_fp32_hw(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+// 4 fp16 (an 8-byte vector) -> fp32. The hardware conversion, then the exact one of
+// hbm_fp16_to_fp32 only if a NaN came out (rare): one test per pair instead of one per element.
+__device__ __forceinline__ void hbm_f16x4_to_f32(u32 w0, u32 w1, float *x) {
+    const u32 w[2] = {w0, w1};
+    bool nan = false;
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
+    for (int j = 0; j < 2; j++) {
+        x[2 * j] = hbm_fp16_to_fp32_hw((u16)(w[j] & 0xffffu));
+        x[2 * j + 1] = hbm_fp16_to_fp32_hw((u16)(w[j] >> 16));
+        nan |= hbm_isnan2(x[2 * j], x[2 * j + 1]);
+    }
+    if (nan) {
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
             x[2 * j] = hbm_fp16_to_fp32((u16)(w[j] & 0xffffu));
             x[2 * j + 1] = hbm_fp16_to_fp32((u16)(w[j] >> 16));
         }
-    } else {
-        const float4 *s = (const float4 *)((const float *)src + i);
-        const float4 a = s[0], b = s[1];
-        x[0] = a.x; x[1] = a.y; x[2] = a.z; x[3] = a.w;
-        x[4] = b.x; x[5] = b.y; x[6] = b.z; x[7] = b.w;
     }
 }
 
-// 8 consecutive F32, F16 or BF16 elements at element e of row; 16-byte aligned.
-__device__ __forceinline__ void hbm_store8(u8 *row, int type, u64 e, const float *x) {
+__device__ __forceinline__ void hbm_f16x8_to_f32(uint4 v, float *x) {
+    hbm_f16x4_to_f32(v.x, v.y, x);
+    hbm_f16x4_to_f32(v.z, v.w, x + 4);
+}
+
+// 4 fp32 -> 4 fp16 (two words) as hbm_fp32_to_fp16 each, NaNs included.
+__device__ __forceinline__ uint2 hbm_f32x4_to_f16(const float *x) {
+    uint2 w = make_uint2(hbm_fp16x2_rn(x[0], x[1]), hbm_fp16x2_rn(x[2], x[3]));
+    if (hbm_isnan2(x[0], x[1]) | hbm_isnan2(x[2], x[3]))
+        w = make_uint2(hbm_pack2(hbm_fp32_to_fp16(x[0]), hbm_fp32_to_fp16(x[1])),
+                       hbm_pack2(hbm_fp32_to_fp16(x[2]), hbm_fp32_to_fp16(x[3])));
+    return w;
+}
+
+// 8 fp32 -> 8 fp16 as hbm_fp32_to_fp16 each, NaNs included.
+__device__ __forceinline__ uint4 hbm_f32x8_to_f16(const float *x) {
+    const uint2 a = hbm_f32x4_to_f16(x), b = hbm_f32x4_to_f16(x + 4);
+    return make_uint4(a.x, a.y, b.x, b.y);
+}
+
+// One 4-element unit as raw bytes: 16 (F32) or 8 (F16/BF16, in x and y).
+__device__ __forceinline__ uint4 hbm_load_unit(const u8 *p, int type) {
+    if (type == HBM_F32) return *(const uint4 *)p;
+    const uint2 v = *(const uint2 *)p;
+    return make_uint4(v.x, v.y, 0, 0);
+}
+
+__device__ __forceinline__ void hbm_unit_to_f32(uint4 u, int type, float *x) {
     if (type == HBM_F32) {
-        float4 *d = (float4 *)((float *)row + e);
-        d[0] = make_float4(x[0], x[1], x[2], x[3]);
-        d[1] = make_float4(x[4], x[5], x[6], x[7]);
+        x[0] = __uint_as_float(u.x); x[1] = __uint_as_float(u.y);
+        x[2] = __uint_as_float(u.z); x[3] = __uint_as_float(u.w);
+    } else if (type == HBM_F16) {
+        hbm_f16x4_to_f32(u.x, u.y, x);
     } else {
-        u32 w[4];
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            w[j] = type == HBM_F16
-                       ? hbm_pack2(hbm_fp32_to_fp16(x[2 * j]), hbm_fp32_to_fp16(x[2 * j + 1]))
-                       : hbm_pack2(hbm_fp32_to_bf16(x[2 * j]), hbm_fp32_to_bf16(x[2 * j + 1]));
-        }
-        *(uint4 *)((u16 *)row + e) = make_uint4(w[0], w[1], w[2], w[3]);
+        x[0] = __uint_as_float(u.x << 16); x[1] = __uint_as_float(u.x & 0xffff0000u);
+        x[2] = __uint_as_float(u.y << 16); x[3] = __uint_as_float(u.y & 0xffff0000u);
     }
+}
+
+// 4 consecutive F32, F16 or BF16 elements at p, aligned to their size (16 or 8 bytes).
+__device__ __forceinline__ void hbm_store_unit(u8 *p, int type, const float *x) {
+    if (type == HBM_F32) {
+        *(float4 *)p = make_float4(x[0], x[1], x[2], x[3]);
+    } else if (type == HBM_F16) {
+        *(uint2 *)p = hbm_f32x4_to_f16(x);
+    } else {
+        *(uint2 *)p = make_uint2(hbm_pack2(hbm_fp32_to_bf16(x[0]), hbm_fp32_to_bf16(x[1])),
+                                 hbm_pack2(hbm_fp32_to_bf16(x[2]), hbm_fp32_to_bf16(x[3])));
+    }
+}
+
+// Row r and unit k of units u, u + step, ... with n units per row: one division for the first,
+// then additions (step = q * n + rem).
+struct hbm_rowpos {
+    u64 r;
+    u32 k, n, q, rem;
+    __device__ __forceinline__ void next() {
+        r += q;
+        k += rem;
+        if (k >= n) {
+            k -= n;
+            r++;
+        }
+    }
+};
+
+__device__ __forceinline__ hbm_rowpos hbm_rowpos_at(u64 u, u32 n, u32 step) {
+    hbm_rowpos p;
+    hbm_divmod(u, n, &p.r, &p.k);
+    p.n = n;
+    p.q = step / n;
+    p.rem = step - p.q * n;
+    return p;
 }
 
 // One element of an F32/F16/BF16 row, any alignment of its type.
@@ -151,371 +273,696 @@ __device__ __forceinline__ void hbm_store1(void *p, int type, u64 e, float x) {
     }
 }
 
-// Quantizes one Q8_0 block x[0..32] into 17 little-endian half-words: the fp16 scale, then the
-// 32 quants two per half-word (ggml's quantize_row_q8_0_ref, step for step).
-__device__ __forceinline__ void hbm_quantize_q8_0(const float *x, u16 *out) {
-    // ggml folds amax = MAX(amax, |x_j|) with MAX(a, b) = a > b ? a : b, in element order: a NaN
-    // makes amax NaN and the next element replaces it. Same fold, same order, same operands.
-    float amax = 0.0f;
-#pragma unroll
-    for (int j = 0; j < 32; j++) {
-        const float a = fabsf(x[j]);
-        amax = amax > a ? amax : a;
-    }
-    const float d = __fdiv_rn(amax, 127.0f);
-    const float id = hbm_inverse(d);
-    out[0] = hbm_fp32_to_fp16(d);
-#pragma unroll
-    for (int j = 0; j < 16; j++) {
-        const u32 q0 = (u32)hbm_c_float_to_i8(roundf(__fmul_rn(x[2 * j], id))) & 0xffu;
-        const u32 q1 = (u32)hbm_c_float_to_i8(roundf(__fmul_rn(x[2 * j + 1], id))) & 0xffu;
-        out[1 + j] = (u16)(q0 | (q1 << 8));
-    }
-}
+__device__ __forceinline__ u32 hbm_esize(int type) { return type == HBM_F32 ? 4u : 2u; }
 
-// Quantizes one Q4_0 block into 9 half-words: the fp16 scale, then 16 bytes whose low nibble is
-// element j and high nibble element j + 16 (ggml's quantize_row_q4_0_ref).
-__device__ __forceinline__ void hbm_quantize_q4_0(const float *x, u16 *out) {
-    // max is the first element of the largest magnitude, with its sign; a NaN never wins.
-    float amax = 0.0f, max = 0.0f;
+// Appends to an F32, F16 or BF16 tensor. Vector path (see the top of the file): rows of a
+// multiple of 8 elements and 16-byte aligned source, tensor base and stride. Otherwise one
+// element per thread and step.
+extern "C" __global__ void __launch_bounds__(HBM_THREADS, HBM_PLAIN_MIN_BLOCKS)
+hbm_kv_append_plain(const void *src, int src_type, void *dst, int dst_type, u64 dst_row_stride,
+                    int row_elems, const int *positions, i64 pos0, int n_rows) {
+    const u32 n = (u32)row_elems;
+    const u32 ss = hbm_esize(src_type), ds = hbm_esize(dst_type);
+    const u8 *s = (const u8 *)src;
+    u8 *d = (u8 *)dst;
+    if (n % 8 == 0 && hbm_aligned16(src) && hbm_aligned16(dst) && dst_row_stride % 16 == 0) {
+        const u32 units_per_row = n / 4;
+        const u64 total = (u64)n_rows * units_per_row;
+        const u64 chunk = (u64)blockDim.x * HBM_UNITS;
+        for (u64 c = blockIdx.x * chunk; c < total; c += gridDim.x * chunk) {
+            const u64 u0 = c + threadIdx.x;
+            hbm_rowpos at = hbm_rowpos_at(u0, units_per_row, blockDim.x);
+            uint4 v[HBM_UNITS];
+            u8 *out[HBM_UNITS];
+            // Every load of the pass first (source and positions), then the conversions and stores.
 #pragma unroll
-    for (int j = 0; j < 32; j++) {
-        const float a = fabsf(x[j]);
-        if (amax < a) {
-            amax = a;
-            max = x[j];
+            for (int j = 0; j < HBM_UNITS; j++) {
+                const u64 u = u0 + (u64)j * blockDim.x;
+                if (j > 0) at.next();
+                out[j] = 0;
+                if (u < total) {
+                    const i64 p = positions ? (i64)positions[at.r] : pos0 + (i64)at.r;
+                    out[j] = d + (u64)p * dst_row_stride + (u64)at.k * 4 * ds;
+                    v[j] = hbm_load_unit(s + u * 4 * ss, src_type);
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < HBM_UNITS; j++) {
+                if (out[j]) {
+                    float x[4];
+                    hbm_unit_to_f32(v[j], src_type, x);
+                    hbm_store_unit(out[j], dst_type, x);
+                }
+            }
         }
-    }
-    const float d = __fdiv_rn(max, -8.0f);
-    const float id = hbm_inverse(d);
-    out[0] = hbm_fp32_to_fp16(d);
-    u32 bytes[16];
-#pragma unroll
-    for (int j = 0; j < 16; j++) {
-        // MIN(15, (int8_t)(x*id + 8.5f)) as int, stored as uint8_t: two roundings, no FMA.
-        int lo = hbm_c_float_to_i8(__fadd_rn(__fmul_rn(x[j], id), 8.5f));
-        int hi = hbm_c_float_to_i8(__fadd_rn(__fmul_rn(x[j + 16], id), 8.5f));
-        lo = lo < 15 ? lo : 15;
-        hi = hi < 15 ? hi : 15;
-        bytes[j] = (((u32)lo & 0xffu) | (((u32)hi & 0xffu) << 4)) & 0xffu;
-    }
-#pragma unroll
-    for (int j = 0; j < 8; j++) out[1 + j] = (u16)(bytes[2 * j] | (bytes[2 * j + 1] << 8));
-}
-
-// A quantized block's half-word at p: blocks are 34 or 18 bytes and strides even, so p is
-// 2-byte aligned exactly when the tensor's base is; otherwise go byte by byte.
-__device__ __forceinline__ void hbm_store_u16(u8 *p, u16 v, bool odd) {
-    if (odd) {
-        p[0] = (u8)(v & 0xffu);
-        p[1] = (u8)(v >> 8);
     } else {
-        *(u16 *)p = v;
-    }
-}
-
-__device__ __forceinline__ u16 hbm_load_u16(const u8 *p, bool odd) {
-    return odd ? (u16)(p[0] | ((u16)p[1] << 8)) : *(const u16 *)p;
-}
-
-// Appends to an F32, F16 or BF16 tensor. Vector path: each thread converts 8 elements with
-// 16-byte loads and stores; needs rows of a multiple of 8 elements and 16-byte aligned source,
-// tensor base and stride. Otherwise one element per thread.
-__device__ void hbm_append_plain(const void *src, int src_type, u8 *dst, int dst_type,
-                                 u64 dst_row_stride, u32 row_elems, const int *positions,
-                                 i64 pos0, u64 n_rows) {
-    const bool vec = row_elems % 8 == 0 && hbm_aligned16(src) && hbm_aligned16(dst) &&
-                     dst_row_stride % 16 == 0;
-    const u32 per = vec ? 8 : 1;
-    const u32 units_per_row = row_elems / per;
-    const u64 total = n_rows * units_per_row;
-    const u64 step = (u64)gridDim.x * blockDim.x;
-    for (u64 u = (u64)blockIdx.x * blockDim.x + threadIdx.x; u < total; u += step) {
-        u64 r;
-        u32 k;
-        hbm_divmod(u, units_per_row, &r, &k);
-        const u64 e = (u64)k * per;
-        const i64 p = positions ? (i64)positions[r] : pos0 + (i64)r;
-        u8 *row = dst + (u64)p * dst_row_stride;
-        const u64 i = r * row_elems + e;
-        if (vec) {
-            float x[8];
-            hbm_load8(src, src_type, i, x);
-            hbm_store8(row, dst_type, e, x);
-        } else {
-            hbm_store1(row, dst_type, e, hbm_load1(src, src_type, i));
-        }
-    }
-}
-
-// Appends to a Q8_0 or Q4_0 tensor. Each warp takes tiles of 32 consecutive quantized blocks
-// (1024 source elements, contiguous in src even across rows): it loads them coalesced into shared
-// memory, each lane quantizes one whole block sequentially (the reference's order, no
-// shuffles), the packed blocks go back to shared memory, and the warp stores them as
-// half-words, consecutive lanes at consecutive addresses.
-__device__ void hbm_append_quant(const void *src, int src_type, u8 *dst, int dst_type,
-                                 u64 dst_row_stride, u32 row_elems, const int *positions,
-                                 i64 pos0, u64 n_rows, float4 *stage) {
-    const int lane = threadIdx.x & 31;
-    const u32 bpr = row_elems / 32;
-    const u32 halves = dst_type == HBM_Q8_0 ? 17 : 9;  // half-words per block
-    const u64 nblocks = n_rows * bpr;
-    const u64 ntiles = (nblocks + 31) / 32;
-    const u64 warp = ((u64)blockIdx.x * blockDim.x + threadIdx.x) / 32;
-    const u64 nwarps = (u64)gridDim.x * blockDim.x / 32;
-    const bool vec = hbm_aligned16(src);
-    const bool odd = ((u64)dst & 1u) != 0;
-    float *stage_f = (float *)stage;
-    u16 *stage_h = (u16 *)stage;
-    for (u64 tile = warp; tile < ntiles; tile += nwarps) {
-        const u64 b0 = tile * 32;
-        const u32 nb = (u32)(nblocks - b0 < 32 ? nblocks - b0 : 32);
-        // Stage the tile's source as floats: block q at stage[q * 9], element order kept.
-        if (vec && src_type == HBM_F32) {
-            const float4 *s = (const float4 *)src + b0 * 8;
-            float4 v[8];
-#pragma unroll
-            for (int it = 0; it < 8; it++) {
-                const u32 j = it * 32 + lane;
-                if (j < nb * 8) v[it] = s[j];
-            }
-#pragma unroll
-            for (int it = 0; it < 8; it++) {
-                const u32 j = it * 32 + lane;
-                if (j < nb * 8) stage[(j / 8) * 9 + j % 8] = v[it];
-            }
-        } else if (vec) {
-            const uint4 *s = (const uint4 *)src + b0 * 4;
-            uint4 v[4];
-#pragma unroll
-            for (int it = 0; it < 4; it++) {
-                const u32 j = it * 32 + lane;
-                if (j < nb * 4) v[it] = s[j];
-            }
-#pragma unroll
-            for (int it = 0; it < 4; it++) {
-                const u32 j = it * 32 + lane;
-                if (j < nb * 4) {
-                    const u32 w[4] = {v[it].x, v[it].y, v[it].z, v[it].w};
-                    float x[8];
-#pragma unroll
-                    for (int m = 0; m < 4; m++) {
-                        x[2 * m] = hbm_fp16_to_fp32((u16)(w[m] & 0xffffu));
-                        x[2 * m + 1] = hbm_fp16_to_fp32((u16)(w[m] >> 16));
-                    }
-                    float4 *d = stage + (j / 4) * 9 + (j % 4) * 2;
-                    d[0] = make_float4(x[0], x[1], x[2], x[3]);
-                    d[1] = make_float4(x[4], x[5], x[6], x[7]);
-                }
-            }
-        } else {
-            for (u32 j = lane; j < nb * 32; j += 32)
-                stage_f[(j / 32) * 36 + j % 32] = hbm_load1(src, src_type, b0 * 32 + j);
-        }
-        __syncwarp();
-        // Lane i quantizes block b0 + i and finds where it goes.
-        u16 out[17];
-        u64 addr = 0;
-        if ((u32)lane < nb) {
-            float x[32];
-#pragma unroll
-            for (int m = 0; m < 8; m++) {
-                const float4 v = stage[lane * 9 + m];
-                x[4 * m] = v.x; x[4 * m + 1] = v.y; x[4 * m + 2] = v.z; x[4 * m + 3] = v.w;
-            }
-            if (dst_type == HBM_Q8_0) hbm_quantize_q8_0(x, out);
-            else hbm_quantize_q4_0(x, out);
+        const u64 total = (u64)n_rows * n;
+        for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+             i += (u64)gridDim.x * blockDim.x) {
             u64 r;
-            u32 k;
-            hbm_divmod(b0 + lane, bpr, &r, &k);
+            u32 e;
+            hbm_divmod(i, n, &r, &e);
             const i64 p = positions ? (i64)positions[r] : pos0 + (i64)r;
-            addr = (u64)dst + (u64)p * dst_row_stride + (u64)k * (halves * 2);
+            hbm_store1(d + (u64)p * dst_row_stride, dst_type, e, hbm_load1(src, src_type, i));
         }
-        __syncwarp();  // every lane has read its floats before the bytes overwrite them
-        if ((u32)lane < nb) {
-#pragma unroll
-            for (int m = 0; m < 17; m++)
-                if (m < (int)halves) stage_h[lane * halves + m] = out[m];
-        }
-        __syncwarp();
-        // Half-word j of the tile belongs to block j / halves; its address comes from that lane.
-        for (u32 it = 0; it < halves; it++) {
-            const u32 j = it * 32 + lane;
-            const u32 from = j / halves;
-            const u64 a = __shfl_sync(FULL_MASK, addr, from < 32 ? from : 31);
-            if (j < nb * halves) hbm_store_u16((u8 *)a + 2 * (j % halves), stage_h[j], odd);
-        }
-        __syncwarp();  // the stage is free for the next tile
     }
 }
 
-// Appends n_rows token rows to a cache tensor.
-//   src: n_rows * row_elems elements of src_type (F32 or F16), contiguous.
-//   dst: the tensor's base; row p starts at dst + p * dst_row_stride.
-//   positions: n_rows destination rows, or NULL for pos0, pos0 + 1, ...
-// Launched with HBM_THREADS threads per block; any grid (the loops are grid-stride).
-extern "C" __global__ void __launch_bounds__(HBM_THREADS)
-hbm_kv_append(const void *src, int src_type, void *dst, int dst_type, u64 dst_row_stride,
-              int row_elems, const int *positions, i64 pos0, int n_rows) {
-    __shared__ float4 stage[HBM_WARPS][HBM_STAGE];
-    if (dst_type == HBM_Q8_0 || dst_type == HBM_Q4_0) {
-        hbm_append_quant(src, src_type, (u8 *)dst, dst_type, dst_row_stride, (u32)row_elems,
-                         positions, pos0, (u64)n_rows, stage[threadIdx.x / 32]);
-    } else if (dst_type == HBM_F32 || dst_type == HBM_F16 || dst_type == HBM_BF16) {
-        hbm_append_plain(src, src_type, (u8 *)dst, dst_type, dst_row_stride, (u32)row_elems,
-                         positions, pos0, (u64)n_rows);
-    }
-}
-
-// Dequantizes from an F32, F16 or BF16 tensor: 8 elements per thread with 16-byte accesses
+// Dequantizes from an F32, F16 or BF16 tensor, the mirror of hbm_kv_append_plain: vector path
 // when rows are a multiple of 8 elements and source base, stride and destination are 16-byte
-// aligned; otherwise one element per thread.
-__device__ void hbm_dequantize_plain(const u8 *src, int src_type, u64 src_row_stride, i64 row0,
-                                     u64 n_rows, u32 row_elems, void *dst, int dst_type) {
-    const bool vec = row_elems % 8 == 0 && hbm_aligned16(src) && src_row_stride % 16 == 0 &&
-                     hbm_aligned16(dst);
-    const u32 per = vec ? 8 : 1;
-    const u32 units_per_row = row_elems / per;
-    const u64 total = n_rows * units_per_row;
-    const u64 step = (u64)gridDim.x * blockDim.x;
-    for (u64 u = (u64)blockIdx.x * blockDim.x + threadIdx.x; u < total; u += step) {
-        u64 r;
-        u32 k;
-        hbm_divmod(u, units_per_row, &r, &k);
-        const u64 e = (u64)k * per;
-        const u8 *row = src + (u64)(row0 + (i64)r) * src_row_stride;
-        const u64 i = r * row_elems + e;
-        if (vec) {
-            float x[8];
-            if (src_type == HBM_F32) {
-                hbm_load8(row, HBM_F32, e, x);
-            } else {
-                const uint4 v = *(const uint4 *)((const u16 *)row + e);
-                const u32 w[4] = {v.x, v.y, v.z, v.w};
+// aligned; otherwise one element per thread and step.
+extern "C" __global__ void __launch_bounds__(HBM_THREADS, HBM_PLAIN_MIN_BLOCKS)
+hbm_kv_dequantize_plain(const void *src, int src_type, u64 src_row_stride, i64 row0, int n_rows,
+                        int row_elems, void *dst, int dst_type) {
+    const u32 n = (u32)row_elems;
+    const u32 ss = hbm_esize(src_type), ds = hbm_esize(dst_type);
+    const u8 *s = (const u8 *)src;
+    u8 *d = (u8 *)dst;
+    if (n % 8 == 0 && hbm_aligned16(src) && src_row_stride % 16 == 0 && hbm_aligned16(dst)) {
+        const u32 units_per_row = n / 4;
+        const u64 total = (u64)n_rows * units_per_row;
+        const u64 chunk = (u64)blockDim.x * HBM_UNITS;
+        for (u64 c = blockIdx.x * chunk; c < total; c += gridDim.x * chunk) {
+            const u64 u0 = c + threadIdx.x;
+            hbm_rowpos at = hbm_rowpos_at(u0, units_per_row, blockDim.x);
+            uint4 v[HBM_UNITS];
 #pragma unroll
-                for (int j = 0; j < 4; j++) {
-                    const u16 lo = (u16)(w[j] & 0xffffu), hi = (u16)(w[j] >> 16);
-                    x[2 * j] = src_type == HBM_F16 ? hbm_fp16_to_fp32(lo) : hbm_bf16_to_fp32(lo);
-                    x[2 * j + 1] =
-                        src_type == HBM_F16 ? hbm_fp16_to_fp32(hi) : hbm_bf16_to_fp32(hi);
+            for (int j = 0; j < HBM_UNITS; j++) {
+                const u64 u = u0 + (u64)j * blockDim.x;
+                if (j > 0) at.next();
+                if (u < total) {
+                    const u8 *row = s + (u64)(row0 + (i64)at.r) * src_row_stride;
+                    v[j] = hbm_load_unit(row + (u64)at.k * 4 * ss, src_type);
                 }
             }
-            hbm_store8((u8 *)dst, dst_type, i, x);
-        } else {
+#pragma unroll
+            for (int j = 0; j < HBM_UNITS; j++) {
+                const u64 u = u0 + (u64)j * blockDim.x;
+                if (u < total) {
+                    float x[4];
+                    hbm_unit_to_f32(v[j], src_type, x);
+                    hbm_store_unit(d + u * 4 * ds, dst_type, x);
+                }
+            }
+        }
+    } else {
+        const u64 total = (u64)n_rows * n;
+        for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+             i += (u64)gridDim.x * blockDim.x) {
+            u64 r;
+            u32 e;
+            hbm_divmod(i, n, &r, &e);
+            const u8 *row = s + (u64)(row0 + (i64)r) * src_row_stride;
             hbm_store1(dst, dst_type, i, hbm_load1(row, src_type, e));
         }
     }
 }
 
-// Dequantizes from a Q8_0 or Q4_0 tensor. Each warp takes tiles of 32 consecutive blocks: it
-// loads their bytes as half-words into shared memory (consecutive lanes, consecutive
-// addresses), each lane expands one block, and the warp writes the tile's 1024 outputs
-// (contiguous in dst) with 16-byte stores.
-__device__ void hbm_dequantize_quant(const u8 *src, int src_type, u64 src_row_stride, i64 row0,
-                                     u64 n_rows, u32 row_elems, void *dst, int dst_type,
-                                     float4 *stage) {
+// max.NaN: NaN when either operand is; the quantizers' fast paths see "no NaN, no infinity" in
+// one comparison of the result.
+__device__ __forceinline__ float hbm_max_nan(float a, float b) {
+#if __CUDA_ARCH__ >= 800
+    float r;
+    asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+#else
+    return (a != a || b != b) ? __uint_as_float(0x7fffffffu) : fmaxf(a, b);
+#endif
+}
+
+// Bytes 2..5 of the 8 bytes lo:hi (little-endian), i.e. the word two bytes further on.
+__device__ __forceinline__ u32 hbm_shift16(u32 lo, u32 hi) { return __byte_perm(lo, hi, 0x5432); }
+
+// The low bytes of four ints, packed little-endian.
+__device__ __forceinline__ u32 hbm_bytes4(u32 a, u32 b, u32 c, u32 e) {
+    return __byte_perm(__byte_perm(a, b, 0x0040), __byte_perm(c, e, 0x0040), 0x5410);
+}
+
+// The quantizers come in two steps. hbm_q*_fast_ok says whether the block allows the fast path
+// (no NaN, no infinity, a usable 1/d: always so for real data); the warp then takes the fast path
+// if all its lanes may, else the general one, so that lanes never diverge between the two.
+// Both give the bytes of ggml's reference; the general one follows it step for step.
+
+// C's (int8_t)roundf(v) & 0xff for any v: trunc(v + copysign(0.5, v)) with the addition rounded
+// toward zero is roundf(v) exactly (rounding toward zero never crosses the integer trunc returns;
+// |v| >= 2^23 is already an integer); the conversion then gives C's INT_MIN (low byte 0) for NaN
+// and below -2^31 itself, and only the saturation at 2^31 and above needs replacing. One
+// conversion where roundf and hbm_c_float_to_i8 take two and a dozen instructions.
+__device__ __forceinline__ u32 hbm_round_i8(float v) {
+    const float r = __fadd_rz(v, copysignf(0.5f, v));
+    return r >= 2147483648.0f ? 0u : (u32)__float2int_rz(r);
+}
+
+// The fast path's scale: amax is the plain maximum of |x|, which equals ggml's fold when the
+// block holds no NaN (max.NaN makes any NaN or infinity fail the test), and a finite 1/d keeps
+// every x*id within about +-127.
+// The maximum of |x[0..32]| by max.NaN, as a tree (5 dependent steps instead of 32).
+__device__ __forceinline__ float hbm_amax_nan(const float *x) {
+    float m[16];
+#pragma unroll
+    for (int i = 0; i < 16; i++) m[i] = hbm_max_nan(fabsf(x[2 * i]), fabsf(x[2 * i + 1]));
+#pragma unroll
+    for (int level = 0; level < 4; level++)
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+            if (i < (8 >> level)) m[i] = hbm_max_nan(m[2 * i], m[2 * i + 1]);
+    return hbm_max_nan(0.0f, m[0]);
+}
+
+__device__ __forceinline__ bool hbm_q8_0_fast_ok(const float *x, float *d, float *id) {
+    const float amax = hbm_amax_nan(x);
+    *d = __fdiv_rn(amax, 127.0f);
+    *id = hbm_inverse(*d);
+    return amax < __int_as_float(0x7f800000) && *id < __int_as_float(0x7f800000);
+}
+
+// Quantizes one Q8_0 block x[0..32] into its 34 bytes as 9 little-endian words (the last one
+// half used): the fp16 scale, then the 32 quants. d and id from hbm_q8_0_fast_ok when fast,
+// else recomputed with ggml's fold.
+template <bool fast>
+__device__ __forceinline__ void hbm_quantize_q8_0(const float *x, float d, float id, u32 *bw) {
+    if (!fast) {
+        // ggml folds amax = MAX(amax, |x_j|) with MAX(a, b) = a > b ? a : b, in element order: a
+        // NaN makes amax NaN and the next element replaces it. Same fold, same order.
+        float amax = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 32; j++) {
+            const float a = fabsf(x[j]);
+            amax = amax > a ? amax : a;
+        }
+        d = __fdiv_rn(amax, 127.0f);
+        id = hbm_inverse(d);
+    }
+    u32 qw[8];
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        u32 q[4];
+#pragma unroll
+        for (int m = 0; m < 4; m++) {
+            const float v = __fmul_rn(x[4 * i + m], id);
+            // Fast: |v| < 128, so the range check is not needed.
+            q[m] = fast ? (u32)__float2int_rz(__fadd_rz(v, copysignf(0.5f, v))) : hbm_round_i8(v);
+        }
+        qw[i] = hbm_bytes4(q[0], q[1], q[2], q[3]);
+    }
+    bw[0] = (u32)hbm_fp32_to_fp16(d) | (qw[0] << 16);
+#pragma unroll
+    for (int i = 1; i < 8; i++) bw[i] = hbm_shift16(qw[i - 1], qw[i]);
+    bw[8] = qw[7] >> 16;
+}
+
+// The fast path's scale for Q4_0: with no NaN and no infinity the largest magnitude is the plain
+// maximum of |x| and max the first element of that magnitude (a NaN can never win ggml's fold);
+// d zero or normal keeps |x*id| <= 8 up to rounding.
+__device__ __forceinline__ bool hbm_q4_0_fast_ok(const float *x, float *d, float *id) {
+    const float amax = hbm_amax_nan(x);
+    // The first element of magnitude amax, as a tree: each node keeps its left child if that
+    // one matches (then it is its range's first match), else its right child.
+    float c[16];
+#pragma unroll
+    for (int i = 0; i < 16; i++) c[i] = fabsf(x[2 * i]) == amax ? x[2 * i] : x[2 * i + 1];
+#pragma unroll
+    for (int level = 0; level < 4; level++)
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+            if (i < (8 >> level)) c[i] = fabsf(c[2 * i]) == amax ? c[2 * i] : c[2 * i + 1];
+    float max = c[0];
+    max = amax > 0.0f ? max : 0.0f;  // all zeros: ggml's max stays +0, whatever their signs
+    *d = __fdiv_rn(max, -8.0f);
+    *id = hbm_inverse(*d);
+    return amax < __int_as_float(0x7f800000) && (*d == 0.0f || fabsf(*d) >= 1.17549435e-38f);
+}
+
+// Quantizes one Q4_0 block into its 18 bytes as 5 little-endian words (the last one half used).
+// Fast: x*id + 8.5f lies in [0, 17), (int8_t) of it is its floor, which adding 2^23 rounded
+// toward zero leaves in the low bits, and MIN(15, .) works on those bits. General: the
+// reference's steps.
+template <bool fast>
+__device__ __forceinline__ void hbm_quantize_q4_0(const float *x, float d, float id, u32 *bw) {
+    if (!fast) {
+        // max is the first element of the largest magnitude, with its sign; a NaN never wins.
+        float amax = 0.0f, max = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 32; j++) {
+            const float a = fabsf(x[j]);
+            if (amax < a) {
+                amax = a;
+                max = x[j];
+            }
+        }
+        d = __fdiv_rn(max, -8.0f);
+        id = hbm_inverse(d);
+    }
+    u32 qw[4];
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        u32 q[4];
+#pragma unroll
+        for (int m = 0; m < 4; m++) {
+            const int j = 4 * i + m;
+            const float lo = __fadd_rn(__fmul_rn(x[j], id), 8.5f);
+            const float hi = __fadd_rn(__fmul_rn(x[j + 16], id), 8.5f);
+            if (fast) {
+                // 2^23 + floor(t), then MIN(15, .) on the bits (both sides are 2^23 + n).
+                const u32 a = min(__float_as_uint(__fadd_rz(lo, 8388608.0f)), 0x4b00000fu);
+                const u32 b = min(__float_as_uint(__fadd_rz(hi, 8388608.0f)), 0x4b00000fu);
+                q[m] = (a & 0xfu) | ((b & 0xfu) << 4);
+            } else {
+                // MIN(15, (int8_t)t) as int, stored as uint8_t.
+                int l = hbm_c_float_to_i8(lo), h = hbm_c_float_to_i8(hi);
+                l = l < 15 ? l : 15;
+                h = h < 15 ? h : 15;
+                q[m] = (((u32)l & 0xffu) | (((u32)h & 0xffu) << 4)) & 0xffu;
+            }
+        }
+        qw[i] = hbm_bytes4(q[0], q[1], q[2], q[3]);
+    }
+    bw[0] = (u32)hbm_fp32_to_fp16(d) | (qw[0] << 16);
+#pragma unroll
+    for (int i = 1; i < 4; i++) bw[i] = hbm_shift16(qw[i - 1], qw[i]);
+    bw[4] = qw[3] >> 16;
+}
+
+// Bytes per quantized block, and 4-byte words covering one.
+template <int QT> struct hbm_quant {
+    static const u32 bytes = QT == HBM_Q8_0 ? 34 : 18;
+    static const int words = QT == HBM_Q8_0 ? 9 : 5;
+};
+
+// Where each lane's block sits in the stage, grouped in segments (runs of blocks of one row,
+// contiguous in the tensor). Lane `lane` (< nb valid) has its block at tensor address `addr`,
+// `k` blocks into its row. Returns the lane's stage byte offset; *starts gets the lanes that
+// begin a segment. A segment is staged contiguously at the tensor's address modulo 4, 4 bytes
+// after the previous one at most, so that the warp can move its body as aligned words.
+__device__ __forceinline__ u32 hbm_segments(u32 bytes, u64 addr, u32 k, int lane, u32 nb,
+                                            u32 *starts) {
+    const u32 s = __ballot_sync(FULL_MASK, (u32)lane < nb && (lane == 0 || k == 0));
+    *starts = s;
+    const u32 seg = __popc(s & (FULL_MASK >> (31 - lane))) - 1;
+    return bytes * lane + 4 * seg + ((u32)(addr - (u64)bytes * lane) & 3u);
+}
+
+// 16 bytes global -> shared without passing through registers (cp.async, sm_80 and later):
+// the next tile's source loads stay in flight while the warp quantizes the current one.
+__device__ __forceinline__ void hbm_cp_async16(void *smem, const void *gmem) {
+#if __CUDA_ARCH__ >= 800
+    u64 s;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(s) : "l"(smem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"((u32)s), "l"(gmem) : "memory");
+#else
+    *(uint4 *)smem = *(const uint4 *)gmem;
+#endif
+}
+
+// 4 bytes global -> shared, the same way (cp.async.ca: 4-byte copies bypass no cache level).
+__device__ __forceinline__ void hbm_cp_async4(void *smem, const void *gmem) {
+#if __CUDA_ARCH__ >= 800
+    u64 s;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(s) : "l"(smem));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"((u32)s), "l"(gmem) : "memory");
+#else
+    *(u32 *)smem = *(const u32 *)gmem;
+#endif
+}
+
+__device__ __forceinline__ void hbm_cp_async_commit() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+
+// Waits for all but the newest group of this thread's copies.
+__device__ __forceinline__ void hbm_cp_async_wait_prior() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group 1;" ::: "memory");
+#endif
+}
+
+// The warp copies every segment between the stage (byte offsets from hbm_segments) and the
+// tensor: to the tensor when `store`, else from it. Bodies go as aligned words, up to `words`
+// per lane in flight at once (loads with cp.async when `async`: the caller waits); the at
+// most 3 bytes at each end one by one.
+template <bool store, int words, bool async = false>
+__device__ __forceinline__ void hbm_copy_segments(u8 *stage, u32 bytes, u64 addr, u32 off,
+                                                  u32 starts, u32 nb, int lane) {
+    while (starts) {
+        const u32 js = __ffs(starts) - 1;
+        starts &= starts - 1;
+        const u32 je = starts ? __ffs(starts) - 1 : nb;
+        const u64 a = __shfl_sync(FULL_MASK, addr, js);
+        const u32 o = __shfl_sync(FULL_MASK, off, js);
+        const u32 len = (je - js) * bytes;  // >= 18: longer than head and tail
+        const u32 head = (u32)(0 - a) & 3u;
+        const u32 nw = (len - head) / 4, tail = (len - head) & 3u;
+        u8 *g = (u8 *)a;
+        u8 *sh = stage + o;
+        if ((u32)lane < head) {
+            if (store) g[lane] = sh[lane];
+            else sh[lane] = g[lane];
+        }
+        const u32 te = head + 4 * nw + lane;
+        if ((u32)lane < tail) {
+            if (store) g[te] = sh[te];
+            else sh[te] = g[te];
+        }
+        u32 *gw = (u32 *)(g + head);
+        u32 *sw = (u32 *)(sh + head);
+        if (!store && async) {
+            for (u32 i = lane; i < nw; i += 32) hbm_cp_async4(sw + i, gw + i);
+        } else {
+            for (u32 i0 = 0; i0 < nw; i0 += 32 * words) {
+                u32 v[words];
+#pragma unroll
+                for (int m = 0; m < words; m++) {
+                    const u32 i = i0 + 32 * m + lane;
+                    if (i < nw) v[m] = store ? sw[i] : gw[i];
+                }
+#pragma unroll
+                for (int m = 0; m < words; m++) {
+                    const u32 i = i0 + 32 * m + lane;
+                    if (i < nw) {
+                        if (store) gw[i] = v[m];
+                        else sw[i] = v[m];
+                    }
+                }
+            }
+        }
+    }
+}
+
+// Starts copying a tile's source (16-byte aligned) into the stage: F32 as floats, block q at
+// stage[q * 9]; F16 as F16, block q at stage[q * 5] (the lanes convert). Element order kept.
+__device__ __forceinline__ void hbm_stage_source(const void *src, bool f16, u64 b0, u32 nb,
+                                                 int lane, float4 *stage) {
+    if (!f16) {
+        const float4 *s = (const float4 *)src + b0 * 8;
+#pragma unroll
+        for (int it = 0; it < 8; it++) {
+            const u32 j = it * 32 + lane;
+            if (j < nb * 8) hbm_cp_async16(stage + (j / 8) * 9 + j % 8, s + j);
+        }
+    } else {
+        const uint4 *s = (const uint4 *)src + b0 * 4;
+#pragma unroll
+        for (int it = 0; it < 4; it++) {
+            const u32 j = it * 32 + lane;
+            if (j < nb * 4) hbm_cp_async16(stage + (j / 4) * 5 + j % 4, s + j);
+        }
+    }
+}
+
+// Quantizes the staged tile of blocks b0 .. b0 + nb (hbm_stage_source's layout, or floats at
+// stage[q * 9] when !f16) and stores it: each lane quantizes its block, writes its bytes into the
+// stage (hbm_segments' layout), and the warp stores the segments. Leaves the stage free.
+template <int QT>
+__device__ __forceinline__ void hbm_quantize_tile(bool f16, u64 b0, u32 nb, int lane, u32 bpr,
+                                                  u8 *dst, u64 dst_row_stride,
+                                                  const int *positions, i64 pos0,
+                                                  float4 *stage) {
+    const u32 bytes = hbm_quant<QT>::bytes;
+    uint4 *stage_q = (uint4 *)stage;
+    u8 *stage_b = (u8 *)stage;
+    // Lane i quantizes block b0 + i and finds where it goes.
+    float x[32];
+    if ((u32)lane < nb) {
+        if (f16) {
+#pragma unroll
+            for (int m = 0; m < 4; m++) hbm_f16x8_to_f32(stage_q[lane * 5 + m], x + 8 * m);
+        } else {
+#pragma unroll
+            for (int m = 0; m < 8; m++) {
+                const float4 v = stage[lane * 9 + m];
+                x[4 * m] = v.x; x[4 * m + 1] = v.y; x[4 * m + 2] = v.z; x[4 * m + 3] = v.w;
+            }
+        }
+    }
+    float d = 0.0f, id = 0.0f;
+    bool ok = true;
+    if ((u32)lane < nb)
+        ok = QT == HBM_Q8_0 ? hbm_q8_0_fast_ok(x, &d, &id) : hbm_q4_0_fast_ok(x, &d, &id);
+    const bool fast = __all_sync(FULL_MASK, ok);
+    u32 bw[hbm_quant<QT>::words];
+    u64 addr = 0;
+    u32 k = 0;
+    if ((u32)lane < nb) {
+        // Two instantiations: the fast loop carries nothing of the general one.
+        if (QT == HBM_Q8_0 && fast) hbm_quantize_q8_0<true>(x, d, id, bw);
+        else if (QT == HBM_Q8_0) hbm_quantize_q8_0<false>(x, d, id, bw);
+        else if (fast) hbm_quantize_q4_0<true>(x, d, id, bw);
+        else hbm_quantize_q4_0<false>(x, d, id, bw);
+        u64 r;
+        hbm_divmod(b0 + lane, bpr, &r, &k);
+        const i64 p = positions ? (i64)positions[r] : pos0 + (i64)r;
+        addr = (u64)dst + (u64)p * dst_row_stride + (u64)k * bytes;
+    }
+    u32 starts;
+    const u32 off = hbm_segments(bytes, addr, k, lane, nb, &starts);
+    __syncwarp();  // every lane has read its floats before the bytes overwrite them
+    if ((u32)lane < nb) {
+        u8 *o = stage_b + off;
+        if ((off & 3u) == 0) {
+#pragma unroll
+            for (int i = 0; i < (int)bytes / 4; i++) ((u32 *)o)[i] = bw[i];
+            *(u16 *)(o + bytes - 2) = (u16)bw[bytes / 4];
+        } else if ((off & 1u) == 0) {
+            *(u16 *)o = (u16)bw[0];
+#pragma unroll
+            for (int i = 0; i < (int)bytes / 4; i++)
+                ((u32 *)(o + 2))[i] = hbm_shift16(bw[i], bw[i + 1]);
+        } else {
+#pragma unroll
+            for (u32 i = 0; i < bytes; i++) o[i] = (u8)(bw[i / 4] >> (8 * (i % 4)));
+        }
+    }
+    __syncwarp();
+    hbm_copy_segments<true, hbm_quant<QT>::words>(stage_b, bytes, addr, off, starts, nb, lane);
+    __syncwarp();  // the stage is free for the next tile
+}
+
+// Appends to a Q8_0 or Q4_0 tensor (QT), a tile of 32 blocks (1024 source elements, contiguous
+// in src even across rows) per warp and step. With a 16-byte aligned source each warp has two
+// stages: the next tile's source is copied into one (cp.async) while it quantizes from the other.
+template <int QT>
+__device__ __forceinline__ void hbm_append_quant(const void *src, int src_type, u8 *dst,
+                                                 u64 dst_row_stride, u32 row_elems,
+                                                 const int *positions, i64 pos0, u64 n_rows,
+                                                 float4 *stage0, float4 *stage1) {
     const int lane = threadIdx.x & 31;
     const u32 bpr = row_elems / 32;
-    const u32 halves = src_type == HBM_Q8_0 ? 17 : 9;
     const u64 nblocks = n_rows * bpr;
     const u64 ntiles = (nblocks + 31) / 32;
     const u64 warp = ((u64)blockIdx.x * blockDim.x + threadIdx.x) / 32;
     const u64 nwarps = (u64)gridDim.x * blockDim.x / 32;
-    const bool vec = hbm_aligned16(dst);
-    const bool odd = ((u64)src & 1u) != 0;
-    float *stage_f = (float *)stage;
-    u16 *stage_h = (u16 *)stage;
-    uint4 *stage_q = (uint4 *)stage;
-    for (u64 tile = warp; tile < ntiles; tile += nwarps) {
-        const u64 b0 = tile * 32;
-        const u32 nb = (u32)(nblocks - b0 < 32 ? nblocks - b0 : 32);
-        u64 addr = 0;
-        if ((u32)lane < nb) {
-            u64 r;
-            u32 k;
-            hbm_divmod(b0 + lane, bpr, &r, &k);
-            addr = (u64)src + (u64)(row0 + (i64)r) * src_row_stride + (u64)k * (halves * 2);
+    if (hbm_aligned16(src)) {
+        const bool f16 = src_type == HBM_F16;
+        float4 *cur = stage0, *next = stage1;
+        if (warp < ntiles) {
+            const u64 b0 = warp * 32;
+            hbm_stage_source(src, f16, b0, (u32)(nblocks - b0 < 32 ? nblocks - b0 : 32), lane,
+                             cur);
         }
-        for (u32 it = 0; it < halves; it++) {
-            const u32 j = it * 32 + lane;
-            const u32 from = j / halves;
-            const u64 a = __shfl_sync(FULL_MASK, addr, from < 32 ? from : 31);
-            if (j < nb * halves) stage_h[j] = hbm_load_u16((const u8 *)a + 2 * (j % halves), odd);
+        hbm_cp_async_commit();
+        for (u64 tile = warp; tile < ntiles; tile += nwarps) {
+            const u64 b0 = tile * 32;
+            const u32 nb = (u32)(nblocks - b0 < 32 ? nblocks - b0 : 32);
+            const u64 b1 = b0 + nwarps * 32;
+            if (b1 < nblocks)
+                hbm_stage_source(src, f16, b1, (u32)(nblocks - b1 < 32 ? nblocks - b1 : 32), lane,
+                                 next);
+            hbm_cp_async_commit();  // possibly empty: one group per step either way
+            hbm_cp_async_wait_prior();
+            __syncwarp();  // every lane's copies of this tile have landed
+            hbm_quantize_tile<QT>(f16, b0, nb, lane, bpr, dst, dst_row_stride, positions, pos0,
+                                  cur);
+            float4 *t = cur;
+            cur = next;
+            next = t;
         }
-        __syncwarp();
-        float v[32];
-        if ((u32)lane < nb) {
-            u16 in[17];
-#pragma unroll
-            for (int m = 0; m < 17; m++)
-                if (m < (int)halves) in[m] = stage_h[lane * halves + m];
-            const float d = hbm_fp16_to_fp32(in[0]);
-            if (src_type == HBM_Q8_0) {
-#pragma unroll
-                for (int j = 0; j < 32; j++) {
-                    const u32 q = (in[1 + j / 2] >> (8 * (j % 2))) & 0xffu;
-                    v[j] = __fmul_rn((float)(signed char)q, d);
-                }
-            } else {
-#pragma unroll
-                for (int j = 0; j < 16; j++) {
-                    const u32 byte = (in[1 + j / 2] >> (8 * (j % 2))) & 0xffu;
-                    v[j] = __fmul_rn((float)((int)(byte & 0x0fu) - 8), d);
-                    v[j + 16] = __fmul_rn((float)((int)(byte >> 4) - 8), d);
-                }
-            }
-        }
-        __syncwarp();  // every lane has read its bytes before the outputs overwrite them
-        if ((u32)lane < nb) {
-            if (dst_type == HBM_F16) {
-                // 32 halves = 4 uint4, blocks 5 uint4 apart (bank-conflict padding).
-#pragma unroll
-                for (int m = 0; m < 4; m++) {
-                    u32 w[4];
-#pragma unroll
-                    for (int n = 0; n < 4; n++)
-                        w[n] = hbm_pack2(hbm_fp32_to_fp16(v[8 * m + 2 * n]),
-                                         hbm_fp32_to_fp16(v[8 * m + 2 * n + 1]));
-                    stage_q[lane * 5 + m] = make_uint4(w[0], w[1], w[2], w[3]);
-                }
-            } else {
-#pragma unroll
-                for (int m = 0; m < 8; m++)
-                    stage[lane * 9 + m] =
-                        make_float4(v[4 * m], v[4 * m + 1], v[4 * m + 2], v[4 * m + 3]);
-            }
-        }
-        __syncwarp();
-        // The tile's outputs are elements b0 * 32 .. (b0 + nb) * 32 of dst.
-        if (vec && dst_type == HBM_F16) {
-            uint4 *d = (uint4 *)dst + b0 * 4;
-            for (u32 j = lane; j < nb * 4; j += 32) d[j] = stage_q[(j / 4) * 5 + j % 4];
-        } else if (vec) {
-            float4 *d = (float4 *)dst + b0 * 8;
-            for (u32 j = lane; j < nb * 8; j += 32) d[j] = stage[(j / 8) * 9 + j % 8];
-        } else if (dst_type == HBM_F16) {
-            const u16 *h = (const u16 *)stage_q;
+    } else {
+        float *stage_f = (float *)stage0;
+        for (u64 tile = warp; tile < ntiles; tile += nwarps) {
+            const u64 b0 = tile * 32;
+            const u32 nb = (u32)(nblocks - b0 < 32 ? nblocks - b0 : 32);
             for (u32 j = lane; j < nb * 32; j += 32)
-                ((u16 *)dst)[b0 * 32 + j] = h[(j / 32) * 40 + j % 32];
-        } else {
-            for (u32 j = lane; j < nb * 32; j += 32)
-                ((float *)dst)[b0 * 32 + j] = stage_f[(j / 32) * 36 + j % 32];
+                stage_f[(j / 32) * 36 + j % 32] = hbm_load1(src, src_type, b0 * 32 + j);
+            __syncwarp();
+            hbm_quantize_tile<QT>(false, b0, nb, lane, bpr, dst, dst_row_stride, positions, pos0,
+                                  stage0);
         }
-        __syncwarp();  // the stage is free for the next tile
     }
 }
 
-// Dequantizes rows row0 .. row0 + n_rows of a cache tensor into dst (dst_type F32 or F16),
-// row_elems elements per row, contiguous. Launched like hbm_kv_append.
-extern "C" __global__ void __launch_bounds__(HBM_THREADS)
-hbm_kv_dequantize(const void *src, int src_type, u64 src_row_stride, i64 row0, int n_rows,
-                  int row_elems, void *dst, int dst_type) {
-    __shared__ float4 stage[HBM_WARPS][HBM_STAGE];
-    if (src_type == HBM_Q8_0 || src_type == HBM_Q4_0) {
-        hbm_dequantize_quant((const u8 *)src, src_type, src_row_stride, row0, (u64)n_rows,
-                             (u32)row_elems, dst, dst_type, stage[threadIdx.x / 32]);
-    } else if (src_type == HBM_F32 || src_type == HBM_F16 || src_type == HBM_BF16) {
-        hbm_dequantize_plain((const u8 *)src, src_type, src_row_stride, row0, (u64)n_rows,
-                             (u32)row_elems, dst, dst_type);
+// Starts loading the quantized bytes of the tile of blocks b0 .. b0 + nb into the stage with
+// cp.async; returns this lane's stage offset (hbm_segments).
+template <int QT>
+__device__ __forceinline__ u32 hbm_dequantize_fetch(const u8 *src, u64 src_row_stride, i64 row0,
+                                                    u32 bpr, u64 b0, u32 nb, int lane,
+                                                    float4 *stage) {
+    const u32 bytes = hbm_quant<QT>::bytes;
+    u64 addr = 0;
+    u32 k = 0;
+    if ((u32)lane < nb) {
+        u64 r;
+        hbm_divmod(b0 + lane, bpr, &r, &k);
+        addr = (u64)src + (u64)(row0 + (i64)r) * src_row_stride + (u64)k * bytes;
+    }
+    u32 starts;
+    const u32 off = hbm_segments(bytes, addr, k, lane, nb, &starts);
+    hbm_copy_segments<false, hbm_quant<QT>::words, true>((u8 *)stage, bytes, addr, off, starts,
+                                                         nb, lane);
+    return off;
+}
+
+// Expands the staged tile of blocks b0 .. b0 + nb (lane's block at byte `off`) and writes its
+// 1024 outputs (contiguous in dst) with 16-byte stores when dst allows. Leaves the stage free.
+template <int QT>
+__device__ __forceinline__ void hbm_dequantize_tile(u64 b0, u32 nb, u32 off, int lane, void *dst,
+                                                    int dst_type, float4 *stage) {
+    const bool vec = hbm_aligned16(dst);
+    float *stage_f = (float *)stage;
+    const u32 *stage_w = (const u32 *)stage;
+    uint4 *stage_q = (uint4 *)stage;
+    float v[32];
+    if ((u32)lane < nb) {
+        // The block's bytes as aligned words b[], whatever off is modulo 4.
+        const int nw = hbm_quant<QT>::words;
+        u32 w[nw + 1], b[nw];
+#pragma unroll
+        for (int i = 0; i <= nw; i++) w[i] = stage_w[off / 4 + i];
+#pragma unroll
+        for (int i = 0; i < nw; i++) b[i] = __funnelshift_r(w[i], w[i + 1], 8 * (off & 3u));
+        const float d = hbm_fp16_to_fp32((u16)(b[0] & 0xffffu));
+        // A quant byte u becomes a float exactly: 0x4b0000uu is 2^23 + u, less 2^23 and the
+        // offset (128 for Q8_0's signed bytes, flipped to u = q + 128; 8 for Q4_0's nibbles).
+        if (QT == HBM_Q8_0) {
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                const u32 q = hbm_shift16(b[i], b[i + 1]) ^ 0x80808080u;
+#pragma unroll
+                for (int m = 0; m < 4; m++) {
+                    const float f = __uint_as_float(__byte_perm(q, 0x4b000000u, 0x7540 + m));
+                    v[4 * i + m] = __fmul_rn(__fsub_rn(f, 8388736.0f), d);
+                }
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const u32 q = hbm_shift16(b[i], b[i + 1]);
+                const u32 lo = q & 0x0f0f0f0fu, hi = (q >> 4) & 0x0f0f0f0fu;
+#pragma unroll
+                for (int m = 0; m < 4; m++) {
+                    const float fl = __uint_as_float(__byte_perm(lo, 0x4b000000u, 0x7540 + m));
+                    const float fh = __uint_as_float(__byte_perm(hi, 0x4b000000u, 0x7540 + m));
+                    v[4 * i + m] = __fmul_rn(__fsub_rn(fl, 8388616.0f), d);
+                    v[16 + 4 * i + m] = __fmul_rn(__fsub_rn(fh, 8388616.0f), d);
+                }
+            }
+        }
+    }
+    __syncwarp();  // every lane has read its bytes before the outputs overwrite them
+    if ((u32)lane < nb) {
+        if (dst_type == HBM_F16) {
+            // 32 halves = 4 uint4, blocks 5 uint4 apart (bank-conflict padding).
+#pragma unroll
+            for (int m = 0; m < 4; m++) stage_q[lane * 5 + m] = hbm_f32x8_to_f16(v + 8 * m);
+        } else {
+#pragma unroll
+            for (int m = 0; m < 8; m++)
+                stage[lane * 9 + m] =
+                    make_float4(v[4 * m], v[4 * m + 1], v[4 * m + 2], v[4 * m + 3]);
+        }
+    }
+    __syncwarp();
+    // The tile's outputs are elements b0 * 32 .. (b0 + nb) * 32 of dst.
+    if (vec && dst_type == HBM_F16) {
+        uint4 *d = (uint4 *)dst + b0 * 4;
+        for (u32 j = lane; j < nb * 4; j += 32) d[j] = stage_q[(j / 4) * 5 + j % 4];
+    } else if (vec) {
+        float4 *d = (float4 *)dst + b0 * 8;
+        for (u32 j = lane; j < nb * 8; j += 32) d[j] = stage[(j / 8) * 9 + j % 8];
+    } else if (dst_type == HBM_F16) {
+        const u16 *h = (const u16 *)stage_q;
+        for (u32 j = lane; j < nb * 32; j += 32)
+            ((u16 *)dst)[b0 * 32 + j] = h[(j / 32) * 40 + j % 32];
+    } else {
+        for (u32 j = lane; j < nb * 32; j += 32)
+            ((float *)dst)[b0 * 32 + j] = stage_f[(j / 32) * 36 + j % 32];
+    }
+    __syncwarp();  // the stage is free for the next tile
+}
+
+// Dequantizes from a Q8_0 or Q4_0 tensor (QT), a tile of 32 blocks per warp and step, with two
+// stages per warp: the next tile's bytes load (cp.async) while the warp expands the current one.
+template <int QT>
+__device__ __forceinline__ void hbm_dequantize_quant(const u8 *src, u64 src_row_stride, i64 row0,
+                                                     u64 n_rows, u32 row_elems, void *dst,
+                                                     int dst_type, float4 *stage0,
+                                                     float4 *stage1) {
+    const int lane = threadIdx.x & 31;
+    const u32 bpr = row_elems / 32;
+    const u64 nblocks = n_rows * bpr;
+    const u64 ntiles = (nblocks + 31) / 32;
+    const u64 warp = ((u64)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    const u64 nwarps = (u64)gridDim.x * blockDim.x / 32;
+    float4 *cur = stage0, *next = stage1;
+    u32 off = 0;
+    if (warp < ntiles) {
+        const u64 b0 = warp * 32;
+        off = hbm_dequantize_fetch<QT>(src, src_row_stride, row0, bpr, b0,
+                                       (u32)(nblocks - b0 < 32 ? nblocks - b0 : 32), lane, cur);
+    }
+    hbm_cp_async_commit();
+    for (u64 tile = warp; tile < ntiles; tile += nwarps) {
+        const u64 b0 = tile * 32;
+        const u32 nb = (u32)(nblocks - b0 < 32 ? nblocks - b0 : 32);
+        const u64 b1 = b0 + nwarps * 32;
+        u32 off1 = 0;
+        if (b1 < nblocks)
+            off1 = hbm_dequantize_fetch<QT>(src, src_row_stride, row0, bpr, b1,
+                                            (u32)(nblocks - b1 < 32 ? nblocks - b1 : 32), lane,
+                                            next);
+        hbm_cp_async_commit();  // possibly empty: one group per step either way
+        hbm_cp_async_wait_prior();
+        __syncwarp();  // every lane's copies (and single bytes) of this tile have landed
+        hbm_dequantize_tile<QT>(b0, nb, off, lane, dst, dst_type, cur);
+        off = off1;
+        float4 *t = cur;
+        cur = next;
+        next = t;
     }
 }
+
+// Entry points. Appends n_rows token rows to a cache tensor:
+//   src: n_rows * row_elems elements of src_type (F32 or F16), contiguous.
+//   dst: the tensor's base; row p starts at dst + p * dst_row_stride.
+//   positions: n_rows destination rows, or NULL for pos0, pos0 + 1, ...
+// Dequantizes rows row0 .. row0 + n_rows of a cache tensor into dst (dst_type F32 or F16),
+// row_elems elements per row, contiguous. The tensor's type is the kernel's (dst_type of the
+// appends and src_type of the dequantizes are passed for the plain kernels, and checked by the
+// quantized ones). Launched with HBM_THREADS threads per block; any grid.
+#define HBM_APPEND_QUANT(name, QT)                                                          \
+    extern "C" __global__ void __launch_bounds__(HBM_QUANT_THREADS,                  \
+                                                 HBM_APPEND_QUANT_MIN_BLOCKS)               \
+    name(const void *src, int src_type, void *dst, int dst_type, u64 dst_row_stride,      \
+         int row_elems, const int *positions, i64 pos0, int n_rows) {                     \
+        __shared__ float4 stage[HBM_QUANT_THREADS / 32][2][HBM_STAGE];             \
+        if (dst_type != QT) return;                                                        \
+        hbm_append_quant<QT>(src, src_type, (u8 *)dst, dst_row_stride, (u32)row_elems,    \
+                             positions, pos0, (u64)n_rows, stage[threadIdx.x / 32][0],    \
+                             stage[threadIdx.x / 32][1]);                                 \
+    }
+HBM_APPEND_QUANT(hbm_kv_append_q8_0, HBM_Q8_0)
+HBM_APPEND_QUANT(hbm_kv_append_q4_0, HBM_Q4_0)
+
+#define HBM_DEQUANTIZE_QUANT(name, QT)                                                            \
+    extern "C" __global__ void __launch_bounds__(HBM_QUANT_THREADS, HBM_DEQUANTIZE_QUANT_MIN_BLOCKS)             \
+    name(const void *src, int src_type, u64 src_row_stride, i64 row0, int n_rows,               \
+         int row_elems, void *dst, int dst_type) {                                               \
+        __shared__ float4 stage[HBM_QUANT_THREADS / 32][2][HBM_STAGE];                           \
+        if (src_type != QT) return;                                                              \
+        hbm_dequantize_quant<QT>((const u8 *)src, src_row_stride, row0, (u64)n_rows,            \
+                                 (u32)row_elems, dst, dst_type, stage[threadIdx.x / 32][0],     \
+                                 stage[threadIdx.x / 32][1]);                                   \
+    }
+HBM_DEQUANTIZE_QUANT(hbm_kv_dequantize_q8_0, HBM_Q8_0)
+HBM_DEQUANTIZE_QUANT(hbm_kv_dequantize_q4_0, HBM_Q4_0)

@@ -14,8 +14,20 @@ use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use once_cell::sync::OnceCell;
 use std::ffi::{c_void, CString};
 
-/// KV cache kernels: `hbm_kv_append` and `hbm_kv_dequantize`.
+/// KV cache kernels: `hbm_kv_append_*` and `hbm_kv_dequantize_*`, one of each per kind of cache
+/// type (`KV_ENTRIES`).
 pub const KV_QUANT_CU: &str = include_str!("../kernels/kv_quant.cu");
+
+/// The entry points of `kernels/kv_quant.cu`: appends, then dequantizes, each for F32/F16/BF16
+/// tensors, Q8_0 and Q4_0.
+pub const KV_ENTRIES: [&str; 6] = [
+    "hbm_kv_append_plain",
+    "hbm_kv_append_q8_0",
+    "hbm_kv_append_q4_0",
+    "hbm_kv_dequantize_plain",
+    "hbm_kv_dequantize_q8_0",
+    "hbm_kv_dequantize_q4_0",
+];
 
 /// Every kernel source, by file name.
 pub const SOURCES: &[(&str, &str)] = &[("kv_quant.cu", KV_QUANT_CU)];
@@ -29,23 +41,49 @@ const NVRTC_OPTIONS: [&str; 4] = [
     "--prec-sqrt=true",
 ];
 
-/// Threads per block of every launch: `HBM_THREADS` in `kernels/kv_quant.cu`, whose shared
-/// staging has room for exactly this many warps.
+/// Threads per block of the F32/F16/BF16 kernels: `HBM_THREADS` in `kernels/kv_quant.cu`.
 const BLOCK_THREADS: u32 = 256;
+
+/// Threads per block of the Q8_0/Q4_0 kernels: `HBM_QUANT_THREADS`, whose shared staging (two
+/// stages per warp, within the 48 KiB of static shared memory) has room for exactly this many
+/// warps.
+const QUANT_THREADS: u32 = 128;
+
+/// Threads per block of the kernels for tensors of type `ty`.
+fn block_threads(ty: HbmType) -> u32 {
+    if ty.is_quantized() {
+        QUANT_THREADS
+    } else {
+        BLOCK_THREADS
+    }
+}
 
 /// Most blocks per launch; the kernels loop grid-stride over the rest.
 const MAX_GRID: u64 = 1 << 16;
 
+/// Units of 4 elements each thread of the F32/F16/BF16 kernels moves per pass: `HBM_UNITS` in
+/// `kernels/kv_quant.cu`.
+const PLAIN_UNITS: u64 = 8;
+
 /// Threads a launch needs for `n_rows` rows of `row_elems` elements of the cache type `ty`: one
-/// per 32-element block for Q8_0/Q4_0, one per 8 elements otherwise (the kernels' vector path;
-/// their one-element fallback loops over the same grid). The grid only sets speed: every loop
-/// in the kernels is grid-stride.
+/// per 32-element block for Q8_0/Q4_0 (a warp per tile of 32 blocks), one per `PLAIN_UNITS`
+/// units of 4 elements otherwise (the kernels' vector path; their one-element fallback loops
+/// over the same grid). The grid only sets speed: every loop in the kernels is grid-stride.
 fn threads_for(ty: HbmType, row_elems: u32, n_rows: u32) -> u64 {
     let elems = n_rows as u64 * row_elems as u64;
     if ty.is_quantized() {
         elems / 32
     } else {
-        elems.div_ceil(8)
+        elems.div_ceil(4 * PLAIN_UNITS)
+    }
+}
+
+/// Index in `KV_ENTRIES` (less 3 for the dequantizes) of the kernel for tensors of type `ty`.
+fn kind(ty: HbmType) -> usize {
+    match ty {
+        HbmType::Q8_0 => 1,
+        HbmType::Q4_0 => 2,
+        _ => 0,
     }
 }
 
@@ -103,8 +141,8 @@ fn check(call: &'static str, rc: cu::CUresult) -> Result<()> {
 /// The KV kernels loaded into one device's context.
 pub struct KvKernels {
     module: cu::CUmodule,
-    append: cu::CUfunction,
-    dequantize: cu::CUfunction,
+    /// `KV_ENTRIES`, in order.
+    functions: [cu::CUfunction; 6],
 }
 
 // SAFETY: module and function handles are plain driver handles, valid from any thread while
@@ -136,18 +174,19 @@ impl KvKernels {
             })
             .map(|_| f)
         };
-        match (get(c"hbm_kv_append"), get(c"hbm_kv_dequantize")) {
-            (Ok(append), Ok(dequantize)) => Ok(KvKernels {
-                module,
-                append,
-                dequantize,
-            }),
-            (Err(e), _) | (_, Err(e)) => {
-                // SAFETY: the module is ours and nothing uses it yet.
-                unsafe { cu::cuModuleUnload(module) };
-                Err(e)
+        let mut functions = [std::ptr::null_mut(); 6];
+        for (f, name) in functions.iter_mut().zip(KV_ENTRIES) {
+            let name = CString::new(name).expect("entry names hold no NUL");
+            match get(&name) {
+                Ok(g) => *f = g,
+                Err(e) => {
+                    // SAFETY: the module is ours and nothing uses it yet.
+                    unsafe { cu::cuModuleUnload(module) };
+                    return Err(e);
+                }
             }
         }
+        Ok(KvKernels { module, functions })
     }
 
     /// The kernels for `device`, compiled for the virtual architecture `arch()` gives
@@ -173,13 +212,14 @@ impl KvKernels {
         &self,
         f: cu::CUfunction,
         threads: u64,
+        block: u32,
         args: &mut [*mut c_void],
         stream: Stream,
     ) -> Result<()> {
         if threads == 0 {
             return Ok(());
         }
-        let grid = threads.div_ceil(BLOCK_THREADS as u64).min(MAX_GRID) as u32;
+        let grid = threads.div_ceil(block as u64).min(MAX_GRID) as u32;
         // SAFETY: `f` belongs to this module; `args` points at values of the kernel's parameter
         // types, in order, alive for the call; the stream is the caller's.
         check("cuLaunchKernel", unsafe {
@@ -188,7 +228,7 @@ impl KvKernels {
                 grid,
                 1,
                 1,
-                BLOCK_THREADS,
+                block,
                 1,
                 1,
                 0,
@@ -237,8 +277,9 @@ impl KvKernels {
             arg(&mut rows),
         ];
         self.launch(
-            self.append,
+            self.functions[kind(dst_type)],
             threads_for(dst_type, row_elems, n_rows),
+            block_threads(dst_type),
             &mut args,
             stream,
         )
@@ -278,8 +319,9 @@ impl KvKernels {
             arg(&mut dt),
         ];
         self.launch(
-            self.dequantize,
+            self.functions[3 + kind(src_type)],
             threads_for(src_type, row_elems, n_rows),
+            block_threads(src_type),
             &mut args,
             stream,
         )

@@ -4,7 +4,7 @@
 //! puts its library on `LD_LIBRARY_PATH`. Without NVRTC this test fails, unless `HBM_SKIP_NVRTC=1`
 //! says on purpose that this machine cannot compile kernels: CI must not skip silently.
 
-use hbmalloc::kernels::{compile, nvrtc_available, SOURCES};
+use hbmalloc::kernels::{compile, nvrtc_available, KV_ENTRIES, SOURCES};
 
 fn nvrtc_or_skip() -> bool {
     if nvrtc_available() {
@@ -47,7 +47,7 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
             let ptx = compile(name, src, arch).unwrap_or_else(|log| panic!("{log}"));
             let target = format!(".target sm_{}", &arch["compute_".len()..]);
             assert!(ptx.contains(&target), "{name} {arch}: PTX lacks {target}");
-            for entry in ["hbm_kv_append", "hbm_kv_dequantize"] {
+            for entry in KV_ENTRIES {
                 assert!(
                     ptx.contains(&format!(".entry {entry}(")),
                     "{name} {arch}: no {entry}"
