@@ -1,12 +1,12 @@
 //! The `Tracker`: the registry of live allocations.
 //!
 //! Cost (BENCHMARKS.md): one insert and one remove in the `LiveTable` per alloc+free (a
-//! compare-and-swap and a store each), a plain load of the checkpoint epoch, one coarse clock read
-//! (on the allocation), and a best-effort push into this thread's shard of the recently-freed ring.
-//! With backtraces, a frame-pointer walk and a per-thread interning cache hit on each side. No
-//! global lock and no read-modify-write of a shared atomic: the live table's slots, the stack
-//! table's shards and the freed ring's shards are touched only by the threads whose addresses or
-//! stacks they hold, and the epoch is only written by `checkpoint`.
+//! compare-and-swap and a store each; the free leaves the record in place, marked freed, for a
+//! later double free's diagnostic), a plain load of the checkpoint epoch and one coarse clock
+//! read (on the allocation). With backtraces, a frame-pointer walk and a per-thread interning
+//! cache hit on each side. No global lock and no read-modify-write of a shared atomic: the live
+//! table's lines are touched only by the threads whose addresses they hold, the stack table is
+//! sharded, and the epoch is only written by `checkpoint`.
 
 use super::capture::{self, ReentryGuard};
 use super::freed::{BadFree, FreedRecord};
