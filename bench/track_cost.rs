@@ -1,5 +1,5 @@
 //! Cost of allocation tracking: `cargo bench --bench track_cost` (release profile, frame pointers
-//! from .cargo/config.toml). Prints ns per operation; figures are kept in bench/BENCHMARKS.md.
+//! from .cargo/config.toml). Prints ns per operation; figures are kept in BENCHMARKS.md.
 //!
 //! - capture: one stack capture at a depth of about 20 frames, frame-pointer walk vs DWARF.
 //! - alloc+free: one `on_alloc` and one `on_free` of the same pointer, with 10,000 other blocks
@@ -7,7 +7,8 @@
 //!   is CPU time per pair: wall time x min(threads, cores) / pairs.
 
 use hbmalloc::track::capture::{capture, Unwinder};
-use hbmalloc::track::{Origin, Settings, Tracker};
+use hbmalloc::track::live_table::{FreeMark, LiveTable};
+use hbmalloc::track::{Live, Origin, Settings, StackId, Tracker};
 use std::hint::black_box;
 use std::time::Instant;
 
@@ -68,21 +69,36 @@ fn bench_pairs(settings: &Settings, threads: usize) -> f64 {
     wall * threads.min(cores) as f64 / (iters * threads) as f64
 }
 
-/// The floor: a bare sharded map insert + remove of a 48-byte record, as the registry does.
-fn bench_bare_map() -> f64 {
-    let map: dashmap::DashMap<usize, [u64; 6], hbmalloc::track::stacks::AddrBuildHasher> =
-        dashmap::DashMap::with_hasher(Default::default());
+/// The floor: a bare insert + remove in the registry's live table (10,000 others live), as the
+/// tracker does, without its clock read, epoch and thread ids.
+fn bench_bare_table() -> f64 {
+    let table = LiveTable::default();
+    let live = |size| Live {
+        size,
+        epoch: 0,
+        time_ns: 0,
+        stream: 0,
+        device: 0,
+        thread: 0,
+        stack: StackId::NONE,
+        origin: Origin::CudaMalloc,
+    };
     for i in 0..10_000usize {
-        map.insert(0x7000_0000_0000 + i * 512, [0; 6]);
+        table.insert(0x7000_0000_0000 + i * 512, live(512));
     }
+    let mark = FreeMark {
+        stack: StackId::NONE,
+        thread: 0,
+        time_ns: None,
+    };
     let iters = 400_000;
     (0..5)
         .map(|_| {
             let start = Instant::now();
             for i in 0..iters {
                 let ptr = (1usize << 40) + (i % 4096) * 256;
-                map.insert(ptr, [i as u64; 6]);
-                black_box(map.remove(&ptr));
+                table.insert(ptr, live(i as u64));
+                black_box(table.remove_with(ptr, |l| Some((l.size, mark))));
             }
             start.elapsed().as_nanos() as f64 / iters as f64
         })
@@ -105,8 +121,8 @@ fn main() {
     }
     println!("on_alloc + on_free (ns per pair, CPU time):");
     println!(
-        "  floor, bare dashmap insert + remove: {:.0} ns",
-        bench_bare_map()
+        "  floor, bare live-table insert + remove: {:.0} ns",
+        bench_bare_table()
     );
     let configs = [
         ("backtrace:off", false, Unwinder::FramePointer),
