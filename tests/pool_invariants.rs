@@ -247,6 +247,48 @@ fn blocks_a_thread_cache_hands_back_unsynchronized_wait_in_the_arena() {
 }
 
 #[test]
+fn a_thread_reuses_its_blocks_after_another_threads_synchronize() {
+    let (sim, pool) = pool(1 << 30, StreamSafety::Batched, 1 << 40);
+    let pool = Arc::new(pool);
+    let mine: Vec<usize> = (0..8).map(|_| pool.alloc(64 << 10).unwrap()).collect();
+    for p in &mine {
+        pool.free(*p).unwrap();
+    }
+    // An allocation that misses this thread's cache (another size) closes its epoch.
+    let extra = pool.alloc(128 << 10).unwrap();
+    let before = sim.sync_count();
+    {
+        // Another thread cycles enough blocks of its own to synchronize.
+        let pool = pool.clone();
+        std::thread::spawn(move || {
+            for _ in 0..3 {
+                let blocks: Vec<usize> = (0..300).map(|_| pool.alloc(64 << 10).unwrap()).collect();
+                for p in blocks {
+                    pool.free(p).unwrap();
+                }
+            }
+        })
+        .join()
+        .unwrap();
+    }
+    let after = sim.sync_count();
+    assert!(after > before, "the other thread synchronized");
+    // Blocks the arena refilled this thread's cache with come first; then its own.
+    let again: Vec<usize> = (0..8).map(|_| pool.alloc(64 << 10).unwrap()).collect();
+    pool.free(extra).unwrap();
+    assert!(
+        again.iter().any(|p| mine.contains(p)),
+        "the other thread's synchronize made this thread's blocks safe"
+    );
+    assert_eq!(
+        sim.sync_count(),
+        after,
+        "without a synchronize of this thread's own"
+    );
+    pool.check();
+}
+
+#[test]
 fn eager_mode_synchronizes_every_free_and_off_mode_never() {
     let (sim, pool) = pool(1 << 30, StreamSafety::Eager, 64 << 20);
     let a = pool.alloc(4096).unwrap();

@@ -344,7 +344,19 @@ impl CachingPool {
         // Enough blocks of this size wait in this thread's cache: one synchronize makes them all
         // reusable, which is cheaper than growing the arena by as many blocks again.
         if let Some(class) = cache_class(block) {
-            let waiting = self.shards[my_shard()].lock().waiting(class);
+            // Other threads' synchronizes may have made this thread's blocks safe already.
+            // The pool epoch is read under the shard's lock, after every free the shard holds
+            // (threads beyond N_SHARDS share shards).
+            let mut shard = self.shards[my_shard()].lock();
+            shard.credit(
+                self.epoch.load(Ordering::SeqCst),
+                self.completed.load(Ordering::Acquire),
+            );
+            if let Some(ptr) = shard.pop_safe(class) {
+                return Ok((ptr, true));
+            }
+            let waiting = shard.waiting(class);
+            drop(shard);
             let threshold = (block * SHARD_SYNC_BLOCKS)
                 .min(SHARD_SYNC_BYTES)
                 .max(block * 4);

@@ -8,9 +8,10 @@
 //!
 //! The epochs are the shard's own (see `CachingPool` for the pool-wide ones): a synchronize by
 //! the shard's thread starts a new shard epoch and completes the earlier ones. Synchronizes by
-//! other threads are not seen (they would make more blocks safe sooner; ignoring them is only
-//! conservative). Why not the pool's epoch: at 16 threads each thread's synchronize rewrote it,
-//! and every free and allocation on every core then missed on its cache line. A block leaving
+//! other threads count on the slow path only (`credit`): a shard epoch closed against the pool's
+//! epoch completes once the pool's completed epoch passes that mark. Why not the pool's epoch
+//! on the fast path: at 16 threads each thread's synchronize rewrote it, and every free and
+//! allocation on every core then missed on its cache line. A block leaving
 //! the shard for the arena gets a pool-wide stamp: `SAFE` if its shard epoch completed, else
 //! `UNSYNCED`, which the pool replaces by its current epoch (a later stamp than the free's is
 //! always conservative).
@@ -47,6 +48,9 @@ pub const SAFE: u64 = 0;
 /// An evicted block's stamp when its shard epoch has not completed: the pool stamps it anew.
 pub const UNSYNCED: u64 = u64::MAX;
 
+/// Closed shard epochs a shard remembers (see `Shard::credit`).
+const MAX_CLOSED: usize = 8;
+
 /// Counters a shard keeps under its own lock; the pool sums them for statistics.
 #[derive(Clone, Copy, Default, Debug)]
 pub struct ShardCounters {
@@ -64,6 +68,11 @@ pub struct Shard {
     /// The stamp of frees now; blocks stamped below `completed` are safe to hand out.
     epoch: u64,
     completed: u64,
+    /// Shard epochs closed against the pool's epoch on the slow path, oldest first: (shard epoch,
+    /// pool epoch when closed). Once the pool's completed epoch passes the latter, the former is
+    /// complete too: another thread's synchronize did it. At most `MAX_CLOSED`; a newer entry
+    /// covers every older one, so the oldest may be dropped.
+    closed: VecDeque<(u64, u64)>,
     pub cached_bytes: usize,
     pub counters: ShardCounters,
     /// Bytes freed into this shard in epoch `unsynced_epoch`: the part of its cache that a device
@@ -83,6 +92,7 @@ impl Shard {
             lists: Vec::new(),
             epoch: 1,
             completed: if trusting { u64::MAX } else { 1 },
+            closed: VecDeque::new(),
             cached_bytes: 0,
             counters: ShardCounters::default(),
             unsynced_epoch: 0,
@@ -101,6 +111,28 @@ impl Shard {
     /// The synchronize begun with `started` returned: every block freed before it is safe.
     pub fn end_sync(&mut self, started: u64) {
         self.completed = self.completed.max(started + 1);
+    }
+
+    /// Takes credit for synchronizes by other threads (slow path only): completes the epochs
+    /// closed earlier whose pool mark the pool's completed epoch has passed, then closes the
+    /// current epoch against `pool_epoch` if frees were stamped with it. A pool synchronize
+    /// that begins after `pool_epoch` was read began after every free of the closed epochs.
+    pub fn credit(&mut self, pool_epoch: u64, pool_completed: u64) {
+        while let Some(&(epoch, mark)) = self.closed.front() {
+            if mark >= pool_completed {
+                break;
+            }
+            self.completed = self.completed.max(epoch + 1);
+            self.closed.pop_front();
+        }
+        let has_frees = self.unsynced_epoch == self.epoch && self.unsynced_bytes > 0;
+        if has_frees && self.epoch >= self.completed {
+            if self.closed.len() == MAX_CLOSED {
+                self.closed.pop_front();
+            }
+            self.closed.push_back((self.epoch, pool_epoch));
+            self.epoch += 1;
+        }
     }
 
     /// A cached block's pool-wide stamp (see the module doc).
