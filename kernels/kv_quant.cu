@@ -18,8 +18,10 @@
 //
 // Threads (HBM_THREADS per block, HBM_QUANT_THREADS for the Q8_0/Q4_0 kernels;
 // grid-stride loops, so any grid is correct; the launcher sizes it to the work):
-// - F32/F16/BF16: a unit is 4 elements, one 16-byte (F32) or 8-byte (F16/BF16) access, when
-//   rows are a multiple of 8 elements and pointers and stride 16-byte aligned. Each pass a
+// - F32/F16/BF16: when rows are a multiple of 8 elements and pointers and stride 16-byte
+//   aligned, a unit is 8 elements (one 16-byte access on each side) when neither side is F32,
+//   else 4 elements, one 16-byte (F32) or 8-byte (F16/BF16) access (4-element units on the
+//   2-byte side halved its bytes per instruction, costing F16 -> F16 a tenth). Each pass a
 //   block takes blockDim * HBM_UNITS consecutive units; its thread t takes units t,
 //   t + blockDim, ..., so that every load and store instruction of a warp covers one contiguous
 //   run (F32 units of 8 elements, two 16-byte stores 32 bytes apart per lane, left each store
@@ -96,8 +98,8 @@ __device__ __forceinline__ float hbm_inverse(float d) {
 // Threads per block of every launch; src/kernels.rs launches exactly this many.
 #define HBM_THREADS 256
 #define HBM_WARPS (HBM_THREADS / 32)
-// Units of 4 elements per thread and pass in the F32/F16/BF16 kernels: HBM_UNITS loads of 16 or
-// 8 bytes in flight per thread. src/kernels.rs sizes grids with the same number.
+// Units (of 4 or 8 elements) per thread and pass in the F32/F16/BF16 kernels: HBM_UNITS loads of
+// 16 or 8 bytes in flight per thread. src/kernels.rs sizes grids with the same numbers.
 #ifndef HBM_UNITS
 #define HBM_UNITS 8
 #endif
@@ -201,35 +203,77 @@ __device__ __forceinline__ uint4 hbm_f32x8_to_f16(const float *x) {
     return make_uint4(a.x, a.y, b.x, b.y);
 }
 
-// One 4-element unit as raw bytes: 16 (F32) or 8 (F16/BF16, in x and y).
+// F16 -> F16 through F32 (hbm_fp16_to_fp32, then hbm_fp32_to_fp16) is the identity but for NaNs,
+// which become 0x7e00 with their sign: 8 halves at a time, as a copy with a rare fix-up.
+__device__ __forceinline__ u32 hbm_f16x2_canonical(u32 w) {
+    const u32 nan = __vcmpgtu2(w & 0x7fff7fffu, 0x7c007c00u);  // 0xffff in each NaN half
+    return (w & ~nan) | (((w & 0x80008000u) | 0x7e007e00u) & nan);
+}
+
+// A unit of E elements as raw bytes: E = 8 only when both sides are F16/BF16 (16 bytes);
+// E = 4 is 16 bytes (F32) or 8 (F16/BF16, in x and y).
+template <int E>
 __device__ __forceinline__ uint4 hbm_load_unit(const u8 *p, int type) {
-    if (type == HBM_F32) return *(const uint4 *)p;
+    if (E == 8 || type == HBM_F32) return *(const uint4 *)p;
     const uint2 v = *(const uint2 *)p;
     return make_uint4(v.x, v.y, 0, 0);
 }
 
+__device__ __forceinline__ void hbm_bf16x2_to_f32(u32 w, float *x) {
+    x[0] = __uint_as_float(w << 16);
+    x[1] = __uint_as_float(w & 0xffff0000u);
+}
+
+template <int E>
 __device__ __forceinline__ void hbm_unit_to_f32(uint4 u, int type, float *x) {
-    if (type == HBM_F32) {
+    if (E == 8) {
+        if (type == HBM_F16) {
+            hbm_f16x8_to_f32(u, x);
+        } else {
+            hbm_bf16x2_to_f32(u.x, x); hbm_bf16x2_to_f32(u.y, x + 2);
+            hbm_bf16x2_to_f32(u.z, x + 4); hbm_bf16x2_to_f32(u.w, x + 6);
+        }
+    } else if (type == HBM_F32) {
         x[0] = __uint_as_float(u.x); x[1] = __uint_as_float(u.y);
         x[2] = __uint_as_float(u.z); x[3] = __uint_as_float(u.w);
     } else if (type == HBM_F16) {
         hbm_f16x4_to_f32(u.x, u.y, x);
     } else {
-        x[0] = __uint_as_float(u.x << 16); x[1] = __uint_as_float(u.x & 0xffff0000u);
-        x[2] = __uint_as_float(u.y << 16); x[3] = __uint_as_float(u.y & 0xffff0000u);
+        hbm_bf16x2_to_f32(u.x, x); hbm_bf16x2_to_f32(u.y, x + 2);
     }
 }
 
-// 4 consecutive F32, F16 or BF16 elements at p, aligned to their size (16 or 8 bytes).
+__device__ __forceinline__ u32 hbm_bf16x2(const float *x) {
+    return hbm_pack2(hbm_fp32_to_bf16(x[0]), hbm_fp32_to_bf16(x[1]));
+}
+
+// E consecutive F32, F16 or BF16 elements at p, aligned to their size (16 or 8 bytes).
+template <int E>
 __device__ __forceinline__ void hbm_store_unit(u8 *p, int type, const float *x) {
-    if (type == HBM_F32) {
+    if (E == 8) {
+        if (type == HBM_F16) *(uint4 *)p = hbm_f32x8_to_f16(x);
+        else *(uint4 *)p = make_uint4(hbm_bf16x2(x), hbm_bf16x2(x + 2), hbm_bf16x2(x + 4),
+                                      hbm_bf16x2(x + 6));
+    } else if (type == HBM_F32) {
         *(float4 *)p = make_float4(x[0], x[1], x[2], x[3]);
     } else if (type == HBM_F16) {
         *(uint2 *)p = hbm_f32x4_to_f16(x);
     } else {
-        *(uint2 *)p = make_uint2(hbm_pack2(hbm_fp32_to_bf16(x[0]), hbm_fp32_to_bf16(x[1])),
-                                 hbm_pack2(hbm_fp32_to_bf16(x[2]), hbm_fp32_to_bf16(x[3])));
+        *(uint2 *)p = make_uint2(hbm_bf16x2(x), hbm_bf16x2(x + 2));
     }
+}
+
+// Converts one unit from src_type to dst_type and stores it at p.
+template <int E>
+__device__ __forceinline__ void hbm_convert_unit(u8 *p, uint4 v, int src_type, int dst_type) {
+    if (E == 8 && src_type == HBM_F16 && dst_type == HBM_F16) {
+        *(uint4 *)p = make_uint4(hbm_f16x2_canonical(v.x), hbm_f16x2_canonical(v.y),
+                                 hbm_f16x2_canonical(v.z), hbm_f16x2_canonical(v.w));
+        return;
+    }
+    float x[E];
+    hbm_unit_to_f32<E>(v, src_type, x);
+    hbm_store_unit<E>(p, dst_type, x);
 }
 
 // Row r and unit k of units u, u + step, ... with n units per row: one division for the first,
@@ -275,6 +319,38 @@ __device__ __forceinline__ void hbm_store1(void *p, int type, u64 e, float x) {
 
 __device__ __forceinline__ u32 hbm_esize(int type) { return type == HBM_F32 ? 4u : 2u; }
 
+// The vector path of hbm_kv_append_plain, in units of E elements (see the top of the file).
+template <int E>
+__device__ __forceinline__ void hbm_append_plain_vec(const u8 *s, int src_type, u8 *d,
+                                                     int dst_type, u64 dst_row_stride, u32 n,
+                                                     const int *positions, i64 pos0, u64 n_rows) {
+    const u32 ss = hbm_esize(src_type), ds = hbm_esize(dst_type);
+    const u32 units_per_row = n / E;
+    const u64 total = n_rows * units_per_row;
+    const u64 chunk = (u64)blockDim.x * HBM_UNITS;
+    for (u64 c = blockIdx.x * chunk; c < total; c += gridDim.x * chunk) {
+        const u64 u0 = c + threadIdx.x;
+        hbm_rowpos at = hbm_rowpos_at(u0, units_per_row, blockDim.x);
+        uint4 v[HBM_UNITS];
+        u8 *out[HBM_UNITS];
+        // Every load of the pass first (source and positions), then the conversions and stores.
+#pragma unroll
+        for (int j = 0; j < HBM_UNITS; j++) {
+            const u64 u = u0 + (u64)j * blockDim.x;
+            if (j > 0) at.next();
+            out[j] = 0;
+            if (u < total) {
+                const i64 p = positions ? (i64)positions[at.r] : pos0 + (i64)at.r;
+                out[j] = d + (u64)p * dst_row_stride + (u64)at.k * E * ds;
+                v[j] = hbm_load_unit<E>(s + u * E * ss, src_type);
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < HBM_UNITS; j++)
+            if (out[j]) hbm_convert_unit<E>(out[j], v[j], src_type, dst_type);
+    }
+}
+
 // Appends to an F32, F16 or BF16 tensor. Vector path (see the top of the file): rows of a
 // multiple of 8 elements and 16-byte aligned source, tensor base and stride. Otherwise one
 // element per thread and step.
@@ -282,39 +358,15 @@ extern "C" __global__ void __launch_bounds__(HBM_THREADS, HBM_PLAIN_MIN_BLOCKS)
 hbm_kv_append_plain(const void *src, int src_type, void *dst, int dst_type, u64 dst_row_stride,
                     int row_elems, const int *positions, i64 pos0, int n_rows) {
     const u32 n = (u32)row_elems;
-    const u32 ss = hbm_esize(src_type), ds = hbm_esize(dst_type);
     const u8 *s = (const u8 *)src;
     u8 *d = (u8 *)dst;
     if (n % 8 == 0 && hbm_aligned16(src) && hbm_aligned16(dst) && dst_row_stride % 16 == 0) {
-        const u32 units_per_row = n / 4;
-        const u64 total = (u64)n_rows * units_per_row;
-        const u64 chunk = (u64)blockDim.x * HBM_UNITS;
-        for (u64 c = blockIdx.x * chunk; c < total; c += gridDim.x * chunk) {
-            const u64 u0 = c + threadIdx.x;
-            hbm_rowpos at = hbm_rowpos_at(u0, units_per_row, blockDim.x);
-            uint4 v[HBM_UNITS];
-            u8 *out[HBM_UNITS];
-            // Every load of the pass first (source and positions), then the conversions and stores.
-#pragma unroll
-            for (int j = 0; j < HBM_UNITS; j++) {
-                const u64 u = u0 + (u64)j * blockDim.x;
-                if (j > 0) at.next();
-                out[j] = 0;
-                if (u < total) {
-                    const i64 p = positions ? (i64)positions[at.r] : pos0 + (i64)at.r;
-                    out[j] = d + (u64)p * dst_row_stride + (u64)at.k * 4 * ds;
-                    v[j] = hbm_load_unit(s + u * 4 * ss, src_type);
-                }
-            }
-#pragma unroll
-            for (int j = 0; j < HBM_UNITS; j++) {
-                if (out[j]) {
-                    float x[4];
-                    hbm_unit_to_f32(v[j], src_type, x);
-                    hbm_store_unit(out[j], dst_type, x);
-                }
-            }
-        }
+        if (src_type != HBM_F32 && dst_type != HBM_F32)
+            hbm_append_plain_vec<8>(s, src_type, d, dst_type, dst_row_stride, n, positions, pos0,
+                                    (u64)n_rows);
+        else
+            hbm_append_plain_vec<4>(s, src_type, d, dst_type, dst_row_stride, n, positions, pos0,
+                                    (u64)n_rows);
     } else {
         const u64 total = (u64)n_rows * n;
         for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total;
@@ -328,6 +380,37 @@ hbm_kv_append_plain(const void *src, int src_type, void *dst, int dst_type, u64 
     }
 }
 
+// The vector path of hbm_kv_dequantize_plain, in units of E elements.
+template <int E>
+__device__ __forceinline__ void hbm_dequantize_plain_vec(const u8 *s, int src_type,
+                                                         u64 src_row_stride, i64 row0,
+                                                         u64 n_rows, u32 n, u8 *d,
+                                                         int dst_type) {
+    const u32 ss = hbm_esize(src_type), ds = hbm_esize(dst_type);
+    const u32 units_per_row = n / E;
+    const u64 total = n_rows * units_per_row;
+    const u64 chunk = (u64)blockDim.x * HBM_UNITS;
+    for (u64 c = blockIdx.x * chunk; c < total; c += gridDim.x * chunk) {
+        const u64 u0 = c + threadIdx.x;
+        hbm_rowpos at = hbm_rowpos_at(u0, units_per_row, blockDim.x);
+        uint4 v[HBM_UNITS];
+#pragma unroll
+        for (int j = 0; j < HBM_UNITS; j++) {
+            const u64 u = u0 + (u64)j * blockDim.x;
+            if (j > 0) at.next();
+            if (u < total) {
+                const u8 *row = s + (u64)(row0 + (i64)at.r) * src_row_stride;
+                v[j] = hbm_load_unit<E>(row + (u64)at.k * E * ss, src_type);
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < HBM_UNITS; j++) {
+            const u64 u = u0 + (u64)j * blockDim.x;
+            if (u < total) hbm_convert_unit<E>(d + u * E * ds, v[j], src_type, dst_type);
+        }
+    }
+}
+
 // Dequantizes from an F32, F16 or BF16 tensor, the mirror of hbm_kv_append_plain: vector path
 // when rows are a multiple of 8 elements and source base, stride and destination are 16-byte
 // aligned; otherwise one element per thread and step.
@@ -335,36 +418,14 @@ extern "C" __global__ void __launch_bounds__(HBM_THREADS, HBM_PLAIN_MIN_BLOCKS)
 hbm_kv_dequantize_plain(const void *src, int src_type, u64 src_row_stride, i64 row0, int n_rows,
                         int row_elems, void *dst, int dst_type) {
     const u32 n = (u32)row_elems;
-    const u32 ss = hbm_esize(src_type), ds = hbm_esize(dst_type);
     const u8 *s = (const u8 *)src;
-    u8 *d = (u8 *)dst;
     if (n % 8 == 0 && hbm_aligned16(src) && src_row_stride % 16 == 0 && hbm_aligned16(dst)) {
-        const u32 units_per_row = n / 4;
-        const u64 total = (u64)n_rows * units_per_row;
-        const u64 chunk = (u64)blockDim.x * HBM_UNITS;
-        for (u64 c = blockIdx.x * chunk; c < total; c += gridDim.x * chunk) {
-            const u64 u0 = c + threadIdx.x;
-            hbm_rowpos at = hbm_rowpos_at(u0, units_per_row, blockDim.x);
-            uint4 v[HBM_UNITS];
-#pragma unroll
-            for (int j = 0; j < HBM_UNITS; j++) {
-                const u64 u = u0 + (u64)j * blockDim.x;
-                if (j > 0) at.next();
-                if (u < total) {
-                    const u8 *row = s + (u64)(row0 + (i64)at.r) * src_row_stride;
-                    v[j] = hbm_load_unit(row + (u64)at.k * 4 * ss, src_type);
-                }
-            }
-#pragma unroll
-            for (int j = 0; j < HBM_UNITS; j++) {
-                const u64 u = u0 + (u64)j * blockDim.x;
-                if (u < total) {
-                    float x[4];
-                    hbm_unit_to_f32(v[j], src_type, x);
-                    hbm_store_unit(d + u * 4 * ds, dst_type, x);
-                }
-            }
-        }
+        if (src_type != HBM_F32 && dst_type != HBM_F32)
+            hbm_dequantize_plain_vec<8>(s, src_type, src_row_stride, row0, (u64)n_rows, n,
+                                        (u8 *)dst, dst_type);
+        else
+            hbm_dequantize_plain_vec<4>(s, src_type, src_row_stride, row0, (u64)n_rows, n,
+                                        (u8 *)dst, dst_type);
     } else {
         const u64 total = (u64)n_rows * n;
         for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total;

@@ -61,20 +61,31 @@ fn block_threads(ty: HbmType) -> u32 {
 /// Most blocks per launch; the kernels loop grid-stride over the rest.
 const MAX_GRID: u64 = 1 << 16;
 
-/// Units of 4 elements each thread of the F32/F16/BF16 kernels moves per pass: `HBM_UNITS` in
+/// Units each thread of the F32/F16/BF16 kernels moves per pass: `HBM_UNITS` in
 /// `kernels/kv_quant.cu`.
 const PLAIN_UNITS: u64 = 8;
 
-/// Threads a launch needs for `n_rows` rows of `row_elems` elements of the cache type `ty`: one
-/// per 32-element block for Q8_0/Q4_0 (a warp per tile of 32 blocks), one per `PLAIN_UNITS`
-/// units of 4 elements otherwise (the kernels' vector path; their one-element fallback loops
-/// over the same grid). The grid only sets speed: every loop in the kernels is grid-stride.
-fn threads_for(ty: HbmType, row_elems: u32, n_rows: u32) -> u64 {
+/// Elements per unit of the F32/F16/BF16 kernels' vector path: 8 when both sides are 2-byte
+/// types (one 16-byte access each), else 4.
+fn unit_elems(ty: HbmType, plain: HbmType) -> u64 {
+    if ty != HbmType::F32 && plain != HbmType::F32 {
+        8
+    } else {
+        4
+    }
+}
+
+/// Threads a launch needs for `n_rows` rows of `row_elems` elements of the cache type `ty`, whose
+/// other side is `plain` (F32 or F16): one per 32-element block for Q8_0/Q4_0 (a warp per tile
+/// of 32 blocks), one per `PLAIN_UNITS` units otherwise (the kernels' vector path; their
+/// one-element fallback loops over the same grid). The grid only sets speed: every loop in the
+/// kernels is grid-stride.
+fn threads_for(ty: HbmType, plain: HbmType, row_elems: u32, n_rows: u32) -> u64 {
     let elems = n_rows as u64 * row_elems as u64;
     if ty.is_quantized() {
         elems / 32
     } else {
-        elems.div_ceil(4 * PLAIN_UNITS)
+        elems.div_ceil(unit_elems(ty, plain) * PLAIN_UNITS)
     }
 }
 
@@ -278,7 +289,7 @@ impl KvKernels {
         ];
         self.launch(
             self.functions[kind(dst_type)],
-            threads_for(dst_type, row_elems, n_rows),
+            threads_for(dst_type, src_type, row_elems, n_rows),
             block_threads(dst_type),
             &mut args,
             stream,
@@ -320,7 +331,7 @@ impl KvKernels {
         ];
         self.launch(
             self.functions[3 + kind(src_type)],
-            threads_for(src_type, row_elems, n_rows),
+            threads_for(src_type, dst_type, row_elems, n_rows),
             block_threads(src_type),
             &mut args,
             stream,
