@@ -289,6 +289,26 @@ fn a_thread_reuses_its_blocks_after_another_threads_synchronize() {
 }
 
 #[test]
+fn a_pair_loop_reuses_a_bounded_set_of_blocks() {
+    // Alloc+free of one size, many times: the cache synchronizes once 64 MiB of the size wait,
+    // so the pool holds about that much and a little more, not one block per pair.
+    let (sim, pool) = pool(1 << 34, StreamSafety::Batched, 64 << 20);
+    for _ in 0..20_000 {
+        let p = pool.alloc(1 << 20).unwrap();
+        pool.free(p).unwrap();
+    }
+    let s = pool.stats();
+    assert!(s.reserved <= 160 << 20, "reserved {} MiB", s.reserved >> 20);
+    assert!(
+        s.syncs >= 20_000 / 160 && s.syncs <= 20_000 / 32,
+        "syncs {}",
+        s.syncs
+    );
+    assert!(sim.sync_count() as u64 >= s.syncs);
+    pool.check();
+}
+
+#[test]
 fn eager_mode_synchronizes_every_free_and_off_mode_never() {
     let (sim, pool) = pool(1 << 30, StreamSafety::Eager, 64 << 20);
     let a = pool.alloc(4096).unwrap();

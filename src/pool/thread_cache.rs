@@ -50,6 +50,8 @@ pub const UNSYNCED: u64 = u64::MAX;
 
 /// Closed shard epochs a shard remembers (see `Shard::credit`).
 const MAX_CLOSED: usize = 8;
+/// The mark of an epoch closed by this thread's own synchronize (`end_sync` completes it).
+const OWN: u64 = u64::MAX;
 
 /// Counters a shard keeps under its own lock; the pool sums them for statistics.
 #[derive(Clone, Copy, Default, Debug)]
@@ -68,17 +70,17 @@ pub struct Shard {
     /// The stamp of frees now; blocks stamped below `completed` are safe to hand out.
     epoch: u64,
     completed: u64,
-    /// Shard epochs closed against the pool's epoch on the slow path, oldest first: (shard epoch,
-    /// pool epoch when closed). Once the pool's completed epoch passes the latter, the former is
-    /// complete too: another thread's synchronize did it. At most `MAX_CLOSED`; a newer entry
-    /// covers every older one, so the oldest may be dropped.
-    closed: VecDeque<(u64, u64)>,
+    /// Shard epochs closed but not complete, oldest first: (shard epoch, pool epoch when closed,
+    /// bytes freed in it and in older dropped entries). Closed on the slow path against the pool's
+    /// epoch: once the pool's completed epoch passes that mark, another thread's synchronize
+    /// completed it. Closed by `begin_sync` with mark `OWN`: this thread's synchronize completes
+    /// it. At most `MAX_CLOSED`; a newer entry covers every older one, so the oldest may merge
+    /// into the next.
+    closed: VecDeque<(u64, u64, usize)>,
+    /// Bytes freed in the current epoch.
     pub cached_bytes: usize,
     pub counters: ShardCounters,
-    /// Bytes freed into this shard in epoch `unsynced_epoch`: the part of its cache that a device
-    /// synchronize would make reusable.
-    unsynced_epoch: u64,
-    unsynced_bytes: usize,
+    epoch_bytes: usize,
 }
 
 /// What a shard gives back when it is over capacity: blocks for the arena, with their pool-wide
@@ -95,8 +97,7 @@ impl Shard {
             closed: VecDeque::new(),
             cached_bytes: 0,
             counters: ShardCounters::default(),
-            unsynced_epoch: 0,
-            unsynced_bytes: 0,
+            epoch_bytes: 0,
         }
     }
 
@@ -104,13 +105,27 @@ impl Shard {
     /// later synchronize. Returns the token for `end_sync`.
     pub fn begin_sync(&mut self) -> u64 {
         let started = self.epoch;
-        self.epoch += 1;
+        self.close(OWN);
         started
     }
 
     /// The synchronize begun with `started` returned: every block freed before it is safe.
     pub fn end_sync(&mut self, started: u64) {
         self.completed = self.completed.max(started + 1);
+        while self.closed.front().is_some_and(|&(e, _, _)| e <= started) {
+            self.closed.pop_front();
+        }
+    }
+
+    /// Ends the current epoch: frees from now on get the next one.
+    fn close(&mut self, mark: u64) {
+        if self.closed.len() == MAX_CLOSED {
+            let (_, _, bytes) = self.closed.pop_front().expect("full");
+            self.closed[0].2 += bytes;
+        }
+        self.closed.push_back((self.epoch, mark, self.epoch_bytes));
+        self.epoch_bytes = 0;
+        self.epoch += 1;
     }
 
     /// Takes credit for synchronizes by other threads (slow path only): completes the epochs
@@ -118,20 +133,15 @@ impl Shard {
     /// current epoch against `pool_epoch` if frees were stamped with it. A pool synchronize
     /// that begins after `pool_epoch` was read began after every free of the closed epochs.
     pub fn credit(&mut self, pool_epoch: u64, pool_completed: u64) {
-        while let Some(&(epoch, mark)) = self.closed.front() {
+        while let Some(&(epoch, mark, _)) = self.closed.front() {
             if mark >= pool_completed {
                 break;
             }
             self.completed = self.completed.max(epoch + 1);
             self.closed.pop_front();
         }
-        let has_frees = self.unsynced_epoch == self.epoch && self.unsynced_bytes > 0;
-        if has_frees && self.epoch >= self.completed {
-            if self.closed.len() == MAX_CLOSED {
-                self.closed.pop_front();
-            }
-            self.closed.push_back((self.epoch, pool_epoch));
-            self.epoch += 1;
+        if self.epoch_bytes > 0 && self.epoch >= self.completed {
+            self.close(pool_epoch);
         }
     }
 
@@ -170,11 +180,7 @@ impl Shard {
     pub fn push(&mut self, class: usize, addr: DevicePtr) -> Option<Evicted> {
         let size = class_size(class);
         let stamp = self.epoch;
-        if self.unsynced_epoch != stamp {
-            self.unsynced_epoch = stamp;
-            self.unsynced_bytes = 0;
-        }
-        self.unsynced_bytes += size;
+        self.epoch_bytes += size;
         self.cached_bytes += size;
         let list = self.list(class);
         list.push_back((addr, stamp));
@@ -230,11 +236,10 @@ impl Shard {
 
     /// Bytes freed into this shard that only another synchronize would release.
     pub fn unsynced_bytes(&self) -> usize {
-        if self.unsynced_epoch >= self.completed {
-            self.unsynced_bytes
-        } else {
-            0
+        if self.epoch < self.completed {
+            return 0; // trusting: everything is safe at once
         }
+        self.epoch_bytes + self.closed.iter().map(|&(_, _, b)| b).sum::<usize>()
     }
 
     /// Empties the shard: every cached block with its size and pool-wide stamp.
@@ -251,7 +256,10 @@ impl Shard {
             }));
         }
         self.cached_bytes = 0;
-        self.unsynced_bytes = 0;
+        self.epoch_bytes = 0;
+        for entry in self.closed.iter_mut() {
+            entry.2 = 0;
+        }
         out
     }
 }
