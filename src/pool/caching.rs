@@ -89,7 +89,8 @@ pub struct CachingPool {
     large: Mutex<Arena>,
     /// Every block handed out and not yet freed: address -> block size.
     live: LiveMap,
-    /// Current epoch (stamped into frees) and the epoch below which all frees are safe.
+    /// Pool-wide epochs: the current one (stamped into blocks that reach the arena unsynced) and
+    /// the one below which all such blocks are safe. Thread caches keep their own (`thread_cache`).
     epoch: AtomicU64,
     completed: AtomicU64,
     /// Number of blocks waiting in `Arena::stream_freed`, to skip the lock when there are none.

@@ -11,10 +11,9 @@
 //! other threads count on the slow path only (`credit`): a shard epoch closed against the pool's
 //! epoch completes once the pool's completed epoch passes that mark. Why not the pool's epoch
 //! on the fast path: at 16 threads each thread's synchronize rewrote it, and every free and
-//! allocation on every core then missed on its cache line. A block leaving
-//! the shard for the arena gets a pool-wide stamp: `SAFE` if its shard epoch completed, else
-//! `UNSYNCED`, which the pool replaces by its current epoch (a later stamp than the free's is
-//! always conservative).
+//! allocation on every core then missed on its cache line. A block leaving the shard for the
+//! arena gets a pool-wide stamp: `SAFE` if its shard epoch completed, else `UNSYNCED`, which the
+//! pool replaces by its current epoch (a later stamp than the free's is always conservative).
 //!
 //! Two threads share a shard only when more than `N_SHARDS` threads allocate; the lock keeps that
 //! correct, and an uncontended lock costs one atomic swap and a store.
@@ -78,9 +77,18 @@ pub struct Shard {
     /// into the next.
     closed: VecDeque<(u64, u64, usize)>,
     /// Bytes freed in the current epoch.
+    epoch_bytes: usize,
     pub cached_bytes: usize,
     pub counters: ShardCounters,
-    epoch_bytes: usize,
+}
+
+/// A cached block's pool-wide stamp, given its shard's completed epoch (see the module doc).
+fn pool_stamp(stamp: u64, completed: u64) -> u64 {
+    if stamp < completed {
+        SAFE
+    } else {
+        UNSYNCED
+    }
 }
 
 /// What a shard gives back when it is over capacity: blocks for the arena, with their pool-wide
@@ -95,9 +103,9 @@ impl Shard {
             epoch: 1,
             completed: if trusting { u64::MAX } else { 1 },
             closed: VecDeque::new(),
+            epoch_bytes: 0,
             cached_bytes: 0,
             counters: ShardCounters::default(),
-            epoch_bytes: 0,
         }
     }
 
@@ -142,15 +150,6 @@ impl Shard {
         }
         if self.epoch_bytes > 0 && self.epoch >= self.completed {
             self.close(pool_epoch);
-        }
-    }
-
-    /// A cached block's pool-wide stamp (see the module doc).
-    fn pool_stamp(&self, stamp: u64) -> u64 {
-        if stamp < self.completed {
-            SAFE
-        } else {
-            UNSYNCED
         }
     }
 
@@ -199,14 +198,14 @@ impl Shard {
         while self.lists[class].len() > keep {
             let (a, s) = self.lists[class].pop_front().expect("non-empty");
             self.cached_bytes -= class_size(class);
-            out.push((a, class_size(class), self.pool_stamp(s)));
+            out.push((a, class_size(class), pool_stamp(s, self.completed)));
         }
         let mut c = N_CLASSES;
         while self.cached_bytes > SHARD_CAPACITY / 2 && c > 0 {
             c -= 1;
             while let Some((a, s)) = self.lists[c].pop_front() {
                 self.cached_bytes -= class_size(c);
-                out.push((a, class_size(c), self.pool_stamp(s)));
+                out.push((a, class_size(c), pool_stamp(s, self.completed)));
                 if self.cached_bytes <= SHARD_CAPACITY / 2 {
                     break;
                 }
@@ -247,13 +246,10 @@ impl Shard {
         let mut out = Vec::new();
         let completed = self.completed;
         for (c, list) in self.lists.iter_mut().enumerate() {
-            out.extend(list.drain(..).map(|(a, s)| {
-                (
-                    a,
-                    class_size(c),
-                    if s < completed { SAFE } else { UNSYNCED },
-                )
-            }));
+            out.extend(
+                list.drain(..)
+                    .map(|(a, s)| (a, class_size(c), pool_stamp(s, completed))),
+            );
         }
         self.cached_bytes = 0;
         self.epoch_bytes = 0;

@@ -21,7 +21,6 @@
 //! registered, so it is usable at exit and from any thread.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicU32, Ordering};
 
 /// Which unwinder captures stacks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,8 +36,6 @@ pub const MAX_FRAMES: usize = 256;
 struct ThreadInfo {
     /// Kernel thread id (what gdb and `top -H` show); 0 until first asked for.
     tid: u32,
-    /// A small number unique to this thread in this process, 1-based; 0 until first asked for.
-    slot: u32,
     /// One past the highest address of this thread's stack; 0 until known, 1 when unknowable.
     stack_hi: usize,
     /// Set while this thread is inside the tracker (re-entrancy guard).
@@ -47,34 +44,30 @@ struct ThreadInfo {
 
 thread_local! {
     static THREAD: Cell<ThreadInfo> =
-        const { Cell::new(ThreadInfo { tid: 0, slot: 0, stack_hi: 0, busy: false }) };
+        const { Cell::new(ThreadInfo { tid: 0, stack_hi: 0, busy: false }) };
 }
 
-static NEXT_SLOT: AtomicU32 = AtomicU32::new(1);
-
-/// The kernel thread id and the process-unique thread slot of the calling thread.
+/// The kernel thread id of the calling thread (never 0), read once per thread.
 #[inline]
-pub fn thread_ids() -> (u32, u32) {
-    let info = THREAD.with(Cell::get);
-    if info.slot != 0 {
-        return (info.tid, info.slot);
+pub fn thread_id() -> u32 {
+    let tid = THREAD.with(Cell::get).tid;
+    if tid != 0 {
+        return tid;
     }
-    thread_ids_slow()
+    thread_id_slow()
 }
 
 #[cold]
 #[inline(never)]
-fn thread_ids_slow() -> (u32, u32) {
+fn thread_id_slow() -> u32 {
     // SAFETY: gettid has no preconditions.
     let tid = unsafe { libc::gettid() } as u32;
-    let slot = NEXT_SLOT.fetch_add(1, Ordering::Relaxed);
     THREAD.with(|t| {
         let mut info = t.get();
         info.tid = tid;
-        info.slot = slot;
         t.set(info);
     });
-    (tid, slot)
+    tid
 }
 
 /// Marks the calling thread as inside the tracker until the guard drops. `None` if it already was:

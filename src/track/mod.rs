@@ -12,9 +12,9 @@
 //! site-less); `leak_report:off` only silences the report at exit.
 //!
 //! Layout: `capture` (raw return addresses), `stacks` (interning), `registry` (the `Tracker`) with
-//! `live_table` (its map of live allocations),
-//! `freed` (recently freed blocks, bad-free diagnostics), `symbolize`, `report` (the leak report's
-//! model) with `report_text`, `report_json`, `report_svg`, `timeline` with `timeline_svg`, `exit`.
+//! `live_table` (live and recently freed allocations), `freed` (bad-free diagnostics),
+//! `symbolize`, `report` (the leak report's model) with `report_text`, `report_json`,
+//! `report_svg`, `timeline` with `timeline_svg`, `exit`.
 
 pub mod capture;
 mod exit;

@@ -81,7 +81,7 @@ impl Tracker {
     #[inline]
     pub fn on_alloc(&self, ptr: usize, size: usize, device: i32, stream: usize, origin: Origin) {
         let stack = self.capture_stack();
-        let (thread, _) = capture::thread_ids();
+        let thread = capture::thread_id();
         let time_ns = self.now_ns();
         // Relaxed: an allocation ordered after a `checkpoint` (same thread, or synchronized with
         // it) reads the new epoch by coherence; one racing with it may read either.
@@ -140,7 +140,7 @@ impl Tracker {
     #[inline]
     fn free_mark(&self, ptr: usize, live: &Live) -> FreeMark {
         let stack = self.capture_stack();
-        let (thread, _) = capture::thread_ids();
+        let thread = capture::thread_id();
         // Only the timeline needs the time of a free; the double-free diagnostic shows it when
         // known. Without a timeline the pair reads the clock once, on the allocation.
         let time_ns = self.timeline.as_ref().map(|_| self.now_ns());
@@ -166,7 +166,7 @@ impl Tracker {
     fn bad_free(&self, ptr: usize) -> Box<BadFree> {
         self.bad_frees.fetch_add(1, Ordering::Relaxed);
         let free_stack = self.capture_stack();
-        let (thread, _) = capture::thread_ids();
+        let thread = capture::thread_id();
         let previous = self.live.freed(ptr).map(|(live, free)| FreedRecord {
             ptr,
             live,
