@@ -29,6 +29,29 @@ pub struct PoolStats {
     pub frees: u64,
 }
 
+impl PoolStats {
+    /// One line for `verbose:on` at exit: what the pool served and what that cost the driver.
+    pub fn summary_line(&self, device: i32) -> String {
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        format!(
+            "hbmalloc: device {device} pool: {} allocs, {} frees, {} hits, {} misses; \
+             driver allocs {}, frees {}; syncs {}; out-of-memory retries {}; \
+             peak in use {:.1} MiB, peak reserved {:.1} MiB, reserved now {:.1} MiB\n",
+            self.allocs,
+            self.frees,
+            self.pool_hits,
+            self.pool_misses,
+            self.driver_allocs,
+            self.driver_frees,
+            self.syncs,
+            self.oom_retries,
+            mib(self.peak_in_use),
+            mib(self.peak_reserved),
+            mib(self.reserved),
+        )
+    }
+}
+
 /// Counters touched only on the slow path.
 #[derive(Default)]
 pub struct SlowCounters {

@@ -33,6 +33,12 @@ extern "C" fn exit_handler() {
         if let Some(tracker) = super::global_if_started() {
             tracker.write_exit_reports();
         }
+        if crate::config::get().verbose {
+            // Pool counters are host atomics and shard locks: no CUDA call.
+            for (device, pool) in crate::runtime::pools() {
+                write_stderr(pool.stats().summary_line(device).as_bytes());
+            }
+        }
     });
 }
 
