@@ -57,8 +57,10 @@ pub struct Config {
     /// Capacity of the simulated device in bytes.
     pub sim_capacity: usize,
     pub stream_safety: StreamSafety,
-    /// Bytes of freed-but-unsynchronized blocks a device pool may hold before it synchronizes.
-    pub pending_limit: usize,
+    /// Bytes of freed-but-unsynchronized blocks a thread may hold before the pool synchronizes
+    /// the device rather than grow. `None` (`auto`): 64 MiB, or up to 64 blocks of a large size,
+    /// bounded by 1/128 of the device's memory (see `CachingPool`).
+    pub pending_limit: Option<usize>,
     /// Ring size of the optional alloc/free timeline (0 = off).
     pub timeline: usize,
     /// Print one line per pool event worth knowing (out of memory, fallbacks).
@@ -78,7 +80,7 @@ impl Default for Config {
             unwinder: StackWalk::FramePointer,
             sim_capacity: 16 << 30,
             stream_safety: StreamSafety::Batched,
-            pending_limit: 64 << 20,
+            pending_limit: None,
             timeline: 0,
             verbose: false,
         }
@@ -172,7 +174,10 @@ impl Config {
                     .ok_or_else(|| bad("a size from 1MiB to 64TiB, e.g. 16GiB"))?
             }
             "pending_limit" => {
-                self.pending_limit = parse_size(value).ok_or_else(|| bad("a size, e.g. 256MiB"))?
+                self.pending_limit = match value {
+                    "auto" => None,
+                    _ => Some(parse_size(value).ok_or_else(|| bad("auto or a size, e.g. 256MiB"))?),
+                }
             }
             _ => return Err("unknown key".to_string()),
         }
@@ -255,7 +260,7 @@ mod tests {
         assert_eq!(cfg.max_frames, 8);
         assert_eq!(cfg.stream_safety, StreamSafety::Eager);
         assert_eq!(cfg.timeline, 1000);
-        assert_eq!(cfg.pending_limit, 64 << 20);
+        assert_eq!(cfg.pending_limit, Some(64 << 20));
         assert!(cfg.verbose);
         assert_eq!(cfg.unwinder, StackWalk::Dwarf);
     }
@@ -272,6 +277,18 @@ mod tests {
         assert_eq!(cfg.backend, BackendKind::Auto);
         assert_eq!(cfg.sim_capacity, Config::default().sim_capacity);
         assert!(!cfg.backtrace, "good entries beside bad ones still apply");
+    }
+
+    #[test]
+    fn pending_limit_is_auto_by_default_and_on_request() {
+        assert_eq!(Config::default().pending_limit, None);
+        let (cfg, warnings) = Config::parse("pending_limit:256MiB,pending_limit:auto");
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(cfg.pending_limit, None);
+        let (cfg, warnings) = Config::parse("pending_limit:lots");
+        assert_eq!(warnings.len(), 1);
+        assert!(warnings[0].contains("auto or a size"), "{warnings:?}");
+        assert_eq!(cfg.pending_limit, None);
     }
 
     #[test]

@@ -25,7 +25,7 @@ impl Rng {
 fn pool(
     capacity: usize,
     safety: StreamSafety,
-    pending_limit: usize,
+    pending_limit: Option<usize>,
 ) -> (Arc<SimBackend>, CachingPool) {
     let sim = Arc::new(SimBackend::new(0, capacity));
     let pool = CachingPool::new(
@@ -66,7 +66,7 @@ fn random_sequences_keep_every_invariant() {
         (2, StreamSafety::Eager),
         (3, StreamSafety::Off),
     ] {
-        let (sim, pool) = pool(32 << 30, safety, 64 << 20);
+        let (sim, pool) = pool(32 << 30, safety, Some(64 << 20));
         let mut rng = Rng(0x9e3779b97f4a7c15 ^ seed);
         let mut live: BTreeMap<usize, usize> = BTreeMap::new();
         for step in 0..4000 {
@@ -128,7 +128,7 @@ fn random_sequences_keep_every_invariant() {
 
 #[test]
 fn threads_allocate_and_free_concurrently() {
-    let (sim, pool) = pool(8 << 30, StreamSafety::Batched, 16 << 20);
+    let (sim, pool) = pool(8 << 30, StreamSafety::Batched, Some(16 << 20));
     let pool = Arc::new(pool);
     let threads: Vec<_> = (0..16u64)
         .map(|t| {
@@ -184,7 +184,7 @@ fn threads_allocate_and_free_concurrently() {
 
 #[test]
 fn a_freed_block_waits_for_a_synchronize_before_reuse() {
-    let (sim, pool) = pool(1 << 30, StreamSafety::Batched, 4 << 20);
+    let (sim, pool) = pool(1 << 30, StreamSafety::Batched, Some(4 << 20));
     let a = pool.alloc(64 << 10).unwrap();
     pool.free(a).unwrap();
     let syncs = sim.sync_count();
@@ -218,7 +218,7 @@ fn a_freed_block_waits_for_a_synchronize_before_reuse() {
 fn blocks_a_thread_cache_hands_back_unsynchronized_wait_in_the_arena() {
     // Thread caches keep their own epochs; blocks they evict before their own synchronize must
     // still wait for a pool synchronize before another thread gets them from the arena.
-    let (sim, pool) = pool(1 << 30, StreamSafety::Batched, 1 << 40);
+    let (sim, pool) = pool(1 << 30, StreamSafety::Batched, Some(1 << 40));
     let pool = Arc::new(pool);
     let freed: Vec<usize> = (0..700).map(|_| pool.alloc(4096).unwrap()).collect();
     let syncs = sim.sync_count();
@@ -248,7 +248,7 @@ fn blocks_a_thread_cache_hands_back_unsynchronized_wait_in_the_arena() {
 
 #[test]
 fn a_thread_reuses_its_blocks_after_another_threads_synchronize() {
-    let (sim, pool) = pool(1 << 30, StreamSafety::Batched, 1 << 40);
+    let (sim, pool) = pool(1 << 30, StreamSafety::Batched, Some(1 << 40));
     let pool = Arc::new(pool);
     let mine: Vec<usize> = (0..8).map(|_| pool.alloc(64 << 10).unwrap()).collect();
     for p in &mine {
@@ -292,7 +292,7 @@ fn a_thread_reuses_its_blocks_after_another_threads_synchronize() {
 fn a_pair_loop_reuses_a_bounded_set_of_blocks() {
     // Alloc+free of one size, many times: the cache synchronizes once 64 MiB of the size wait,
     // so the pool holds about that much and a little more, not one block per pair.
-    let (sim, pool) = pool(1 << 34, StreamSafety::Batched, 64 << 20);
+    let (sim, pool) = pool(1 << 34, StreamSafety::Batched, Some(64 << 20));
     for _ in 0..20_000 {
         let p = pool.alloc(1 << 20).unwrap();
         pool.free(p).unwrap();
@@ -309,8 +309,47 @@ fn a_pair_loop_reuses_a_bounded_set_of_blocks() {
 }
 
 #[test]
+fn large_blocks_wait_in_bigger_batches_bounded_by_the_device() {
+    // `pending_limit:auto`: a loop of 16 MiB blocks lets up to 64 of them wait per synchronize,
+    // bounded by 1/128 of the device (floor 64 MiB). 32 GiB device: 256 MiB = 16 blocks.
+    let pairs = 4_000u64;
+    let run = |capacity: usize| {
+        let (_sim, pool) = pool(capacity, StreamSafety::Batched, None);
+        for _ in 0..pairs {
+            let p = pool.alloc(16 << 20).unwrap();
+            pool.free(p).unwrap();
+        }
+        pool.check();
+        pool.stats()
+    };
+    let big = run(32 << 30);
+    assert!(
+        big.syncs >= pairs / 17 && big.syncs <= pairs / 12,
+        "32 GiB device: syncs {}",
+        big.syncs
+    );
+    assert!(
+        big.reserved <= 320 << 20,
+        "reserved {} MiB",
+        big.reserved >> 20
+    );
+    // A 4 GiB device's 1/128 is below the floor: 64 MiB, 4 blocks per synchronize.
+    let small = run(4 << 30);
+    assert!(
+        small.syncs >= pairs / 5 && small.syncs <= pairs / 3,
+        "4 GiB device: syncs {}",
+        small.syncs
+    );
+    assert!(
+        small.reserved <= 96 << 20,
+        "reserved {} MiB",
+        small.reserved >> 20
+    );
+}
+
+#[test]
 fn eager_mode_synchronizes_every_free_and_off_mode_never() {
-    let (sim, pool) = pool(1 << 30, StreamSafety::Eager, 64 << 20);
+    let (sim, pool) = pool(1 << 30, StreamSafety::Eager, Some(64 << 20));
     let a = pool.alloc(4096).unwrap();
     pool.free(a).unwrap();
     assert_eq!(sim.sync_count(), 1);
@@ -320,7 +359,7 @@ fn eager_mode_synchronizes_every_free_and_off_mode_never() {
         "safe at once after the free's synchronize"
     );
 
-    let (sim, pool) = self::pool(1 << 30, StreamSafety::Off, 64 << 20);
+    let (sim, pool) = self::pool(1 << 30, StreamSafety::Off, Some(64 << 20));
     let a = pool.alloc(4096).unwrap();
     pool.free(a).unwrap();
     assert_eq!(pool.alloc(4096).unwrap(), a);
@@ -329,7 +368,7 @@ fn eager_mode_synchronizes_every_free_and_off_mode_never() {
 
 #[test]
 fn async_free_is_reusable_at_once_on_its_stream() {
-    let (_sim, pool) = pool(1 << 30, StreamSafety::Batched, 64 << 20);
+    let (_sim, pool) = pool(1 << 30, StreamSafety::Batched, Some(64 << 20));
     let a = pool.alloc_async(3 << 20, 7).unwrap();
     pool.free_async(a, 7).unwrap();
     assert_eq!(
@@ -347,7 +386,7 @@ fn async_free_is_reusable_at_once_on_its_stream() {
 
 #[test]
 fn out_of_memory_releases_the_cache_and_retries_once() {
-    let (sim, pool) = pool(64 << 20, StreamSafety::Batched, 1 << 30);
+    let (sim, pool) = pool(64 << 20, StreamSafety::Batched, Some(1 << 30));
     // Fill the device with 1 MiB blocks (20 MiB chunks), free them: they stay cached.
     let blocks: Vec<usize> = (0..40).map(|_| pool.alloc(1 << 20).unwrap()).collect();
     for p in blocks {
@@ -371,7 +410,7 @@ fn out_of_memory_releases_the_cache_and_retries_once() {
 
 #[test]
 fn bad_frees_are_classified_and_change_nothing() {
-    let (_sim, pool) = pool(1 << 30, StreamSafety::Batched, 64 << 20);
+    let (_sim, pool) = pool(1 << 30, StreamSafety::Batched, Some(64 << 20));
     let a = pool.alloc(10_000).unwrap();
     let before = pool.stats();
     assert_eq!(
@@ -403,7 +442,7 @@ fn bad_frees_are_classified_and_change_nothing() {
 #[test]
 fn per_thread_stream_blocks_are_not_reused_by_another_thread_at_once() {
     // cudaStreamPerThread (handle 2) is a different stream on every thread.
-    let (_sim, pool) = pool(1 << 30, StreamSafety::Batched, 1 << 30);
+    let (_sim, pool) = pool(1 << 30, StreamSafety::Batched, Some(1 << 30));
     let pool = Arc::new(pool);
     let a = pool.alloc_async(3 << 20, 2).unwrap();
     pool.free_async(a, 2).unwrap();

@@ -17,7 +17,7 @@ commands:
   help               print this text
 
 configuration: HBMALLOC_CONF=key:value,... (backend:auto|cuda|sim, sim_capacity:16GiB,
-  stream_safety:batched|eager|off, pending_limit:64MiB, backtrace:on|off, leak_report:...)";
+  stream_safety:batched|eager|off, pending_limit:auto|64MiB, backtrace:on|off, leak_report:...)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();

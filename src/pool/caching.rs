@@ -11,10 +11,10 @@
 //! synchronize per free: every free is stamped with the current *epoch*; a synchronize starts a
 //! new epoch and, when it returns, marks every earlier epoch complete. A block is handed out again
 //! only once its stamp is below the completed epoch, i.e. after a device-wide synchronize that
-//! began after the free. Synchronizes are batched: the pool issues one only when at least
-//! `pending_limit` bytes wait for it (or memory runs out), so a steady workload pays one
-//! synchronize per `pending_limit` bytes freed. `stream_safety:eager` synchronizes in every free,
-//! as the runtime does; `stream_safety:off` trusts the program.
+//! began after the free. Synchronizes are batched: the pool issues one only when enough freed
+//! memory waits for it (`SyncBatch`) or memory runs out, and grows otherwise, so a steady
+//! workload pays one synchronize per batch of frees. `stream_safety:eager` synchronizes in every
+//! free, as the runtime does; `stream_safety:off` trusts the program.
 
 use super::arena::{Arena, Lookup, State};
 use super::size_class::{
@@ -36,7 +36,9 @@ use std::sync::{Mutex, MutexGuard};
 #[derive(Clone, Debug)]
 pub struct PoolSettings {
     pub stream_safety: StreamSafety,
-    pub pending_limit: usize,
+    /// Bytes of freed blocks a thread lets wait for a synchronize before the pool synchronizes
+    /// rather than grow; `None`: sized by the device (`SyncBatch::auto`).
+    pub pending_limit: Option<usize>,
 }
 
 impl PoolSettings {
@@ -68,20 +70,71 @@ impl Hasher for PtrHasher {
 
 type LiveMap = DashMap<DevicePtr, usize, BuildHasherDefault<PtrHasher>>;
 
+/// How much freed memory waits for one synchronize: a thread lets freed blocks wait while they
+/// are fewer than `LARGE_BATCH_BLOCKS` blocks of the size it asks for, but at least `floor` and
+/// at most `cap` bytes; past that, a synchronize (about 1 us on an idle GPU) is cheaper than
+/// growing. Small blocks: 64 MiB of them per synchronize. Large ones: without the block count, a
+/// loop of 16 MiB blocks paid one synchronize per 4 blocks (~210 ns a pair on an H200); with it,
+/// one per 64 blocks, for at most 1/128 of the device's memory held back per thread.
+#[derive(Clone, Copy, Debug)]
+struct SyncBatch {
+    floor: usize,
+    cap: usize,
+}
+
+const LARGE_BATCH_BLOCKS: usize = 64;
+const DEFAULT_PENDING: usize = 64 << 20;
+const MAX_AUTO_PENDING: usize = 1 << 30;
+
+impl SyncBatch {
+    fn new(pending_limit: Option<usize>, device_bytes: Option<usize>) -> SyncBatch {
+        match pending_limit {
+            Some(limit) => SyncBatch {
+                floor: limit,
+                cap: limit,
+            },
+            None => SyncBatch {
+                floor: DEFAULT_PENDING,
+                cap: device_bytes
+                    .map_or(DEFAULT_PENDING, |b| b / 128)
+                    .clamp(DEFAULT_PENDING, MAX_AUTO_PENDING),
+            },
+        }
+    }
+
+    /// Bytes waiting in all (this thread's and the arenas') that justify a synchronize before
+    /// growing the pool for a `block`.
+    fn pending(&self, block: usize) -> usize {
+        block
+            .saturating_mul(LARGE_BATCH_BLOCKS)
+            .clamp(self.floor, self.cap)
+            .max(1)
+    }
+
+    /// Bytes of `block`-sized blocks waiting in this thread's cache that justify a synchronize
+    /// even while the arena could serve: `SHARD_SYNC_BLOCKS` of them, fewer for large blocks
+    /// (at least 4).
+    fn class(&self, block: usize) -> usize {
+        block
+            .saturating_mul(SHARD_SYNC_BLOCKS)
+            .min(self.pending(block))
+            .max(block * 4)
+    }
+}
+
 /// Blocks of at most this many bytes in total are moved from the arena into a shard per refill.
 const REFILL_BYTES: usize = 256 << 10;
 const MAX_REFILL: usize = 16;
-/// A thread's cache of one size class asks for a synchronize once it holds this many blocks, or
-/// this many bytes if fewer (but at least 4 blocks), all waiting for one: one synchronize
-/// (about 1 us on an idle H200) then serves that many allocations, and the memory this costs is
-/// bounded by the byte limit. Not more: the blocks a thread cycles through between synchronizes
-/// are its working set in the tracker's table too (1024 was slower at 16 threads on an H200).
+/// A thread's cache of one size class asks for a synchronize once it holds this many blocks (or
+/// fewer, see `SyncBatch::class`) all waiting for one: one synchronize then serves that many
+/// allocations. Not more: the blocks a thread cycles through between synchronizes are its
+/// working set in the tracker's table too (1024 was slower at 16 threads on an H200).
 const SHARD_SYNC_BLOCKS: usize = 256;
-const SHARD_SYNC_BYTES: usize = 64 << 20;
 
 pub struct CachingPool {
     backend: SharedBackend,
     settings: PoolSettings,
+    batch: SyncBatch,
     shards: Box<[PaddedShard]>,
     /// Blocks up to `SMALL_LIMIT` live in 2 MiB chunks of their own, so that small, long-lived
     /// blocks never pin large chunks.
@@ -107,9 +160,14 @@ impl CachingPool {
             StreamSafety::Off => u64::MAX,
             StreamSafety::Batched | StreamSafety::Eager => 1,
         };
+        let batch = SyncBatch::new(
+            settings.pending_limit,
+            backend.mem_info().ok().map(|(_, total)| total),
+        );
         CachingPool {
             backend,
             settings,
+            batch,
             shards: (0..N_SHARDS).map(|_| PaddedShard::new(trusting)).collect(),
             small: Mutex::new(Arena::default()),
             large: Mutex::new(Arena::default()),
@@ -358,10 +416,7 @@ impl CachingPool {
             }
             let waiting = shard.waiting(class);
             drop(shard);
-            let threshold = (block * SHARD_SYNC_BLOCKS)
-                .min(SHARD_SYNC_BYTES)
-                .max(block * 4);
-            if waiting >= threshold {
+            if waiting >= self.batch.class(block) {
                 self.sync_and_settle()?;
                 if let Some(ptr) = self.take_from_shard(block) {
                     return Ok((ptr, true));
@@ -371,7 +426,7 @@ impl CachingPool {
         if let Some(ptr) = self.take_from_arena(block) {
             return Ok((ptr, true));
         }
-        if self.waiting_bytes() >= self.settings.pending_limit.max(1) {
+        if self.waiting_bytes() >= self.batch.pending(block) {
             self.sync_and_settle()?;
             if let Some(ptr) = self
                 .take_from_shard(block)

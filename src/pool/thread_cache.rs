@@ -32,7 +32,8 @@ pub const MAX_CACHED_BLOCK: usize = super::size_class::MAX_CLASS_SIZE;
 /// Bytes a shard may hold before it hands its oldest blocks back to the arena. Generous on
 /// purpose: an inference step frees hundreds of MiB and allocates the same sizes again, and a
 /// cached block is reused without a lock. Out of memory and `hbm_trim` empty every shard.
-pub const SHARD_CAPACITY: usize = 1 << 30;
+/// Above the largest synchronize batch (`caching::SyncBatch`), so that a batch waits here.
+pub const SHARD_CAPACITY: usize = 2 << 30;
 /// Blocks per class a shard may hold: above the pool's per-class synchronize batch, so that a
 /// batch waits here rather than spilling into the arena.
 const MAX_PER_CLASS: usize = 512;
