@@ -1,7 +1,8 @@
 //! Where device memory comes from: one small trait, one implementation per file.
 //!
-//! A backend serves exactly one device. It knows nothing of pooling, tracking or interposition:
-//! pools sit above it and call it only on their slow paths.
+//! A backend serves exactly one device (or the host: the pinned host memory behind
+//! `cudaMallocHost` comes from a backend whose device is `HOST_DEVICE`). It knows nothing of
+//! pooling, tracking or interposition: pools sit above it and call it only on their slow paths.
 
 pub mod cuda;
 pub mod sim;
