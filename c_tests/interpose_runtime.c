@@ -5,7 +5,10 @@
  *     LD_PRELOAD=libhbmalloc.so HBMALLOC_CONF=backend:sim,sim_capacity:4GiB interpose_runtime 4294967296
  * (argument: the sim_capacity in bytes). First it proves that hbmalloc, not libcudart, serves the
  * calls, and stops at once if not; then it checks every row of DESIGN.md's contract table and the
- * bad inputs a program may pass, the data path, and a 16-thread stress.
+ * bad inputs a program may pass, the data path, and a 16-thread stress. The same for the pinned
+ * host siblings (cudaMallocHost, cudaHostAlloc, cudaFreeHost, from hbmalloc's pinned pool) and
+ * cudaMallocManaged (the runtime's, tracked), and it leaves one block of each allocated on
+ * purpose, for the leak report at exit.
  *
  * Under backend:sim the "device" memory hbmalloc hands out is ordinary host memory (anonymous
  * mmap), so this test writes and reads it with memset/memcmp directly. On a real GPU
@@ -64,11 +67,31 @@ static unsigned char dev_byte(const void *p, size_t off) {
 }
 
 /* A function's address as a data pointer, without the cast ISO C leaves undefined. */
-static void *code_address(cudaError_t (*fn)(void **, size_t)) {
-    void *p;
-    _Static_assert(sizeof p == sizeof fn, "function and data pointers differ in size");
-    memcpy(&p, &fn, sizeof p);
-    return p;
+#define CODE_ADDRESS(out, fn)                                                                 \
+    do {                                                                                      \
+        __typeof__(&(fn)) fn_ = &(fn);                                                        \
+        _Static_assert(sizeof(out) == sizeof fn_, "function and data pointers differ in size"); \
+        memcpy(&(out), &fn_, sizeof(out));                                                    \
+    } while (0)
+
+/* Stops the test unless `name`, as this program binds it, is hbmalloc's definition, shadowing
+ * the real one in libcudart, and `program_calls` (the address this program's calls to it go to)
+ * is that definition. Returns the file that defines it. */
+static const char *require_interposed(void *cudart, const char *name, void *program_calls) {
+    void *bound = dlsym(RTLD_DEFAULT, name);
+    void *runtime_own = dlsym(cudart, name);
+    Dl_info info;
+    memset(&info, 0, sizeof info);
+    REQUIRE(bound != NULL && dladdr(bound, &info) != 0 && info.dli_fname != NULL,
+            "cannot locate the %s this program binds to", name);
+    REQUIRE(strstr(info.dli_fname, "libhbmalloc") != NULL,
+            "%s resolves to %s, not libhbmalloc: hbmalloc did NOT interpose", name, info.dli_fname);
+    REQUIRE(runtime_own != NULL && runtime_own != bound,
+            "libcudart's own %s (%p) should exist and differ from the bound one (%p)", name,
+            runtime_own, bound);
+    REQUIRE(program_calls == bound, "this program's %s calls go to %p, not to hbmalloc's %p", name,
+            program_calls, bound);
+    return info.dli_fname;
 }
 
 /* Stops the test unless the cudaMalloc this program calls is hbmalloc's. Without this, every
@@ -83,20 +106,9 @@ static void prove_hbmalloc_serves_the_runtime_api(void) {
     memcpy(&hbm_stats_ptr, &sym, sizeof sym);
 
     /* The definition this program's calls bind to is hbmalloc's, and it shadows a real one. */
-    void *bound = dlsym(RTLD_DEFAULT, "cudaMalloc");
-    void *runtime_own = dlsym(cudart, "cudaMalloc");
-    Dl_info info;
-    memset(&info, 0, sizeof info);
-    REQUIRE(bound != NULL && dladdr(bound, &info) != 0 && info.dli_fname != NULL,
-            "cannot locate the cudaMalloc this program binds to");
-    REQUIRE(strstr(info.dli_fname, "libhbmalloc") != NULL,
-            "cudaMalloc resolves to %s, not libhbmalloc: hbmalloc did NOT interpose", info.dli_fname);
-    REQUIRE(runtime_own != NULL && runtime_own != bound,
-            "libcudart's own cudaMalloc (%p) should exist and differ from the bound one (%p)",
-            runtime_own, bound);
-    REQUIRE(code_address(cudaMalloc) == bound,
-            "this program's cudaMalloc calls go to %p, not to hbmalloc's %p",
-            code_address(cudaMalloc), bound);
+    void *calls;
+    CODE_ADDRESS(calls, cudaMalloc);
+    const char *lib = require_interposed(cudart, "cudaMalloc", calls);
     REQUIRE(dlclose(cudart) == 0, "dlclose: %s", dlerror());
 
     /* And it really serves them: its statistics count the call. */
@@ -111,8 +123,7 @@ static void prove_hbmalloc_serves_the_runtime_api(void) {
     REQUIRE(after.in_use >= before.in_use + 1024, "in_use did not grow by the allocation");
     REQUIRE(cudaFree(p) == cudaSuccess, "cudaFree of a fresh allocation failed");
     REQUIRE(stats_now().frees == after.frees + 1, "hbmalloc did not serve cudaFree");
-    printf("interposition proven: cudaMalloc is %s's, hbm_stats counts the calls\n",
-           info.dli_fname);
+    printf("interposition proven: cudaMalloc is %s's, hbm_stats counts the calls\n", lib);
 }
 
 /* Runs one bad free with stderr captured; checks its result and its diagnostic. */
@@ -440,6 +451,341 @@ static void thread_stress(void) {
           before.in_use);
 }
 
+/* hbm_checkpoint / hbm_leaks_since, found with dlsym: what the tracker holds since a mark. */
+typedef uint64_t (*hbm_checkpoint_fn)(void);
+typedef enum HbmStatus (*hbm_leaks_since_fn)(uint64_t mark, uint64_t *out_bytes, uint64_t *out_count);
+static hbm_checkpoint_fn hbm_checkpoint_ptr;
+static hbm_leaks_since_fn hbm_leaks_since_ptr;
+
+/* Live allocations the tracker recorded since `mark` (this program is single-threaded there). */
+static uint64_t live_since(uint64_t mark, uint64_t *bytes) {
+    uint64_t b = 0, n = 0;
+    enum HbmStatus st = hbm_leaks_since_ptr(mark, &b, &n);
+    REQUIRE(st == HBM_STATUS_OK, "hbm_leaks_since returned %d", (int)st);
+    if (bytes != NULL) {
+        *bytes = b;
+    }
+    return n;
+}
+
+/* The pinned-host and managed siblings are hbmalloc's too: each binds to its definition, and
+ * what each hands out is in hbmalloc's tracker until it is freed. */
+static void prove_host_and_managed_are_interposed(void) {
+    void *cudart = dlopen("libcudart.so.13", RTLD_NOLOAD | RTLD_LAZY);
+    REQUIRE(cudart != NULL, "libcudart.so.13 is not loaded");
+    void *calls;
+    CODE_ADDRESS(calls, cudaMallocHost);
+    require_interposed(cudart, "cudaMallocHost", calls);
+    CODE_ADDRESS(calls, cudaHostAlloc);
+    require_interposed(cudart, "cudaHostAlloc", calls);
+    CODE_ADDRESS(calls, cudaFreeHost);
+    require_interposed(cudart, "cudaFreeHost", calls);
+    CODE_ADDRESS(calls, cudaMallocManaged);
+    require_interposed(cudart, "cudaMallocManaged", calls);
+    REQUIRE(dlclose(cudart) == 0, "dlclose: %s", dlerror());
+
+    void *sym = dlsym(RTLD_DEFAULT, "hbm_checkpoint");
+    REQUIRE(sym != NULL, "no hbm_checkpoint in the process");
+    memcpy(&hbm_checkpoint_ptr, &sym, sizeof sym);
+    sym = dlsym(RTLD_DEFAULT, "hbm_leaks_since");
+    REQUIRE(sym != NULL, "no hbm_leaks_since in the process");
+    memcpy(&hbm_leaks_since_ptr, &sym, sizeof sym);
+
+    uint64_t mark = hbm_checkpoint_ptr(), bytes = 0;
+    void *h = NULL, *a = NULL, *m = NULL;
+    REQUIRE(cudaMallocHost(&h, 1000) == cudaSuccess && h != NULL, "cudaMallocHost(1000)");
+    REQUIRE(live_since(mark, &bytes) == 1 && bytes == 1000,
+            "hbmalloc's tracker did not record cudaMallocHost (%" PRIu64 " bytes)", bytes);
+    REQUIRE(cudaHostAlloc(&a, 3000, cudaHostAllocPortable | cudaHostAllocMapped) == cudaSuccess &&
+                a != NULL,
+            "cudaHostAlloc(3000, Portable|Mapped)");
+    REQUIRE(cudaMallocManaged(&m, 5000, cudaMemAttachGlobal) == cudaSuccess && m != NULL,
+            "cudaMallocManaged(5000)");
+    REQUIRE(live_since(mark, &bytes) == 3 && bytes == 9000,
+            "hbmalloc's tracker did not record cudaHostAlloc and cudaMallocManaged");
+    REQUIRE(cudaFreeHost(h) == cudaSuccess && cudaFreeHost(a) == cudaSuccess, "cudaFreeHost");
+    REQUIRE(cudaFree(m) == cudaSuccess, "cudaFree of managed memory");
+    REQUIRE(live_since(mark, NULL) == 0, "the frees did not reach hbmalloc's tracker");
+    printf("interposition proven: cudaMallocHost, cudaHostAlloc, cudaFreeHost and "
+           "cudaMallocManaged are hbmalloc's, its tracker records them\n");
+}
+
+/* Runs one bad cudaFreeHost with stderr captured; checks its result and its diagnostic. */
+static void bad_free_host(void *ptr, const char *diagnostic) {
+    char text[1024];
+    capture c;
+    capture_begin(&c);
+    cudaError_t err = cudaFreeHost(ptr);
+    capture_end(&c, text, sizeof text);
+    CHECK(err == cudaErrorInvalidValue, "cudaFreeHost(%p) = %d, want 1", ptr, (int)err);
+    CHECK(strstr(text, "hbmalloc:") != NULL && strstr(text, diagnostic) != NULL,
+          "cudaFreeHost(%p) printed \"%s\", want a line with \"hbmalloc:\" and \"%s\"", ptr, text,
+          diagnostic);
+    CHECK(cudaGetLastError() == cudaErrorInvalidValue, "cudaGetLastError after a bad cudaFreeHost");
+    CHECK(cudaGetLastError() == cudaSuccess, "cudaGetLastError resets");
+}
+
+/* Pinned host memory: the runtime's contract for every input, page alignment, data, and the
+ * device reaching it (on a GPU). */
+static void pinned_host(void) {
+    void *p;
+    cudaError_t err;
+    /* Size 0: success and NULL (DESIGN.md's table), for both entry points. */
+    p = (void *)&p;
+    err = cudaMallocHost(&p, 0);
+    CHECK(err == cudaSuccess && p == NULL, "cudaMallocHost(&p, 0) = %d, p = %p", (int)err, p);
+    p = (void *)&p;
+    err = cudaHostAlloc(&p, 0, cudaHostAllocDefault);
+    CHECK(err == cudaSuccess && p == NULL, "cudaHostAlloc(&p, 0) = %d, p = %p", (int)err, p);
+
+    /* NULL out-pointer, unknown flags: invalid value, reported once by cudaGetLastError. */
+    CHECK(cudaMallocHost(NULL, 16) == cudaErrorInvalidValue, "cudaMallocHost(NULL, 16)");
+    CHECK(cudaGetLastError() == cudaErrorInvalidValue, "cudaGetLastError after cudaMallocHost(NULL)");
+    CHECK(cudaGetLastError() == cudaSuccess, "cudaGetLastError resets");
+    CHECK(cudaHostAlloc(NULL, 16, 0) == cudaErrorInvalidValue, "cudaHostAlloc(NULL, 16)");
+    const unsigned bad_flags[] = {0x8, 0x10, 0x80000000u, 0x7 | 0x100};
+    for (size_t i = 0; i < sizeof bad_flags / sizeof bad_flags[0]; i++) {
+        p = NULL;
+        err = cudaHostAlloc(&p, 4096, bad_flags[i]);
+        CHECK(err == cudaErrorInvalidValue && p == NULL, "cudaHostAlloc(flags %#x) = %d, p = %p",
+              bad_flags[i], (int)err, p);
+    }
+    CHECK(cudaGetLastError() == cudaErrorInvalidValue, "cudaGetLastError after bad flags");
+
+    /* cudaFreeHost(NULL): 0. */
+    CHECK(cudaFreeHost(NULL) == cudaSuccess, "cudaFreeHost(NULL)");
+    CHECK(cudaGetLastError() == cudaSuccess, "no error recorded by cudaFreeHost(NULL)");
+
+    /* Out of memory: cudaErrorMemoryAllocation, pointer untouched, cudaGetLastError reports it. */
+    const size_t huge[] = {(size_t)256 << 40, SIZE_MAX, SIZE_MAX - 4095};
+    for (size_t i = 0; i < sizeof huge / sizeof huge[0]; i++) {
+        p = NULL;
+        err = cudaMallocHost(&p, huge[i]);
+        CHECK(err == cudaErrorMemoryAllocation && p == NULL, "cudaMallocHost(%zu) = %d, p = %p",
+              huge[i], (int)err, p);
+        CHECK(cudaGetLastError() == cudaErrorMemoryAllocation, "cudaGetLastError after pinned OOM");
+        err = cudaHostAlloc(&p, huge[i], cudaHostAllocMapped);
+        CHECK(err == cudaErrorMemoryAllocation && p == NULL, "cudaHostAlloc(%zu) = %d", huge[i],
+              (int)err);
+        CHECK(cudaGetLastError() == cudaErrorMemoryAllocation, "cudaGetLastError after pinned OOM");
+    }
+
+    /* Interior pointer, double free, pointers never allocated: 1, one line, nothing changed. */
+    void *h = NULL;
+    REQUIRE(cudaMallocHost(&h, 10000) == cudaSuccess && h != NULL, "cudaMallocHost(10000)");
+    bad_free_host((char *)h + 4096, "inside the block");
+    bad_free_host((char *)h + 1, "hbmalloc:");
+    CHECK(cudaFreeHost(h) == cudaSuccess, "cudaFreeHost of the block after interior frees");
+    bad_free_host(h, "double free");
+    int on_stack = 0;
+    bad_free_host(&on_stack, "not a pointer hbmalloc allocated");
+    void *heap = malloc(64);
+    REQUIRE(heap != NULL, "malloc");
+    bad_free_host(heap, "not a pointer hbmalloc allocated");
+    free(heap);
+
+    /* Each free refuses the other kind of memory, and frees nothing. */
+    void *d = NULL;
+    REQUIRE(cudaMalloc(&d, 4096) == cudaSuccess, "cudaMalloc(4096)");
+    bad_free_host(d, "not pinned host memory");
+    CHECK(cudaFree(d) == cudaSuccess, "the device block survived cudaFreeHost");
+    REQUIRE(cudaMallocHost(&h, 4096) == cudaSuccess, "cudaMallocHost(4096)");
+    bad_free(h, cudaErrorInvalidValue, "free it with cudaFreeHost");
+    CHECK(cudaFreeAsync(h, cudaStreamPerThread) == cudaErrorInvalidValue, "cudaFreeAsync(pinned)");
+    CHECK(cudaGetLastError() == cudaErrorInvalidValue, "cudaGetLastError after cudaFreeAsync(pinned)");
+    CHECK(cudaFreeHost(h) == cudaSuccess, "the pinned block survived cudaFree");
+
+    /* Page-aligned, disjoint, and what the CPU writes stays; on a GPU the device reaches it. */
+    enum { N = 64 };
+    static void *ptrs[N];
+    static size_t sizes[N];
+    uint32_t rng = 777;
+    for (int i = 0; i < N; i++) {
+        sizes[i] = 1 + next_random(&rng) % ((i % 8 == 0) ? (6u << 20) : (40u << 10));
+        err = (i % 2) ? cudaMallocHost(&ptrs[i], sizes[i])
+                      : cudaHostAlloc(&ptrs[i], sizes[i], (unsigned)(i / 2) % 4);
+        REQUIRE(err == cudaSuccess && ptrs[i] != NULL, "pinned allocation %d of %zu = %d", i,
+                sizes[i], (int)err);
+        CHECK((uintptr_t)ptrs[i] % 4096 == 0, "pinned %zu bytes at %p is not page-aligned",
+              sizes[i], ptrs[i]);
+        memset(ptrs[i], i, sizes[i]);
+    }
+    int corrupted = 0;
+    for (int i = 0; i < N; i++) {
+        const unsigned char *b = ptrs[i];
+        for (size_t j = 0; j < sizes[i]; j += 97) {
+            corrupted += b[j] != (unsigned char)i;
+        }
+        corrupted += b[sizes[i] - 1] != (unsigned char)i;
+    }
+    CHECK(corrupted == 0, "%d bytes of pinned memory lost what was written", corrupted);
+    if (on_device) {
+        /* Through the device and back, and the block is mapped for it (cudaHostAllocMapped). */
+        size_t n = sizes[1];
+        void *dev = NULL;
+        REQUIRE(cudaMalloc(&dev, n) == cudaSuccess, "cudaMalloc(%zu)", n);
+        CHECK(cudaMemcpy(dev, ptrs[1], n, cudaMemcpyHostToDevice) == cudaSuccess, "H2D from pinned");
+        memset(ptrs[1], 0, n);
+        CHECK(cudaMemcpy(ptrs[1], dev, n, cudaMemcpyDeviceToHost) == cudaSuccess, "D2H to pinned");
+        CHECK(((unsigned char *)ptrs[1])[n - 1] == 1, "pinned data did not survive the device");
+        CHECK(cudaFree(dev) == cudaSuccess, "cudaFree");
+        void *mapped = NULL;
+        err = cudaHostGetDevicePointer(&mapped, ptrs[2], 0);
+        CHECK(err == cudaSuccess && mapped != NULL, "cudaHostGetDevicePointer = %d", (int)err);
+        struct cudaPointerAttributes attr;
+        memset(&attr, 0, sizeof attr);
+        err = cudaPointerGetAttributes(&attr, ptrs[3]);
+        CHECK(err == cudaSuccess && attr.type == cudaMemoryTypeHost,
+              "cudaPointerGetAttributes(pinned) = %d, type %d", (int)err, (int)attr.type);
+    }
+    for (int i = 0; i < N; i++) {
+        CHECK(cudaFreeHost(ptrs[i]) == cudaSuccess, "cudaFreeHost(ptrs[%d])", i);
+    }
+
+    /* Write-combined memory: the runtime's own on a GPU (not pooled), still tracked. */
+    uint64_t mark = hbm_checkpoint_ptr();
+    void *wc = NULL;
+    err = cudaHostAlloc(&wc, 8192, cudaHostAllocWriteCombined | cudaHostAllocMapped);
+    CHECK(err == cudaSuccess && wc != NULL, "cudaHostAlloc(WriteCombined) = %d", (int)err);
+    if (wc != NULL) {
+        memset(wc, 0x3c, 8192);
+        CHECK(live_since(mark, NULL) == 1, "write-combined memory is not tracked");
+        bad_free(wc, cudaErrorInvalidValue, "free it with cudaFreeHost");
+        CHECK(cudaFreeHost(wc) == cudaSuccess, "cudaFreeHost(write-combined)");
+        CHECK(live_since(mark, NULL) == 0, "freed write-combined memory is still tracked");
+    }
+    CHECK(cudaGetLastError() == cudaSuccess, "no error left by the pinned checks");
+}
+
+/* Managed memory: the runtime's own (host memory on backend:sim), tracked, freed by cudaFree. */
+static void managed(void) {
+    void *m = NULL;
+    cudaError_t err;
+    uint64_t mark = hbm_checkpoint_ptr();
+    /* NULL, size 0 (documented: cudaErrorInvalidValue), flags other than exactly one of
+     * cudaMemAttachGlobal / cudaMemAttachHost. On a GPU the runtime answers these itself, so
+     * only "it failed and nothing was recorded" is hbmalloc's part; on sim, the exact code. */
+    struct {
+        int null_ptr;
+        size_t size;
+        unsigned flags;
+    } bad[] = {{1, 16, cudaMemAttachGlobal}, {0, 0, cudaMemAttachGlobal}, {0, 16, 0},
+               {0, 16, cudaMemAttachGlobal | cudaMemAttachHost}, {0, 16, 0x4}};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        m = NULL;
+        err = cudaMallocManaged(bad[i].null_ptr ? NULL : &m, bad[i].size, bad[i].flags);
+        if (on_device) {
+            CHECK(err != cudaSuccess, "cudaMallocManaged(bad input %zu) succeeded", i);
+        } else {
+            CHECK(err == cudaErrorInvalidValue, "cudaMallocManaged(bad input %zu) = %d", i, (int)err);
+        }
+        CHECK(m == NULL, "cudaMallocManaged(bad input %zu) set %p", i, m);
+        CHECK(cudaGetLastError() == err, "cudaGetLastError after cudaMallocManaged(bad input %zu)", i);
+    }
+    if (!on_device) {
+        err = cudaMallocManaged(&m, SIZE_MAX, cudaMemAttachGlobal);
+        CHECK(err == cudaErrorMemoryAllocation && m == NULL, "cudaMallocManaged(SIZE_MAX) = %d",
+              (int)err);
+        CHECK(cudaGetLastError() == cudaErrorMemoryAllocation, "cudaGetLastError after managed OOM");
+    }
+    CHECK(live_since(mark, NULL) == 0, "a failed cudaMallocManaged was recorded");
+
+    /* Both flags; the CPU reads back what it wrote; cudaFreeHost refuses it; cudaFree frees it
+     * once. */
+    const unsigned flags[] = {cudaMemAttachGlobal, cudaMemAttachHost};
+    for (size_t i = 0; i < 2; i++) {
+        m = NULL;
+        err = cudaMallocManaged(&m, 100000, flags[i]);
+        REQUIRE(err == cudaSuccess && m != NULL, "cudaMallocManaged(100000, %u) = %d", flags[i],
+                (int)err);
+        CHECK((uintptr_t)m % 256 == 0, "managed memory at %p is not 256-aligned", m);
+        memset(m, 0x5a, 100000);
+        CHECK(((unsigned char *)m)[99999] == 0x5a, "managed memory lost what was written");
+        CHECK(live_since(mark, NULL) == 1, "managed memory is not tracked");
+        bad_free_host(m, "not pinned host memory");
+        CHECK(cudaFree(m) == cudaSuccess, "cudaFree(managed)");
+        CHECK(live_since(mark, NULL) == 0, "freed managed memory is still tracked");
+        CHECK(cudaFree(m) == cudaErrorInvalidValue, "second cudaFree(managed)");
+        CHECK(cudaGetLastError() == cudaErrorInvalidValue, "cudaGetLastError after a double free");
+    }
+}
+
+/* Pinned memory from 8 threads at once: no block handed to two threads, nothing printed. */
+enum { HOST_THREADS = 8, HOST_ITERATIONS = 2000 };
+
+static void *pinned_worker(void *arg) {
+    struct worker *w = arg;
+    void *ptrs[4] = {0};
+    size_t sizes[4] = {0};
+    uint32_t rng = 0x51ed270bu * (uint32_t)(w->id + 1);
+    for (int i = 0; i < HOST_ITERATIONS; i++) {
+        int slot = (int)(next_random(&rng) % 4);
+        unsigned char tag = (unsigned char)(w->id * 16 + (i & 15)) | 1;
+        if (ptrs[slot] != NULL) {
+            const unsigned char *b = ptrs[slot];
+            unsigned char want = b[0];
+            for (size_t j = 0; j < sizes[slot]; j += 512) {
+                if (b[j] != want || (want >> 4) != (unsigned)w->id) {
+                    worker_fail(w, "a live pinned block was overwritten", i, (long)sizes[slot]);
+                    break;
+                }
+            }
+            if (cudaFreeHost(ptrs[slot]) != cudaSuccess) {
+                worker_fail(w, "cudaFreeHost failed", i, 0);
+            }
+            ptrs[slot] = NULL;
+        }
+        sizes[slot] = 1 + next_random(&rng) % (256u << 10);
+        cudaError_t err = (i & 1) ? cudaMallocHost(&ptrs[slot], sizes[slot])
+                                  : cudaHostAlloc(&ptrs[slot], sizes[slot], cudaHostAllocPortable);
+        if (err != cudaSuccess || ptrs[slot] == NULL) {
+            worker_fail(w, "pinned allocation failed", i, err);
+            ptrs[slot] = NULL;
+            continue;
+        }
+        memset(ptrs[slot], tag, sizes[slot]);
+    }
+    for (int slot = 0; slot < 4; slot++) {
+        if (ptrs[slot] != NULL && cudaFreeHost(ptrs[slot]) != cudaSuccess) {
+            worker_fail(w, "final cudaFreeHost failed", HOST_ITERATIONS, 0);
+        }
+    }
+    return NULL;
+}
+
+static void pinned_threads(void) {
+    pthread_t threads[HOST_THREADS];
+    struct worker workers[HOST_THREADS];
+    static char diagnostics[64 * 1024];
+    uint64_t mark = hbm_checkpoint_ptr();
+    capture c;
+    capture_begin(&c);
+    for (int t = 0; t < HOST_THREADS; t++) {
+        memset(&workers[t], 0, sizeof workers[t]);
+        workers[t].id = t;
+        int rc = pthread_create(&threads[t], NULL, pinned_worker, &workers[t]);
+        REQUIRE(rc == 0, "pthread_create: %s", strerror(rc));
+    }
+    for (int t = 0; t < HOST_THREADS; t++) {
+        int rc = pthread_join(threads[t], NULL);
+        REQUIRE(rc == 0, "pthread_join: %s", strerror(rc));
+        CHECK(workers[t].failures == 0, "pinned thread %d: %d failures, first: %s", t,
+              workers[t].failures, workers[t].first_failure);
+    }
+    capture_end(&c, diagnostics, sizeof diagnostics);
+    CHECK(strstr(diagnostics, "hbmalloc") == NULL,
+          "valid pinned calls from %d threads made hbmalloc print diagnostics", HOST_THREADS);
+    CHECK(live_since(mark, NULL) == 0, "pinned blocks left on record after the threads");
+}
+
+/* Left allocated on purpose: the leak report at exit must name both (CTest checks it). */
+static void leak_on_purpose(void) {
+    void *h = NULL, *m = NULL;
+    REQUIRE(cudaMallocHost(&h, 12345) == cudaSuccess, "cudaMallocHost(12345)");
+    REQUIRE(cudaMallocManaged(&m, 23456, cudaMemAttachGlobal) == cudaSuccess,
+            "cudaMallocManaged(23456)");
+}
+
 int main(int argc, char **argv) {
     if (argc != 2) {
         fprintf(stderr, "usage: %s SIM_CAPACITY_BYTES|cuda   (run with LD_PRELOAD=libhbmalloc.so "
@@ -457,11 +803,16 @@ int main(int argc, char **argv) {
             "bad SIM_CAPACITY_BYTES '%s'", argv[1]);
 
     prove_hbmalloc_serves_the_runtime_api();
+    prove_host_and_managed_are_interposed();
     contract_table();
     alignment();
     mem_get_info((size_t)capacity);
     data_and_overlap();
     thread_stress();
+    pinned_host();
+    managed();
+    pinned_threads();
+    leak_on_purpose();
 
     HbmStats s = stats_now();
     CHECK(s.in_use == 0, "%" PRIu64 " bytes still in use at the end", s.in_use);

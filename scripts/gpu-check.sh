@@ -78,6 +78,21 @@ if want stream; then
     else
         record "stream safety build" FAIL "$(head -3 "$LOG/stream-build.log" | tr '\n' ' ')"
     fi
+    # The same for pinned host memory: a copy from a pinned block still queued when cudaFreeHost
+    # returns must never read the next cudaMallocHost's data.
+    exe=build/gpu/pinned_safety
+    if nvcc -O2 -cudart shared -o "$exe" c_tests/gpu/pinned_safety.cu 2>"$LOG/pinned-build.log"; then
+        for mode in batched eager; do
+            out=$(HBMALLOC_CONF=stream_safety:$mode LD_PRELOAD=$LIB "$exe" 2>&1)
+            rc=$?
+            [[ $rc == 0 ]] && record "pinned safety ($mode)" PASS "$out" || record "pinned safety ($mode)" FAIL "rc=$rc $out"
+        done
+        out=$(HBMALLOC_CONF=stream_safety:off LD_PRELOAD=$LIB "$exe" 2>&1)
+        rc=$?
+        [[ $rc == 1 ]] && record "pinned safety off (must corrupt)" PASS "$out" || record "pinned safety off (must corrupt)" FAIL "rc=$rc $out"
+    else
+        record "pinned safety build" FAIL "$(head -3 "$LOG/pinned-build.log" | tr '\n' ' ')"
+    fi
 fi
 
 if want torch; then

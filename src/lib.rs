@@ -8,6 +8,7 @@ pub mod backend;
 pub mod config;
 pub mod error;
 pub mod ffi;
+pub mod host_alloc;
 pub mod kernels;
 pub mod kv;
 pub mod pool;

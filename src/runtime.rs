@@ -4,10 +4,10 @@
 //! and the simulated device.
 
 use crate::backend::sim::SimBackend;
-use crate::backend::SharedBackend;
+use crate::backend::{host_memory, SharedBackend, HOST_DEVICE};
 use crate::config::{self, BackendKind};
 use crate::error::{Error, Result};
-use crate::pool::{CachingPool, PoolSettings};
+use crate::pool::{CachingPool, PinnedPool, PoolSettings};
 use once_cell::sync::OnceCell;
 use std::sync::Arc;
 
@@ -97,4 +97,44 @@ pub fn pools() -> impl Iterator<Item = (i32, &'static CachingPool)> {
         .iter()
         .enumerate()
         .filter_map(|(d, p)| p.get().map(|p| (d as i32, p)))
+}
+
+static HOST_POOL: OnceCell<PinnedPool> = OnceCell::new();
+
+/// The pinned host pool (the one behind `cudaMallocHost`), created on first use: over the
+/// driver's pinned memory on CUDA, over ordinary host memory (bounded by the host's RAM) on the
+/// simulated device.
+#[inline]
+pub fn host_pool() -> Result<&'static PinnedPool> {
+    if let Some(pool) = HOST_POOL.get() {
+        return Ok(pool);
+    }
+    host_pool_slow()
+}
+
+#[cold]
+fn host_pool_slow() -> Result<&'static PinnedPool> {
+    HOST_POOL.get_or_try_init(|| {
+        let backend: SharedBackend = match active() {
+            Active::Sim => Arc::new(SimBackend::new(HOST_DEVICE, host_memory().1)),
+            Active::Cuda => Arc::new(crate::backend::cuda::PinnedHostBackend::new()?),
+        };
+        Ok(PinnedPool::new(
+            backend,
+            PoolSettings::from_config(config::get()),
+        ))
+    })
+}
+
+/// The pinned host pool if anything created it.
+pub fn host_pool_if_started() -> Option<&'static PinnedPool> {
+    HOST_POOL.get()
+}
+
+static SIM_MANAGED: OnceCell<SimBackend> = OnceCell::new();
+
+/// Where `cudaMallocManaged` memory comes from on the simulated device: host memory of its own
+/// (managed memory is not pooled, see `crate::host_alloc`), bounded by the host's RAM.
+pub fn sim_managed() -> &'static SimBackend {
+    SIM_MANAGED.get_or_init(|| SimBackend::new(0, host_memory().1))
 }

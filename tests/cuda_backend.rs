@@ -5,8 +5,8 @@
 //! one lock, so they run one at a time: `mem_info` figures must not move under another test.
 
 use cudarc::driver::sys;
-use hbmalloc::backend::cuda::CudaBackend;
-use hbmalloc::backend::Backend;
+use hbmalloc::backend::cuda::{CudaBackend, PinnedHostBackend};
+use hbmalloc::backend::{Backend, HOST_DEVICE};
 use hbmalloc::error::Error;
 use std::sync::{Mutex, MutexGuard};
 
@@ -271,4 +271,48 @@ fn cuda_calls_leave_the_threads_context_as_found() {
             unsafe { sys::cuCtxDestroy_v2(own) };
         });
     });
+}
+
+#[test]
+fn pinned_host_backend_without_a_driver_is_refused() {
+    if !CudaBackend::available() {
+        assert!(matches!(
+            PinnedHostBackend::new(),
+            Err(Error::InvalidDevice(HOST_DEVICE))
+        ));
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn pinned_host_memory_is_page_aligned_usable_and_freed_once() {
+    let (_lock, device) = gpu();
+    let host = PinnedHostBackend::new().expect("a pinned host backend");
+    assert_eq!(host.device(), HOST_DEVICE);
+    let n = 3 << 20;
+    let p = host.alloc(n).expect("cuMemHostAlloc");
+    assert_eq!(p % 4096, 0, "pinned memory at {p:#x} is not page-aligned");
+    // SAFETY: [p, p+n) is pinned host memory just allocated, used by nobody else.
+    let bytes = unsafe { std::slice::from_raw_parts_mut(p as *mut u8, n) };
+    bytes.fill(0x7b);
+    // Pinned, portable and mapped, as the driver sees it, interior pointers included.
+    let mut flags = 0;
+    // SAFETY: `flags` is a valid out-parameter; the pointer lies inside a live allocation.
+    let rc = unsafe { sys::cuMemHostGetFlags(&mut flags, (p + 4096) as *mut _) };
+    assert_eq!(rc, sys::CUresult::CUDA_SUCCESS);
+    let want = sys::CU_MEMHOSTALLOC_PORTABLE | sys::CU_MEMHOSTALLOC_DEVICEMAP;
+    assert_eq!(flags & want, want, "flags {flags:#x}");
+    let d = device.alloc(n).expect("cuMemAlloc");
+    device.copy_from_host(d, bytes).unwrap();
+    host.synchronize().expect("synchronize every active device");
+    let mut back = vec![0u8; n];
+    device.copy_to_host(&mut back, d).unwrap();
+    assert!(back.iter().all(|&b| b == 0x7b));
+    device.free(d, n).unwrap();
+    host.free(p, n).expect("cuMemFreeHost");
+    assert_eq!(host.free(p, n), Err(Error::UnknownPointer(p)));
+    assert!(matches!(
+        host.alloc(256 << 40),
+        Err(Error::OutOfMemory { .. })
+    ));
 }

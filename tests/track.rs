@@ -192,6 +192,30 @@ fn text_report_lists_sites_largest_first() {
 }
 
 #[test]
+fn pinned_host_memory_is_reported_on_the_host() {
+    let t = Tracker::new(Settings {
+        backtrace: false,
+        ..settings()
+    });
+    t.on_alloc(0x7000_0000, 4096, -1, 0, Origin::CudaMallocHost);
+    t.on_alloc(0x7100_0000, 8192, 0, 0, Origin::CudaMallocManaged);
+    let text = t.render_text_report(LeakReport::Full);
+    assert!(
+        text.contains(
+            "in 2 allocations from cudaMallocHost, cudaMallocManaged on device 0 and the host"
+        ),
+        "{text}"
+    );
+    let t = Tracker::new(settings());
+    t.on_alloc(0x7200_0000, 4096, -1, 0, Origin::CudaHostAlloc);
+    let text = t.render_text_report(LeakReport::Full);
+    assert!(
+        text.contains("in 1 allocation from cudaHostAlloc on the host\n"),
+        "{text}"
+    );
+}
+
+#[test]
 fn nothing_leaked_prints_zeros() {
     let t = Tracker::new(settings());
     t.on_alloc(0x1000, 10, 0, 0, Origin::CudaMalloc);

@@ -1,7 +1,8 @@
 //! Where device memory comes from: one small trait, one implementation per file.
 //!
-//! A backend serves exactly one device. It knows nothing of pooling, tracking or interposition:
-//! pools sit above it and call it only on their slow paths.
+//! A backend serves exactly one device (or the host: the pinned host memory behind
+//! `cudaMallocHost` comes from a backend whose device is `HOST_DEVICE`). It knows nothing of
+//! pooling, tracking or interposition: pools sit above it and call it only on their slow paths.
 
 pub mod cuda;
 pub mod sim;
@@ -12,6 +13,25 @@ use std::sync::Arc;
 
 /// A device address (`CUdeviceptr` on CUDA, a host address on the simulated device).
 pub type DevicePtr = usize;
+
+/// The "device" of pinned host memory: CUDA's `cudaCpuDeviceId`. The backend behind
+/// `cudaMallocHost` answers `device()` with it, and the tracker records pinned blocks on it.
+pub const HOST_DEVICE: i32 = -1;
+
+/// (free, total) bytes of the host's RAM, as `sysinfo(2)` counts them; (0, 0) if it fails.
+pub fn host_memory() -> (usize, usize) {
+    // SAFETY: an all-zero `sysinfo` is a valid value of this plain C struct.
+    let mut info: libc::sysinfo = unsafe { std::mem::zeroed() };
+    // SAFETY: `info` is a valid, writable `struct sysinfo` for the call.
+    if unsafe { libc::sysinfo(&mut info) } != 0 {
+        return (0, 0);
+    }
+    let unit = (info.mem_unit as usize).max(1);
+    (
+        (info.freeram as usize).saturating_mul(unit),
+        (info.totalram as usize).saturating_mul(unit),
+    )
+}
 
 /// A stream handle as the CUDA runtime passes it (`cudaStream_t`); 0 is the legacy default stream.
 pub type Stream = usize;

@@ -4,8 +4,10 @@
 //! Contract: the CUDA runtime's own, for every input (see DESIGN.md's table): NULL out-pointer →
 //! `cudaErrorInvalidValue`; size 0 → success and NULL; a bad free → `cudaErrorInvalidValue` plus
 //! one diagnostic line; out of memory → `cudaErrorMemoryAllocation`, which `cudaGetLastError`
-//! then reports too; a panic → `cudaErrorUnknown`. Pointers no pool owns go to the real
-//! `cudaFree`. Under `backend:sim` nothing here reaches the real runtime.
+//! then reports too; a panic → `cudaErrorUnknown`. Managed memory (`cuda_host_api`) goes back
+//! to the runtime; pinned host memory and other hbmalloc blocks are refused; pointers hbmalloc
+//! never gave out go to the real `cudaFree`. Under `backend:sim` nothing here reaches the real
+//! runtime.
 //!
 //! These symbols are excluded from the generated header (cbindgen.toml) so that it can be
 //! included beside `cuda_runtime.h`.
@@ -17,7 +19,9 @@ use super::real_cuda::real;
 use super::status::{cuda_error, to_cuda_error};
 use crate::alloc::{self as device_alloc, Api};
 use crate::error::Error;
+use crate::host_alloc;
 use crate::runtime::{self, Active};
+use crate::track::{self, Origin};
 use std::cell::Cell;
 use std::ffi::{c_int, c_void};
 
@@ -36,7 +40,7 @@ thread_local! {
 }
 
 /// Records `code` as this thread's last error (successes do not clear it, as in the runtime).
-fn fail(code: CudaError) -> CudaError {
+pub(super) fn fail(code: CudaError) -> CudaError {
     if code != cuda_error::SUCCESS {
         LAST_ERROR.with(|e| e.set(code));
     }
@@ -44,11 +48,11 @@ fn fail(code: CudaError) -> CudaError {
 }
 
 /// Marks this thread as forwarding to the runtime for the guard's lifetime.
-struct HookGuard;
+pub(super) struct HookGuard;
 
 impl HookGuard {
     /// `None` when this thread is already forwarding.
-    fn enter() -> Option<HookGuard> {
+    pub(super) fn enter() -> Option<HookGuard> {
         IN_HOOK.with(|h| (!h.replace(true)).then_some(HookGuard))
     }
 }
@@ -82,49 +86,105 @@ unsafe fn malloc_hook(dev_ptr: *mut *mut c_void, size: usize, stream: Option<usi
     }
 }
 
+/// Gives `ptr` to the runtime's own `cudaFree` (or `cudaFreeAsync` on `stream`); under
+/// `backend:sim`, or with no runtime to ask, the answer is `cudaErrorInvalidValue`.
+fn forward_free(ptr: *mut c_void, stream: Option<usize>) -> CudaError {
+    if runtime::active() == Active::Sim {
+        return cuda_error::INVALID_VALUE;
+    }
+    // Should the runtime's cudaFree call cudaFree again, the inner call must not forward
+    // a second time: that would recurse without end.
+    let Some(_guard) = HookGuard::enter() else {
+        return cuda_error::INVALID_VALUE;
+    };
+    // SAFETY: the runtime's own functions, given the caller's arguments unchanged.
+    match (stream, real().free, real().free_async) {
+        (None, Some(free), _) => unsafe { free(ptr) },
+        (Some(s), _, Some(free_async)) => unsafe { free_async(ptr, s as CudaStream) },
+        _ => cuda_error::INVALID_VALUE,
+    }
+}
+
 /// Shared body of `cudaFree` and `cudaFreeAsync`.
 fn free_hook(ptr: *mut c_void, stream: Option<usize>) -> CudaError {
-    let forward = || -> CudaError {
-        if runtime::active() == Active::Sim {
-            return cuda_error::INVALID_VALUE;
-        }
-        // Should the runtime's cudaFree call cudaFree again, the inner call must not forward
-        // a second time: that would recurse without end.
-        let Some(_guard) = HookGuard::enter() else {
-            return cuda_error::INVALID_VALUE;
-        };
-        // SAFETY: the runtime's own functions, given the caller's arguments unchanged.
-        match (stream, real().free, real().free_async) {
-            (None, Some(free), _) => unsafe { free(ptr) },
-            (Some(s), _, Some(free_async)) => unsafe { free_async(ptr, s as CudaStream) },
-            _ => cuda_error::INVALID_VALUE,
-        }
-    };
     if ptr.is_null() {
         // cudaFree(NULL) is how programs initialise the runtime: let the runtime see it.
         return match runtime::active() {
             Active::Sim => cuda_error::SUCCESS,
-            Active::Cuda if stream.is_none() => forward(),
+            Active::Cuda if stream.is_none() => forward_free(ptr, stream),
             Active::Cuda => cuda_error::SUCCESS,
         };
     }
     match device_alloc::free(ptr as usize, stream, Api::Runtime) {
         Ok(_) => cuda_error::SUCCESS,
-        // Memory hbmalloc never gave out may still be the runtime's (allocated before we were
-        // loaded, or by a call we do not interpose): the runtime decides, and only its refusal
-        // is worth a line.
-        Err(Error::UnknownPointer(_)) => {
-            let rc = forward();
-            if rc != cuda_error::SUCCESS {
-                eprintln!(
-                    "hbmalloc: cudaFree({ptr:p}): not a pointer hbmalloc allocated (nor the CUDA \
-                     runtime: error {rc}); nothing freed"
-                );
-            }
-            fail(rc)
-        }
+        Err(Error::UnknownPointer(_)) => free_not_pooled(ptr, stream),
         Err(e) => fail(to_cuda_error(&e)),
     }
+}
+
+/// A `cudaFree` of a pointer no device pool knows: managed memory (the runtime's, recorded
+/// here), another kind of ours (refused), or memory hbmalloc never gave out, which may still be
+/// the runtime's (allocated before we were loaded, or by a call we do not interpose): the runtime
+/// decides, and only its refusal is worth a line.
+#[cold]
+fn free_not_pooled(ptr: *mut c_void, stream: Option<usize>) -> CudaError {
+    match track::live_origin(ptr as usize) {
+        Some(Origin::CudaMallocManaged) => return free_managed(ptr, stream),
+        // Memory of another hbmalloc pool (pinned host, scratch pool, KV cache): the runtime's
+        // cudaFree must not see it, and nothing is freed, as the runtime answers for pinned memory.
+        Some(origin) => {
+            let how = match origin {
+                Origin::CudaMallocHost
+                | Origin::CudaHostAlloc
+                | Origin::CudaHostAllocWriteCombined => "; free it with cudaFreeHost",
+                _ => "",
+            };
+            eprintln!(
+                "hbmalloc: cudaFree({ptr:p}): a block from {}, not from cudaMalloc{how}; nothing \
+                 freed",
+                origin.name()
+            );
+            return fail(cuda_error::INVALID_VALUE);
+        }
+        None => {}
+    }
+    let rc = forward_free(ptr, stream);
+    if rc != cuda_error::SUCCESS {
+        eprintln!(
+            "hbmalloc: cudaFree({ptr:p}): not a pointer hbmalloc allocated (nor the CUDA \
+             runtime: error {rc}); nothing freed"
+        );
+    }
+    fail(rc)
+}
+
+/// Frees `cudaMallocManaged` memory: the record goes, then the memory goes back to where it came
+/// from (the runtime, or the simulated device's host memory).
+#[cold]
+fn free_managed(ptr: *mut c_void, stream: Option<usize>) -> CudaError {
+    // The record goes first: once the runtime has the memory back, another thread's
+    // cudaMallocManaged may get the same address and record it.
+    let Some((size, device)) =
+        host_alloc::forget_forwarded(ptr as usize, Origin::CudaMallocManaged)
+    else {
+        // Freed by another thread since we looked: this free is the second.
+        return fail(cuda_error::INVALID_VALUE);
+    };
+    let rc = match runtime::active() {
+        Active::Sim => match host_alloc::free_managed_sim(ptr as usize, size) {
+            Ok(()) => cuda_error::SUCCESS,
+            Err(e) => to_cuda_error(&e),
+        },
+        Active::Cuda => forward_free(ptr, stream),
+    };
+    if rc != cuda_error::SUCCESS {
+        // Nothing was freed: the block is still the program's, so it stays on record.
+        host_alloc::record_forwarded(ptr as usize, size, device, Origin::CudaMallocManaged);
+        eprintln!(
+            "hbmalloc: cudaFree({ptr:p}) of managed memory: the CUDA runtime refused (error {rc})"
+        );
+    }
+    fail(rc)
 }
 
 /// `cudaMalloc`: allocates from the current device's caching pool.

@@ -7,11 +7,13 @@
 //! A function that is not found stays `None` and is never called.
 
 use once_cell::sync::OnceCell;
-use std::ffi::{c_int, c_void, CStr};
+use std::ffi::{c_int, c_uint, c_void, CStr};
 
 pub type FreeFn = unsafe extern "C" fn(*mut c_void) -> c_int;
 pub type FreeAsyncFn = unsafe extern "C" fn(*mut c_void, *mut c_void) -> c_int;
 pub type ErrorFn = unsafe extern "C" fn() -> c_int;
+/// `cudaHostAlloc(void **, size_t, unsigned)` and `cudaMallocManaged`, which has the same shape.
+pub type AllocFlagsFn = unsafe extern "C" fn(*mut *mut c_void, usize, c_uint) -> c_int;
 
 /// The runtime functions the hooks may forward to.
 #[derive(Default)]
@@ -20,6 +22,9 @@ pub struct RealCuda {
     pub free_async: Option<FreeAsyncFn>,
     pub get_last_error: Option<ErrorFn>,
     pub peek_at_last_error: Option<ErrorFn>,
+    pub host_alloc: Option<AllocFlagsFn>,
+    pub free_host: Option<FreeFn>,
+    pub malloc_managed: Option<AllocFlagsFn>,
 }
 
 static REAL: OnceCell<RealCuda> = OnceCell::new();
@@ -37,6 +42,12 @@ pub fn real() -> &'static RealCuda {
                     .map(|p| std::mem::transmute::<*mut c_void, ErrorFn>(p)),
                 peek_at_last_error: lookup(c"cudaPeekAtLastError")
                     .map(|p| std::mem::transmute::<*mut c_void, ErrorFn>(p)),
+                host_alloc: lookup(c"cudaHostAlloc")
+                    .map(|p| std::mem::transmute::<*mut c_void, AllocFlagsFn>(p)),
+                free_host: lookup(c"cudaFreeHost")
+                    .map(|p| std::mem::transmute::<*mut c_void, FreeFn>(p)),
+                malloc_managed: lookup(c"cudaMallocManaged")
+                    .map(|p| std::mem::transmute::<*mut c_void, AllocFlagsFn>(p)),
             }
         }
     })
@@ -76,6 +87,9 @@ fn own_symbol(name: &CStr) -> Option<*mut c_void> {
         b"cudaFreeAsync" => super::cuda_api::cudaFreeAsync as *mut c_void,
         b"cudaGetLastError" => super::cuda_api::cudaGetLastError as *mut c_void,
         b"cudaPeekAtLastError" => super::cuda_api::cudaPeekAtLastError as *mut c_void,
+        b"cudaHostAlloc" => super::cuda_host_api::cudaHostAlloc as *mut c_void,
+        b"cudaFreeHost" => super::cuda_host_api::cudaFreeHost as *mut c_void,
+        b"cudaMallocManaged" => super::cuda_host_api::cudaMallocManaged as *mut c_void,
         _ => return None,
     };
     Some(ours)

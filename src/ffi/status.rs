@@ -78,6 +78,8 @@ pub mod cuda_error {
     pub const SUCCESS: i32 = 0;
     pub const INVALID_VALUE: i32 = 1;
     pub const MEMORY_ALLOCATION: i32 = 2;
+    /// The runtime could not be initialised: here, its own function to forward to is missing.
+    pub const INITIALIZATION_ERROR: i32 = 3;
     pub const INVALID_DEVICE: i32 = 101;
     pub const NOT_SUPPORTED: i32 = 801;
     pub const UNKNOWN: i32 = 999;

@@ -580,9 +580,12 @@ impl CachingPool {
     fn report_oom(&self, block: usize) {
         let s = self.stats();
         let (free, total) = self.backend.mem_info().unwrap_or((0, 0));
+        let (place, memory) = match self.backend.device() {
+            crate::backend::HOST_DEVICE => ("pinned host memory".to_string(), "host"),
+            device => (format!("device {device}"), "device"),
+        };
         eprintln!(
-            "hbmalloc: out of memory on device {}: requested {} bytes; in use {}, cached {}; device free {} of {}",
-            self.backend.device(),
+            "hbmalloc: out of memory on {place}: requested {} bytes; in use {}, cached {}; {memory} free {} of {}",
             block,
             s.in_use,
             s.reserved.saturating_sub(s.in_use),

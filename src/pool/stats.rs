@@ -32,9 +32,14 @@ pub struct PoolStats {
 impl PoolStats {
     /// One line for `verbose:on` at exit: what the pool served and what that cost the driver.
     pub fn summary_line(&self, device: i32) -> String {
+        self.summary_line_of(&format!("device {device}"))
+    }
+
+    /// As `summary_line`, for the pool named `what` ("device 0", "pinned host").
+    pub fn summary_line_of(&self, what: &str) -> String {
         let mib = |b: u64| b as f64 / (1 << 20) as f64;
         format!(
-            "hbmalloc: device {device} pool: {} allocs, {} frees, {} hits, {} misses; \
+            "hbmalloc: {what} pool: {} allocs, {} frees, {} hits, {} misses; \
              driver allocs {}, frees {}; syncs {}; out-of-memory retries {}; \
              peak in use {:.1} MiB, peak reserved {:.1} MiB, reserved now {:.1} MiB\n",
             self.allocs,

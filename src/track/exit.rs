@@ -38,6 +38,9 @@ extern "C" fn exit_handler() {
             for (device, pool) in crate::runtime::pools() {
                 write_stderr(pool.stats().summary_line(device).as_bytes());
             }
+            if let Some(pool) = crate::runtime::host_pool_if_started() {
+                write_stderr(pool.stats().summary_line_of("pinned host").as_bytes());
+            }
         }
     });
 }

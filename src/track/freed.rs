@@ -54,11 +54,14 @@ impl BadFree {
         let mut out = String::new();
         let headline = match (&self.previous, &self.containing) {
             (Some(prev), _) => format!(
-                "hbmalloc: double free of {:#x} ({} bytes, {}, device {})",
+                "hbmalloc: double free of {:#x} ({} bytes, {}, {})",
                 self.ptr,
                 prev.live.size,
                 prev.live.origin.name(),
-                prev.live.device
+                match prev.live.device {
+                    crate::backend::HOST_DEVICE => "host".to_string(),
+                    device => format!("device {device}"),
+                }
             ),
             (None, Some((start, live))) => format!(
                 "hbmalloc: free of unknown pointer {:#x}: it points {} bytes into the live block \

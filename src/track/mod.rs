@@ -50,6 +50,13 @@ pub enum Origin {
     HbmAlloc,
     Pool,
     KvCache,
+    /// Pinned host memory from the host pool, by `cudaMallocHost` / `cudaHostAlloc`.
+    CudaMallocHost,
+    CudaHostAlloc,
+    /// Write-combined pinned memory: the runtime's own `cudaHostAlloc`, forwarded (not pooled).
+    CudaHostAllocWriteCombined,
+    /// The runtime's own `cudaMallocManaged`, forwarded (not pooled).
+    CudaMallocManaged,
 }
 
 impl Origin {
@@ -60,6 +67,10 @@ impl Origin {
             Origin::HbmAlloc => "hbm_alloc",
             Origin::Pool => "pool",
             Origin::KvCache => "kv_cache",
+            Origin::CudaMallocHost => "cudaMallocHost",
+            Origin::CudaHostAlloc => "cudaHostAlloc",
+            Origin::CudaHostAllocWriteCombined => "cudaHostAlloc(WriteCombined)",
+            Origin::CudaMallocManaged => "cudaMallocManaged",
         }
     }
 }
@@ -190,6 +201,12 @@ pub fn forget_block(ptr: usize, origins: &[Origin]) -> Result<(u64, i32), Box<Ba
         |live| origins.contains(&live.origin),
         |live| (live.size, live.device),
     )
+}
+
+/// The entry point that handed out the live allocation at `ptr`, if it is live (cold paths only:
+/// which kind of memory a pointer that one free refused is).
+pub fn live_origin(ptr: usize) -> Option<Origin> {
+    global().get(ptr).map(|live| live.origin)
 }
 
 /// Prints the diagnostic of a bad free from `forget`.

@@ -88,13 +88,24 @@ fn render_site(out: &mut String, site: &Site) {
             .collect::<Vec<_>>()
             .join(", "),
     );
-    let devices: Vec<String> = site.devices.iter().map(i32::to_string).collect();
-    let _ = writeln!(
-        out,
-        " on device{} {}",
-        if devices.len() == 1 { "" } else { "s" },
-        devices.join(", ")
-    );
+    // Pinned host memory is recorded on device -1, CUDA's `cudaCpuDeviceId`.
+    let host = site.devices.contains(&crate::backend::HOST_DEVICE);
+    let devices: Vec<String> = site
+        .devices
+        .iter()
+        .filter(|d| **d != crate::backend::HOST_DEVICE)
+        .map(i32::to_string)
+        .collect();
+    let _ = match (devices.len(), host) {
+        (0, _) => writeln!(out, " on the host"),
+        (n, _) => writeln!(
+            out,
+            " on device{} {}{}",
+            if n == 1 { "" } else { "s" },
+            devices.join(", "),
+            if host { " and the host" } else { "" }
+        ),
+    };
     out.push_str(&format_frames(&site.frames, "      "));
     if let Some((ptr, live)) = site.allocations.first() {
         let _ = writeln!(

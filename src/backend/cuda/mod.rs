@@ -3,11 +3,15 @@
 //!
 //! One `CudaBackend` serves one device through that device's *primary* context, the context the
 //! CUDA runtime uses, so every pointer handed out is valid for runtime calls (`cudaMemcpy`, kernels
-//! launched through the runtime) as well. Reserve-and-commit (VMM) lives in `vmm.rs`.
+//! launched through the runtime) as well. Reserve-and-commit (VMM) lives in `vmm.rs`; pinned
+//! host memory, for the pool behind `cudaMallocHost`, in `host.rs`.
 //!
 //! Every call here is a driver call of its own: pools call the backend only on their slow paths.
 
+mod host;
 mod vmm;
+
+pub use host::PinnedHostBackend;
 
 use super::{check_kv_io, Backend, DevicePtr, Event, KvRows, Stream};
 use crate::error::{Error, Result};
