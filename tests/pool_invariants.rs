@@ -348,6 +348,31 @@ fn large_blocks_wait_in_bigger_batches_bounded_by_the_device() {
 }
 
 #[test]
+fn threads_that_need_a_synchronize_at_once_share_one() {
+    // 8 threads free a block each and then ask for a synchronize together (trim), while each
+    // synchronize takes 20 ms: one runs, the others wait for the next, which covers them all.
+    let (sim, pool) = pool(1 << 30, StreamSafety::Batched, Some(64 << 20));
+    sim.set_sync_latency(std::time::Duration::from_millis(20));
+    let start = std::sync::Barrier::new(8);
+    std::thread::scope(|s| {
+        for _ in 0..8 {
+            s.spawn(|| {
+                let p = pool.alloc(1 << 20).unwrap();
+                pool.free(p).unwrap();
+                start.wait();
+                pool.trim().unwrap();
+            });
+        }
+    });
+    let syncs = sim.sync_count();
+    assert!(
+        (1..=3).contains(&syncs),
+        "8 threads needed {syncs} synchronizes"
+    );
+    pool.check();
+}
+
+#[test]
 fn eager_mode_synchronizes_every_free_and_off_mode_never() {
     let (sim, pool) = pool(1 << 30, StreamSafety::Eager, Some(64 << 20));
     let a = pool.alloc(4096).unwrap();

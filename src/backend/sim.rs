@@ -24,6 +24,9 @@ pub struct SimBackend {
     /// Live `alloc` mappings and reservations, address -> length; lets `free` reject foreign pointers.
     mappings: Mutex<HashMap<DevicePtr, usize>>,
     syncs: AtomicUsize,
+    /// How long `synchronize` takes, in microseconds (0: returns at once), as a device busy
+    /// with queued work would.
+    sync_latency_us: AtomicUsize,
     events: AtomicUsize,
 }
 
@@ -35,8 +38,15 @@ impl SimBackend {
             used: AtomicUsize::new(0),
             mappings: Mutex::new(HashMap::new()),
             syncs: AtomicUsize::new(0),
+            sync_latency_us: AtomicUsize::new(0),
             events: AtomicUsize::new(0),
         }
+    }
+
+    /// Makes every later `synchronize` take `latency`, as if work were queued on the device.
+    pub fn set_sync_latency(&self, latency: std::time::Duration) {
+        self.sync_latency_us
+            .store(latency.as_micros() as usize, Ordering::Relaxed);
     }
 
     /// How many times `synchronize` ran: lets tests see when a pool waited for the device.
@@ -161,6 +171,10 @@ impl Backend for SimBackend {
 
     fn synchronize(&self) -> Result<()> {
         self.syncs.fetch_add(1, Ordering::Relaxed);
+        let us = self.sync_latency_us.load(Ordering::Relaxed);
+        if us > 0 {
+            std::thread::sleep(std::time::Duration::from_micros(us as u64));
+        }
         Ok(())
     }
 

@@ -38,6 +38,9 @@ pub struct StreamFreed {
     pub addr: DevicePtr,
     pub stream: Stream,
     pub event: Event,
+    /// The pool epoch read after the event was recorded: a synchronize that began at or after
+    /// it (completed epoch above it) has waited for the event.
+    pub epoch: u64,
 }
 
 #[derive(Default)]
@@ -138,8 +141,15 @@ impl Arena {
         self.pending.push((addr, stamp));
     }
 
-    /// Marks a handed-out block freed on `stream`, guarded by `event`.
-    pub fn mark_stream_pending(&mut self, addr: DevicePtr, stream: Stream, event: Event) {
+    /// Marks a handed-out block freed on `stream`, guarded by `event`, recorded before the pool
+    /// epoch was `epoch`.
+    pub fn mark_stream_pending(
+        &mut self,
+        addr: DevicePtr,
+        stream: Stream,
+        event: Event,
+        epoch: u64,
+    ) {
         let block = self
             .blocks
             .get_mut(&addr)
@@ -150,6 +160,7 @@ impl Arena {
             addr,
             stream,
             event,
+            epoch,
         });
     }
 
@@ -184,18 +195,19 @@ impl Arena {
         }
     }
 
-    /// Frees every stream-freed block whose event `done` reports complete (`all` skips the
-    /// query, after a device synchronize). Returns the events to give back.
+    /// Frees every stream-freed block that a synchronize has covered (epoch below `completed`)
+    /// or whose event `done` reports complete. Returns the events to give back. Not every
+    /// block after a synchronize: one freed while it ran may still be in use.
     pub fn settle_stream_freed(
         &mut self,
-        all: bool,
+        completed: u64,
         mut done: impl FnMut(Event) -> bool,
     ) -> Vec<Event> {
         let mut released = Vec::new();
         let mut i = 0;
         while i < self.stream_freed.len() {
             let f = self.stream_freed[i];
-            if all || done(f.event) {
+            if f.epoch < completed || done(f.event) {
                 self.stream_freed.swap_remove(i);
                 self.make_free(f.addr);
                 released.push(f.event);
@@ -349,6 +361,24 @@ mod tests {
         a.check();
         assert_eq!(a.take_free_chunks(), vec![(0x10000, 8192)]);
         assert_eq!(a.reserved, 0);
+    }
+
+    #[test]
+    fn a_stream_freed_block_waits_for_its_event_or_a_synchronize_begun_after_it() {
+        let mut a = Arena::default();
+        a.add_chunk(0x10000, 2048);
+        let p = a.take_best_fit(1024).unwrap();
+        let q = a.take_best_fit(1024).unwrap();
+        a.mark_stream_pending(p, 8, 100, 5);
+        a.mark_stream_pending(q, 8, 101, 7);
+        // A synchronize that began in epoch 5 completed (completed = 6): it covers p only, and
+        // q's event is not done yet.
+        assert_eq!(a.settle_stream_freed(6, |_| false), vec![100]);
+        assert_eq!(a.lookup(q), Lookup::Start(State::StreamPending));
+        // q's event completes: released without a synchronize.
+        assert_eq!(a.settle_stream_freed(6, |e| e == 101), vec![101]);
+        a.check();
+        assert_eq!(a.take_free_chunks(), vec![(0x10000, 2048)]);
     }
 
     #[test]

@@ -148,6 +148,8 @@ pub struct CachingPool {
     completed: AtomicU64,
     /// Number of blocks waiting in `Arena::stream_freed`, to skip the lock when there are none.
     stream_freed: AtomicUsize,
+    /// Held while a synchronize runs (`sync_and_settle`).
+    sync_lock: Mutex<()>,
     slow: SlowCounters,
 }
 
@@ -175,6 +177,7 @@ impl CachingPool {
             epoch: AtomicU64::new(1),
             completed: AtomicU64::new(completed),
             stream_freed: AtomicUsize::new(0),
+            sync_lock: Mutex::new(()),
             slow: SlowCounters::default(),
         }
     }
@@ -286,8 +289,9 @@ impl CachingPool {
         self.count_free(block);
         match self.backend.event_record(stream) {
             Ok(event) => {
+                let epoch = self.epoch.load(Ordering::SeqCst);
                 self.arena_for(block)
-                    .mark_stream_pending(ptr, stream_key(stream), event);
+                    .mark_stream_pending(ptr, stream_key(stream), event, epoch);
                 self.stream_freed.fetch_add(1, Ordering::AcqRel);
             }
             // Without an event, the epoch rule (a later device synchronize) still keeps it safe.
@@ -463,8 +467,8 @@ impl CachingPool {
             Some(p) => p,
             None if arena.has_stream_freed() => {
                 let backend = &self.backend;
-                let done =
-                    arena.settle_stream_freed(false, |e| backend.event_done(e).unwrap_or(false));
+                let done = arena
+                    .settle_stream_freed(completed, |e| backend.event_done(e).unwrap_or(false));
                 self.release_events(done);
                 arena.take_best_fit(block)?
             }
@@ -508,20 +512,34 @@ impl CachingPool {
         mine + lock(&self.small).pending_bytes() + lock(&self.large).pending_bytes()
     }
 
-    /// One device synchronize; then every block freed before it is reusable.
+    /// A device synchronize that began after this call; then every block freed before the call
+    /// is reusable.
+    ///
+    /// Group commit: threads that need a synchronize while one runs wait for it, and the first
+    /// to get the lock afterwards issues one for all of them; the others find their frees
+    /// covered and return. At 16 threads each issuing its own, synchronizes cost the most
+    /// (halving the batch cost a quarter of the throughput on an H200).
     fn sync_and_settle(&self) -> Result<()> {
         let shard = &self.shards[my_shard()];
         let started_here = shard.lock().begin_sync();
-        let started = self.epoch.fetch_add(1, Ordering::SeqCst);
-        self.backend.synchronize()?;
-        self.completed.fetch_max(started + 1, Ordering::SeqCst);
+        // A synchronize whose epoch is at least `need` began after this thread's frees.
+        let need = self.epoch.load(Ordering::SeqCst);
+        {
+            let _leader = lock(&self.sync_lock);
+            let trusting = self.settings.stream_safety == StreamSafety::Off;
+            if trusting || self.completed.load(Ordering::Acquire) <= need {
+                let started = self.epoch.fetch_add(1, Ordering::SeqCst);
+                self.backend.synchronize()?;
+                self.completed.fetch_max(started + 1, Ordering::SeqCst);
+                SlowCounters::bump(&self.slow.syncs);
+            }
+        }
         shard.lock().end_sync(started_here);
-        SlowCounters::bump(&self.slow.syncs);
         let completed = self.completed.load(Ordering::Acquire);
         for arena in [&self.small, &self.large] {
             let mut a = lock(arena);
             a.settle_pending(completed);
-            let done = a.settle_stream_freed(true, |_| true);
+            let done = a.settle_stream_freed(completed, |_| false);
             drop(a);
             self.release_events(done);
         }
@@ -634,8 +652,8 @@ fn cache_class(block: usize) -> Option<usize> {
     (is_cached_class(class) && class_size(class) == block).then_some(class)
 }
 
-fn lock(arena: &Mutex<Arena>) -> MutexGuard<'_, Arena> {
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Arena updates are completed before any call that could panic, so a poisoned lock still
     // guards consistent data: take it rather than turn one panic into many.
-    arena.lock().unwrap_or_else(|e| e.into_inner())
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
