@@ -116,14 +116,20 @@ __device__ __forceinline__ float hbm_inverse(float d) {
 // of their warps has two stages (9 KiB), and a block's static shared memory is at most 48 KiB.
 #define HBM_QUANT_THREADS 128
 // Blocks per SM the quantized kernels are compiled for: caps their registers, so that enough
-// warps are resident to keep loads in flight (shared memory allows 6 of each). Appends get 80
-// registers (6 blocks of 128: 24 warps per SM, each with two tiles in flight; 8 bytes spill,
-// and 5 blocks measured slower); so do dequantizes (4 bytes spill).
-#ifndef HBM_APPEND_QUANT_MIN_BLOCKS
-#define HBM_APPEND_QUANT_MIN_BLOCKS 6
+// warps are resident to keep loads in flight (shared memory allows 6 of each). 6 blocks of 128
+// give 80 registers (24 warps per SM), 5 give 96 (20 warps). Measured on an H200 with the F16
+// fast paths: Q4_0 appends run best at 6 (0.71 of copy from F16 against 0.65 at 5; a few spills
+// of loop state), Q8_0 appends at 5 (0.77 against 0.73: at 80 ptxas spills 128 bytes), and the
+// dequantizes at 5 (at 80 ptxas spilled loop state around the F16 path's vote, and every
+// dequantize, F32 ones included, lost a fifth).
+#ifndef HBM_APPEND_Q4_0_MIN_BLOCKS
+#define HBM_APPEND_Q4_0_MIN_BLOCKS 6
+#endif
+#ifndef HBM_APPEND_Q8_0_MIN_BLOCKS
+#define HBM_APPEND_Q8_0_MIN_BLOCKS 5
 #endif
 #ifndef HBM_DEQUANTIZE_QUANT_MIN_BLOCKS
-#define HBM_DEQUANTIZE_QUANT_MIN_BLOCKS 6
+#define HBM_DEQUANTIZE_QUANT_MIN_BLOCKS 5
 #endif
 
 // r = u / n and k = u % n, in 32 bits when u fits (always, in practice): a 64-bit division is a
@@ -451,6 +457,60 @@ __device__ __forceinline__ float hbm_max_nan(float a, float b) {
 #endif
 }
 
+// f16x2 arithmetic on words holding two halves (low half first), for the F16 fast paths of the
+// quantized kernels (sm_80 and later: max.NaN/min.NaN need it). Each use says why its result is
+// the F32 route's, bit for bit.
+#if __CUDA_ARCH__ >= 800
+#define HBM_F16X2 1
+__device__ __forceinline__ u32 hbm_h2_max_nan(u32 a, u32 b) {
+    u32 r;
+    asm("max.NaN.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+    return r;
+}
+
+__device__ __forceinline__ u32 hbm_h2_min_nan(u32 a, u32 b) {
+    u32 r;
+    asm("min.NaN.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+    return r;
+}
+
+__device__ __forceinline__ u32 hbm_h2_abs(u32 a) {
+    u32 r;
+    asm("abs.f16x2 %0, %1;" : "=r"(r) : "r"(a));
+    return r;
+}
+
+// Correctly rounded sums and products (.rn: never contracted into a fused multiply-add).
+__device__ __forceinline__ u32 hbm_h2_add(u32 a, u32 b) {
+    u32 r;
+    asm("add.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+    return r;
+}
+
+__device__ __forceinline__ u32 hbm_h2_mul(u32 a, u32 b) {
+    u32 r;
+    asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+    return r;
+}
+
+// max.NaN and min.NaN of a word's two halves, as fp32 (exactly).
+__device__ __forceinline__ float hbm_h2_fold_max_nan(u32 a) {
+    float r;
+    asm("{.reg .b16 l, h; mov.b32 {l, h}, %1; max.NaN.f16 l, l, h; cvt.f32.f16 %0, l;}"
+        : "=f"(r) : "r"(a));
+    return r;
+}
+
+__device__ __forceinline__ float hbm_h2_fold_min_nan(u32 a) {
+    float r;
+    asm("{.reg .b16 l, h; mov.b32 {l, h}, %1; min.NaN.f16 l, l, h; cvt.f32.f16 %0, l;}"
+        : "=f"(r) : "r"(a));
+    return r;
+}
+#else
+#define HBM_F16X2 0
+#endif
+
 // Bytes 2..5 of the 8 bytes lo:hi (little-endian), i.e. the word two bytes further on.
 __device__ __forceinline__ u32 hbm_shift16(u32 lo, u32 hi) { return __byte_perm(lo, hi, 0x5432); }
 
@@ -497,11 +557,19 @@ __device__ __forceinline__ bool hbm_q8_0_fast_ok(const float *x, float *d, float
     return amax < __int_as_float(0x7f800000) && *id < __int_as_float(0x7f800000);
 }
 
-// Quantizes one Q8_0 block x[0..32] into its 34 bytes as 9 little-endian words (the last one
-// half used): the fp16 scale, then the 32 quants. d and id from hbm_q8_0_fast_ok when fast,
+// Element j of a block for the quantizers: x[j], or with `halves` the fp16 element j of w[]
+// (16 words, low half first) converted as it is used (exactly: no NaN there, fast paths only).
+template <bool halves>
+__device__ __forceinline__ float hbm_elem(const float *x, const u32 *w, int j) {
+    return halves ? hbm_fp16_to_fp32_hw((u16)(w[j / 2] >> (16 * (j & 1)))) : x[j];
+}
+
+// Quantizes one Q8_0 block x[0..32] into its 34 bytes as 9 little-endian words (the last one's
+// low half used): the fp16 scale, then the 32 quants. d and id from hbm_q8_0_fast_ok when fast,
 // else recomputed with ggml's fold.
-template <bool fast>
-__device__ __forceinline__ void hbm_quantize_q8_0(const float *x, float d, float id, u32 *bw) {
+template <bool fast, bool halves = false>
+__device__ __forceinline__ void hbm_quantize_q8_0(const float *x, const u32 *w, float d, float id,
+                                                  u32 *bw) {
     if (!fast) {
         // ggml folds amax = MAX(amax, |x_j|) with MAX(a, b) = a > b ? a : b, in element order: a
         // NaN makes amax NaN and the next element replaces it. Same fold, same order.
@@ -514,22 +582,24 @@ __device__ __forceinline__ void hbm_quantize_q8_0(const float *x, float d, float
         d = __fdiv_rn(amax, 127.0f);
         id = hbm_inverse(d);
     }
-    u32 qw[8];
+    // Quants 2p and 2p + 1 in the low bytes of pr[p]; block bytes 4k .. 4k + 3 are pairs 2k - 1
+    // and 2k (the scale before pair 0).
+    u32 pr[16];
 #pragma unroll
-    for (int i = 0; i < 8; i++) {
-        u32 q[4];
+    for (int p = 0; p < 16; p++) {
+        u32 q[2];
 #pragma unroll
-        for (int m = 0; m < 4; m++) {
-            const float v = __fmul_rn(x[4 * i + m], id);
+        for (int m = 0; m < 2; m++) {
+            const float v = __fmul_rn(hbm_elem<halves>(x, w, 2 * p + m), id);
             // Fast: |v| < 128, so the range check is not needed.
             q[m] = fast ? (u32)__float2int_rz(__fadd_rz(v, copysignf(0.5f, v))) : hbm_round_i8(v);
         }
-        qw[i] = hbm_bytes4(q[0], q[1], q[2], q[3]);
+        pr[p] = __byte_perm(q[0], q[1], 0x0040);
     }
-    bw[0] = (u32)hbm_fp32_to_fp16(d) | (qw[0] << 16);
+    bw[0] = __byte_perm((u32)hbm_fp32_to_fp16(d), pr[0], 0x5410);
 #pragma unroll
-    for (int i = 1; i < 8; i++) bw[i] = hbm_shift16(qw[i - 1], qw[i]);
-    bw[8] = qw[7] >> 16;
+    for (int k = 1; k < 8; k++) bw[k] = __byte_perm(pr[2 * k - 1], pr[2 * k], 0x5410);
+    bw[8] = pr[15] & 0xffffu;
 }
 
 // The fast path's scale for Q4_0: with no NaN and no infinity the largest magnitude is the plain
@@ -554,12 +624,72 @@ __device__ __forceinline__ bool hbm_q4_0_fast_ok(const float *x, float *d, float
     return amax < __int_as_float(0x7f800000) && (*d == 0.0f || fabsf(*d) >= 1.17549435e-38f);
 }
 
+#if HBM_F16X2
+// hbm_q8_0_fast_ok for a block of 32 halves (16 words, as loaded from an F16 source): amax by
+// max.NaN over |x| in f16x2. The maximum of exact conversions is the conversion of the maximum,
+// so amax, d and id are those of the converted floats; a NaN or an infinity still fails.
+__device__ __forceinline__ bool hbm_q8_0_fast_ok_h(const u32 *w, float *d, float *id) {
+    u32 m[8];
+#pragma unroll
+    for (int i = 0; i < 8; i++) m[i] = hbm_h2_max_nan(hbm_h2_abs(w[2 * i]), hbm_h2_abs(w[2 * i + 1]));
+#pragma unroll
+    for (int n = 4; n >= 1; n >>= 1)
+#pragma unroll
+        for (int i = 0; i < n; i++) m[i] = hbm_h2_max_nan(m[2 * i], m[2 * i + 1]);
+    const float amax = hbm_h2_fold_max_nan(m[0]);
+    *d = __fdiv_rn(amax, 127.0f);
+    *id = hbm_inverse(*d);
+    return amax < __int_as_float(0x7f800000) && *id < __int_as_float(0x7f800000);
+}
+
+// hbm_q4_0_fast_ok for a block of 32 halves: the signed maximum mx and minimum mn by max.NaN and
+// min.NaN in f16x2 (a NaN makes both NaN, an infinity makes amax infinite: either fails). When
+// mx > -mn every element of magnitude amax is +mx, so the first one is; when -mn > mx, it is
+// mn. Only when both +amax and -amax occur does the first one need finding (a loop, rare).
+__device__ __forceinline__ bool hbm_q4_0_fast_ok_h(const u32 *w, const u16 *hs, float *d,
+                                                   float *id) {
+    u32 hi[8], lo[8];
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        hi[i] = hbm_h2_max_nan(w[2 * i], w[2 * i + 1]);
+        lo[i] = hbm_h2_min_nan(w[2 * i], w[2 * i + 1]);
+    }
+#pragma unroll
+    for (int n = 4; n >= 1; n >>= 1)
+#pragma unroll
+        for (int i = 0; i < n; i++) {
+            hi[i] = hbm_h2_max_nan(hi[2 * i], hi[2 * i + 1]);
+            lo[i] = hbm_h2_min_nan(lo[2 * i], lo[2 * i + 1]);
+        }
+    const float mx = hbm_h2_fold_max_nan(hi[0]), mn = hbm_h2_fold_min_nan(lo[0]);
+    const float amax = hbm_max_nan(mx, -mn);
+    float max = mx > -mn ? mx : mn;
+    if (mx == -mn && amax > 0.0f) {
+        // +amax and -amax both occur: the first element of magnitude amax, found by a loop over
+        // the block's halves hs[] in the stage (a loop, so that the other lanes skip it).
+#pragma unroll 1
+        for (int j = 0; j < 32; j++) {
+            const float x = hbm_fp16_to_fp32_hw(hs[j]);
+            if (fabsf(x) == amax) {
+                max = x;
+                break;
+            }
+        }
+    }
+    max = amax > 0.0f ? max : 0.0f;  // all zeros: ggml's max stays +0, whatever their signs
+    *d = __fdiv_rn(max, -8.0f);
+    *id = hbm_inverse(*d);
+    return amax < __int_as_float(0x7f800000) && (*d == 0.0f || fabsf(*d) >= 1.17549435e-38f);
+}
+#endif
+
 // Quantizes one Q4_0 block into its 18 bytes as 5 little-endian words (the last one half used).
 // Fast: x*id + 8.5f lies in [0, 17), (int8_t) of it is its floor, which adding 2^23 rounded
 // toward zero leaves in the low bits, and MIN(15, .) works on those bits. General: the
 // reference's steps.
-template <bool fast>
-__device__ __forceinline__ void hbm_quantize_q4_0(const float *x, float d, float id, u32 *bw) {
+template <bool fast, bool halves = false>
+__device__ __forceinline__ void hbm_quantize_q4_0(const float *x, const u32 *w, float d, float id,
+                                                  u32 *bw) {
     if (!fast) {
         // max is the first element of the largest magnitude, with its sign; a NaN never wins.
         float amax = 0.0f, max = 0.0f;
@@ -577,17 +707,16 @@ __device__ __forceinline__ void hbm_quantize_q4_0(const float *x, float d, float
     u32 qw[4];
 #pragma unroll
     for (int i = 0; i < 4; i++) {
-        u32 q[4];
+        u32 q[4], h4[4];
 #pragma unroll
         for (int m = 0; m < 4; m++) {
             const int j = 4 * i + m;
-            const float lo = __fadd_rn(__fmul_rn(x[j], id), 8.5f);
-            const float hi = __fadd_rn(__fmul_rn(x[j + 16], id), 8.5f);
+            const float lo = __fadd_rn(__fmul_rn(hbm_elem<halves>(x, w, j), id), 8.5f);
+            const float hi = __fadd_rn(__fmul_rn(hbm_elem<halves>(x, w, j + 16), id), 8.5f);
             if (fast) {
-                // 2^23 + floor(t), then MIN(15, .) on the bits (both sides are 2^23 + n).
-                const u32 a = min(__float_as_uint(__fadd_rz(lo, 8388608.0f)), 0x4b00000fu);
-                const u32 b = min(__float_as_uint(__fadd_rz(hi, 8388608.0f)), 0x4b00000fu);
-                q[m] = (a & 0xfu) | ((b & 0xfu) << 4);
+                // 2^23 + floor(t): floor(t) <= 16 in the low byte (packed below).
+                q[m] = __float_as_uint(__fadd_rz(lo, 8388608.0f));
+                h4[m] = __float_as_uint(__fadd_rz(hi, 8388608.0f));
             } else {
                 // MIN(15, (int8_t)t) as int, stored as uint8_t.
                 int l = hbm_c_float_to_i8(lo), h = hbm_c_float_to_i8(hi);
@@ -596,7 +725,16 @@ __device__ __forceinline__ void hbm_quantize_q4_0(const float *x, float d, float
                 q[m] = (((u32)l & 0xffu) | (((u32)h & 0xffu) << 4)) & 0xffu;
             }
         }
-        qw[i] = hbm_bytes4(q[0], q[1], q[2], q[3]);
+        if (fast) {
+            // The four low bytes of each side packed, MIN(15, .) on every byte at once (a byte
+            // of 16 loses 1, found at its bit 4), then low nibbles | high nibbles << 4.
+            u32 l = hbm_bytes4(q[0], q[1], q[2], q[3]), h = hbm_bytes4(h4[0], h4[1], h4[2], h4[3]);
+            l -= (l >> 4) & 0x01010101u;
+            h -= (h >> 4) & 0x01010101u;
+            qw[i] = l | (h << 4);
+        } else {
+            qw[i] = hbm_bytes4(q[0], q[1], q[2], q[3]);
+        }
     }
     bw[0] = (u32)hbm_fp32_to_fp16(d) | (qw[0] << 16);
 #pragma unroll
@@ -627,9 +765,8 @@ __device__ __forceinline__ u32 hbm_segments(u32 bytes, u64 addr, u32 k, int lane
 // the next tile's source loads stay in flight while the warp quantizes the current one.
 __device__ __forceinline__ void hbm_cp_async16(void *smem, const void *gmem) {
 #if __CUDA_ARCH__ >= 800
-    u64 s;
-    asm("cvta.to.shared.u64 %0, %1;" : "=l"(s) : "l"(smem));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"((u32)s), "l"(gmem) : "memory");
+    const u32 s = (u32)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
 #else
     *(uint4 *)smem = *(const uint4 *)gmem;
 #endif
@@ -638,9 +775,8 @@ __device__ __forceinline__ void hbm_cp_async16(void *smem, const void *gmem) {
 // 4 bytes global -> shared, the same way (cp.async.ca: 4-byte copies bypass no cache level).
 __device__ __forceinline__ void hbm_cp_async4(void *smem, const void *gmem) {
 #if __CUDA_ARCH__ >= 800
-    u64 s;
-    asm("cvta.to.shared.u64 %0, %1;" : "=l"(s) : "l"(smem));
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"((u32)s), "l"(gmem) : "memory");
+    const u32 s = (u32)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(s), "l"(gmem) : "memory");
 #else
     *(u32 *)smem = *(const u32 *)gmem;
 #endif
@@ -732,72 +868,135 @@ __device__ __forceinline__ void hbm_stage_source(const void *src, bool f16, u64 
     }
 }
 
-// Quantizes the staged tile of blocks b0 .. b0 + nb (hbm_stage_source's layout, or floats at
-// stage[q * 9] when !f16) and stores it: each lane quantizes its block, writes its bytes into the
-// stage (hbm_segments' layout), and the warp stores the segments. Leaves the stage free.
+// Stores the quantized blocks of a tile: lane `lane` (< nb valid) holds its block's bytes as
+// little-endian words bw[] and its tensor address `addr`, `k` blocks into its row. The bytes go
+// through the stage (free when called; free again on return). A tile of 32 blocks within one row
+// whose run starts 16-byte aligned (rows of a multiple of 1024 elements, aligned tensors) is one
+// run of 16-byte stores; any other tile goes by segments (hbm_segments, hbm_copy_segments).
 template <int QT>
-__device__ __forceinline__ void hbm_quantize_tile(bool f16, u64 b0, u32 nb, int lane, u32 bpr,
+__device__ __forceinline__ void hbm_store_blocks(const u32 *bw, u64 addr, u32 k, int lane,
+                                                 u32 nb, u8 *stage_b) {
+    const u32 bytes = hbm_quant<QT>::bytes;
+    u32 starts;
+    const u32 off = hbm_segments(bytes, addr, k, lane, nb, &starts);
+    const u64 a0 = __shfl_sync(FULL_MASK, addr, 0);
+    __syncwarp();  // every lane has read its source before the bytes overwrite it
+    if (nb == 32 && starts == 1u && (a0 & 15u) == 0) {
+        // Block i at stage byte bytes * i (bytes is 2 mod 4: odd blocks start 2 bytes into a
+        // word), written as aligned words and one halfword, the same instructions in every lane.
+        const bool odd = lane & 1;
+        u8 *o = stage_b + bytes * lane;
+        const u32 sel = odd ? 0x5432u : 0x3210u;
+        u32 *ow = (u32 *)(o + (odd ? 2 : 0));
+#pragma unroll
+        for (int i = 0; i < (int)bytes / 4; i++) ow[i] = __byte_perm(bw[i], bw[i + 1], sel);
+        *(u16 *)(odd ? o : o + bytes - 2) = (u16)(odd ? bw[0] : bw[bytes / 4]);
+        __syncwarp();
+        const uint4 *s = (const uint4 *)stage_b;
+        uint4 *g = (uint4 *)a0;
+#pragma unroll
+        for (int j = 0; j < (int)(bytes * 2 + 31) / 32; j++) {
+            const u32 i = 32 * j + lane;
+            if (i < bytes * 2) g[i] = s[i];
+        }
+    } else {
+        if ((u32)lane < nb) {
+            u8 *o = stage_b + off;
+            if ((off & 3u) == 0) {
+#pragma unroll
+                for (int i = 0; i < (int)bytes / 4; i++) ((u32 *)o)[i] = bw[i];
+                *(u16 *)(o + bytes - 2) = (u16)bw[bytes / 4];
+            } else if ((off & 1u) == 0) {
+                *(u16 *)o = (u16)bw[0];
+#pragma unroll
+                for (int i = 0; i < (int)bytes / 4; i++)
+                    ((u32 *)(o + 2))[i] = hbm_shift16(bw[i], bw[i + 1]);
+            } else {
+#pragma unroll
+                for (u32 i = 0; i < bytes; i++) o[i] = (u8)(bw[i / 4] >> (8 * (i % 4)));
+            }
+        }
+        __syncwarp();
+        hbm_copy_segments<true, hbm_quant<QT>::words>(stage_b, bytes, addr, off, starts, nb,
+                                                       lane);
+    }
+    __syncwarp();  // the stage is free for the next tile
+}
+
+// Quantizes the staged tile of nb blocks (hbm_stage_source's layout, or floats at stage[q * 9]
+// when !f16) and stores it: each lane quantizes its block, which is `k` blocks into row r of the
+// append. Leaves the stage free.
+template <int QT>
+__device__ __forceinline__ void hbm_quantize_tile(bool f16, u32 nb, int lane, u64 r, u32 k,
                                                   u8 *dst, u64 dst_row_stride,
                                                   const int *positions, i64 pos0,
                                                   float4 *stage) {
     const u32 bytes = hbm_quant<QT>::bytes;
-    uint4 *stage_q = (uint4 *)stage;
-    u8 *stage_b = (u8 *)stage;
-    // Lane i quantizes block b0 + i and finds where it goes.
-    float x[32];
-    if ((u32)lane < nb) {
-        if (f16) {
-#pragma unroll
-            for (int m = 0; m < 4; m++) hbm_f16x8_to_f32(stage_q[lane * 5 + m], x + 8 * m);
-        } else {
-#pragma unroll
-            for (int m = 0; m < 8; m++) {
-                const float4 v = stage[lane * 9 + m];
-                x[4 * m] = v.x; x[4 * m + 1] = v.y; x[4 * m + 2] = v.z; x[4 * m + 3] = v.w;
-            }
-        }
-    }
+    const uint4 *stage_q = (const uint4 *)stage;
+    const bool valid = (u32)lane < nb;
     float d = 0.0f, id = 0.0f;
     bool ok = true;
-    if ((u32)lane < nb)
-        ok = QT == HBM_Q8_0 ? hbm_q8_0_fast_ok(x, &d, &id) : hbm_q4_0_fast_ok(x, &d, &id);
-    const bool fast = __all_sync(FULL_MASK, ok);
     u32 bw[hbm_quant<QT>::words];
+    bool done = false;
+#if HBM_F16X2
+    if (f16) {
+        // F16 source: the scale from the halves themselves (f16x2), and on the fast path plain
+        // conversions as the quantizer uses them. A block with a NaN or an infinity sends the
+        // warp to the general path below, which reads the stage again.
+        u32 w[16];
+        if (valid) {
+#pragma unroll
+            for (int m = 0; m < 4; m++) {
+                const uint4 v = stage_q[lane * 5 + m];
+                w[4 * m] = v.x; w[4 * m + 1] = v.y; w[4 * m + 2] = v.z; w[4 * m + 3] = v.w;
+            }
+            ok = QT == HBM_Q8_0 ? hbm_q8_0_fast_ok_h(w, &d, &id)
+                                : hbm_q4_0_fast_ok_h(w, (const u16 *)(stage_q + lane * 5), &d, &id);
+        }
+        done = __all_sync(FULL_MASK, ok);
+        if (done && valid) {
+            // The halves again from the stage, rather than kept in registers across the scale.
+            asm volatile("" ::: "memory");
+#pragma unroll
+            for (int m = 0; m < 4; m++) {
+                const uint4 v = stage_q[lane * 5 + m];
+                w[4 * m] = v.x; w[4 * m + 1] = v.y; w[4 * m + 2] = v.z; w[4 * m + 3] = v.w;
+            }
+            if (QT == HBM_Q8_0) hbm_quantize_q8_0<true, true>(0, w, d, id, bw);
+            else hbm_quantize_q4_0<true, true>(0, w, d, id, bw);
+        }
+    }
+#endif
+    if (!done) {
+        float x[32];
+        if (valid) {
+            if (f16) {
+#pragma unroll
+                for (int m = 0; m < 4; m++) hbm_f16x8_to_f32(stage_q[lane * 5 + m], x + 8 * m);
+            } else {
+#pragma unroll
+                for (int m = 0; m < 8; m++) {
+                    const float4 v = stage[lane * 9 + m];
+                    x[4 * m] = v.x; x[4 * m + 1] = v.y; x[4 * m + 2] = v.z; x[4 * m + 3] = v.w;
+                }
+            }
+            ok = QT == HBM_Q8_0 ? hbm_q8_0_fast_ok(x, &d, &id) : hbm_q4_0_fast_ok(x, &d, &id);
+        }
+        const bool fast = __all_sync(FULL_MASK, ok);
+        if (valid) {
+            // Two instantiations: the fast loop carries nothing of the general one.
+            if (QT == HBM_Q8_0 && fast) hbm_quantize_q8_0<true>(x, 0, d, id, bw);
+            else if (QT == HBM_Q8_0) hbm_quantize_q8_0<false>(x, 0, d, id, bw);
+            else if (fast) hbm_quantize_q4_0<true>(x, 0, d, id, bw);
+            else hbm_quantize_q4_0<false>(x, 0, d, id, bw);
+        }
+    }
     u64 addr = 0;
-    u32 k = 0;
-    if ((u32)lane < nb) {
-        // Two instantiations: the fast loop carries nothing of the general one.
-        if (QT == HBM_Q8_0 && fast) hbm_quantize_q8_0<true>(x, d, id, bw);
-        else if (QT == HBM_Q8_0) hbm_quantize_q8_0<false>(x, d, id, bw);
-        else if (fast) hbm_quantize_q4_0<true>(x, d, id, bw);
-        else hbm_quantize_q4_0<false>(x, d, id, bw);
-        u64 r;
-        hbm_divmod(b0 + lane, bpr, &r, &k);
+    if (valid) {
         const i64 p = positions ? (i64)positions[r] : pos0 + (i64)r;
         addr = (u64)dst + (u64)p * dst_row_stride + (u64)k * bytes;
     }
-    u32 starts;
-    const u32 off = hbm_segments(bytes, addr, k, lane, nb, &starts);
-    __syncwarp();  // every lane has read its floats before the bytes overwrite them
-    if ((u32)lane < nb) {
-        u8 *o = stage_b + off;
-        if ((off & 3u) == 0) {
-#pragma unroll
-            for (int i = 0; i < (int)bytes / 4; i++) ((u32 *)o)[i] = bw[i];
-            *(u16 *)(o + bytes - 2) = (u16)bw[bytes / 4];
-        } else if ((off & 1u) == 0) {
-            *(u16 *)o = (u16)bw[0];
-#pragma unroll
-            for (int i = 0; i < (int)bytes / 4; i++)
-                ((u32 *)(o + 2))[i] = hbm_shift16(bw[i], bw[i + 1]);
-        } else {
-#pragma unroll
-            for (u32 i = 0; i < bytes; i++) o[i] = (u8)(bw[i / 4] >> (8 * (i % 4)));
-        }
-    }
-    __syncwarp();
-    hbm_copy_segments<true, hbm_quant<QT>::words>(stage_b, bytes, addr, off, starts, nb, lane);
-    __syncwarp();  // the stage is free for the next tile
+    hbm_store_blocks<QT>(bw, addr, k, lane, nb, (u8 *)stage);
 }
 
 // Appends to a Q8_0 or Q4_0 tensor (QT), a tile of 32 blocks (1024 source elements, contiguous
@@ -814,13 +1013,16 @@ __device__ __forceinline__ void hbm_append_quant(const void *src, int src_type, 
     const u64 ntiles = (nblocks + 31) / 32;
     const u64 warp = ((u64)blockIdx.x * blockDim.x + threadIdx.x) / 32;
     const u64 nwarps = (u64)gridDim.x * blockDim.x / 32;
+    // Row and block of this lane's block (tile * 32 + lane), advanced a stride of tiles per step.
+    hbm_rowpos at = hbm_rowpos_at(warp * 32 + lane, bpr, (u32)(nwarps * 32));
     if (hbm_aligned16(src)) {
         const bool f16 = src_type == HBM_F16;
-        float4 *cur = stage0, *next = stage1;
+        // The tile being quantized is at stage0 + HBM_STAGE * parity (stage1 follows stage0).
+        u32 parity = 0;
         if (warp < ntiles) {
             const u64 b0 = warp * 32;
             hbm_stage_source(src, f16, b0, (u32)(nblocks - b0 < 32 ? nblocks - b0 : 32), lane,
-                             cur);
+                             stage0);
         }
         hbm_cp_async_commit();
         for (u64 tile = warp; tile < ntiles; tile += nwarps) {
@@ -829,15 +1031,14 @@ __device__ __forceinline__ void hbm_append_quant(const void *src, int src_type, 
             const u64 b1 = b0 + nwarps * 32;
             if (b1 < nblocks)
                 hbm_stage_source(src, f16, b1, (u32)(nblocks - b1 < 32 ? nblocks - b1 : 32), lane,
-                                 next);
+                                 stage0 + HBM_STAGE * (parity ^ 1));
             hbm_cp_async_commit();  // possibly empty: one group per step either way
             hbm_cp_async_wait_prior();
             __syncwarp();  // every lane's copies of this tile have landed
-            hbm_quantize_tile<QT>(f16, b0, nb, lane, bpr, dst, dst_row_stride, positions, pos0,
-                                  cur);
-            float4 *t = cur;
-            cur = next;
-            next = t;
+            hbm_quantize_tile<QT>(f16, nb, lane, at.r, at.k, dst, dst_row_stride, positions,
+                                  pos0, stage0 + HBM_STAGE * parity);
+            at.next();
+            parity ^= 1;
         }
     } else {
         float *stage_f = (float *)stage0;
@@ -847,31 +1048,52 @@ __device__ __forceinline__ void hbm_append_quant(const void *src, int src_type, 
             for (u32 j = lane; j < nb * 32; j += 32)
                 stage_f[(j / 32) * 36 + j % 32] = hbm_load1(src, src_type, b0 * 32 + j);
             __syncwarp();
-            hbm_quantize_tile<QT>(false, b0, nb, lane, bpr, dst, dst_row_stride, positions, pos0,
-                                  stage0);
+            hbm_quantize_tile<QT>(false, nb, lane, at.r, at.k, dst, dst_row_stride, positions,
+                                  pos0, stage0);
+            at.next();
         }
     }
 }
 
-// Starts loading the quantized bytes of the tile of blocks b0 .. b0 + nb into the stage with
-// cp.async; returns this lane's stage offset (hbm_segments).
+// Starts loading the quantized bytes of a tile of nb blocks into the stage with cp.async (lane's
+// block is `k` blocks into row r of the read); returns this lane's stage offset. A tile of 32
+// blocks within one row whose run starts 16-byte aligned is one run of 16-byte copies (block i at
+// stage byte bytes * i, which hbm_segments also gives); any other goes by segments.
 template <int QT>
 __device__ __forceinline__ u32 hbm_dequantize_fetch(const u8 *src, u64 src_row_stride, i64 row0,
-                                                    u32 bpr, u64 b0, u32 nb, int lane,
+                                                    u64 r, u32 k, u32 nb, int lane,
                                                     float4 *stage) {
     const u32 bytes = hbm_quant<QT>::bytes;
     u64 addr = 0;
-    u32 k = 0;
-    if ((u32)lane < nb) {
-        u64 r;
-        hbm_divmod(b0 + lane, bpr, &r, &k);
-        addr = (u64)src + (u64)(row0 + (i64)r) * src_row_stride + (u64)k * bytes;
-    }
+    if ((u32)lane < nb) addr = (u64)src + (u64)(row0 + (i64)r) * src_row_stride + (u64)k * bytes;
     u32 starts;
     const u32 off = hbm_segments(bytes, addr, k, lane, nb, &starts);
-    hbm_copy_segments<false, hbm_quant<QT>::words, true>((u8 *)stage, bytes, addr, off, starts,
-                                                         nb, lane);
+    const u64 a0 = __shfl_sync(FULL_MASK, addr, 0);
+    if (nb == 32 && starts == 1u && (a0 & 15u) == 0) {
+        const uint4 *g = (const uint4 *)a0;
+#pragma unroll
+        for (int j = 0; j < (int)(bytes * 2 + 31) / 32; j++) {
+            const u32 i = 32 * j + lane;
+            if (i < bytes * 2) hbm_cp_async16((uint4 *)stage + i, g + i);
+        }
+    } else {
+        hbm_copy_segments<false, hbm_quant<QT>::words, true>((u8 *)stage, bytes, addr, off,
+                                                             starts, nb, lane);
+    }
     return off;
+}
+
+// The nw words of a staged quantized block at stage byte `off` (any offset modulo 4), aligned.
+// An empty asm with a memory clobber before the loads keeps them where they are written (each
+// path of hbm_dequantize_tile loads its own: the words are not live across the vote).
+template <int nw>
+__device__ __forceinline__ void hbm_block_words(const u32 *stage_w, u32 off, u32 *b) {
+    asm volatile("" ::: "memory");
+    u32 w[nw + 1];
+#pragma unroll
+    for (int i = 0; i <= nw; i++) w[i] = stage_w[off / 4 + i];
+#pragma unroll
+    for (int i = 0; i < nw; i++) b[i] = __funnelshift_r(w[i], w[i + 1], 8 * (off & 3u));
 }
 
 // Expands the staged tile of blocks b0 .. b0 + nb (lane's block at byte `off`) and writes its
@@ -883,59 +1105,117 @@ __device__ __forceinline__ void hbm_dequantize_tile(u64 b0, u32 nb, u32 off, int
     float *stage_f = (float *)stage;
     const u32 *stage_w = (const u32 *)stage;
     uint4 *stage_q = (uint4 *)stage;
-    float v[32];
-    if ((u32)lane < nb) {
-        // The block's bytes as aligned words b[], whatever off is modulo 4.
-        const int nw = hbm_quant<QT>::words;
-        u32 w[nw + 1], b[nw];
+    const bool valid = (u32)lane < nb;
+    // The block's bytes as aligned words b[], whatever off is modulo 4 (read after the vote on
+    // the scales: fewer registers live across it).
+    const int nw = hbm_quant<QT>::words;
+    bool finite = true;
+    if (valid)
+        finite = (__funnelshift_r(stage_w[off / 4], stage_w[off / 4 + 1], 8 * (off & 3u)) &
+                  0x7c00u) != 0x7c00u;
+#if HBM_F16X2
+    const bool fast16 = dst_type == HBM_F16 && __all_sync(FULL_MASK, finite);
+#else
+    const bool fast16 = false;
+#endif
+    u32 b[nw];
+    if (fast16) {
+        // F16 output, every scale finite: f16x2 arithmetic. A quant q (|q| <= 128) times an fp16
+        // d has at most 19 significant bits, so the F32 route's product q * d is exact, and that
+        // rounded to fp16 is mul.rn.f16x2 of q and d, bit for bit (subnormals and overflow
+        // included). q is exact in fp16 too: 0x64uu is 1024 + u, 0x54u0 is 64 + u (nibble u),
+        // less 1024 + 128 (Q8_0's bytes flipped to u = q + 128) or 1024 + 8 and 64 + 8 (Q4_0).
+        u32 h[16];
+        if (valid) {
+            hbm_block_words<nw>(stage_w, off, b);
+            const u32 d2 = __byte_perm(b[0], 0, 0x1010);
+            // Quants 2j and 2j + 1 are block bytes 2 + 2j and 3 + 2j: word (j + 1) / 2, bytes
+            // 2-3 for even j, 0-1 for odd j; spread into the low bytes of two halves.
+            if (QT == HBM_Q8_0) {
 #pragma unroll
-        for (int i = 0; i <= nw; i++) w[i] = stage_w[off / 4 + i];
-#pragma unroll
-        for (int i = 0; i < nw; i++) b[i] = __funnelshift_r(w[i], w[i + 1], 8 * (off & 3u));
-        const float d = hbm_fp16_to_fp32((u16)(b[0] & 0xffffu));
-        // A quant byte u becomes a float exactly: 0x4b0000uu is 2^23 + u, less 2^23 and the
-        // offset (128 for Q8_0's signed bytes, flipped to u = q + 128; 8 for Q4_0's nibbles).
-        if (QT == HBM_Q8_0) {
-#pragma unroll
-            for (int i = 0; i < 8; i++) {
-                const u32 q = hbm_shift16(b[i], b[i + 1]) ^ 0x80808080u;
-#pragma unroll
-                for (int m = 0; m < 4; m++) {
-                    const float f = __uint_as_float(__byte_perm(q, 0x4b000000u, 0x7540 + m));
-                    v[4 * i + m] = __fmul_rn(__fsub_rn(f, 8388736.0f), d);
+                for (int j = 0; j < 16; j++) {
+                    const u32 q = __byte_perm(b[(j + 1) / 2] ^ 0x80808080u, 0x64646464u,
+                                              (j & 1) ? 0x4140 : 0x4342);
+                    h[j] = hbm_h2_mul(hbm_h2_add(q, 0xe480e480u), d2);
                 }
-            }
-        } else {
+            } else {
 #pragma unroll
-            for (int i = 0; i < 4; i++) {
-                const u32 q = hbm_shift16(b[i], b[i + 1]);
-                const u32 lo = q & 0x0f0f0f0fu, hi = (q >> 4) & 0x0f0f0f0fu;
-#pragma unroll
-                for (int m = 0; m < 4; m++) {
-                    const float fl = __uint_as_float(__byte_perm(lo, 0x4b000000u, 0x7540 + m));
-                    const float fh = __uint_as_float(__byte_perm(hi, 0x4b000000u, 0x7540 + m));
-                    v[4 * i + m] = __fmul_rn(__fsub_rn(fl, 8388616.0f), d);
-                    v[16 + 4 * i + m] = __fmul_rn(__fsub_rn(fh, 8388616.0f), d);
+                for (int j = 0; j < 8; j++) {
+                    const u32 q = __byte_perm(b[(j + 1) / 2], 0, (j & 1) ? 0x4140 : 0x4342);
+                    const u32 lo = (q & 0x000f000fu) | 0x64006400u;
+                    const u32 hi = (q & 0x00f000f0u) | 0x54005400u;
+                    h[j] = hbm_h2_mul(hbm_h2_add(lo, 0xe408e408u), d2);
+                    h[j + 8] = hbm_h2_mul(hbm_h2_add(hi, 0xd480d480u), d2);
                 }
             }
         }
-    }
-    __syncwarp();  // every lane has read its bytes before the outputs overwrite them
-    if ((u32)lane < nb) {
-        if (dst_type == HBM_F16) {
-            // 32 halves = 4 uint4, blocks 5 uint4 apart (bank-conflict padding).
+        __syncwarp();  // every lane has read its bytes before the outputs overwrite them
+        if (valid) {
 #pragma unroll
-            for (int m = 0; m < 4; m++) stage_q[lane * 5 + m] = hbm_f32x8_to_f16(v + 8 * m);
-        } else {
+            for (int m = 0; m < 4; m++)
+                stage_q[lane * 5 + m] =
+                    make_uint4(h[4 * m], h[4 * m + 1], h[4 * m + 2], h[4 * m + 3]);
+        }
+    } else {
+        float v[32];
+        if (valid) {
+            hbm_block_words<nw>(stage_w, off, b);
+            const float d = hbm_fp16_to_fp32((u16)(b[0] & 0xffffu));
+            // A quant byte u becomes a float exactly: 0x4b0000uu is 2^23 + u, less 2^23 and the
+            // offset (128 for Q8_0's signed bytes, flipped to u = q + 128; 8 for Q4_0's nibbles).
+            if (QT == HBM_Q8_0) {
 #pragma unroll
-            for (int m = 0; m < 8; m++)
-                stage[lane * 9 + m] =
-                    make_float4(v[4 * m], v[4 * m + 1], v[4 * m + 2], v[4 * m + 3]);
+                for (int i = 0; i < 8; i++) {
+                    const u32 q = hbm_shift16(b[i], b[i + 1]) ^ 0x80808080u;
+#pragma unroll
+                    for (int m = 0; m < 4; m++) {
+                        const float f = __uint_as_float(__byte_perm(q, 0x4b000000u, 0x7540 + m));
+                        v[4 * i + m] = __fmul_rn(__fsub_rn(f, 8388736.0f), d);
+                    }
+                }
+            } else {
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    const u32 q = hbm_shift16(b[i], b[i + 1]);
+                    const u32 lo = q & 0x0f0f0f0fu, hi = (q >> 4) & 0x0f0f0f0fu;
+#pragma unroll
+                    for (int m = 0; m < 4; m++) {
+                        const float fl = __uint_as_float(__byte_perm(lo, 0x4b000000u, 0x7540 + m));
+                        const float fh = __uint_as_float(__byte_perm(hi, 0x4b000000u, 0x7540 + m));
+                        v[4 * i + m] = __fmul_rn(__fsub_rn(fl, 8388616.0f), d);
+                        v[16 + 4 * i + m] = __fmul_rn(__fsub_rn(fh, 8388616.0f), d);
+                    }
+                }
+            }
+        }
+        __syncwarp();  // every lane has read its bytes before the outputs overwrite them
+        if (valid) {
+            if (dst_type == HBM_F16) {
+                // 32 halves = 4 uint4, blocks 5 uint4 apart (bank-conflict padding).
+#pragma unroll
+                for (int m = 0; m < 4; m++) stage_q[lane * 5 + m] = hbm_f32x8_to_f16(v + 8 * m);
+            } else {
+#pragma unroll
+                for (int m = 0; m < 8; m++)
+                    stage[lane * 9 + m] =
+                        make_float4(v[4 * m], v[4 * m + 1], v[4 * m + 2], v[4 * m + 3]);
+            }
         }
     }
     __syncwarp();
     // The tile's outputs are elements b0 * 32 .. (b0 + nb) * 32 of dst.
-    if (vec && dst_type == HBM_F16) {
+    if (vec && nb == 32 && dst_type == HBM_F16) {
+        // A whole tile: 4 uint4 per block; uint4 j = lane + 32 t is block j / 4, part j % 4.
+        uint4 *d = (uint4 *)dst + b0 * 4 + lane;
+        const uint4 *s = stage_q + (lane / 4) * 5 + lane % 4;
+#pragma unroll
+        for (int t = 0; t < 4; t++) d[32 * t] = s[40 * t];
+    } else if (vec && nb == 32) {
+        float4 *d = (float4 *)dst + b0 * 8 + lane;
+        const float4 *s = stage + (lane / 8) * 9 + lane % 8;
+#pragma unroll
+        for (int t = 0; t < 8; t++) d[32 * t] = s[36 * t];
+    } else if (vec && dst_type == HBM_F16) {
         uint4 *d = (uint4 *)dst + b0 * 4;
         for (u32 j = lane; j < nb * 4; j += 32) d[j] = stage_q[(j / 4) * 5 + j % 4];
     } else if (vec) {
@@ -965,12 +1245,16 @@ __device__ __forceinline__ void hbm_dequantize_quant(const u8 *src, u64 src_row_
     const u64 ntiles = (nblocks + 31) / 32;
     const u64 warp = ((u64)blockIdx.x * blockDim.x + threadIdx.x) / 32;
     const u64 nwarps = (u64)gridDim.x * blockDim.x / 32;
-    float4 *cur = stage0, *next = stage1;
+    // The tile being expanded is at stage0 + HBM_STAGE * parity (stage1 follows stage0).
+    u32 parity = 0;
+    // Row and block of this lane's block in the tile being fetched.
+    hbm_rowpos at = hbm_rowpos_at(warp * 32 + lane, bpr, (u32)(nwarps * 32));
     u32 off = 0;
     if (warp < ntiles) {
         const u64 b0 = warp * 32;
-        off = hbm_dequantize_fetch<QT>(src, src_row_stride, row0, bpr, b0,
-                                       (u32)(nblocks - b0 < 32 ? nblocks - b0 : 32), lane, cur);
+        off = hbm_dequantize_fetch<QT>(src, src_row_stride, row0, at.r, at.k,
+                                       (u32)(nblocks - b0 < 32 ? nblocks - b0 : 32), lane,
+                                       stage0);
     }
     hbm_cp_async_commit();
     for (u64 tile = warp; tile < ntiles; tile += nwarps) {
@@ -978,18 +1262,17 @@ __device__ __forceinline__ void hbm_dequantize_quant(const u8 *src, u64 src_row_
         const u32 nb = (u32)(nblocks - b0 < 32 ? nblocks - b0 : 32);
         const u64 b1 = b0 + nwarps * 32;
         u32 off1 = 0;
+        at.next();
         if (b1 < nblocks)
-            off1 = hbm_dequantize_fetch<QT>(src, src_row_stride, row0, bpr, b1,
+            off1 = hbm_dequantize_fetch<QT>(src, src_row_stride, row0, at.r, at.k,
                                             (u32)(nblocks - b1 < 32 ? nblocks - b1 : 32), lane,
-                                            next);
+                                            stage0 + HBM_STAGE * (parity ^ 1));
         hbm_cp_async_commit();  // possibly empty: one group per step either way
         hbm_cp_async_wait_prior();
         __syncwarp();  // every lane's copies (and single bytes) of this tile have landed
-        hbm_dequantize_tile<QT>(b0, nb, off, lane, dst, dst_type, cur);
+        hbm_dequantize_tile<QT>(b0, nb, off, lane, dst, dst_type, stage0 + HBM_STAGE * parity);
         off = off1;
-        float4 *t = cur;
-        cur = next;
-        next = t;
+        parity ^= 1;
     }
 }
 
@@ -1001,9 +1284,8 @@ __device__ __forceinline__ void hbm_dequantize_quant(const u8 *src, u64 src_row_
 // row_elems elements per row, contiguous. The tensor's type is the kernel's (dst_type of the
 // appends and src_type of the dequantizes are passed for the plain kernels, and checked by the
 // quantized ones). Launched with HBM_THREADS threads per block; any grid.
-#define HBM_APPEND_QUANT(name, QT)                                                          \
-    extern "C" __global__ void __launch_bounds__(HBM_QUANT_THREADS,                  \
-                                                 HBM_APPEND_QUANT_MIN_BLOCKS)               \
+#define HBM_APPEND_QUANT(name, QT, MIN_BLOCKS)                                              \
+    extern "C" __global__ void __launch_bounds__(HBM_QUANT_THREADS, MIN_BLOCKS)             \
     name(const void *src, int src_type, void *dst, int dst_type, u64 dst_row_stride,      \
          int row_elems, const int *positions, i64 pos0, int n_rows) {                     \
         __shared__ float4 stage[HBM_QUANT_THREADS / 32][2][HBM_STAGE];             \
@@ -1012,8 +1294,8 @@ __device__ __forceinline__ void hbm_dequantize_quant(const u8 *src, u64 src_row_
                              positions, pos0, (u64)n_rows, stage[threadIdx.x / 32][0],    \
                              stage[threadIdx.x / 32][1]);                                 \
     }
-HBM_APPEND_QUANT(hbm_kv_append_q8_0, HBM_Q8_0)
-HBM_APPEND_QUANT(hbm_kv_append_q4_0, HBM_Q4_0)
+HBM_APPEND_QUANT(hbm_kv_append_q8_0, HBM_Q8_0, HBM_APPEND_Q8_0_MIN_BLOCKS)
+HBM_APPEND_QUANT(hbm_kv_append_q4_0, HBM_Q4_0, HBM_APPEND_Q4_0_MIN_BLOCKS)
 
 #define HBM_DEQUANTIZE_QUANT(name, QT)                                                            \
     extern "C" __global__ void __launch_bounds__(HBM_QUANT_THREADS, HBM_DEQUANTIZE_QUANT_MIN_BLOCKS)             \

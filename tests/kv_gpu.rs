@@ -248,14 +248,25 @@ fn kernels_match_the_cpu_reference_on_edge_values() {
 }
 
 fn edge_values(cuda: SharedBackend) {
-    // One block per case: zeros, a single large element, all equal, ties at +-max, values near
-    // fp16's limits, tiny values whose 1/d overflows, infinities and NaNs.
+    // One block per case: zeros, a single large element, all equal, ties at +-max (either sign
+    // first, alone or among zeros), values near fp16's limits, tiny values whose 1/d overflows,
+    // infinities and NaNs.
     let mut blocks: Vec<Vec<f32>> = vec![
         vec![0.0; 32],
         (0..32).map(|i| if i == 7 { 3.0 } else { 0.0 }).collect(),
         vec![-2.5; 32],
         (0..32)
             .map(|i| if i % 2 == 0 { 4.0 } else { -4.0 })
+            .collect(),
+        (0..32)
+            .map(|i| if i % 2 == 0 { -4.0 } else { 4.0 })
+            .collect(),
+        (0..32)
+            .map(|i| match i {
+                9 => 2.0,
+                20 => -2.0,
+                _ => 0.0,
+            })
             .collect(),
         (0..32).map(|i| -4.0 + i as f32 * 0.25).collect(),
         (0..32).map(|i| 65504.0 * (i as f32 - 16.0) / 8.0).collect(),
