@@ -662,14 +662,19 @@ static void managed(void) {
     void *m = NULL;
     cudaError_t err;
     uint64_t mark = hbm_checkpoint_ptr();
-    /* NULL, size 0 (documented: cudaErrorInvalidValue), flags other than exactly one of
-     * cudaMemAttachGlobal / cudaMemAttachHost. On a GPU the runtime answers these itself, so
-     * only "it failed and nothing was recorded" is hbmalloc's part; on sim, the exact code. */
+    /* Size 0: success and NULL (the CUDA 13 runtime on an H200, though documented as
+     * cudaErrorInvalidValue), nothing recorded. */
+    m = NULL;
+    err = cudaMallocManaged(&m, 0, cudaMemAttachGlobal);
+    CHECK(err == cudaSuccess && m == NULL, "cudaMallocManaged(0) = %d, %p", (int)err, m);
+    /* NULL, flags other than exactly one of cudaMemAttachGlobal / cudaMemAttachHost. On a GPU
+     * the runtime answers these itself, so only "it failed and nothing was recorded" is
+     * hbmalloc's part; on sim, the exact code. */
     struct {
         int null_ptr;
         size_t size;
         unsigned flags;
-    } bad[] = {{1, 16, cudaMemAttachGlobal}, {0, 0, cudaMemAttachGlobal}, {0, 16, 0},
+    } bad[] = {{1, 16, cudaMemAttachGlobal}, {0, 16, 0},
                {0, 16, cudaMemAttachGlobal | cudaMemAttachHost}, {0, 16, 0x4}};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         m = NULL;

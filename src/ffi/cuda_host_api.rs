@@ -4,8 +4,8 @@
 //! managed memory is in `cuda_api`.
 //!
 //! Contract, the runtime's own: NULL out-pointer → `cudaErrorInvalidValue`; size 0 → success
-//! and NULL for pinned memory (DESIGN.md's table), `cudaErrorInvalidValue` for managed memory
-//! (the runtime's documentation says so); flags the runtime does not define →
+//! and NULL (pinned memory: DESIGN.md's table; managed memory: what the CUDA 13 runtime
+//! returned on an H200, though its documentation says `cudaErrorInvalidValue`); flags the runtime does not define →
 //! `cudaErrorInvalidValue`; out of memory → `cudaErrorMemoryAllocation`; `cudaFreeHost(NULL)` → 0;
 //! a double free, an interior pointer, a device or managed pointer, a pointer never allocated →
 //! `cudaErrorInvalidValue` with one diagnostic, nothing freed. Write-combined pinned memory and
@@ -199,9 +199,14 @@ unsafe fn malloc_managed_hook(dev_ptr: *mut *mut c_void, size: usize, flags: c_u
         }
         return fail(rc);
     }
-    // The simulated device answers as the runtime documents it.
-    if dev_ptr.is_null() || size == 0 || !matches!(flags, MEM_ATTACH_GLOBAL | MEM_ATTACH_HOST) {
+    // The simulated device answers as the runtime does.
+    if dev_ptr.is_null() || !matches!(flags, MEM_ATTACH_GLOBAL | MEM_ATTACH_HOST) {
         return fail(cuda_error::INVALID_VALUE);
+    }
+    if size == 0 {
+        // SAFETY: checked non-NULL above; the caller promises it is writable.
+        unsafe { *dev_ptr = std::ptr::null_mut() };
+        return cuda_error::SUCCESS;
     }
     match host_alloc::alloc_managed_sim(size) {
         Ok(p) => {
