@@ -9,6 +9,8 @@
  *   case: pair:<bytes>   alloc+free pairs of one size, ns per pair
  *         step           100 allocations of 1-16 MiB, then their frees, us per step
  *         threads:<n>    n threads of 64 KiB pairs, M pairs/s in total
+ *         host:<bytes>   cudaMallocHost+cudaFreeHost pairs (pinned host memory), ns per pair;
+ *                        api malloc only (prints nothing for async)
  * Prints one line: "<allocator> <api> <case> <value> <unit>".
  */
 #define _GNU_SOURCE
@@ -61,6 +63,26 @@ static double pairs(size_t size, cudaStream_t s, double budget) {
     double t0 = now_s(), t;
     do {
         for (long i = 0; i < batch; i++) free_on(alloc_on(size, s), s);
+        n += batch;
+        t = now_s();
+    } while (t - t0 < budget);
+    return (t - t0) * 1e9 / n;
+}
+
+/* Pinned host alloc+free pairs for about `budget` seconds; returns ns per pair. */
+static double host_pairs(size_t size, double budget) {
+    void *p = NULL;
+    for (int i = 0; i < 10; i++) {
+        CHECK(cudaMallocHost(&p, size));
+        CHECK(cudaFreeHost(p));
+    }
+    long n = 0, batch = 16;
+    double t0 = now_s(), t;
+    do {
+        for (long i = 0; i < batch; i++) {
+            CHECK(cudaMallocHost(&p, size));
+            CHECK(cudaFreeHost(p));
+        }
         n += batch;
         t = now_s();
     } while (t - t0 < budget);
@@ -132,7 +154,7 @@ static double threads(int n, double budget) {
 
 int main(int argc, char **argv) {
     if (argc != 3) {
-        fprintf(stderr, "usage: %s malloc|async pair:<bytes>|step|threads:<n>\n", argv[0]);
+        fprintf(stderr, "usage: %s malloc|async pair:<bytes>|step|threads:<n>|host:<bytes>\n", argv[0]);
         return 2;
     }
     use_async = strcmp(argv[1], "async") == 0;
@@ -153,6 +175,9 @@ int main(int argc, char **argv) {
         printf("%s %s %s %.1f ns/pair\n", who, argv[1], c, pairs(strtoull(c + 5, NULL, 10), s, budget));
     } else if (strcmp(c, "step") == 0) {
         printf("%s %s %s %.2f us/step\n", who, argv[1], c, step(s, budget));
+    } else if (strncmp(c, "host:", 5) == 0) {
+        if (!use_async)
+            printf("%s %s %s %.1f ns/pair\n", who, argv[1], c, host_pairs(strtoull(c + 5, NULL, 10), budget));
     } else if (strncmp(c, "threads:", 8) == 0) {
         printf("%s %s %s %.3f Mpairs/s\n", who, argv[1], c, threads(atoi(c + 8), budget));
     } else {

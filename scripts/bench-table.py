@@ -23,6 +23,8 @@ CASES = {
     "threads:4": "4 threads, 64 KiB pairs",
     "threads:8": "8 threads, 64 KiB pairs",
     "threads:16": "16 threads, 64 KiB pairs",
+    "host:4096": "pinned host pair (cudaMallocHost+cudaFreeHost), 4 KiB",
+    "host:16777216": "pinned host pair (cudaMallocHost+cudaFreeHost), 16 MiB",
 }
 
 

@@ -129,7 +129,7 @@ if want bench; then
         # Each $STAGE/ref/<name>/libhbmalloc.so (scripts/gpu-stage.sh with HBM_REF="name=commit")
         # runs beside the current library as hbmalloc-<name>: before/after from the same run.
         for round in $(seq "${BENCH_ROUNDS:-3}"); do
-            for c in ${BENCH_CASES:-pair:512 pair:1048576 pair:16777216 step threads:1 threads:4 threads:8 threads:16}; do
+            for c in ${BENCH_CASES:-pair:512 pair:1048576 pair:16777216 step threads:1 threads:4 threads:8 threads:16 host:4096 host:16777216}; do
                 HBMALLOC_CONF=backtrace:off,leak_report:off LD_PRELOAD=$LIB "$exe" malloc "$c" >>"$LOG/bench.txt" 2>&1
                 # BENCH_AB=1: only the current library against the reference builds.
                 if [[ -z ${BENCH_AB:-} ]]; then
