@@ -85,8 +85,38 @@ mod tests {
     use super::*;
     use crate::track::Origin;
 
+    /// Other unit tests of this process allocate through the global tracker at the same time,
+    /// and `hbm_leaks_since` counts every thread's allocations: the checks run in a child process
+    /// of this test binary that runs only them.
     #[test]
     fn checkpoint_and_leaks_since_through_the_c_api() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "ffi::track_api::tests::checkpoint_child",
+                "--test-threads=1",
+            ])
+            .env("HBM_TRACK_API_CHILD", "1")
+            .env("HBMALLOC_CONF", "leak_report:off")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains("1 passed"),
+            "the child ran no test: {stdout}"
+        );
+    }
+
+    #[test]
+    fn checkpoint_child() {
+        if std::env::var_os("HBM_TRACK_API_CHILD").is_none() {
+            return;
+        }
         // SAFETY: no arguments.
         let mark = unsafe { hbm_checkpoint() };
         // Addresses no other test of this process uses with the global tracker.
