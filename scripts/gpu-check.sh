@@ -63,36 +63,32 @@ if want c; then
     done
 fi
 
+# A safety test, c_tests/gpu/<name>.cu: must pass in each given stream_safety mode, and must
+# fail (exit 1, corrupt data) with stream safety off, which proves that it can.
+safety_test() { # name label mode...
+    local name=$1 label=$2 exe=build/gpu/$1 mode out rc
+    shift 2
+    if ! nvcc -O2 -cudart shared -o "$exe" "c_tests/gpu/$name.cu" 2>"$LOG/$name-build.log"; then
+        record "$label build" FAIL "$(head -3 "$LOG/$name-build.log" | tr '\n' ' ')"
+        return
+    fi
+    for mode in "$@" off; do
+        out=$(HBMALLOC_CONF=stream_safety:$mode LD_PRELOAD=$LIB "$exe" 2>&1)
+        rc=$?
+        if [[ $mode == off ]]; then
+            [[ $rc == 1 ]] && record "$label off (must corrupt)" PASS "$out" || record "$label off (must corrupt)" FAIL "rc=$rc $out"
+        else
+            [[ $rc == 0 ]] && record "$label ($mode)" PASS "$out" || record "$label ($mode)" FAIL "rc=$rc $out"
+        fi
+    done
+}
+
 if want stream; then
-    exe=build/gpu/stream_safety
-    if nvcc -O2 -cudart shared -o "$exe" c_tests/gpu/stream_safety.cu 2>"$LOG/stream-build.log"; then
-        for mode in batched eager "batched,pending_limit:1GiB"; do
-            out=$(HBMALLOC_CONF=stream_safety:$mode LD_PRELOAD=$LIB "$exe" 2>&1)
-            rc=$?
-            [[ $rc == 0 ]] && record "stream safety ($mode)" PASS "$out" || record "stream safety ($mode)" FAIL "rc=$rc $out"
-        done
-        # The test must be able to fail: with stream safety off, reuse corrupts the new block.
-        out=$(HBMALLOC_CONF=stream_safety:off LD_PRELOAD=$LIB "$exe" 2>&1)
-        rc=$?
-        [[ $rc == 1 ]] && record "stream safety off (must corrupt)" PASS "$out" || record "stream safety off (must corrupt)" FAIL "rc=$rc $out"
-    else
-        record "stream safety build" FAIL "$(head -3 "$LOG/stream-build.log" | tr '\n' ' ')"
-    fi
-    # The same for pinned host memory: a copy from a pinned block still queued when cudaFreeHost
-    # returns must never read the next cudaMallocHost's data.
-    exe=build/gpu/pinned_safety
-    if nvcc -O2 -cudart shared -o "$exe" c_tests/gpu/pinned_safety.cu 2>"$LOG/pinned-build.log"; then
-        for mode in batched eager; do
-            out=$(HBMALLOC_CONF=stream_safety:$mode LD_PRELOAD=$LIB "$exe" 2>&1)
-            rc=$?
-            [[ $rc == 0 ]] && record "pinned safety ($mode)" PASS "$out" || record "pinned safety ($mode)" FAIL "rc=$rc $out"
-        done
-        out=$(HBMALLOC_CONF=stream_safety:off LD_PRELOAD=$LIB "$exe" 2>&1)
-        rc=$?
-        [[ $rc == 1 ]] && record "pinned safety off (must corrupt)" PASS "$out" || record "pinned safety off (must corrupt)" FAIL "rc=$rc $out"
-    else
-        record "pinned safety build" FAIL "$(head -3 "$LOG/pinned-build.log" | tr '\n' ' ')"
-    fi
+    # A kernel still writing a block when cudaFree returns must never corrupt the next owner's.
+    safety_test stream_safety "stream safety" batched eager "batched,pending_limit:1GiB"
+    # A copy from a pinned block still queued when cudaFreeHost returns must never read the next
+    # cudaMallocHost's data.
+    safety_test pinned_safety "pinned safety" batched eager
 fi
 
 if want torch; then
