@@ -14,7 +14,10 @@
 //   hbm_kv_append_plain, hbm_kv_dequantize_plain       F32, F16, BF16 tensors
 //   hbm_kv_append_q8_0,  hbm_kv_dequantize_q8_0        Q8_0 tensors
 //   hbm_kv_append_q4_0,  hbm_kv_dequantize_q4_0        Q4_0 tensors
-// All take the same parameters (below); src/kernels.rs picks one by the tensor's type.
+//   hbm_kv_append_q8_0_f16, hbm_kv_append_q4_0_f16     the same from a 16-byte aligned F16
+//                                                      source, with deeper prefetch
+// All take the same parameters (below); src/kernels.rs picks one by the tensor's type (and for
+// the appends to Q8_0/Q4_0, the source's).
 //
 // Threads (HBM_THREADS per block, HBM_QUANT_THREADS for the Q8_0/Q4_0 kernels;
 // grid-stride loops, so any grid is correct; the launcher sizes it to the work):
@@ -146,6 +149,15 @@ __device__ __forceinline__ void hbm_divmod(u64 u, u32 n, u64 *r, u32 *k) {
 }
 
 __device__ __forceinline__ bool hbm_aligned16(const void *p) { return ((u64)p & 15u) == 0; }
+
+// Where float4 m (of 4) of block q of a staged F16 tile is, in float4s: L = 5, padded (block q at
+// q * 5, 160 per tile) against bank conflicts; L = 4, unpadded (128 per tile), with m swizzled by
+// q / 2 instead: the 8 lanes of a 16-byte shared access still hit 8 distinct bank groups, whether
+// lanes read float4 m of blocks lane (the quantizer) or consecutive float4s (the copy in).
+template <int L>
+__device__ __forceinline__ u32 hbm_f16_at(u32 q, u32 m) {
+    return L == 5 ? q * 5 + m : q * 4 + (m ^ ((q >> 1) & 3u));
+}
 
 __device__ __forceinline__ u32 hbm_pack2(u16 lo, u16 hi) { return (u32)lo | ((u32)hi << 16); }
 
@@ -646,8 +658,8 @@ __device__ __forceinline__ bool hbm_q8_0_fast_ok_h(const u32 *w, float *d, float
 // min.NaN in f16x2 (a NaN makes both NaN, an infinity makes amax infinite: either fails). When
 // mx > -mn every element of magnitude amax is +mx, so the first one is; when -mn > mx, it is
 // mn. Only when both +amax and -amax occur does the first one need finding (a loop, rare).
-__device__ __forceinline__ bool hbm_q4_0_fast_ok_h(const u32 *w, const u16 *hs, float *d,
-                                                   float *id) {
+__device__ __forceinline__ bool hbm_q4_0_fast_ok_h(const u32 *w, const u16 *hs, u32 sw,
+                                                   float *d, float *id) {
     u32 hi[8], lo[8];
 #pragma unroll
     for (int i = 0; i < 8; i++) {
@@ -669,7 +681,8 @@ __device__ __forceinline__ bool hbm_q4_0_fast_ok_h(const u32 *w, const u16 *hs, 
         // the block's halves hs[] in the stage (a loop, so that the other lanes skip it).
 #pragma unroll 1
         for (int j = 0; j < 32; j++) {
-            const float x = hbm_fp16_to_fp32_hw(hs[j]);
+            // Half j is in float4 j / 8 of the block, swizzled by sw (0: not).
+            const float x = hbm_fp16_to_fp32_hw(hs[sw ? (int)((((u32)j / 8) ^ sw) * 8 + j % 8) : j]);
             if (fabsf(x) == amax) {
                 max = x;
                 break;
@@ -795,6 +808,14 @@ __device__ __forceinline__ void hbm_cp_async_wait_prior() {
 #endif
 }
 
+// Waits for all but the newest n groups of this thread's copies.
+template <int n>
+__device__ __forceinline__ void hbm_cp_async_wait() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;" ::"n"(n) : "memory");
+#endif
+}
+
 // The warp copies every segment between the stage (byte offsets from hbm_segments) and the
 // tensor: to the tensor when `store`, else from it. Bodies go as aligned words, up to `words`
 // per lane in flight at once (loads with cp.async when `async`: the caller waits); the at
@@ -848,7 +869,9 @@ __device__ __forceinline__ void hbm_copy_segments(u8 *stage, u32 bytes, u64 addr
 }
 
 // Starts copying a tile's source (16-byte aligned) into the stage: F32 as floats, block q at
-// stage[q * 9]; F16 as F16, block q at stage[q * 5] (the lanes convert). Element order kept.
+// stage[q * 9]; F16 as F16, float4 m of block q at stage[hbm_f16_at<L>(q, m)] (the lanes
+// convert). Element order kept.
+template <int L>
 __device__ __forceinline__ void hbm_stage_source(const void *src, bool f16, u64 b0, u32 nb,
                                                  int lane, float4 *stage) {
     if (!f16) {
@@ -863,7 +886,9 @@ __device__ __forceinline__ void hbm_stage_source(const void *src, bool f16, u64 
 #pragma unroll
         for (int it = 0; it < 4; it++) {
             const u32 j = it * 32 + lane;
-            if (j < nb * 4) hbm_cp_async16(stage + (j / 4) * 5 + j % 4, s + j);
+            if (j < nb * 4)
+                hbm_cp_async16(L == 5 ? stage + (j / 4) * 5 + j % 4 : stage + hbm_f16_at<L>(j / 4, j % 4),
+                               s + j);
         }
     }
 }
@@ -923,10 +948,10 @@ __device__ __forceinline__ void hbm_store_blocks(const u32 *bw, u64 addr, u32 k,
     __syncwarp();  // the stage is free for the next tile
 }
 
-// Quantizes the staged tile of nb blocks (hbm_stage_source's layout, or floats at stage[q * 9]
+// Quantizes the staged tile of nb blocks (hbm_stage_source's layout L, or floats at stage[q * 9]
 // when !f16) and stores it: each lane quantizes its block, which is `k` blocks into row r of the
 // append. Leaves the stage free.
-template <int QT>
+template <int QT, int L = 5>
 __device__ __forceinline__ void hbm_quantize_tile(bool f16, u32 nb, int lane, u64 r, u32 k,
                                                   u8 *dst, u64 dst_row_stride,
                                                   const int *positions, i64 pos0,
@@ -947,11 +972,12 @@ __device__ __forceinline__ void hbm_quantize_tile(bool f16, u32 nb, int lane, u6
         if (valid) {
 #pragma unroll
             for (int m = 0; m < 4; m++) {
-                const uint4 v = stage_q[lane * 5 + m];
+                const uint4 v = stage_q[hbm_f16_at<L>(lane, m)];
                 w[4 * m] = v.x; w[4 * m + 1] = v.y; w[4 * m + 2] = v.z; w[4 * m + 3] = v.w;
             }
             ok = QT == HBM_Q8_0 ? hbm_q8_0_fast_ok_h(w, &d, &id)
-                                : hbm_q4_0_fast_ok_h(w, (const u16 *)(stage_q + lane * 5), &d, &id);
+                                : hbm_q4_0_fast_ok_h(w, (const u16 *)(stage_q + lane * L),
+                                                     L == 5 ? 0u : ((u32)lane >> 1) & 3u, &d, &id);
         }
         done = __all_sync(FULL_MASK, ok);
         if (done && valid) {
@@ -959,7 +985,7 @@ __device__ __forceinline__ void hbm_quantize_tile(bool f16, u32 nb, int lane, u6
             asm volatile("" ::: "memory");
 #pragma unroll
             for (int m = 0; m < 4; m++) {
-                const uint4 v = stage_q[lane * 5 + m];
+                const uint4 v = stage_q[hbm_f16_at<L>(lane, m)];
                 w[4 * m] = v.x; w[4 * m + 1] = v.y; w[4 * m + 2] = v.z; w[4 * m + 3] = v.w;
             }
             if (QT == HBM_Q8_0) hbm_quantize_q8_0<true, true>(0, w, d, id, bw);
@@ -972,7 +998,8 @@ __device__ __forceinline__ void hbm_quantize_tile(bool f16, u32 nb, int lane, u6
         if (valid) {
             if (f16) {
 #pragma unroll
-                for (int m = 0; m < 4; m++) hbm_f16x8_to_f32(stage_q[lane * 5 + m], x + 8 * m);
+                for (int m = 0; m < 4; m++)
+                    hbm_f16x8_to_f32(stage_q[hbm_f16_at<L>(lane, m)], x + 8 * m);
             } else {
 #pragma unroll
                 for (int m = 0; m < 8; m++) {
@@ -1021,7 +1048,7 @@ __device__ __forceinline__ void hbm_append_quant(const void *src, int src_type, 
         u32 parity = 0;
         if (warp < ntiles) {
             const u64 b0 = warp * 32;
-            hbm_stage_source(src, f16, b0, (u32)(nblocks - b0 < 32 ? nblocks - b0 : 32), lane,
+            hbm_stage_source<5>(src, f16, b0, (u32)(nblocks - b0 < 32 ? nblocks - b0 : 32), lane,
                              stage0);
         }
         hbm_cp_async_commit();
@@ -1030,7 +1057,7 @@ __device__ __forceinline__ void hbm_append_quant(const void *src, int src_type, 
             const u32 nb = (u32)(nblocks - b0 < 32 ? nblocks - b0 : 32);
             const u64 b1 = b0 + nwarps * 32;
             if (b1 < nblocks)
-                hbm_stage_source(src, f16, b1, (u32)(nblocks - b1 < 32 ? nblocks - b1 : 32), lane,
+                hbm_stage_source<5>(src, f16, b1, (u32)(nblocks - b1 < 32 ? nblocks - b1 : 32), lane,
                                  stage0 + HBM_STAGE * (parity ^ 1));
             hbm_cp_async_commit();  // possibly empty: one group per step either way
             hbm_cp_async_wait_prior();
@@ -1052,6 +1079,55 @@ __device__ __forceinline__ void hbm_append_quant(const void *src, int src_type, 
                                   pos0, stage0);
             at.next();
         }
+    }
+}
+
+// Appends from a 16-byte aligned F16 source to a Q8_0 or Q4_0 tensor (QT): hbm_append_quant's
+// F16 path with deeper prefetch. A tile of halves is 2 KiB, half an F32 one, so two stages of
+// one tile each left a warp a single 2 KiB tile loading while it quantized; here the two stages'
+// 576 float4 hold HBM_F16_DEPTH tiles of 128 float4 (layout 4), HBM_F16_DEPTH - 1 loading
+// while the warp quantizes one. A kernel of its own (hbm_kv_append_*_f16), so that the F32
+// append keeps its code and registers.
+#define HBM_F16_DEPTH 4
+#define HBM_F16_SLOT 128
+template <int QT>
+__device__ __forceinline__ void hbm_append_quant_f16(const void *src, u8 *dst,
+                                                     u64 dst_row_stride, u32 row_elems,
+                                                     const int *positions, i64 pos0, u64 n_rows,
+                                                     float4 *stage0) {
+    const int lane = threadIdx.x & 31;
+    const u32 bpr = row_elems / 32;
+    const u64 nblocks = n_rows * bpr;
+    const u64 ntiles = (nblocks + 31) / 32;
+    const u64 warp = ((u64)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    const u64 nwarps = (u64)gridDim.x * blockDim.x / 32;
+    const u64 step = nwarps * 32;
+    hbm_rowpos at = hbm_rowpos_at(warp * 32 + lane, bpr, (u32)step);
+#pragma unroll
+    for (int i = 0; i < HBM_F16_DEPTH - 1; i++) {
+        const u64 b = warp * 32 + (u64)i * step;
+        if (b < nblocks)
+            hbm_stage_source<4>(src, true, b, (u32)(nblocks - b < 32 ? nblocks - b : 32), lane,
+                                stage0 + HBM_F16_SLOT * i);
+        hbm_cp_async_commit();  // possibly empty: one group per tile either way
+    }
+    // The tile being quantized is in slot `slot`; the one quantized last step is free.
+    u32 slot = 0;
+    for (u64 tile = warp; tile < ntiles; tile += nwarps) {
+        const u64 b0 = tile * 32;
+        const u32 nb = (u32)(nblocks - b0 < 32 ? nblocks - b0 : 32);
+        const u64 bn = b0 + (u64)(HBM_F16_DEPTH - 1) * step;
+        const u32 ns = slot == 0 ? HBM_F16_DEPTH - 1 : slot - 1;
+        if (bn < nblocks)
+            hbm_stage_source<4>(src, true, bn, (u32)(nblocks - bn < 32 ? nblocks - bn : 32), lane,
+                                stage0 + HBM_F16_SLOT * ns);
+        hbm_cp_async_commit();
+        hbm_cp_async_wait<HBM_F16_DEPTH - 1>();
+        __syncwarp();  // every lane's copies of this tile have landed
+        hbm_quantize_tile<QT, 4>(true, nb, lane, at.r, at.k, dst, dst_row_stride, positions, pos0,
+                                 stage0 + HBM_F16_SLOT * slot);
+        at.next();
+        slot = slot + 1 == HBM_F16_DEPTH ? 0 : slot + 1;
     }
 }
 
@@ -1296,6 +1372,29 @@ __device__ __forceinline__ void hbm_dequantize_quant(const u8 *src, u64 src_row_
     }
 HBM_APPEND_QUANT(hbm_kv_append_q8_0, HBM_Q8_0, HBM_APPEND_Q8_0_MIN_BLOCKS)
 HBM_APPEND_QUANT(hbm_kv_append_q4_0, HBM_Q4_0, HBM_APPEND_Q4_0_MIN_BLOCKS)
+
+// Appends from an F16 source at a 16-byte aligned address (src_type must be F16; src/kernels.rs
+// launches these only then). Register caps measured on an H200 (2-wave grids, 4 tiles per warp
+// in the stages; this loop then inside the general append kernels): Q8_0 at 4 blocks per SM
+// (128 registers; 0.89 of copy against 0.80 at 5), Q4_0 at 5 (96 registers, no spills; 0.76
+// against 0.65 at 6, whose 80 spilled).
+#ifndef HBM_APPEND_Q8_0_F16_MIN_BLOCKS
+#define HBM_APPEND_Q8_0_F16_MIN_BLOCKS 4
+#endif
+#ifndef HBM_APPEND_Q4_0_F16_MIN_BLOCKS
+#define HBM_APPEND_Q4_0_F16_MIN_BLOCKS 5
+#endif
+#define HBM_APPEND_QUANT_F16(name, QT, MIN_BLOCKS)                                          \
+    extern "C" __global__ void __launch_bounds__(HBM_QUANT_THREADS, MIN_BLOCKS)             \
+    name(const void *src, int src_type, void *dst, int dst_type, u64 dst_row_stride,      \
+         int row_elems, const int *positions, i64 pos0, int n_rows) {                     \
+        __shared__ float4 stage[HBM_QUANT_THREADS / 32][2][HBM_STAGE];                     \
+        if (dst_type != QT || src_type != HBM_F16 || !hbm_aligned16(src)) __trap();        \
+        hbm_append_quant_f16<QT>(src, (u8 *)dst, dst_row_stride, (u32)row_elems, positions, \
+                                 pos0, (u64)n_rows, stage[threadIdx.x / 32][0]);          \
+    }
+HBM_APPEND_QUANT_F16(hbm_kv_append_q8_0_f16, HBM_Q8_0, HBM_APPEND_Q8_0_F16_MIN_BLOCKS)
+HBM_APPEND_QUANT_F16(hbm_kv_append_q4_0_f16, HBM_Q4_0, HBM_APPEND_Q4_0_F16_MIN_BLOCKS)
 
 #define HBM_DEQUANTIZE_QUANT(name, QT)                                                            \
     extern "C" __global__ void __launch_bounds__(HBM_QUANT_THREADS, HBM_DEQUANTIZE_QUANT_MIN_BLOCKS)             \
