@@ -638,9 +638,20 @@ static void pinned_host(void) {
         CHECK(err == cudaSuccess && attr.type == cudaMemoryTypeHost,
               "cudaPointerGetAttributes(pinned) = %d, type %d", (int)err, (int)attr.type);
     }
+    /* hbm_trim(-1) returns the pinned pool's cached memory too: the device pools are emptied
+     * first, so what the second trim releases is the pinned blocks freed in between. */
+    typedef enum HbmStatus (*hbm_trim_fn)(int device, uint64_t *out_released);
+    hbm_trim_fn trim = NULL;
+    void *trim_sym = dlsym(RTLD_DEFAULT, "hbm_trim");
+    REQUIRE(trim_sym != NULL, "hbm_trim not found");
+    memcpy(&trim, &trim_sym, sizeof trim_sym);
+    uint64_t released = 0;
+    CHECK(trim(-1, NULL) == HBM_STATUS_OK, "hbm_trim(-1) before the pinned frees");
     for (int i = 0; i < N; i++) {
         CHECK(cudaFreeHost(ptrs[i]) == cudaSuccess, "cudaFreeHost(ptrs[%d])", i);
     }
+    CHECK(trim(-1, &released) == HBM_STATUS_OK && released >= (1u << 20),
+          "hbm_trim(-1) released %" PRIu64 " bytes after the pinned frees", released);
 
     /* Write-combined memory: the runtime's own on a GPU (not pooled), still tracked. */
     uint64_t mark = hbm_checkpoint_ptr();

@@ -395,7 +395,8 @@ enum HbmStatus hbm_stats(int device, struct HbmStats *out_stats);
 
 /**
  * Returns `device`'s cached, unused memory to the driver (after one device synchronize).
- * `device` -1 trims every device in use. `out_released` (may be NULL) receives the bytes freed.
+ * `device` -1 trims every pool in use: every device's, and the pinned host pool behind
+ * `cudaMallocHost`. `out_released` (may be NULL) receives the bytes freed.
  *
  * # Safety
  * `out_released` is NULL or valid for one write.

@@ -167,7 +167,8 @@ pub unsafe extern "C" fn hbm_stats(device: c_int, out_stats: *mut HbmStats) -> H
 }
 
 /// Returns `device`'s cached, unused memory to the driver (after one device synchronize).
-/// `device` -1 trims every device in use. `out_released` (may be NULL) receives the bytes freed.
+/// `device` -1 trims every pool in use: every device's, and the pinned host pool behind
+/// `cudaMallocHost`. `out_released` (may be NULL) receives the bytes freed.
 ///
 /// # Safety
 /// `out_released` is NULL or valid for one write.
@@ -175,7 +176,10 @@ pub unsafe extern "C" fn hbm_stats(device: c_int, out_stats: *mut HbmStats) -> H
 pub unsafe extern "C" fn hbm_trim(device: c_int, out_released: *mut u64) -> HbmStatus {
     ffi_guard!(HbmStatus::Panic, {
         let result = if device == -1 {
-            runtime::pools().try_fold(0usize, |sum, (_, pool)| Ok(sum + pool.trim()?))
+            let pinned = runtime::host_pool_if_started().map_or(Ok(0), |pool| pool.trim());
+            pinned.and_then(|pinned| {
+                runtime::pools().try_fold(pinned, |sum, (_, pool)| Ok(sum + pool.trim()?))
+            })
         } else {
             runtime::pool(device).and_then(|pool| pool.trim())
         };
