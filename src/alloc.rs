@@ -63,7 +63,11 @@ pub fn free(ptr: DevicePtr, stream: Option<Stream>, api: Api) -> Result<usize> {
         }
         Err(bad) => {
             let e = classify(ptr);
-            diagnose(ptr, &e, api, Some(bad));
+            let call = match api {
+                Api::Runtime => "cudaFree",
+                Api::Hbm => "hbm_device_free",
+            };
+            report_bad_free(call, ptr, &e, &bad);
             Err(e)
         }
     }
@@ -78,20 +82,16 @@ fn classify(ptr: DevicePtr) -> Error {
         .unwrap_or(Error::UnknownPointer(ptr))
 }
 
-/// One diagnostic for a bad free. An unknown pointer is left to the caller, which may still
-/// forward it to the runtime (it may be memory the runtime allocated before we were loaded).
+/// One diagnostic for a bad free through `call`, given what the pool found (`e`) and what the
+/// tracker knows (`bad`). An unknown pointer is left to the caller, which may still forward it
+/// to the runtime (it may be memory the runtime allocated before we were loaded).
 #[cold]
-fn diagnose(ptr: DevicePtr, e: &Error, api: Api, bad: Option<Box<track::BadFree>>) {
-    let call = match api {
-        Api::Runtime => "cudaFree",
-        Api::Hbm => "hbm_device_free",
-    };
+pub(crate) fn report_bad_free(call: &str, ptr: DevicePtr, e: &Error, bad: &track::BadFree) {
     match e {
         // The tracker remembers where the block was allocated and first freed, and says so.
-        Error::DoubleFree(_) => match bad {
-            Some(bad) => track::report_bad_free(&bad),
-            None => eprintln!("hbmalloc: {call}({ptr:#x}): double free; nothing done"),
-        },
+        Error::DoubleFree(_) if bad.is_double_free() => track::report_bad_free(bad),
+        // Its freed record was reused since: the pool's word alone.
+        Error::DoubleFree(_) => eprintln!("hbmalloc: {call}({ptr:#x}): double free; nothing done"),
         Error::InteriorPointer { block, .. } => eprintln!(
             "hbmalloc: {call}({ptr:#x}): pointer is inside the block at {block:#x}, not its start; nothing freed"
         ),

@@ -50,17 +50,7 @@ fn diagnose_pinned(ptr: DevicePtr, bad: &track::BadFree) -> Error {
     let e = runtime::host_pool_if_started()
         .map(|pool| pool.diagnose(ptr))
         .unwrap_or(Error::UnknownPointer(ptr));
-    match &e {
-        Error::DoubleFree(_) if bad.is_double_free() => track::report_bad_free(bad),
-        Error::DoubleFree(_) => {
-            eprintln!("hbmalloc: cudaFreeHost({ptr:#x}): double free; nothing done")
-        }
-        Error::InteriorPointer { block, .. } => eprintln!(
-            "hbmalloc: cudaFreeHost({ptr:#x}): pointer is inside the block at {block:#x}, not \
-             its start; nothing freed"
-        ),
-        _ => {}
-    }
+    crate::alloc::report_bad_free("cudaFreeHost", ptr, &e, bad);
     e
 }
 

@@ -13,15 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define CHECK(x)                                                                   \
-    do {                                                                           \
-        cudaError_t e_ = (x);                                                      \
-        if (e_ != cudaSuccess) {                                                   \
-            fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x,              \
-                    cudaGetErrorString(e_));                                       \
-            exit(2);                                                               \
-        }                                                                          \
-    } while (0)
+#include "cuda_check.h"
 
 // Spins for about `cycles` clock cycles: holds the stream so the copy queued after it waits.
 __global__ void spin(long long cycles) {

@@ -9,15 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-#define CHECK(x)                                                                   \
-    do {                                                                           \
-        cudaError_t e_ = (x);                                                      \
-        if (e_ != cudaSuccess) {                                                   \
-            fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x,              \
-                    cudaGetErrorString(e_));                                       \
-            exit(2);                                                               \
-        }                                                                          \
-    } while (0)
+#include "cuda_check.h"
 
 // Spins for about `cycles` clock cycles, then fills the buffer with 0xAA.
 __global__ void late_writer(unsigned char *p, size_t n, long long cycles) {
