@@ -4,6 +4,9 @@
 //! the entry is ignored, leaving the default in force.
 
 use once_cell::sync::OnceCell;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
 
 /// Which device-memory source the process uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,9 +52,10 @@ pub struct Config {
     pub backend: BackendKind,
     pub backtrace: bool,
     pub leak_report: LeakReport,
-    pub report_path: Option<String>,
-    pub report_json: Option<String>,
-    pub report_svg: Option<String>,
+    /// Paths are kept as bytes: any Linux path is accepted, UTF-8 or not.
+    pub report_path: Option<PathBuf>,
+    pub report_json: Option<PathBuf>,
+    pub report_svg: Option<PathBuf>,
     pub max_frames: usize,
     pub unwinder: StackWalk,
     /// Capacity of the simulated device in bytes.
@@ -90,16 +94,33 @@ impl Default for Config {
 impl Config {
     /// Parses a `HBMALLOC_CONF` string. Returns the configuration and one warning per bad entry.
     pub fn parse(text: &str) -> (Config, Vec<String>) {
+        Config::parse_bytes(text.as_bytes())
+    }
+
+    /// Parses `HBMALLOC_CONF` as the bytes the environment holds. An entry that is not UTF-8 where
+    /// it must be (a key, a non-path value) is warned about and skipped alone; path values may hold
+    /// any bytes, as Linux paths do.
+    pub fn parse_bytes(text: &[u8]) -> (Config, Vec<String>) {
         let mut cfg = Config::default();
         let mut warnings = Vec::new();
-        for entry in text.split(',').map(str::trim).filter(|e| !e.is_empty()) {
-            let Some((key, value)) = entry.split_once(':') else {
+        for entry in text.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+            if entry.is_empty() {
+                continue;
+            }
+            let shown = String::from_utf8_lossy(entry);
+            let Some(colon) = entry.iter().position(|b| *b == b':') else {
                 warnings.push(format!(
-                    "hbmalloc: HBMALLOC_CONF entry '{entry}' has no ':value'; ignored"
+                    "hbmalloc: HBMALLOC_CONF entry '{shown}' has no ':value'; ignored"
                 ));
                 continue;
             };
-            let (key, value) = (key.trim(), value.trim());
+            let (key, value) = (entry[..colon].trim_ascii(), entry[colon + 1..].trim_ascii());
+            let Ok(key) = std::str::from_utf8(key) else {
+                warnings.push(format!(
+                    "hbmalloc: HBMALLOC_CONF entry '{shown}': key is not UTF-8; ignored"
+                ));
+                continue;
+            };
             if let Err(why) = cfg.set(key, value) {
                 warnings.push(format!(
                     "hbmalloc: HBMALLOC_CONF key '{key}': {why}; ignored"
@@ -109,8 +130,14 @@ impl Config {
         (cfg, warnings)
     }
 
-    fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
-        let bad = |expected: &str| format!("bad value '{value}' (expected {expected})");
+    fn set(&mut self, key: &str, raw: &[u8]) -> Result<(), String> {
+        let path = || (!raw.is_empty()).then(|| PathBuf::from(OsStr::from_bytes(raw)));
+        let shown = String::from_utf8_lossy(raw);
+        let bad = |expected: &str| format!("bad value '{shown}' (expected {expected})");
+        let value = match key {
+            "report_path" | "report_json" | "report_svg" => "",
+            _ => std::str::from_utf8(raw).map_err(|_| bad("UTF-8 text"))?,
+        };
         match key {
             "backend" => {
                 self.backend = match value {
@@ -145,15 +172,9 @@ impl Config {
                     _ => return Err(bad("batched, eager or off")),
                 }
             }
-            "report_path" => {
-                self.report_path = Some(non_empty(value).ok_or_else(|| bad("a file path"))?)
-            }
-            "report_json" => {
-                self.report_json = Some(non_empty(value).ok_or_else(|| bad("a file path"))?)
-            }
-            "report_svg" => {
-                self.report_svg = Some(non_empty(value).ok_or_else(|| bad("a file path"))?)
-            }
+            "report_path" => self.report_path = Some(path().ok_or_else(|| bad("a file path"))?),
+            "report_json" => self.report_json = Some(path().ok_or_else(|| bad("a file path"))?),
+            "report_svg" => self.report_svg = Some(path().ok_or_else(|| bad("a file path"))?),
             "max_frames" => {
                 self.max_frames = value
                     .parse::<usize>()
@@ -193,10 +214,6 @@ fn parse_switch(value: &str) -> Option<bool> {
     }
 }
 
-fn non_empty(value: &str) -> Option<String> {
-    (!value.is_empty()).then(|| value.to_string())
-}
-
 /// Parses `4096`, `64KiB`, `16GiB`, `2GB`, `512MB`, `1TiB` (SI and binary suffixes both mean powers
 /// of two here, as allocator settings conventionally do). `None` on anything else or on overflow.
 pub fn parse_size(text: &str) -> Option<usize> {
@@ -222,8 +239,8 @@ static CONFIG: OnceCell<Config> = OnceCell::new();
 /// The process's configuration, read from `HBMALLOC_CONF` on first use; warnings go to stderr once.
 pub fn get() -> &'static Config {
     CONFIG.get_or_init(|| {
-        let text = std::env::var("HBMALLOC_CONF").unwrap_or_default();
-        let (cfg, warnings) = Config::parse(&text);
+        let text = std::env::var_os("HBMALLOC_CONF").unwrap_or_default();
+        let (cfg, warnings) = Config::parse_bytes(text.as_bytes());
         for w in warnings {
             eprintln!("{w}");
         }
@@ -253,9 +270,9 @@ mod tests {
         assert_eq!(cfg.backend, BackendKind::Sim);
         assert!(!cfg.backtrace);
         assert_eq!(cfg.leak_report, LeakReport::Summary);
-        assert_eq!(cfg.report_path.as_deref(), Some("/tmp/a.txt"));
-        assert_eq!(cfg.report_json.as_deref(), Some("/tmp/a.json"));
-        assert_eq!(cfg.report_svg.as_deref(), Some("/tmp/a.svg"));
+        assert_eq!(cfg.report_path, Some("/tmp/a.txt".into()));
+        assert_eq!(cfg.report_json, Some("/tmp/a.json".into()));
+        assert_eq!(cfg.report_svg, Some("/tmp/a.svg".into()));
         assert_eq!(cfg.sim_capacity, 2 << 30);
         assert_eq!(cfg.max_frames, 8);
         assert_eq!(cfg.stream_safety, StreamSafety::Eager);
@@ -277,6 +294,25 @@ mod tests {
         assert_eq!(cfg.backend, BackendKind::Auto);
         assert_eq!(cfg.sim_capacity, Config::default().sim_capacity);
         assert!(!cfg.backtrace, "good entries beside bad ones still apply");
+    }
+
+    #[test]
+    fn non_utf8_bytes_cost_only_their_entry() {
+        // A Latin-1 path is a legal Linux path: kept byte for byte.
+        let (cfg, warnings) = Config::parse_bytes(b"backend:sim,report_path:/tmp/r\xe9sum\xe9.txt");
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(cfg.backend, BackendKind::Sim);
+        let path = cfg.report_path.expect("path kept");
+        assert_eq!(path.as_os_str().as_bytes(), b"/tmp/r\xe9sum\xe9.txt");
+        // A bad byte in a key or a non-path value: one warning, the other entries apply.
+        let (cfg, warnings) =
+            Config::parse_bytes(b"backtrace:off,ba\xffckend:sim,leak_report:s\xffmmary,verbose:on");
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(warnings[0].contains("not UTF-8"), "{warnings:?}");
+        assert!(warnings[1].contains("'leak_report'"), "{warnings:?}");
+        assert!(!cfg.backtrace && cfg.verbose);
+        assert_eq!(cfg.backend, BackendKind::Auto);
+        assert_eq!(cfg.leak_report, LeakReport::Full);
     }
 
     #[test]

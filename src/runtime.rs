@@ -39,6 +39,13 @@ pub fn active() -> Active {
     })
 }
 
+/// Whether `backend:auto` found no usable CUDA device and chose the simulated device. The
+/// library API keeps working on it; the interposed runtime entry points answer as the runtime
+/// does without a device (`ffi::runtime_state`).
+pub fn auto_fell_back() -> bool {
+    config::get().backend == BackendKind::Auto && active() == Active::Sim
+}
+
 /// Number of devices the active backend offers (the simulated device is one device).
 pub fn device_count() -> i32 {
     match active() {

@@ -486,3 +486,19 @@ fn per_thread_stream_blocks_are_not_reused_by_another_thread_at_once() {
     );
     pool.check();
 }
+
+/// The smallest simulated device the configuration accepts (1 MiB, below one 2 MiB shared chunk)
+/// still serves every allocation that fits in it.
+#[test]
+fn a_device_smaller_than_a_chunk_serves_what_fits() {
+    let (sim, pool) = pool(1 << 20, StreamSafety::Batched, None);
+    let a = pool.alloc(512 << 10).expect("512 KiB fits in 1 MiB");
+    let b = pool.alloc(256 << 10).expect("256 KiB more fits");
+    assert!(pool.alloc(512 << 10).is_err(), "1.25 MiB does not fit");
+    pool.free(a).unwrap();
+    pool.free(b).unwrap();
+    pool.trim().unwrap();
+    assert_eq!(sim.used(), 0);
+    let whole = pool.alloc(1 << 20).expect("the whole device in one block");
+    pool.free(whole).unwrap();
+}

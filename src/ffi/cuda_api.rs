@@ -16,6 +16,7 @@
 
 use super::guard::ffi_guard;
 use super::real_cuda::real;
+use super::runtime_state;
 use super::status::{cuda_error, to_cuda_error};
 use crate::alloc::{self as device_alloc, Api};
 use crate::error::Error;
@@ -40,12 +41,25 @@ thread_local! {
 }
 
 /// Records `code` as this thread's last error (successes do not clear it, as in the runtime).
+/// A sticky error (an illegal address, say) is remembered: the runtime refuses every later call
+/// on the device with it, and so do our hooks (`runtime_state`).
 pub(super) fn fail(code: CudaError) -> CudaError {
     if code != cuda_error::SUCCESS {
         LAST_ERROR.with(|e| e.set(code));
+        runtime_state::note_error(code);
     }
     code
 }
+
+/// The runtime's answer before it looks at the arguments (no device, a sticky error), if any.
+macro_rules! refuse_early {
+    () => {
+        if let Some(code) = $crate::ffi::runtime_state::refusal() {
+            return $crate::ffi::cuda_api::fail(code);
+        }
+    };
+}
+pub(super) use refuse_early;
 
 /// Marks this thread as forwarding to the runtime for the guard's lifetime.
 pub(super) struct HookGuard;
@@ -68,6 +82,7 @@ impl Drop for HookGuard {
 /// # Safety
 /// `dev_ptr` is NULL or valid for one pointer write.
 unsafe fn malloc_hook(dev_ptr: *mut *mut c_void, size: usize, stream: Option<usize>) -> CudaError {
+    refuse_early!();
     if dev_ptr.is_null() {
         return fail(cuda_error::INVALID_VALUE);
     }
@@ -107,6 +122,7 @@ fn forward_free(ptr: *mut c_void, stream: Option<usize>) -> CudaError {
 
 /// Shared body of `cudaFree` and `cudaFreeAsync`.
 fn free_hook(ptr: *mut c_void, stream: Option<usize>) -> CudaError {
+    refuse_early!();
     if ptr.is_null() {
         // cudaFree(NULL) is how programs initialise the runtime: let the runtime see it.
         return match runtime::active() {
@@ -269,6 +285,7 @@ pub unsafe extern "C" fn cudaFreeAsync_ptsz(dev_ptr: *mut c_void, stream: CudaSt
 #[no_mangle]
 pub unsafe extern "C" fn cudaMemGetInfo(free: *mut usize, total: *mut usize) -> CudaError {
     ffi_guard!(fail(cuda_error::UNKNOWN), {
+        refuse_early!();
         if free.is_null() || total.is_null() {
             return fail(cuda_error::INVALID_VALUE);
         }

@@ -13,7 +13,7 @@
 
 #![allow(non_snake_case)]
 
-use super::cuda_api::{fail, CudaError, HookGuard};
+use super::cuda_api::{fail, refuse_early, CudaError, HookGuard};
 use super::guard::ffi_guard;
 use super::real_cuda::real;
 use super::status::{cuda_error, to_cuda_error};
@@ -46,6 +46,7 @@ unsafe fn host_alloc_hook(
     flags: c_uint,
     origin: Origin,
 ) -> CudaError {
+    refuse_early!();
     if ptr.is_null() || flags & !HOST_ALLOC_FLAGS != 0 {
         return fail(cuda_error::INVALID_VALUE);
     }
@@ -96,6 +97,7 @@ unsafe fn host_alloc_write_combined(
 
 /// Body of `cudaFreeHost`.
 fn free_host_hook(ptr: *mut c_void) -> CudaError {
+    refuse_early!();
     if ptr.is_null() {
         return cuda_error::SUCCESS;
     }
@@ -179,6 +181,7 @@ fn forward_free_host(ptr: *mut c_void) -> CudaError {
 /// # Safety
 /// `dev_ptr` is NULL or valid for one pointer write.
 unsafe fn malloc_managed_hook(dev_ptr: *mut *mut c_void, size: usize, flags: c_uint) -> CudaError {
+    refuse_early!();
     if runtime::active() == Active::Cuda {
         // The runtime checks its own arguments; only what it hands out is recorded.
         let Some(real_malloc_managed) = real().malloc_managed else {

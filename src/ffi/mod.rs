@@ -5,7 +5,8 @@
 //! pinned host and managed memory; `hbm_api` the library's own `hbm_*` functions.
 //! Both share `crate::alloc`; `real_cuda` finds the runtime's own functions. `kv_api` holds the
 //! KV sizes and the CPU reference of the element formats, `kv_cache_api` the KV cache object,
-//! `pool_api` the ggml-style scratch pools, `track_api` the leak checks.
+//! `pool_api` the ggml-style scratch pools, `track_api` the leak checks; `runtime_state` what the
+//! runtime answers before looking at arguments (no device, sticky errors).
 
 pub mod cuda_api;
 pub mod cuda_host_api;
@@ -15,5 +16,6 @@ pub mod kv_api;
 pub mod kv_cache_api;
 pub mod pool_api;
 mod real_cuda;
+pub(crate) mod runtime_state;
 pub mod status;
 pub mod track_api;

@@ -80,6 +80,10 @@ pub mod cuda_error {
     pub const MEMORY_ALLOCATION: i32 = 2;
     /// The runtime could not be initialised: here, its own function to forward to is missing.
     pub const INITIALIZATION_ERROR: i32 = 3;
+    /// No CUDA driver is installed (the runtime's answer to every call then).
+    pub const INSUFFICIENT_DRIVER: i32 = 35;
+    /// A driver, but no usable device.
+    pub const NO_DEVICE: i32 = 100;
     pub const INVALID_DEVICE: i32 = 101;
     pub const NOT_SUPPORTED: i32 = 801;
     pub const UNKNOWN: i32 = 999;
@@ -95,10 +99,10 @@ pub fn to_cuda_error(e: &Error) -> i32 {
         | Error::InteriorPointer { .. } => cuda_error::INVALID_VALUE,
         Error::InvalidDevice(_) => cuda_error::INVALID_DEVICE,
         Error::NotSupported(_) => cuda_error::NOT_SUPPORTED,
-        // CUresult and cudaError_t share most numbers for the errors the driver can give here
-        // (out of memory 2, invalid value 1); anything else is reported as unknown.
-        Error::Driver { code: 1, .. } => cuda_error::INVALID_VALUE,
-        Error::Driver { code: 2, .. } => cuda_error::MEMORY_ALLOCATION,
+        // The runtime reports a driver failure under the driver's own number: every CUresult
+        // has the cudaError_t of the same value (1 invalid value, 2 out of memory, 100 no device,
+        // 201 invalid context/device uninitialised, 700 illegal address, ...).
+        Error::Driver { code, .. } if (1..=999).contains(code) => *code,
         Error::Driver { .. } => cuda_error::UNKNOWN,
     }
 }
@@ -118,5 +122,26 @@ pub fn status_text(status: HbmStatus) -> &'static std::ffi::CStr {
         HbmStatus::DriverError => c"a CUDA driver call failed",
         HbmStatus::Panic => c"internal error caught at the C boundary",
         HbmStatus::IoError => c"could not write the file",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn driver_numbers_pass_through() {
+        let driver = |code| {
+            to_cuda_error(&Error::Driver {
+                call: "cuTest",
+                code,
+            })
+        };
+        for code in [1, 2, 3, 4, 100, 101, 201, 400, 700, 719, 801, 999] {
+            assert_eq!(driver(code), code);
+        }
+        assert_eq!(driver(0), cuda_error::UNKNOWN, "success is no failure");
+        assert_eq!(driver(-5), cuda_error::UNKNOWN);
+        assert_eq!(driver(100_000), cuda_error::UNKNOWN);
     }
 }

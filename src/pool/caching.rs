@@ -492,10 +492,16 @@ impl CachingPool {
         self.shards[my_shard()].lock().pop_safe(class)
     }
 
-    /// Gets a new chunk from the driver and takes the block from it.
+    /// Gets a new chunk from the driver and takes the block from it. When the device cannot
+    /// give a whole shared chunk (a small device, or one nearly full), a chunk of just the block
+    /// is asked for: any allocation that fits in the device is served.
     fn grow(&self, block: usize) -> Result<DevicePtr> {
-        let size = chunk_size(block);
-        let base = self.backend.alloc(size)?;
+        let shared = chunk_size(block);
+        let (base, size) = match self.backend.alloc(shared) {
+            Ok(base) => (base, shared),
+            Err(Error::OutOfMemory { .. }) if shared > block => (self.backend.alloc(block)?, block),
+            Err(e) => return Err(e),
+        };
         self.slow.add_reserved(size);
         SlowCounters::bump(&self.slow.misses);
         self.sample_peak_in_use();

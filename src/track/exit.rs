@@ -12,7 +12,10 @@
 
 use super::registry::Tracker;
 use crate::config::LeakReport;
+use std::ffi::OsStr;
 use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 use std::sync::Once;
 
 static INSTALL: Once = Once::new();
@@ -56,13 +59,16 @@ impl Tracker {
         }
         let report = self.leak_report();
         let mut text = super::report_text::render(&report, s.leak_report);
-        let mut file = |path: &str, what: &str, result: std::io::Result<()>| match result {
-            Ok(()) => {
-                if s.leak_report == LeakReport::Full {
-                    text.push_str(&format!("hbmalloc: {what} written to {path}\n"));
+        let mut file = |path: &Path, what: &str, result: std::io::Result<()>| {
+            let path = path.display();
+            match result {
+                Ok(()) => {
+                    if s.leak_report == LeakReport::Full {
+                        text.push_str(&format!("hbmalloc: {what} written to {path}\n"));
+                    }
                 }
+                Err(e) => text.push_str(&format!("hbmalloc: could not write {what} {path}: {e}\n")),
             }
-            Err(e) => text.push_str(&format!("hbmalloc: could not write {what} {path}: {e}\n")),
         };
         if let Some(path) = &s.report_json {
             file(
@@ -100,32 +106,34 @@ impl Tracker {
             }
         };
         if let (Err(e), Some(path)) = (written, &s.report_path) {
+            let path = path.display();
             write_stderr(format!("hbmalloc: could not write {path}: {e}\n{text}").as_bytes());
         }
     }
 }
 
 /// `report.json` → `report.timeline.json`; without a JSON report, `hbmalloc-timeline.<pid>.json`.
-fn timeline_path(report_json: Option<&str>) -> String {
+fn timeline_path(report_json: Option<&Path>) -> PathBuf {
     match report_json {
-        Some(p) => match p.strip_suffix(".json") {
-            Some(stem) => format!("{stem}.timeline.json"),
-            None => format!("{p}.timeline.json"),
-        },
-        None => format!("hbmalloc-timeline.{}.json", std::process::id()),
+        Some(p) => with_suffix(p, ".json", ".timeline.json"),
+        None => format!("hbmalloc-timeline.{}.json", std::process::id()).into(),
     }
 }
 
 /// The chart beside the timeline's JSON: `x.timeline.json` → `x.timeline.svg`.
-fn timeline_svg_path(json: &str) -> String {
-    match json.strip_suffix(".json") {
-        Some(stem) => format!("{stem}.svg"),
-        None => format!("{json}.svg"),
-    }
+fn timeline_svg_path(json: &Path) -> PathBuf {
+    with_suffix(json, ".json", ".svg")
+}
+
+/// `path` with its `old` ending replaced by `new` (or `new` appended), byte for byte.
+fn with_suffix(path: &Path, old: &str, new: &str) -> PathBuf {
+    let bytes = path.as_os_str().as_bytes();
+    let stem = bytes.strip_suffix(old.as_bytes()).unwrap_or(bytes);
+    PathBuf::from(OsStr::from_bytes(&[stem, new.as_bytes()].concat()))
 }
 
 fn write_file(
-    path: &str,
+    path: &Path,
     body: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
     let mut w = std::io::BufWriter::new(std::fs::File::create(path)?);
@@ -156,12 +164,24 @@ mod tests {
 
     #[test]
     fn timeline_file_names() {
-        assert_eq!(timeline_path(Some("/tmp/r.json")), "/tmp/r.timeline.json");
-        assert_eq!(timeline_path(Some("/tmp/r")), "/tmp/r.timeline.json");
-        assert!(timeline_path(None).starts_with("hbmalloc-timeline."));
+        let p = |s: &str| PathBuf::from(s);
         assert_eq!(
-            timeline_svg_path("/tmp/r.timeline.json"),
-            "/tmp/r.timeline.svg"
+            timeline_path(Some(&p("/tmp/r.json"))),
+            p("/tmp/r.timeline.json")
+        );
+        assert_eq!(timeline_path(Some(&p("/tmp/r"))), p("/tmp/r.timeline.json"));
+        assert!(timeline_path(None)
+            .to_string_lossy()
+            .starts_with("hbmalloc-timeline."));
+        assert_eq!(
+            timeline_svg_path(&p("/tmp/r.timeline.json")),
+            p("/tmp/r.timeline.svg")
+        );
+        // Not UTF-8: the bytes pass through.
+        let latin1 = PathBuf::from(OsStr::from_bytes(b"/tmp/r\xe9.json"));
+        assert_eq!(
+            timeline_path(Some(&latin1)).as_os_str().as_bytes(),
+            b"/tmp/r\xe9.timeline.json"
         );
     }
 }

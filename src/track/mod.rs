@@ -92,9 +92,9 @@ pub struct Settings {
     pub max_frames: usize,
     pub leak_report: LeakReport,
     /// Text report file; `None` = stderr.
-    pub report_path: Option<String>,
-    pub report_json: Option<String>,
-    pub report_svg: Option<String>,
+    pub report_path: Option<std::path::PathBuf>,
+    pub report_json: Option<std::path::PathBuf>,
+    pub report_svg: Option<std::path::PathBuf>,
     /// Capacity of the alloc/free event ring; 0 = no timeline.
     pub timeline: usize,
 }

@@ -130,6 +130,12 @@ impl CudaBackend {
         Self::device_count() > 0
     }
 
+    /// Whether the driver library (`libcuda.so.1`) can be loaded at all.
+    pub fn driver_present() -> bool {
+        // SAFETY: opens and closes the library; touches nothing of ours.
+        unsafe { sys::is_culib_present() }
+    }
+
     /// Number of CUDA devices (0 when the driver is absent or fails to initialise). Cached.
     pub fn device_count() -> i32 {
         *DEVICE_COUNT.get_or_init(probe_device_count)
