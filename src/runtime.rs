@@ -3,6 +3,7 @@
 //! Everything above `backend` asks here for a device's backend; nothing else decides between CUDA
 //! and the simulated device.
 
+use crate::backend::reclaim::Reclaiming;
 use crate::backend::sim::SimBackend;
 use crate::backend::{host_memory, SharedBackend, HOST_DEVICE};
 use crate::config::{self, BackendKind};
@@ -64,11 +65,33 @@ pub fn current_device() -> i32 {
     }
 }
 
-/// The backend serving `device`, created on first use.
+/// The backend serving `device` to the scratch pools and KV caches, created on first use: out
+/// of memory there first makes the device's caching pool give its cached memory back.
 pub fn backend(device: i32) -> Result<SharedBackend> {
+    check_device(device)?;
+    CONSUMER_BACKENDS[device as usize]
+        .get_or_try_init(|| -> Result<SharedBackend> {
+            Ok(Arc::new(Reclaiming::new(
+                raw_backend(device)?,
+                Box::new(release_cached),
+            )))
+        })
+        .cloned()
+}
+
+static CONSUMER_BACKENDS: [OnceCell<SharedBackend>; MAX_DEVICES] =
+    [const { OnceCell::new() }; MAX_DEVICES];
+
+fn check_device(device: i32) -> Result<()> {
     if device < 0 || device >= device_count() || device as usize >= MAX_DEVICES {
         return Err(Error::InvalidDevice(device));
     }
+    Ok(())
+}
+
+/// The device's own backend, as the caching pool uses it.
+fn raw_backend(device: i32) -> Result<SharedBackend> {
+    check_device(device)?;
     BACKENDS[device as usize]
         .get_or_try_init(|| -> Result<SharedBackend> {
             Ok(match active() {
@@ -77,6 +100,14 @@ pub fn backend(device: i32) -> Result<SharedBackend> {
             })
         })
         .cloned()
+}
+
+/// Gives the memory the caching pool of `device` holds cached back to the driver.
+fn release_cached(device: i32) -> usize {
+    match POOLS.get(device as usize).and_then(OnceCell::get) {
+        Some(pool) => pool.trim().unwrap_or(0),
+        None => 0,
+    }
 }
 
 static POOLS: [OnceCell<CachingPool>; MAX_DEVICES] = [const { OnceCell::new() }; MAX_DEVICES];
@@ -93,7 +124,7 @@ pub fn pool(device: i32) -> Result<&'static CachingPool> {
 
 #[cold]
 fn pool_slow(device: i32) -> Result<&'static CachingPool> {
-    let backend = backend(device)?;
+    let backend = raw_backend(device)?;
     Ok(POOLS[device as usize]
         .get_or_init(|| CachingPool::new(backend, PoolSettings::from_config(config::get()))))
 }
@@ -144,4 +175,68 @@ static SIM_MANAGED: OnceCell<SimBackend> = OnceCell::new();
 /// (managed memory is not pooled, see `crate::host_alloc`), bounded by the host's RAM.
 pub fn sim_managed() -> &'static SimBackend {
     SIM_MANAGED.get_or_init(|| SimBackend::new(0, host_memory().1))
+}
+
+#[cfg(test)]
+mod tests {
+    /// 48 MiB freed by `cudaFree` and cached on a 64 MiB device: a scratch pool's 32 MiB
+    /// allocation gets them back (in a child process: it needs a device of its own size).
+    #[test]
+    fn scratch_pools_get_memory_cudafree_cached() {
+        if std::env::var_os("HBM_RUNTIME_CHILD").is_some() {
+            return child();
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "runtime::tests::scratch_pools_get_memory_cudafree_cached",
+            ])
+            .args(["--nocapture", "--test-threads=1"])
+            .env("HBM_RUNTIME_CHILD", "1")
+            .env(
+                "HBMALLOC_CONF",
+                "backend:sim,sim_capacity:64MiB,leak_report:off",
+            )
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains("child checks passed"), "{text}");
+    }
+
+    fn child() {
+        use crate::ffi::cuda_api::{cudaFree, cudaMalloc};
+        use crate::ffi::pool_api::*;
+        use crate::ffi::status::HbmStatus;
+        for kind in [HbmPoolKind::Legacy, HbmPoolKind::Vmm] {
+            let mut p = std::ptr::null_mut();
+            // SAFETY: local out-parameters; every pointer freed is ours.
+            unsafe {
+                assert_eq!(cudaMalloc(&mut p, 48 << 20), 0);
+                assert_eq!(cudaFree(p), 0);
+                let mut opts = std::mem::MaybeUninit::uninit();
+                assert_eq!(hbm_pool_options_default(opts.as_mut_ptr()), HbmStatus::Ok);
+                let mut opts = opts.assume_init();
+                opts.reserve_size = 48 << 20;
+                let mut pool = std::ptr::null_mut();
+                assert_eq!(
+                    hbm_pool_create(0, kind as i32, &opts, &mut pool),
+                    HbmStatus::Ok
+                );
+                let (mut q, mut actual) = (std::ptr::null_mut(), 0);
+                assert_eq!(
+                    hbm_pool_alloc(pool, 32 << 20, &mut q, &mut actual),
+                    HbmStatus::Ok,
+                    "{kind:?}: the cached 48 MiB must be given back"
+                );
+                assert_eq!(hbm_pool_free(pool, q, actual), HbmStatus::Ok);
+                hbm_pool_destroy(pool);
+            }
+        }
+        println!("child checks passed");
+    }
 }

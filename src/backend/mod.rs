@@ -5,6 +5,7 @@
 //! pooling, tracking or interposition: pools sit above it and call it only on their slow paths.
 
 pub mod cuda;
+pub mod reclaim;
 pub mod sim;
 
 use crate::error::{Error, Result};
