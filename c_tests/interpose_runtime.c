@@ -4,7 +4,7 @@
  * (both from the nvidia-cuda-runtime wheel); run with
  *     LD_PRELOAD=libhbmalloc.so HBMALLOC_CONF=backend:sim,sim_capacity:4GiB interpose_runtime 4294967296
  * (argument: the sim_capacity in bytes). First it proves that hbmalloc, not libcudart, serves the
- * calls, and stops at once if not; then it checks every row of DESIGN.md's contract table and the
+ * calls, and stops at once if not; then it checks every row of the contract table in docs/contract.md and the
  * bad inputs a program may pass, the data path, and a 16-thread stress. The same for the pinned
  * host siblings (cudaMallocHost, cudaHostAlloc, cudaFreeHost, from hbmalloc's pinned pool) and
  * cudaMallocManaged (the runtime's, tracked), and it leaves one block of each allocated on
@@ -530,7 +530,7 @@ static void bad_free_host(void *ptr, const char *diagnostic) {
 static void pinned_host(void) {
     void *p;
     cudaError_t err;
-    /* Size 0: success and NULL (DESIGN.md's table), for both entry points. */
+    /* Size 0: success and NULL (docs/contract.md), for both entry points. */
     p = (void *)&p;
     err = cudaMallocHost(&p, 0);
     CHECK(err == cudaSuccess && p == NULL, "cudaMallocHost(&p, 0) = %d, p = %p", (int)err, p);

@@ -29,7 +29,7 @@ if ((${#missing[@]})); then
     "${sudo[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
-# 13.0.x: the CUDA release DESIGN.md's contract was measured on, and the NVRTC that
+# 13.0.x: the CUDA release docs/contract.md's contract was measured on, and the NVRTC that
 # scripts/nvrtc-env.sh pins (PTX from a newer NVRTC may not load on a CUDA 13.0 driver).
 V="${HBM_CUDA_WHEEL_VERSION:-13.0.88}"
 WHEELS=("nvidia-cuda-runtime==$V" "nvidia-cuda-crt==$V" "nvidia-cuda-nvrtc==$V")

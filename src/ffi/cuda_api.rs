@@ -1,7 +1,7 @@
 //! The interposed CUDA runtime entry points. `LD_PRELOAD=libhbmalloc.so app` binds the
 //! application's `cudaMalloc@libcudart.so.N` references to these unversioned definitions.
 //!
-//! Contract: the CUDA runtime's own, for every input (see DESIGN.md's table): NULL out-pointer →
+//! Contract: the CUDA runtime's own, for every input (see docs/contract.md): NULL out-pointer →
 //! `cudaErrorInvalidValue`; size 0 → success and NULL; a bad free → `cudaErrorInvalidValue` plus
 //! one diagnostic line; out of memory → `cudaErrorMemoryAllocation`, which `cudaGetLastError`
 //! then reports too; a panic → `cudaErrorUnknown`. Managed memory (`cuda_host_api`) goes back

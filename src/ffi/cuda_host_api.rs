@@ -4,7 +4,7 @@
 //! managed memory is in `cuda_api`.
 //!
 //! Contract, the runtime's own: NULL out-pointer → `cudaErrorInvalidValue`; size 0 → success
-//! and NULL (pinned memory: DESIGN.md's table; managed memory: what the CUDA 13 runtime
+//! and NULL (pinned memory: docs/contract.md; managed memory: what the CUDA 13 runtime
 //! returned on an H200, though its documentation says `cudaErrorInvalidValue`); flags the runtime does not define →
 //! `cudaErrorInvalidValue`; out of memory → `cudaErrorMemoryAllocation`; `cudaFreeHost(NULL)` → 0;
 //! a double free, an interior pointer, a device or managed pointer, a pointer never allocated →

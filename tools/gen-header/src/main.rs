@@ -3,7 +3,7 @@
 //! usage: gen-header [OUTPUT]   (default: include/hbmalloc.h of the repository)
 //!
 //! On top of cbindgen.toml it derives, from the sources themselves, what no one should have to
-//! keep in a list by hand. The rule is DESIGN.md's naming of the C API: functions `hbm_*`,
+//! keep in a list by hand. The rule is the C API's naming (docs/c-api.md): functions `hbm_*`,
 //! types `Hbm*`, constants `HBM_*`.
 //! - Excluded: every `extern "C"` function not named `hbm_*` (the interposed `cuda*` hooks),
 //!   every constant or static not named `HBM_*`/`hbm_*`, and every associated constant (cbindgen
