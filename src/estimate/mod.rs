@@ -3,3 +3,4 @@
 //! `ggml_type` is the ggml type table; readers and the estimate build on it.
 
 pub mod ggml_type;
+pub mod gguf;
