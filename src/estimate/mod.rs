@@ -4,3 +4,5 @@
 
 pub mod ggml_type;
 pub mod gguf;
+pub mod kv;
+pub mod model;
