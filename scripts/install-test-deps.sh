@@ -52,3 +52,14 @@ for f in "$CU/include/cuda_runtime.h" "$CU/include/crt/host_config.h" "$CU/lib/l
         exit 1
     fi
 done
+
+# The `gguf` Python package (llama.cpp's GGUF writer), for tests/estimate_gguf.rs, into .whl/py-gguf
+# (after the CUDA wheels, whose reinstall empties .whl/).
+GGUF_DIR="$WHEEL_DIR/py-gguf"
+if [[ -d "$GGUF_DIR/gguf" ]]; then
+    echo "install-test-deps: gguf already in $GGUF_DIR/"
+else
+    echo "install-test-deps: pip install --target $GGUF_DIR gguf"
+    python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
+        --root-user-action=ignore --target "$GGUF_DIR" gguf
+fi

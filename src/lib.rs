@@ -7,6 +7,7 @@ pub mod alloc;
 pub mod backend;
 pub mod config;
 pub mod error;
+pub mod estimate;
 pub mod ffi;
 pub mod host_alloc;
 pub mod kernels;

@@ -1,0 +1,8 @@
+//! Know before loading: memory estimates from model file headers (issue 10).
+//!
+//! `ggml_type` is the ggml type table; readers and the estimate build on it.
+
+pub mod ggml_type;
+pub mod gguf;
+pub mod kv;
+pub mod model;
