@@ -281,7 +281,15 @@ pub unsafe extern "C" fn hbm_pool_free(
         let pool = unsafe { pool_ref(pool) };
         // Untrack before the pool can hand the block to another thread; a refused free (wrong
         // size, unknown pointer) puts the record back.
-        let tracked = track::forget(ptr as DevicePtr).is_ok();
+        // Only a pool block of exactly `actual` bytes is taken; any other record (another
+        // entry point's block, a wrong size) stays as it was and the pool refuses the free.
+        let tracked = track::global()
+            .on_free_map(
+                ptr as DevicePtr,
+                |live| live.origin == Origin::Pool && live.size == actual as u64,
+                |_| (),
+            )
+            .is_ok();
         match pool.free(ptr as DevicePtr, actual) {
             Ok(()) => HbmStatus::Ok,
             Err(e) => {

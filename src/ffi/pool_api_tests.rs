@@ -164,3 +164,45 @@ fn destroy_frees_live_allocations() {
         hbm_pool_destroy(pool);
     }
 }
+
+/// Issue 18, defect 1: `hbm_pool_free` of a block another entry point handed out is refused
+/// without touching its record, so the owner's free still works; a refused free with a wrong
+/// `actual` leaves the pool block's record (size, checkpoint epoch) as it was.
+#[test]
+fn refused_pool_free_leaves_the_record_alone() {
+    use crate::alloc::{self, Api};
+    use crate::host_alloc;
+    let pool = create(HbmPoolKind::Legacy, None);
+    for api in [Api::Runtime, Api::Hbm] {
+        let p = alloc::alloc(0, 1000, None, api).unwrap();
+        let before = crate::track::global().get(p).unwrap();
+        // SAFETY: a live pool; the pointer is only looked up.
+        let st = unsafe { hbm_pool_free(pool, p as *mut c_void, 4096) };
+        assert_eq!(st, HbmStatus::InvalidPointer);
+        assert_eq!(crate::track::global().get(p), Some(before), "{api:?}");
+        alloc::free(p, None, api).expect("the owner's free still works");
+    }
+    let h = host_alloc::alloc_pinned(1000, crate::track::Origin::CudaMallocHost).unwrap();
+    let before = crate::track::global().get(h).unwrap();
+    // SAFETY: as above.
+    let st = unsafe { hbm_pool_free(pool, h as *mut c_void, 4096) };
+    assert_eq!(st, HbmStatus::InvalidPointer);
+    assert_eq!(crate::track::global().get(h), Some(before));
+    host_alloc::free_pinned(h).expect("cudaFreeHost still works");
+
+    let (mut p, mut actual) = (null_mut(), 0);
+    // SAFETY: a live pool and locals to write.
+    assert_eq!(
+        unsafe { hbm_pool_alloc(pool, 1000, &mut p, &mut actual) },
+        HbmStatus::Ok
+    );
+    let before = crate::track::global().get(p as usize).unwrap();
+    // SAFETY: a live pool; a wrong size is refused.
+    let st = unsafe { hbm_pool_free(pool, p, actual + 256) };
+    assert_eq!(st, HbmStatus::InvalidValue);
+    assert_eq!(crate::track::global().get(p as usize), Some(before));
+    // SAFETY: the right size now.
+    assert_eq!(unsafe { hbm_pool_free(pool, p, actual) }, HbmStatus::Ok);
+    // SAFETY: a live pool, not used again.
+    unsafe { hbm_pool_destroy(pool) };
+}
