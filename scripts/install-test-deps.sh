@@ -61,5 +61,5 @@ if [[ -d "$GGUF_DIR/gguf" ]]; then
 else
     echo "install-test-deps: pip install --target $GGUF_DIR gguf"
     python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
-        --root-user-action=ignore --target "$GGUF_DIR" gguf
+        --root-user-action=ignore --target "$GGUF_DIR" "gguf==0.19.0"
 fi
