@@ -59,7 +59,7 @@ GGUF_DIR="$WHEEL_DIR/py-gguf"
 if [[ -d "$GGUF_DIR/gguf" ]]; then
     echo "install-test-deps: gguf already in $GGUF_DIR/"
 else
-    echo "install-test-deps: pip install --target $GGUF_DIR gguf"
+    echo "install-test-deps: pip install --target $GGUF_DIR gguf==0.19.0"
     python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
         --root-user-action=ignore --target "$GGUF_DIR" "gguf==0.19.0"
 fi
