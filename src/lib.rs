@@ -15,4 +15,6 @@ pub mod kv;
 pub mod pool;
 pub mod runtime;
 pub mod sync;
+#[cfg(test)]
+mod test_child;
 pub mod track;

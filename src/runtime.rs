@@ -183,27 +183,12 @@ mod tests {
     /// allocation gets them back (in a child process: it needs a device of its own size).
     #[test]
     fn scratch_pools_get_memory_cudafree_cached() {
-        if std::env::var_os("HBM_RUNTIME_CHILD").is_some() {
+        if crate::test_child::is_child() {
             return child();
         }
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "runtime::tests::scratch_pools_get_memory_cudafree_cached",
-            ])
-            .args(["--nocapture", "--test-threads=1"])
-            .env("HBM_RUNTIME_CHILD", "1")
-            .env(
-                "HBMALLOC_CONF",
-                "backend:sim,sim_capacity:64MiB,leak_report:off",
-            )
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{text}{}",
-            String::from_utf8_lossy(&out.stderr)
+        let text = crate::test_child::run(
+            "runtime::tests::scratch_pools_get_memory_cudafree_cached",
+            Some("backend:sim,sim_capacity:64MiB,leak_report:off"),
         );
         assert!(text.contains("child checks passed"), "{text}");
     }

@@ -26,6 +26,15 @@ pub struct GgufError {
     pub expected: String,
 }
 
+impl GgufError {
+    fn at(offset: u64, expected: impl Into<String>) -> GgufError {
+        GgufError {
+            offset,
+            expected: expected.into(),
+        }
+    }
+}
+
 impl fmt::Display for GgufError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "GGUF byte {}: expected {}", self.offset, self.expected)
@@ -121,10 +130,7 @@ struct Reader<R> {
 
 impl<R: Read> Reader<R> {
     fn err(&self, expected: impl Into<String>) -> GgufError {
-        GgufError {
-            offset: self.pos,
-            expected: expected.into(),
-        }
+        GgufError::at(self.pos, expected)
     }
 
     fn remaining(&self) -> u64 {
@@ -152,13 +158,13 @@ impl<R: Read> Reader<R> {
         let at = self.pos;
         let n = self.u64(&format!("{what} length"))?;
         if n > self.remaining() {
-            return Err(GgufError {
-                offset: at,
-                expected: format!(
+            return Err(GgufError::at(
+                at,
+                format!(
                     "{what} length at most {} (bytes left), got {n}",
                     self.remaining()
                 ),
-            });
+            ));
         }
         let mut buf = vec![0u8; n as usize];
         if self.inner.read_exact(&mut buf).is_err() {
@@ -166,10 +172,7 @@ impl<R: Read> Reader<R> {
         }
         let start = self.pos;
         self.pos += n;
-        String::from_utf8(buf).map_err(|_| GgufError {
-            offset: start,
-            expected: format!("{what} in UTF-8"),
-        })
+        String::from_utf8(buf).map_err(|_| GgufError::at(start, format!("{what} in UTF-8")))
     }
 
     /// The fewest bytes a value of type `ty` can take, or `None` for an unknown type.
@@ -199,35 +202,26 @@ impl<R: Read> Reader<R> {
                 match self.bytes::<1>("bool")?[0] {
                     0 => Value::Bool(false),
                     1 => Value::Bool(true),
-                    b => {
-                        return Err(GgufError {
-                            offset: at,
-                            expected: format!("bool 0 or 1, got {b}"),
-                        })
-                    }
+                    b => return Err(GgufError::at(at, format!("bool 0 or 1, got {b}"))),
                 }
             }
             8 => Value::String(self.string("string")?),
             9 => {
                 if depth >= MAX_DEPTH {
-                    return Err(GgufError {
-                        offset: ty_at,
-                        expected: format!("arrays nested at most {MAX_DEPTH} deep"),
-                    });
+                    return Err(GgufError::at(
+                        ty_at,
+                        format!("arrays nested at most {MAX_DEPTH} deep"),
+                    ));
                 }
                 let elem_at = self.pos;
                 let elem = self.u32("array element type")?;
-                let min = Self::min_size(elem).ok_or_else(|| GgufError {
-                    offset: elem_at,
-                    expected: format!("array element type 0..=12, got {elem}"),
+                let min = Self::min_size(elem).ok_or_else(|| {
+                    GgufError::at(elem_at, format!("array element type 0..=12, got {elem}"))
                 })?;
                 let count_at = self.pos;
                 let n = self.u64("array length")?;
                 if n.checked_mul(min).map_or(true, |b| b > self.remaining()) {
-                    return Err(GgufError {
-                        offset: count_at,
-                        expected: format!("array length whose {min}-byte elements fit in the {} bytes left, got {n}", self.remaining()),
-                    });
+                    return Err(GgufError::at(count_at, format!("array length whose {min}-byte elements fit in the {} bytes left, got {n}", self.remaining())));
                 }
                 let mut v = Vec::with_capacity(n as usize);
                 for _ in 0..n {
@@ -239,10 +233,10 @@ impl<R: Read> Reader<R> {
             11 => Value::I64(i64::from_le_bytes(self.bytes("i64")?)),
             12 => Value::F64(f64::from_le_bytes(self.bytes("f64")?)),
             _ => {
-                return Err(GgufError {
-                    offset: ty_at,
-                    expected: format!("metadata value type 0..=12, got {ty}"),
-                })
+                return Err(GgufError::at(
+                    ty_at,
+                    format!("metadata value type 0..=12, got {ty}"),
+                ))
             }
         })
     }
@@ -256,17 +250,11 @@ pub fn parse<R: Read>(r: R, file_len: u64) -> Result<GgufFile, GgufError> {
         len: file_len,
     };
     if &r.bytes::<4>("magic \"GGUF\"")? != b"GGUF" {
-        return Err(GgufError {
-            offset: 0,
-            expected: "magic \"GGUF\"".into(),
-        });
+        return Err(GgufError::at(0, "magic \"GGUF\""));
     }
     let version = r.u32("version")?;
     if version != 2 && version != 3 {
-        return Err(GgufError {
-            offset: 4,
-            expected: format!("version 2 or 3, got {version}"),
-        });
+        return Err(GgufError::at(4, format!("version 2 or 3, got {version}")));
     }
     let n_tensors_at = r.pos;
     let n_tensors = r.u64("tensor count")?;
@@ -275,22 +263,22 @@ pub fn parse<R: Read>(r: R, file_len: u64) -> Result<GgufFile, GgufError> {
     // A key/value takes at least 13 bytes (key length, type, one byte); a tensor info at least 32.
     let left = r.remaining();
     if n_kv > left / 13 {
-        return Err(GgufError {
-            offset: n_kv_at,
-            expected: format!(
+        return Err(GgufError::at(
+            n_kv_at,
+            format!(
                 "metadata count at most {} for {left} bytes left, got {n_kv}",
                 left / 13
             ),
-        });
+        ));
     }
     if n_tensors > left / 32 {
-        return Err(GgufError {
-            offset: n_tensors_at,
-            expected: format!(
+        return Err(GgufError::at(
+            n_tensors_at,
+            format!(
                 "tensor count at most {} for {left} bytes left, got {n_tensors}",
                 left / 32
             ),
-        });
+        ));
     }
     let mut metadata = Vec::with_capacity(n_kv as usize);
     let mut alignment = DEFAULT_ALIGNMENT;
@@ -303,10 +291,10 @@ pub fn parse<R: Read>(r: R, file_len: u64) -> Result<GgufFile, GgufError> {
             match value {
                 Value::U32(a) if a.is_power_of_two() => alignment = a.into(),
                 _ => {
-                    return Err(GgufError {
-                        offset: ty_at,
-                        expected: "general.alignment as a u32 power of two".into(),
-                    })
+                    return Err(GgufError::at(
+                        ty_at,
+                        "general.alignment as a u32 power of two",
+                    ))
                 }
             }
         }
@@ -318,10 +306,10 @@ pub fn parse<R: Read>(r: R, file_len: u64) -> Result<GgufFile, GgufError> {
         let nd_at = r.pos;
         let n_dims = r.u32("tensor dimension count")?;
         if !(1..=4).contains(&n_dims) {
-            return Err(GgufError {
-                offset: nd_at,
-                expected: format!("tensor '{name}' dimension count 1..=4, got {n_dims}"),
-            });
+            return Err(GgufError::at(
+                nd_at,
+                format!("tensor '{name}' dimension count 1..=4, got {n_dims}"),
+            ));
         }
         let mut dims = Vec::with_capacity(n_dims as usize);
         for _ in 0..n_dims {
@@ -329,21 +317,22 @@ pub fn parse<R: Read>(r: R, file_len: u64) -> Result<GgufFile, GgufError> {
         }
         let ty_at = r.pos;
         let id = r.u32("tensor type")?;
-        let ty = GgmlType::from_id(id).ok_or_else(|| GgufError {
-            offset: ty_at,
-            expected: format!("tensor '{name}' of a known ggml type, got id {id}"),
+        let ty = GgmlType::from_id(id).ok_or_else(|| {
+            GgufError::at(
+                ty_at,
+                format!("tensor '{name}' of a known ggml type, got id {id}"),
+            )
         })?;
-        let bytes = ty.tensor_bytes(&dims).map_err(|e| GgufError {
-            offset: nd_at,
-            expected: format!("tensor '{name}' dims {dims:?}: {e}"),
-        })?;
+        let bytes = ty
+            .tensor_bytes(&dims)
+            .map_err(|e| GgufError::at(nd_at, format!("tensor '{name}' dims {dims:?}: {e}")))?;
         let off_at = r.pos;
         let offset = r.u64("tensor data offset")?;
         if offset % alignment != 0 {
-            return Err(GgufError {
-                offset: off_at,
-                expected: format!("tensor '{name}' offset a multiple of {alignment}, got {offset}"),
-            });
+            return Err(GgufError::at(
+                off_at,
+                format!("tensor '{name}' offset a multiple of {alignment}, got {offset}"),
+            ));
         }
         tensors.push(TensorInfo {
             name,
@@ -361,13 +350,13 @@ pub fn parse<R: Read>(r: R, file_len: u64) -> Result<GgufFile, GgufError> {
         if end.map_or(true, |e| e > file_len) {
             // Named at the first byte the file lacks (or where the data would start, if earlier).
             let start = data_offset.saturating_add(t.offset);
-            return Err(GgufError {
-                offset: start.min(file_len),
-                expected: format!(
+            return Err(GgufError::at(
+                start.min(file_len),
+                format!(
                     "tensor '{}' data ({} bytes at data offset {}) inside the {file_len}-byte file",
                     t.name, t.bytes, t.offset
                 ),
-            });
+            ));
         }
     }
     Ok(GgufFile {

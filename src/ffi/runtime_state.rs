@@ -94,34 +94,13 @@ mod tests {
         note_sticky(-1, 700);
     }
 
-    /// Runs `name` from this test binary in a child process with `HBMALLOC_CONF=conf` (the
-    /// global state a test poisons stays in the child).
-    fn in_child(name: &str, conf: Option<&str>) -> std::process::Output {
-        let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
-        cmd.args(["--exact", name, "--nocapture", "--test-threads=1"])
-            .env("HBM_RUNTIME_STATE_CHILD", "1");
-        match conf {
-            Some(c) => cmd.env("HBMALLOC_CONF", c),
-            None => cmd.env_remove("HBMALLOC_CONF"),
-        };
-        cmd.output().unwrap()
-    }
-
-    fn is_child() -> bool {
-        std::env::var_os("HBM_RUNTIME_STATE_CHILD").is_some()
-    }
+    use crate::test_child::{self, is_child};
 
     #[test]
     fn sticky_error_refuses_pool_hits() {
-        let out = in_child(
+        let text = test_child::run(
             "ffi::runtime_state::tests::child_sticky",
             Some("backend:sim,leak_report:off"),
-        );
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{text}{}",
-            String::from_utf8_lossy(&out.stderr)
         );
         assert!(text.contains("child checks passed"), "{text}");
     }
@@ -153,13 +132,7 @@ mod tests {
 
     #[test]
     fn auto_without_a_device_answers_as_the_runtime() {
-        let out = in_child("ffi::runtime_state::tests::child_auto", None);
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{text}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let text = test_child::run("ffi::runtime_state::tests::child_auto", None);
         assert!(text.contains("child checks passed"), "{text}");
     }
 

@@ -90,21 +90,9 @@ mod tests {
     /// of this test binary that runs only them.
     #[test]
     fn checkpoint_and_leaks_since_through_the_c_api() {
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "ffi::track_api::tests::checkpoint_child",
-                "--test-threads=1",
-            ])
-            .env("HBM_TRACK_API_CHILD", "1")
-            .env("HBMALLOC_CONF", "leak_report:off")
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
+        let stdout = crate::test_child::run(
+            "ffi::track_api::tests::checkpoint_child",
+            Some("leak_report:off"),
         );
         assert!(
             stdout.contains("1 passed"),
@@ -114,7 +102,7 @@ mod tests {
 
     #[test]
     fn checkpoint_child() {
-        if std::env::var_os("HBM_TRACK_API_CHILD").is_none() {
+        if !crate::test_child::is_child() {
             return;
         }
         // SAFETY: no arguments.
