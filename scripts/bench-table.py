@@ -13,7 +13,13 @@ COLUMNS = [
     ("hbmalloc+bt", "malloc", "hbmalloc cudaMalloc, backtrace on"),
     ("hbmalloc", "async", "hbmalloc cudaMallocAsync, backtrace off"),
     ("hbmalloc-sim", "malloc", "hbmalloc on its simulated device (CPU cost alone)"),
+    ("hbmalloc", "raw", "hbmalloc C API (hbm_device_alloc), backtrace off"),
+    ("pytorch", "raw", "PyTorch CUDACachingAllocator (raw_alloc_with_stream)"),
+    ("rmm-pool", "raw", "RMM pool_memory_resource"),
+    ("rmm-arena", "raw", "RMM arena_memory_resource"),
 ]
+# The allocators a user would pick instead of hbmalloc: the ratio columns compare with the best.
+PEERS = [("cudaMalloc", "malloc"), ("cudaMallocAsync", "async"), ("pytorch", "raw"), ("rmm-pool", "raw"), ("rmm-arena", "raw")]
 CASES = {
     "pair:512": "alloc+free pair, 512 B",
     "pair:1048576": "alloc+free pair, 1 MiB",
@@ -41,24 +47,30 @@ def main(path):
     refs = sorted({k[0] for k in values if k[0].startswith("hbmalloc-") and k[0] != "hbmalloc-sim"})
     extra = [(r, "malloc", f"{r[len('hbmalloc-'):]} (reference build), backtrace off") for r in refs]
     columns = [c for c in COLUMNS + extra if any(k[:2] == c[:2] for k in values)]
-    print("| case | " + " | ".join(c[2] for c in columns) + " | hbmalloc vs best baseline |")
-    print("|---" * (len(columns) + 2) + "|")
+    print("| case | " + " | ".join(c[2] for c in columns) + " | hbmalloc vs best peer, backtrace off | backtrace on |")
+    print("|---" * (len(columns) + 3) + "|")
     for case, label in CASES.items():
+        if not any(k[2] == case for k in values):
+            continue
         cells, unit = [], ""
         for who, api, _ in columns:
             v = values.get((who, api, case))
             cells.append("-" if v is None else f"{v[0]:g}")
             unit = v[1] if v else unit
-        base = [values.get((w, a, case)) for w, a in (("cudaMalloc", "malloc"), ("cudaMallocAsync", "async"))]
-        ours = values.get(("hbmalloc", "malloc", case))
-        ratio = "-"
-        if ours and base and all(base):
-            if unit.startswith("Mpairs"):  # higher is better
-                ratio = f"{ours[0] / max(b[0] for b in base):.1f}x the rate"
-            else:
-                ratio = f"{min(b[0] for b in base) / ours[0]:.1f}x faster"
-        print(f"| {label} ({unit}) | " + " | ".join(cells) + f" | {ratio} |")
+        peers = [values[(w, a, case)] for w, a in PEERS if (w, a, case) in values]
+        ratios = [ratio(values.get((who, "malloc", case)), peers, unit) for who in ("hbmalloc", "hbmalloc+bt")]
+        print(f"| {label} ({unit}) | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
 
+
+def ratio(ours, peers, unit):
+    """How hbmalloc compares with the best of the peers measured for this case."""
+    if not ours or not peers:
+        return "-"
+    if unit.startswith("Mpairs"):  # higher is better
+        best = max(p[0] for p in peers)
+        return f"{ours[0] / best:.1f}x the rate"
+    best = min(p[0] for p in peers)
+    return f"{best / ours[0]:.1f}x faster" if ours[0] <= best else f"{ours[0] / best:.1f}x slower"
 
 if __name__ == "__main__":
     main(sys.argv[1])

@@ -3,6 +3,7 @@
 #   bash scripts/gpu-stage.sh          (fills gpu-stage/)
 # then, from the repository root on the GPU machine (CUDA toolkit, driver, python3 + torch):
 #   bash scripts/gpu-check.sh [section ...]   sections: rust c stream torch bench demo examples
+#   (bench also runs PyTorch's and RMM's allocators and the hbm_* C API: bench/peer_bench.cpp)
 #   (and `profile`, not run by default: perf of the drop-in path, after `bench`)
 # Logs go to gpu-out/ (and, packed with the summary, to $OUT where the device tool runs it); a
 # table of what ran is printed last. Exits 1 if anything failed.
@@ -115,9 +116,53 @@ if want torch; then
     fi
 fi
 
+# Builds bench/peer_bench.cpp once per peer library into build/gpu/peer_bench_<lib> and lists
+# what built in PEERS as "<lib>:<allocator>". A peer that does not build is a SKIP row, not a failure.
+declare -a PEERS=()
+build_peers() {
+    local cxx="g++ -O2 -std=c++17 -I$CUDA/include bench/peer_bench.cpp -lpthread"
+    # hbmalloc through its C API: linked, not preloaded, so its cudaMalloc serves nobody else.
+    if $cxx -DPEER_HBM -Iinclude -o build/gpu/peer_bench_hbm -L"$STAGE" -lhbmalloc -Wl,-rpath,"$PWD/$STAGE" \
+        -L"$CUDA/lib64" -lcudart -Wl,-rpath,"$CUDA/lib64" 2>"$LOG/peer-hbm-build.log"; then
+        PEERS+=("hbm:hbmalloc")
+    else
+        record "peer hbmalloc C API build" FAIL "$(head -3 "$LOG/peer-hbm-build.log" | tr '\n' ' ')"
+    fi
+    local torch_lib torch_inc abi
+    if torch_lib=$(python3 -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib"))' 2>/dev/null); then
+        torch_inc=$(dirname "$torch_lib")/include
+        abi=$(python3 -c 'import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))')
+        if $cxx -DPEER_TORCH -D_GLIBCXX_USE_CXX11_ABI="$abi" -I"$torch_inc" -o build/gpu/peer_bench_torch \
+            -L"$torch_lib" -lc10_cuda -lc10 -Wl,-rpath,"$torch_lib" -L"$CUDA/lib64" -lcudart -Wl,-rpath,"$CUDA/lib64" \
+            2>"$LOG/peer-torch-build.log"; then
+            PEERS+=("torch:pytorch")
+        else
+            record "peer PyTorch build" FAIL "$(grep -m2 error "$LOG/peer-torch-build.log" | tr '\n' ' ')"
+        fi
+    else
+        record "peer PyTorch" SKIP "torch not importable"
+    fi
+    local rmm=build/gpu/rmm
+    if ls "$STAGE"/peers/librmm*.whl >/dev/null 2>&1; then
+        mkdir -p "$rmm"
+        for whl in "$STAGE"/peers/*.whl; do python3 -m zipfile -e "$whl" "$rmm"; done
+        if $cxx -DPEER_RMM -I"$rmm/librmm/include" -I"$rmm/librmm/include/rapids" -I"$rmm/rapids_logger/include" \
+            -o build/gpu/peer_bench_rmm -L"$rmm/librmm/lib64" -L"$rmm/rapids_logger/lib64" -lrmm -lrapids_logger \
+            -Wl,-rpath,"$PWD/$rmm/librmm/lib64:$PWD/$rmm/rapids_logger/lib64" -L"$CUDA/lib64" -lcudart -Wl,-rpath,"$CUDA/lib64" \
+            2>"$LOG/peer-rmm-build.log"; then
+            PEERS+=("rmm:rmm-pool" "rmm:rmm-arena")
+        else
+            record "peer RMM build" FAIL "$(grep -m2 error "$LOG/peer-rmm-build.log" | tr '\n' ' ')"
+        fi
+    else
+        record "peer RMM" SKIP "no wheels in $STAGE/peers (gpu-stage.sh downloads them)"
+    fi
+}
+
 if want bench; then
     exe=build/gpu/alloc_bench
     if gcc -O2 -I"$CUDA/include" bench/alloc_bench.c -o "$exe" -L"$CUDA/lib64" -lcudart -lpthread -ldl -Wl,-rpath,"$CUDA/lib64" 2>"$LOG/bench-build.log"; then
+        build_peers
         : >"$LOG/bench.txt"
         export BENCH_SECONDS=${BENCH_SECONDS:-1}
         # Several rounds, every configuration once per round, so that a noisy neighbour on the
@@ -135,6 +180,12 @@ if want bench; then
                     HBMALLOC_CONF=backtrace:off,leak_report:off LD_PRELOAD=$LIB "$exe" async "$c" >>"$LOG/bench.txt" 2>&1
                     # The same code on the simulated device, on this host: what the driver calls cost.
                     HBMALLOC_CONF=backend:sim,backtrace:off,leak_report:off LD_PRELOAD=$LIB "$exe" malloc "$c" 2>&1 | sed 's/^hbmalloc/hbmalloc-sim/' >>"$LOG/bench.txt"
+                fi
+                # Peers with their own entry points (bench/peer_bench.cpp); no host case there.
+                if [[ -z ${BENCH_AB:-} && $c != host:* ]]; then
+                    for peer in "${PEERS[@]}"; do
+                        HBMALLOC_CONF=backtrace:off,leak_report:off "build/gpu/peer_bench_${peer%%:*}" "${peer#*:}" "$c" >>"$LOG/bench.txt" 2>>"$LOG/bench-peers.log"
+                    done
                 fi
                 for ref in "$STAGE"/ref/*/libhbmalloc.so; do
                     [[ -f $ref ]] || continue

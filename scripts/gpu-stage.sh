@@ -20,6 +20,11 @@ for line in sys.stdin:
         shutil.copy(msg["executable"], "gpu-stage/tests/" + msg["target"]["name"])
 '
 strip --strip-debug gpu-stage/tests/* gpu-stage/examples/* 2>/dev/null || true
+# RMM, a peer in gpu-check's benchmark: its wheels carry headers and libraries (the GPU machine
+# has no network). Skipped, with a line, where PyPI cannot be reached.
+mkdir -p gpu-stage/peers
+pip download --quiet --no-deps --dest gpu-stage/peers librmm-cu13==26.10.0 rapids-logger==0.3.0 \
+    || echo "gpu-stage: could not download the RMM wheels; the benchmark will run without RMM"
 # HBM_REF="name=commit ...": those commits' libraries too, as gpu-stage/ref/<name>/libhbmalloc.so,
 # for gpu-check's benchmark to run beside the current one (before/after from the same run).
 for ref in ${HBM_REF:-}; do
