@@ -2,7 +2,7 @@
 # Everything hbmalloc checks on a real GPU, in one run. Build first on a machine with Rust:
 #   bash scripts/gpu-stage.sh          (fills gpu-stage/)
 # then, from the repository root on the GPU machine (CUDA toolkit, driver, python3 + torch):
-#   bash scripts/gpu-check.sh [section ...]   sections: rust c stream torch bench demo examples
+#   bash scripts/gpu-check.sh [section ...]   sections: rust c stream reliability torch bench demo examples
 #   (bench also runs PyTorch's and RMM's allocators and the hbm_* C API: bench/peer_bench.cpp)
 #   (and `profile`, not run by default: perf of the drop-in path, after `bench`)
 # Logs go to gpu-out/ (and, packed with the summary, to $OUT where the device tool runs it); a
@@ -17,7 +17,7 @@ export PATH="$CUDA/bin:$PATH"
 # NVRTC (the KV kernels are compiled at run time) and the runtime come from the toolkit here.
 export LD_LIBRARY_PATH="$CUDA/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 LIB=$PWD/$STAGE/libhbmalloc.so
-SECTIONS=${*:-rust c stream torch bench demo examples}
+SECTIONS=${*:-rust c stream reliability torch bench demo examples}
 declare -a ROWS=()
 FAILED=0
 
@@ -90,6 +90,31 @@ if want stream; then
     # A copy from a pinned block still queued when cudaFreeHost returns must never read the next
     # cudaMallocHost's data.
     safety_test pinned_safety "pinned safety" batched eager
+fi
+
+if want reliability; then
+    # Verified churn: every block's pattern checked before its free; zero wrong words allowed.
+    if nvcc -O2 -cudart shared -o build/gpu/churn c_tests/gpu/churn.cu 2>"$LOG/churn-build.log"; then
+        out=$(CHURN_OPS=${CHURN_OPS:-10000000} HBMALLOC_CONF=backtrace:off LD_PRELOAD=$LIB build/gpu/churn 2>&1)
+        [[ $? == 0 ]] && record "verified churn" PASS "$out" || record "verified churn" FAIL "$out"
+        # The same under compute-sanitizer, shorter: it must report no error at all.
+        for tool in memcheck racecheck; do
+            CHURN_OPS=2000 CHURN_THREADS=4 HBMALLOC_CONF=backtrace:off,leak_report:off LD_PRELOAD=$LIB \
+                compute-sanitizer --tool "$tool" --error-exitcode 3 build/gpu/churn >"$LOG/churn-$tool.log" 2>&1
+            rc=$?
+            summary=$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|ops=' "$LOG/churn-$tool.log" | tr '\n' ' ')
+            [[ $rc == 0 ]] && record "churn under $tool" PASS "$summary" || record "churn under $tool" FAIL "rc=$rc $summary"
+        done
+    else
+        record "verified churn build" FAIL "$(head -3 "$LOG/churn-build.log" | tr '\n' ' ')"
+    fi
+    # Out-of-memory storm: right codes, nothing sticky, nothing leaked, memory back at the end.
+    if nvcc -O2 -cudart shared -o build/gpu/oom_storm c_tests/gpu/oom_storm.cu 2>"$LOG/storm-build.log"; then
+        out=$(HBMALLOC_CONF=backtrace:off LD_PRELOAD=$LIB build/gpu/oom_storm 2>&1)
+        [[ $? == 0 ]] && record "out-of-memory storm" PASS "$(tail -1 <<<"$out")" || record "out-of-memory storm" FAIL "$out"
+    else
+        record "out-of-memory storm build" FAIL "$(head -3 "$LOG/storm-build.log" | tr '\n' ' ')"
+    fi
 fi
 
 if want torch; then

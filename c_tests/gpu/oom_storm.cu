@@ -1,0 +1,119 @@
+// Out-of-memory storm under hbmalloc: threads allocate past the device's memory together, with
+// blocks freed on the way (so caches hold memory when the storm hits), several rounds in a row.
+// Every failed cudaMalloc must return cudaErrorMemoryAllocation (2) and leave nothing sticky
+// (cudaGetLastError clears it, the next small allocation succeeds); every successful one must be
+// usable memory; after everything is freed, cudaMemGetInfo must report what it did at the start.
+//
+// Run under LD_PRELOAD=libhbmalloc.so. Environment: STORM_THREADS (16), STORM_ROUNDS (3).
+// Prints one line with the figures (allocations, failures, cache releases) and exits 1 on a
+// wrong code, unusable memory or memory not returned.
+#include <cuda_runtime.h>
+#include <dlfcn.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cuda_check.h"
+
+// hbmalloc's statistics, looked up at run time (the layout of include/hbmalloc.h's HbmStats).
+typedef struct {
+    uint64_t in_use, reserved, peak_in_use, peak_reserved, driver_allocs, driver_frees, pool_hits,
+        pool_misses, oom_retries, syncs, allocs, frees;
+} Stats;
+typedef int (*stats_fn)(int, Stats *);
+
+struct Worker {
+    pthread_t tid;
+    int id;
+    pthread_barrier_t *start;
+    long ok, failed, wrong_code;
+};
+
+static void *worker_main(void *arg) {
+    struct Worker *w = (struct Worker *)arg;
+    enum { MAX = 4096 };
+    void **held = (void **)calloc(MAX, sizeof *held);
+    int n = 0;
+    pthread_barrier_wait(w->start);
+    // Sizes 256 MiB to 1 GiB: a handful of threads fills an H200 in a few dozen allocations each.
+    uint64_t x = 0x9E3779B97F4A7C15ULL * (w->id + 1);
+    for (;;) {
+        x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+        size_t size = ((size_t)256 << 20) + (size_t)(x % (768u << 20));
+        void *p = NULL;
+        cudaError_t e = cudaMalloc(&p, size);
+        if (e == cudaSuccess) {
+            w->ok++;
+            // Usable memory: a memset that reaches its last byte.
+            CHECK(cudaMemset(p, w->id, size));
+            // One in four is freed at once, so the cache holds memory when the device runs out.
+            if (x % 4 == 0 || n == MAX)
+                CHECK(cudaFree(p));
+            else
+                held[n++] = p;
+            continue;
+        }
+        w->failed++;
+        if (e != cudaErrorMemoryAllocation) w->wrong_code++;
+        // Not sticky: the error is cleared by cudaGetLastError and a small allocation works.
+        cudaGetLastError();
+        if (cudaGetLastError() != cudaSuccess) w->wrong_code++;
+        if (w->failed >= 3) break;
+    }
+    CHECK(cudaDeviceSynchronize());
+    for (int i = 0; i < n; i++) CHECK(cudaFree(held[i]));
+    free(held);
+    return NULL;
+}
+
+int main() {
+    stats_fn stats = (stats_fn)dlsym(RTLD_DEFAULT, "hbm_stats");
+    if (!stats) {
+        fprintf(stderr, "oom_storm: hbmalloc is not preloaded; this test would prove nothing\n");
+        return 2;
+    }
+    int threads = getenv("STORM_THREADS") ? atoi(getenv("STORM_THREADS")) : 16;
+    int rounds = getenv("STORM_ROUNDS") ? atoi(getenv("STORM_ROUNDS")) : 3;
+    if (threads < 1 || threads > 256 || rounds < 1) return 2;
+    CHECK(cudaFree(0));
+    size_t free0, total;
+    CHECK(cudaMemGetInfo(&free0, &total));
+    Stats before;
+    stats(0, &before);
+    long ok = 0, failed = 0, wrong = 0;
+    for (int r = 0; r < rounds; r++) {
+        pthread_barrier_t start;
+        pthread_barrier_init(&start, NULL, threads);
+        struct Worker *w = (struct Worker *)calloc(threads, sizeof *w);
+        for (int i = 0; i < threads; i++) {
+            w[i].id = i;
+            w[i].start = &start;
+            pthread_create(&w[i].tid, NULL, worker_main, &w[i]);
+        }
+        for (int i = 0; i < threads; i++) {
+            pthread_join(w[i].tid, NULL);
+            ok += w[i].ok, failed += w[i].failed, wrong += w[i].wrong_code;
+        }
+        free(w);
+        pthread_barrier_destroy(&start);
+    }
+    void *small = NULL;
+    cudaError_t after_storm = cudaMalloc(&small, 1 << 20);
+    if (after_storm == cudaSuccess) CHECK(cudaFree(small));
+    Stats after;
+    stats(0, &after);
+    size_t free1;
+    CHECK(cudaMemGetInfo(&free1, &total));
+    // hbmalloc counts what its caches hold as free; allow 1% for the runtime's own bookkeeping.
+    long long drift = (long long)free0 - (long long)free1;
+    int returned = drift < (long long)(total / 100);
+    printf("threads=%d rounds=%d allocs_ok=%ld oom=%ld wrong_codes=%ld cache_releases=%llu "
+           "in_use_after=%llu free_drift=%lld MiB small_alloc_after=%d\n",
+           threads, rounds, ok, failed, wrong, (unsigned long long)(after.oom_retries - before.oom_retries),
+           (unsigned long long)after.in_use, drift >> 20, (int)after_storm);
+    int pass = wrong == 0 && failed >= (long)threads * rounds && after.in_use == before.in_use && returned &&
+               after_storm == cudaSuccess;
+    return pass ? 0 : 1;
+}
