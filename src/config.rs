@@ -56,6 +56,8 @@ pub struct Config {
     pub report_path: Option<PathBuf>,
     pub report_json: Option<PathBuf>,
     pub report_svg: Option<PathBuf>,
+    /// `trace:FILE`: one line per allocation and free (see `track::trace`).
+    pub trace: Option<PathBuf>,
     pub max_frames: usize,
     pub unwinder: StackWalk,
     /// Capacity of the simulated device in bytes.
@@ -80,6 +82,7 @@ impl Default for Config {
             report_path: None,
             report_json: None,
             report_svg: None,
+            trace: None,
             max_frames: 32,
             unwinder: StackWalk::FramePointer,
             sim_capacity: 16 << 30,
@@ -135,7 +138,7 @@ impl Config {
         let shown = String::from_utf8_lossy(raw);
         let bad = |expected: &str| format!("bad value '{shown}' (expected {expected})");
         let value = match key {
-            "report_path" | "report_json" | "report_svg" => "",
+            "report_path" | "report_json" | "report_svg" | "trace" => "",
             _ => std::str::from_utf8(raw).map_err(|_| bad("UTF-8 text"))?,
         };
         match key {
@@ -175,6 +178,7 @@ impl Config {
             "report_path" => self.report_path = Some(path().ok_or_else(|| bad("a file path"))?),
             "report_json" => self.report_json = Some(path().ok_or_else(|| bad("a file path"))?),
             "report_svg" => self.report_svg = Some(path().ok_or_else(|| bad("a file path"))?),
+            "trace" => self.trace = Some(path().ok_or_else(|| bad("a file path"))?),
             "max_frames" => {
                 self.max_frames = value
                     .parse::<usize>()
@@ -263,7 +267,7 @@ mod tests {
     fn parses_every_documented_key() {
         let (cfg, warnings) = Config::parse(
             "backend:sim, backtrace:off,leak_report:summary,report_path:/tmp/a.txt,\
-             report_json:/tmp/a.json,report_svg:/tmp/a.svg,sim_capacity:2GiB,max_frames:8,\
+             report_json:/tmp/a.json,report_svg:/tmp/a.svg,trace:/tmp/a.trace,sim_capacity:2GiB,max_frames:8,\
              stream_safety:eager,timeline:1000,pending_limit:64MiB,verbose:on,unwinder:dwarf",
         );
         assert!(warnings.is_empty(), "{warnings:?}");
@@ -272,6 +276,7 @@ mod tests {
         assert_eq!(cfg.leak_report, LeakReport::Summary);
         assert_eq!(cfg.report_path, Some("/tmp/a.txt".into()));
         assert_eq!(cfg.report_json, Some("/tmp/a.json".into()));
+        assert_eq!(cfg.trace, Some("/tmp/a.trace".into()));
         assert_eq!(cfg.report_svg, Some("/tmp/a.svg".into()));
         assert_eq!(cfg.sim_capacity, 2 << 30);
         assert_eq!(cfg.max_frames, 8);

@@ -29,6 +29,7 @@ pub mod stacks;
 pub mod symbolize;
 pub mod timeline;
 pub mod timeline_svg;
+pub mod trace;
 
 use crate::config::{self, Config, LeakReport, StackWalk};
 use once_cell::sync::OnceCell;
