@@ -8,11 +8,19 @@
  *   rmm-pool    rmm::mr::pool_memory_resource over cuda_memory_resource   (-DPEER_RMM)
  *   rmm-arena   rmm::mr::arena_memory_resource over cuda_memory_resource  (-DPEER_RMM)
  *   hbmalloc    hbm_device_alloc / hbm_device_free, its C API             (-DPEER_HBM)
+ *   cudaMalloc, cudaMallocAsync   the runtime (always built): under LD_PRELOAD=libhbmalloc.so
+ *               these are hbmalloc's drop-in path, and the line says "hbmalloc-dropin"
  * Each allocation is stream-ordered on the calling thread's per-thread default stream where the
  * allocator takes a stream, as PyTorch and RMM are used in practice.
  *
- * Usage: peer_bench <allocator> <case>   case: pair:<bytes> | step | threads:<n>
- * Prints one line: "<allocator> raw <case> <value> <unit>".
+ * Usage: peer_bench <allocator> <case>
+ *   case: pair:<bytes> | step | threads:<n>
+ *         replay:<file>   replays a trace written with HBMALLOC_CONF=trace:FILE: one thread per
+ *                         traced thread, each traced stream a stream of its own, a free that
+ *                         another thread made waits for its allocation; ns per operation
+ *         memory:<file>   the same replay, untimed, reading the device's memory in use after every
+ *                         allocation: peak reserved over peak in use (the trace's live bytes)
+ * Prints one line: "<allocator> raw <case> <value> <unit>" (memory: also the two peaks in MiB).
  */
 #include <cuda_runtime.h>
 #include <pthread.h>
@@ -22,8 +30,16 @@
 #include <string.h>
 #include <time.h>
 
+#include <dlfcn.h>
+#include <sched.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <vector>
 
 #ifdef PEER_TORCH
 #include <c10/cuda/CUDACachingAllocator.h>
@@ -89,6 +105,26 @@ struct HbmPeer : Peer {
     void release(void *p, size_t, cudaStream_t) override { hbm_device_free(p); }
 };
 #endif
+
+/* The runtime itself: plain, or hbmalloc's drop-in path under LD_PRELOAD. */
+struct RuntimePeer : Peer {
+    bool async;
+    explicit RuntimePeer(bool a) : async(a) {
+        if (async) {
+            /* The runtime's pool keeps what it has: no release threshold, as its users set it. */
+            cudaMemPool_t pool;
+            uint64_t keep = UINT64_MAX;
+            if (cudaDeviceGetDefaultMemPool(&pool, 0) == cudaSuccess)
+                cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep);
+        }
+    }
+    void *alloc(size_t n, cudaStream_t s) override {
+        void *p = nullptr;
+        CHECK(async ? cudaMallocAsync(&p, n, s) : cudaMalloc(&p, n));
+        return p;
+    }
+    void release(void *p, size_t, cudaStream_t s) override { CHECK(async ? cudaFreeAsync(p, s) : cudaFree(p)); }
+};
 
 static Peer *peer;
 
@@ -175,7 +211,160 @@ static double threads(int n, double budget) {
     return total / budget / 1e6;
 }
 
+
+/* ---- Trace replay ---- */
+
+struct TraceOp {
+    bool alloc;
+    uint32_t id;     /* allocation number, shared by an allocation and its free */
+    uint32_t stream; /* index into the replay's streams */
+    size_t size;
+};
+
+struct Replay {
+    std::vector<std::vector<TraceOp>> threads;
+    std::vector<cudaStream_t> streams;
+    size_t allocations = 0, ops = 0;
+    size_t peak_live = 0; /* the trace's own peak of live bytes */
+    std::vector<std::pair<uint32_t, size_t>> unfreed; /* allocations the trace never frees */
+};
+
+/* Reads a trace (src/track/trace.rs, version 1). Frees of pointers the trace never allocated
+   (allocated before tracing began) are left out; allocations never freed are freed after the
+   replay, untimed. */
+static Replay read_trace(const char *path) {
+    FILE *f = fopen(path, "r");
+    if (!f) {
+        fprintf(stderr, "peer_bench: cannot open trace %s\n", path);
+        exit(2);
+    }
+    Replay r;
+    std::map<uint32_t, size_t> thread_index;
+    std::map<uint64_t, uint32_t> stream_index, live; /* traced ptr -> allocation number */
+    std::vector<size_t> sizes;
+    size_t live_bytes = 0;
+    char line[256];
+    while (fgets(line, sizeof line, f)) {
+        if (line[0] == '#') continue;
+        unsigned long long t, ptr, size, stream;
+        unsigned thread;
+        char op;
+        int device;
+        if (sscanf(line, "%llu %u %c %llx %llu %llx %d", &t, &thread, &op, &ptr, &size, &stream, &device) != 7) {
+            fprintf(stderr, "peer_bench: bad trace line: %s", line);
+            exit(2);
+        }
+        if (device != 0) continue; /* one device: the others' events are not replayed */
+        auto th = thread_index.emplace(thread, r.threads.size()).first->second;
+        if (th == r.threads.size()) r.threads.emplace_back();
+        auto st = stream_index.emplace(stream, stream_index.size()).first->second;
+        TraceOp o{op == 'a', 0, st, (size_t)size};
+        if (o.alloc) {
+            o.id = (uint32_t)sizes.size();
+            sizes.push_back(o.size);
+            live[ptr] = o.id;
+            live_bytes += o.size;
+            if (live_bytes > r.peak_live) r.peak_live = live_bytes;
+        } else {
+            auto it = live.find(ptr);
+            if (it == live.end()) continue;
+            o.id = it->second;
+            o.size = sizes[o.id];
+            live_bytes -= o.size;
+            live.erase(it);
+        }
+        r.threads[th].push_back(o);
+        r.ops++;
+    }
+    fclose(f);
+    r.allocations = sizes.size();
+    for (auto [ptr, id] : live) r.unfreed.emplace_back(id, sizes[id]);
+    /* Traced handles 0 and 2 (the legacy and the per-thread default stream) keep their meaning;
+       every other stream becomes a non-blocking stream of the replay's own. */
+    r.streams.resize(stream_index.size());
+    for (auto &[handle, index] : stream_index) {
+        if (handle == 0 || handle == 2)
+            r.streams[index] = (cudaStream_t)handle;
+        else
+            CHECK(cudaStreamCreateWithFlags(&r.streams[index], cudaStreamNonBlocking));
+    }
+    return r;
+}
+
+/* Memory the device has in use, from the driver (no allocator in this process interposes it). */
+static size_t device_used() {
+    typedef int (*mem_get_info_fn)(size_t *, size_t *);
+    static mem_get_info_fn fn = [] {
+        void *cuda = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
+        if (!cuda) cuda = dlopen("libcuda.so.1", RTLD_NOW);
+        return cuda ? (mem_get_info_fn)dlsym(cuda, "cuMemGetInfo_v2") : nullptr;
+    }();
+    size_t free_b = 0, total = 0;
+    if (!fn || fn(&free_b, &total) != 0) {
+        fprintf(stderr, "peer_bench: cuMemGetInfo_v2 unavailable\n");
+        exit(2);
+    }
+    return total - free_b;
+}
+
+struct ReplayRun {
+    Replay *r;
+    std::vector<std::atomic<void *>> *slots;
+    bool sample;
+    std::atomic<size_t> *peak_used;
+};
+
+static void replay_thread(ReplayRun *run, size_t t) {
+    auto &slots = *run->slots;
+    for (const TraceOp &o : run->r->threads[t]) {
+        cudaStream_t s = run->r->streams[o.stream];
+        if (o.alloc) {
+            slots[o.id].store(peer->alloc(o.size, s), std::memory_order_release);
+            if (run->sample) {
+                size_t used = device_used(), seen = run->peak_used->load();
+                while (used > seen && !run->peak_used->compare_exchange_weak(seen, used)) {
+                }
+            }
+        } else {
+            void *p;
+            while (!(p = slots[o.id].load(std::memory_order_acquire))) sched_yield(); /* another thread's allocation */
+            peer->release(p, o.size, s);
+        }
+    }
+}
+
+/* Replays the trace once; returns seconds. With `sample`, records the peak of device memory used. */
+static double replay(Replay &r, bool sample, size_t *peak_used) {
+    std::vector<std::atomic<void *>> slots(r.allocations);
+    std::atomic<size_t> peak{0};
+    ReplayRun run{&r, &slots, sample, &peak};
+    std::vector<pthread_t> tids(r.threads.size());
+    struct Arg {
+        ReplayRun *run;
+        size_t t;
+    };
+    std::vector<Arg> args(r.threads.size());
+    double t0 = now_s();
+    for (size_t t = 0; t < r.threads.size(); t++) {
+        args[t] = {&run, t};
+        pthread_create(&tids[t], nullptr, [](void *a) -> void * {
+            replay_thread(static_cast<Arg *>(a)->run, static_cast<Arg *>(a)->t);
+            return nullptr;
+        }, &args[t]);
+    }
+    for (pthread_t tid : tids) pthread_join(tid, nullptr);
+    CHECK(cudaDeviceSynchronize());
+    double seconds = now_s() - t0;
+    /* What the trace never freed is freed now, untimed, so a second replay starts alike. */
+    for (auto [id, size] : r.unfreed) peer->release(slots[id].load(), size, cudaStreamPerThread);
+    CHECK(cudaDeviceSynchronize());
+    if (peak_used) *peak_used = peak.load();
+    return seconds;
+}
+
 static Peer *make_peer(const std::string &name) {
+    if (name == "cudaMalloc") return new RuntimePeer(false);
+    if (name == "cudaMallocAsync") return new RuntimePeer(true);
 #ifdef PEER_TORCH
     if (name == "pytorch") return new TorchPeer();
 #endif
@@ -201,19 +390,42 @@ int main(int argc, char **argv) {
     }
     double budget = getenv("BENCH_SECONDS") ? atof(getenv("BENCH_SECONDS")) : 1.0;
     CHECK(cudaFree(0));
+    size_t baseline = strncmp(argv[2], "memory:", 7) == 0 ? device_used() : 0;
     peer = make_peer(argv[1]);
     if (!peer) {
         fprintf(stderr, "peer_bench: allocator '%s' was not built into this binary\n", argv[1]);
         return 2;
     }
+    /* Under LD_PRELOAD the runtime's entry points are hbmalloc's. */
+    std::string who = argv[1];
+    if ((who == "cudaMalloc" || who == "cudaMallocAsync") && dlsym(RTLD_DEFAULT, "hbm_version"))
+        who = who == "cudaMalloc" ? "hbmalloc-dropin" : "hbmalloc-dropin-async";
     cudaStream_t s = cudaStreamPerThread;
     const char *c = argv[2];
-    if (strncmp(c, "pair:", 5) == 0) {
-        printf("%s raw %s %.1f ns/pair\n", argv[1], c, pairs(strtoull(c + 5, nullptr, 10), s, budget));
+    if (strncmp(c, "replay:", 7) == 0) {
+        Replay r = read_trace(c + 7);
+        replay(r, false, nullptr); /* warm-up: the pools fill as a running program's would have */
+        double best = 1e30;
+        for (int i = 0; i < 3; i++) {
+            double t = replay(r, false, nullptr);
+            best = t < best ? t : best;
+        }
+        const char *name = strrchr(c + 7, '/') ? strrchr(c + 7, '/') + 1 : c + 7;
+        printf("%s raw replay:%s %.1f ns/op\n", who.c_str(), name, best * 1e9 / r.ops);
+    } else if (strncmp(c, "memory:", 7) == 0) {
+        Replay r = read_trace(c + 7);
+        size_t used = 0;
+        replay(r, true, &used);
+        used = used > baseline ? used - baseline : 0;
+        const char *name = strrchr(c + 7, '/') ? strrchr(c + 7, '/') + 1 : c + 7;
+        printf("%s raw memory:%s %.3f reserved/in-use peak %.1f %.1f MiB\n", who.c_str(), name,
+               r.peak_live ? (double)used / r.peak_live : 0.0, used / 1048576.0, r.peak_live / 1048576.0);
+    } else if (strncmp(c, "pair:", 5) == 0) {
+        printf("%s raw %s %.1f ns/pair\n", who.c_str(), c, pairs(strtoull(c + 5, nullptr, 10), s, budget));
     } else if (strcmp(c, "step") == 0) {
-        printf("%s raw %s %.2f us/step\n", argv[1], c, step(s, budget));
+        printf("%s raw %s %.2f us/step\n", who.c_str(), c, step(s, budget));
     } else if (strncmp(c, "threads:", 8) == 0) {
-        printf("%s raw %s %.3f Mpairs/s\n", argv[1], c, threads(atoi(c + 8), budget));
+        printf("%s raw %s %.3f Mpairs/s\n", who.c_str(), c, threads(atoi(c + 8), budget));
     } else {
         fprintf(stderr, "unknown case %s\n", c);
         return 2;
