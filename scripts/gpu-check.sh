@@ -4,7 +4,8 @@
 # then, from the repository root on the GPU machine (CUDA toolkit, driver, python3 + torch):
 #   bash scripts/gpu-check.sh [section ...]   sections: rust c stream reliability torch bench demo examples
 #   (bench also runs PyTorch's and RMM's allocators and the hbm_* C API: bench/peer_bench.cpp)
-#   (and `profile`, not run by default: perf of the drop-in path, after `bench`)
+#   (not run by default: `replay`, real workloads and their traces replayed against every peer,
+#   after `bench`; `profile`, perf of the drop-in path, after `bench`)
 # Logs go to gpu-out/ (and, packed with the summary, to $OUT where the device tool runs it); a
 # table of what ran is printed last. Exits 1 if anything failed.
 set -uo pipefail
@@ -226,6 +227,44 @@ if want bench; then
     fi
 fi
 
+# Real workloads (scripts/workloads.py) on PyTorch's allocator and on hbmalloc, in interleaved
+# rounds: time and peak memory. hbmalloc's runs leave traces, replayed against every peer
+# (bench/peer_bench.cpp replay: and memory:). Needs the bench section's peers: run with bench.
+if want replay; then
+    if python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
+        : >"$LOG/replay.txt"
+        [[ ${#PEERS[@]} -gt 0 ]] || build_peers
+        g++ -O2 -std=c++17 -I"$CUDA/include" bench/peer_bench.cpp -lpthread -ldl -o build/gpu/peer_bench_rt \
+            -L"$CUDA/lib64" -lcudart -Wl,-rpath,"$CUDA/lib64" 2>"$LOG/peer-rt-build.log" || record "peer runtime build" FAIL "see peer-rt-build.log"
+        for round in $(seq "${BENCH_ROUNDS:-3}"); do
+            for w in ${WORKLOADS:-train infer generate}; do
+                python3 scripts/workloads.py "$w" 2>>"$LOG/workloads.log" | sed 's/^workload/pytorch workload/' >>"$LOG/replay.txt"
+                PYTORCH_NO_CUDA_MEMORY_CACHING=1 HBMALLOC_CONF=backtrace:off,leak_report:off,trace:$LOG/$w.trace LD_PRELOAD=$LIB \
+                    python3 scripts/workloads.py "$w" 2>>"$LOG/workloads.log" | sed 's/^workload/hbmalloc workload/' >>"$LOG/replay.txt"
+                PYTORCH_NO_CUDA_MEMORY_CACHING=1 HBMALLOC_CONF=leak_report:off LD_PRELOAD=$LIB \
+                    python3 scripts/workloads.py "$w" 2>>"$LOG/workloads.log" | sed 's/^workload/hbmalloc+bt workload/' >>"$LOG/replay.txt"
+            done
+        done
+        # The seed's 100-allocation step, as a trace too.
+        HBMALLOC_CONF=backtrace:off,leak_report:off,trace:$LOG/step.trace BENCH_SECONDS=0.05 LD_PRELOAD=$LIB build/gpu/alloc_bench malloc step >/dev/null 2>&1
+        for trace in "$LOG"/*.trace; do
+            [[ -s $trace ]] || continue
+            for round in $(seq "${BENCH_ROUNDS:-3}"); do
+                for mode in replay memory; do
+                    for peer in rt:cudaMalloc rt:cudaMallocAsync "${PEERS[@]}"; do
+                        HBMALLOC_CONF=backtrace:off,leak_report:off "build/gpu/peer_bench_${peer%%:*}" "${peer#*:}" "$mode:$trace" >>"$LOG/replay.txt" 2>>"$LOG/replay-errors.log"
+                    done
+                    HBMALLOC_CONF=backtrace:off,leak_report:off LD_PRELOAD=$LIB build/gpu/peer_bench_rt cudaMalloc "$mode:$trace" >>"$LOG/replay.txt" 2>>"$LOG/replay-errors.log"
+                done
+            done
+        done
+        record "workloads and trace replay" PASS "$(grep -c . "$LOG/replay.txt") figures in replay.txt; traces: $(ls "$LOG"/*.trace 2>/dev/null | xargs -n1 basename | tr '\n' ' ')"
+        cat "$LOG/replay.txt"
+    else
+        record "workloads and trace replay" FAIL "torch with CUDA not importable"
+    fi
+fi
+
 # Where the drop-in path's time goes on this host (needs perf; skipped without it).
 if want profile; then
     exe=build/gpu/alloc_bench
@@ -267,6 +306,7 @@ fi
 if [[ -n ${OUT:-} ]]; then
     tar czf "$OUT/gpu-logs.tgz" -C "$LOG" .
     cp "$LOG/bench.txt" "$OUT/" 2>/dev/null
+    cp "$LOG/replay.txt" "$OUT/" 2>/dev/null
     cp "$LOG/profile.txt" "$OUT/" 2>/dev/null
 fi
 echo
