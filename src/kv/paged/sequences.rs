@@ -160,12 +160,13 @@ impl PagedKvCache {
         let mut fresh: Vec<Vec<Vec<usize>>> = Vec::new();
         let result = (|| -> Result<()> {
             for (g, ids) in st.groups.iter_mut().zip(taken) {
-                let mut per_tensor = Vec::new();
+                // Pushed before mapping, so that an error leaves what was mapped in `fresh`.
+                fresh.push(Vec::new());
+                let per_tensor = fresh.last_mut().expect("just pushed");
                 for t in g.tensors_mut() {
                     per_tensor.push(Vec::new());
                     t.map_blocks(b, ids, per_tensor.last_mut().expect("just pushed"))?;
                 }
-                fresh.push(per_tensor);
             }
             let filled = (cur.len % self.params.block_tokens) as usize;
             for (g, p) in st.groups.iter().zip(plans) {
