@@ -165,6 +165,34 @@ impl PagedKvCache {
         Ok(())
     }
 
+    /// `append` with the slot mapping in device memory (`n_tokens` `int64`s at `slots`), as a
+    /// paged-attention engine keeps it; read back to the host first (a synchronous copy).
+    #[allow(clippy::too_many_arguments)]
+    pub fn append_device_slots(
+        &self,
+        layer: u32,
+        k_src: DevicePtr,
+        v_src: DevicePtr,
+        src_type: HbmType,
+        slots: DevicePtr,
+        n_tokens: u32,
+        stream: Stream,
+    ) -> Result<()> {
+        if n_tokens == 0 {
+            return self.append(layer, k_src, v_src, src_type, &[], stream);
+        }
+        if slots == 0 {
+            return Err(Error::InvalidValue("NULL slot mapping"));
+        }
+        let mut bytes = vec![0u8; n_tokens as usize * 8];
+        self.backend.copy_to_host(&mut bytes, slots)?;
+        let host: Vec<i64> = bytes
+            .chunks_exact(8)
+            .map(|w| i64::from_ne_bytes(w.try_into().expect("8 bytes")))
+            .collect();
+        self.append(layer, k_src, v_src, src_type, &host, stream)
+    }
+
     /// Queues on `stream` the conversion of live `seq`'s tokens `start .. start + n_tokens` in
     /// `layer` into `k_dst` (and `v_dst`) as `dst_type` (F32 or F16), contiguous, in device memory:
     /// exactly `kv::quant::dequantize_row`, then fp16 rounding for F16. 0 skips a tensor.
