@@ -184,7 +184,7 @@ fn keep_from(len: u32) -> usize {
 /// Rows of `ELEMS` floats: K holds the tag, V its negative.
 fn rows(tags: &[f32], sign: f32) -> Vec<u8> {
     tags.iter()
-        .flat_map(|&t| std::iter::repeat_n(t * sign, ELEMS))
+        .flat_map(|&t| std::iter::repeat(t * sign).take(ELEMS))
         .flat_map(|x| x.to_ne_bytes())
         .collect()
 }
