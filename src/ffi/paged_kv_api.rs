@@ -135,7 +135,8 @@ unsafe fn with_kv<T>(
 /// virtual memory management all blocks are allocated now) and allocates the block tables, all -1.
 ///
 /// Returns `HBM_STATUS_OK`; `HBM_STATUS_NULL_PARAMETER` if `params`, `params->layers` or `out_kv`
-/// is NULL; `HBM_STATUS_INVALID_VALUE` for a zero count, an unknown type, a row that is not whole
+/// is NULL; `HBM_STATUS_INVALID_VALUE` for a zero count, more than 65536 layers, an unknown type,
+/// a row that is not whole
 /// Q8_0/Q4_0 blocks, or sizes that overflow; `HBM_STATUS_INVALID_DEVICE`;
 /// `HBM_STATUS_OUT_OF_MEMORY` when the address space or tables are not there. On an error
 /// `*out_kv` is untouched and nothing is held. The caller frees the cache with

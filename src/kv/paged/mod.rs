@@ -239,8 +239,8 @@ impl PagedKvCache {
         let b = self.backend.as_ref();
         let mut given = 0;
         for grp in &mut st.groups {
-            let pool = grp.pool.clone();
-            for t in grp.tensors_mut() {
+            let Group { pool, k, v, .. } = grp;
+            for t in k.iter_mut().chain(v.iter_mut().flatten()) {
                 given += t.trim(b, |blk| pool.refcount(blk) > 0);
             }
         }
