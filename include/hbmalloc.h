@@ -134,6 +134,12 @@ typedef enum HbmType {
 typedef struct HbmKvCache HbmKvCache;
 
 /**
+ * A paged KV cache (opaque). Made by `hbm_paged_kv_create`, freed by `hbm_paged_kv_destroy`.
+ * Every other function may be called from any thread; they serialize on the cache's lock.
+ */
+typedef struct HbmPagedKv HbmPagedKv;
+
+/**
  * A scratch pool on one device (opaque). Create with `hbm_pool_create`, destroy with
  * `hbm_pool_destroy`. Every function may be called on it from any thread.
  */
@@ -257,6 +263,114 @@ typedef struct HbmKvStats {
      */
     enum HbmKvGrowth growth;
 } HbmKvStats;
+
+/**
+ * One layer of a paged KV cache.
+ */
+typedef struct HbmPagedKvLayer {
+    /**
+     * KV heads of this layer (> 0); layers may differ.
+     */
+    uint32_t n_kv_heads;
+    /**
+     * Elements per K head (> 0).
+     */
+    uint32_t head_dim_k;
+    /**
+     * Elements per V head; 0 for a layer without V (MLA: one latent per token, in K).
+     */
+    uint32_t head_dim_v;
+    /**
+     * Sliding window in tokens (the layer keeps the blocks of its last `window` tokens and gives
+     * the older ones back); 0 for full attention.
+     */
+    uint32_t window;
+} HbmPagedKvLayer;
+
+/**
+ * The shape of a paged KV cache. Per layer, K is `[num_blocks, block_tokens, n_kv_heads,
+ * head_dim_k]` and V the same with `head_dim_v` (vLLM's layout), rows in the element type's
+ * encoding (ggml's `ggml_row_size`).
+ */
+typedef struct HbmPagedKvParams {
+    /**
+     * `n_layer` layer descriptions (read during the call only).
+     */
+    const struct HbmPagedKvLayer *layers;
+    /**
+     * Layers (> 0).
+     */
+    uint32_t n_layer;
+    /**
+     * Element type of K and of V, as `HBM_TYPE_*`: F32, F16, BF16, Q8_0, Q4_0. For Q8_0/Q4_0 a
+     * layer's `n_kv_heads * head_dim` must be a multiple of 32.
+     */
+    int32_t type_k;
+    int32_t type_v;
+    /**
+     * Tokens per block; 0 for the default, 16.
+     */
+    uint32_t block_tokens;
+    /**
+     * Blocks in the pool of each window (full-attention layers share one pool, each distinct
+     * sliding window has its own): the most the cache holds. Address space for all of them is
+     * reserved at creation; memory is committed as blocks come into use. At most `INT32_MAX`.
+     */
+    uint32_t num_blocks;
+    /**
+     * Sequence ids are `0 .. max_seqs`.
+     */
+    uint32_t max_seqs;
+    /**
+     * Most tokens one sequence may hold; block tables have `ceil(max_seq_tokens / block_tokens)`
+     * entries per sequence.
+     */
+    uint32_t max_seq_tokens;
+    /**
+     * CUDA device ordinal (0 on the simulated device).
+     */
+    int32_t device;
+} HbmPagedKvParams;
+
+/**
+ * Counters of a paged KV cache, summed over its pools.
+ */
+typedef struct HbmPagedKvStats {
+    uint64_t blocks_total;
+    /**
+     * Blocks held by at least one sequence.
+     */
+    uint64_t blocks_used;
+    uint64_t blocks_free;
+    /**
+     * Of `blocks_used`, those held by more than one sequence (forked prefixes).
+     */
+    uint64_t blocks_shared;
+    /**
+     * Device memory behind the blocks (mapped granules; everything without VMM).
+     */
+    uint64_t bytes_committed;
+    /**
+     * Address space reserved for the blocks (0 without VMM).
+     */
+    uint64_t bytes_reserved;
+    /**
+     * Device memory of the block tables.
+     */
+    uint64_t bytes_tables;
+    /**
+     * Tokens of all live sequences (a shared prefix counts in each).
+     */
+    uint64_t tokens;
+    /**
+     * Blocks copied because a shared block was appended to.
+     */
+    uint64_t cow_copies;
+    /**
+     * Live sequences.
+     */
+    uint32_t n_seq;
+} HbmPagedKvStats;
 
 /**
  * Options of `hbm_pool_create`. Fill them with `hbm_pool_options_default`, then change fields.
@@ -602,6 +716,207 @@ enum HbmStatus hbm_kv_cache_append(const struct HbmKvCache *cache, uint32_t laye
  * above, not overlapping the cache.
  */
 enum HbmStatus hbm_kv_cache_dequantize(const struct HbmKvCache *cache, uint32_t layer, uint32_t seq, uint32_t pos, uint32_t n_tokens, void *k_dst, void *v_dst, int32_t dst_type, void *stream);
+
+/**
+ * Creates a paged KV cache on `params->device` and stores the handle in `*out_kv`: reserves
+ * address space for every block of every layer (nothing committed yet; on a device without
+ * virtual memory management all blocks are allocated now) and allocates the block tables, all -1.
+ *
+ * Returns `HBM_STATUS_OK`; `HBM_STATUS_NULL_PARAMETER` if `params`, `params->layers` or `out_kv`
+ * is NULL; `HBM_STATUS_INVALID_VALUE` for a zero count, more than 65536 layers, an unknown type,
+ * a row that is not whole
+ * Q8_0/Q4_0 blocks, or sizes that overflow; `HBM_STATUS_INVALID_DEVICE`;
+ * `HBM_STATUS_OUT_OF_MEMORY` when the address space or tables are not there. On an error
+ * `*out_kv` is untouched and nothing is held. The caller frees the cache with
+ * `hbm_paged_kv_destroy`.
+ *
+ * # Safety
+ * `params` is NULL or points at an `HbmPagedKvParams` whose `layers` is NULL or points at
+ * `n_layer` layers; `out_kv` is NULL or valid for one write.
+ */
+enum HbmStatus hbm_paged_kv_create(const struct HbmPagedKvParams *params, struct HbmPagedKv **out_kv);
+
+/**
+ * Destroys a cache: waits for the device to finish with it, then gives back all its memory and
+ * address space. NULL is a no-op. Pointers obtained from the cache are invalid afterwards.
+ *
+ * # Safety
+ * `kv` is NULL or a handle from `hbm_paged_kv_create` not yet destroyed, used by no other
+ * thread during or after the call.
+ */
+void hbm_paged_kv_destroy(struct HbmPagedKv *kv);
+
+/**
+ * Makes sequence `seq` (`0 .. max_seqs`) `n_tokens` longer, starting it if it is not live:
+ * takes blocks from the pools as needed (committing memory for them), copies a shared last block
+ * before it is appended to (copy-on-write, queued on `stream`), and lets sliding-window layers
+ * give back the blocks that fell out of their window. Then `hbm_paged_kv_slot_mapping` gives the
+ * new tokens' slots, and the block tables on the device are up to date.
+ *
+ * Returns `HBM_STATUS_OK`; `HBM_STATUS_NULL_PARAMETER` for a NULL cache;
+ * `HBM_STATUS_INVALID_VALUE` for `seq >= max_seqs` or a length beyond `max_seq_tokens`;
+ * `HBM_STATUS_OUT_OF_MEMORY` when a pool has too few free blocks or the device too little
+ * memory (the engine may free or preempt sequences and retry). On an error nothing changed.
+ *
+ * # Safety
+ * `kv` is NULL or a live handle; `stream` a `cudaStream_t` of the cache's device or NULL.
+ */
+enum HbmStatus hbm_paged_kv_seq_add_tokens(const struct HbmPagedKv *kv, uint32_t seq, uint32_t n_tokens, void *stream);
+
+/**
+ * Starts sequence `dst` as a copy of live sequence `src`: same length, sharing every block
+ * (prefix sharing, reference-counted; nothing is copied now).
+ *
+ * Returns `HBM_STATUS_OK`; `HBM_STATUS_NULL_PARAMETER`; `HBM_STATUS_INVALID_VALUE` when `src`
+ * is not live, `dst` is live, or either is out of range. On an error nothing changed.
+ *
+ * # Safety
+ * `kv` is NULL or a live handle.
+ */
+enum HbmStatus hbm_paged_kv_seq_fork(const struct HbmPagedKv *kv, uint32_t src, uint32_t dst);
+
+/**
+ * Shortens live sequence `seq` to `n_tokens` tokens, giving back the blocks past its new end.
+ *
+ * Returns `HBM_STATUS_OK`; `HBM_STATUS_NULL_PARAMETER`; `HBM_STATUS_INVALID_VALUE` when `seq`
+ * is not live, `n_tokens` exceeds its length, or a sliding-window layer already gave back blocks
+ * the shorter sequence's window would need. On an error nothing changed.
+ *
+ * # Safety
+ * `kv` is NULL or a live handle.
+ */
+enum HbmStatus hbm_paged_kv_seq_truncate(const struct HbmPagedKv *kv, uint32_t seq, uint32_t n_tokens);
+
+/**
+ * Ends live sequence `seq`: its blocks go back to the pool (shared ones are held once less) and
+ * its block-table rows become -1. The blocks keep their memory for the next ones until
+ * `hbm_paged_kv_trim`.
+ *
+ * Returns `HBM_STATUS_OK`; `HBM_STATUS_NULL_PARAMETER`; `HBM_STATUS_INVALID_VALUE` when `seq`
+ * is not live.
+ *
+ * # Safety
+ * `kv` is NULL or a live handle.
+ */
+enum HbmStatus hbm_paged_kv_seq_free(const struct HbmPagedKv *kv, uint32_t seq);
+
+/**
+ * Tokens live sequence `seq` holds, into `*out_len`.
+ *
+ * Returns `HBM_STATUS_OK`; `HBM_STATUS_NULL_PARAMETER`; `HBM_STATUS_INVALID_VALUE` when `seq`
+ * is not live (`*out_len` untouched).
+ *
+ * # Safety
+ * `kv` is NULL or a live handle; `out_len` NULL or valid for one write.
+ */
+enum HbmStatus hbm_paged_kv_seq_len(const struct HbmPagedKv *kv, uint32_t seq, uint32_t *out_len);
+
+/**
+ * The block table `layer` reads, as paged-attention kernels take it (vLLM's and FlashAttention's
+ * `block_table`): `int32_t [max_seqs][max_blocks_per_seq]` in device memory, row `seq` holding
+ * the sequence's block ids in order, -1 past its end and where a sliding window gave blocks
+ * back. Layers with the same window share one table. The cache owns it and keeps it current;
+ * the pointer never changes.
+ *
+ * Returns `HBM_STATUS_OK`; `HBM_STATUS_NULL_PARAMETER` if any pointer is NULL;
+ * `HBM_STATUS_INVALID_VALUE` for `layer >= n_layer` (outputs untouched).
+ *
+ * # Safety
+ * `kv` is NULL or a live handle; each output NULL or valid for one write.
+ */
+enum HbmStatus hbm_paged_kv_block_table(const struct HbmPagedKv *kv, uint32_t layer, const int32_t **out_table, uint32_t *out_max_blocks_per_seq);
+
+/**
+ * Where `layer`'s blocks are: the K tensor at `*out_k`, the V tensor at `*out_v` (NULL for a
+ * layer without V), device pointers; token `o` of block `b` at `k + (b * block_tokens + o) *
+ * row_bytes_k` (likewise V), a row being `n_kv_heads * head_dim` elements, heads one after the
+ * other. The pointers never change; the cache owns the memory.
+ *
+ * Returns `HBM_STATUS_OK`; `HBM_STATUS_NULL_PARAMETER` if any pointer is NULL;
+ * `HBM_STATUS_INVALID_VALUE` for `layer >= n_layer` (outputs untouched).
+ *
+ * # Safety
+ * `kv` is NULL or a live handle; each output NULL or valid for one write.
+ */
+enum HbmStatus hbm_paged_kv_layer(const struct HbmPagedKv *kv, uint32_t layer, void **out_k, void **out_v, size_t *out_row_bytes_k, size_t *out_row_bytes_v);
+
+/**
+ * The slot mapping of a step for `layer`: for each `i < n_seqs`, the slots of the last
+ * `n_new[i]` tokens of live sequence `seqs[i]`, in order, into host memory `out_slots`
+ * (`block * block_tokens + offset`; -1 for a token its sliding window already gave back, which
+ * `hbm_paged_kv_append` skips). Call after `hbm_paged_kv_seq_add_tokens`. `*out_n_slots`
+ * receives the number of slots (the sum of `n_new`), also when `capacity` is too small.
+ *
+ * Returns `HBM_STATUS_OK`; `HBM_STATUS_NULL_PARAMETER` for a NULL cache or output, or NULL
+ * arrays with `n_seqs > 0`; `HBM_STATUS_INVALID_VALUE` for `layer` out of range, a sequence not
+ * live, an `n_new` beyond its length, or more slots than `capacity` (`out_slots` untouched).
+ *
+ * # Safety
+ * `kv` is NULL or a live handle; `seqs` and `n_new` NULL or `n_seqs` elements each; `out_slots`
+ * NULL or `capacity` writable elements; `out_n_slots` NULL or valid for one write.
+ */
+enum HbmStatus hbm_paged_kv_slot_mapping(const struct HbmPagedKv *kv, uint32_t layer, const uint32_t *seqs, const uint32_t *n_new, size_t n_seqs, int64_t *out_slots, size_t capacity, size_t *out_n_slots);
+
+/**
+ * Queues on `stream` the write of `n_tokens` token rows into `layer`, token `i` at slot
+ * `slots[i]` (from `hbm_paged_kv_slot_mapping`; negative slots are skipped), converting to the
+ * cache's types: F16/BF16 round to nearest even, Q8_0/Q4_0 quantize bit for bit as ggml's
+ * reference.
+ *
+ * - `k_src`, `v_src`: `n_tokens` rows of `n_kv_heads * head_dim_k` (`head_dim_v`) elements of
+ *   `src_type`, contiguous, in device memory; either may be NULL (not both).
+ * - `src_type`: `HBM_TYPE_F32` or `HBM_TYPE_F16`.
+ * - `slots`: `n_tokens` `int64_t` in device memory (NULL allowed when `n_tokens` is 0); read
+ *   back to the host during the call.
+ *
+ * On CUDA this launches the KV conversion kernel once per run of consecutive slots in one block
+ * (a single batched kernel per layer is not written yet).
+ *
+ * Returns `HBM_STATUS_OK` once queued; `HBM_STATUS_NULL_PARAMETER` for a NULL cache, both sources
+ * NULL, or NULL slots with `n_tokens > 0`; `HBM_STATUS_INVALID_VALUE` for `layer` out of range,
+ * a V source on a layer without V, another `src_type`, a misaligned source, or a slot outside
+ * the blocks held by exactly one sequence (a shared block is never written); nothing is queued
+ * then. `HBM_STATUS_NOT_SUPPORTED` when the device's kernels are not available.
+ *
+ * # Safety
+ * `kv` is NULL or a live handle; sources and slots NULL or device memory of the sizes above.
+ */
+enum HbmStatus hbm_paged_kv_append(const struct HbmPagedKv *kv, uint32_t layer, const void *k_src, const void *v_src, int32_t src_type, const int64_t *slots, uint32_t n_tokens, void *stream);
+
+/**
+ * Queues on `stream` the conversion of live sequence `seq`'s tokens `start .. start + n_tokens`
+ * in `layer` into `k_dst` and `v_dst` as `dst_type` (`HBM_TYPE_F32` or `HBM_TYPE_F16`),
+ * contiguous rows in device memory, for engines without paged kernels: exact for F32/F16/BF16
+ * caches, `q * d` (Q8_0) or `(q - 8) * d` (Q4_0) as ggml's `dequantize_row_*`. Either
+ * destination may be NULL (not both); the caller owns them.
+ *
+ * Returns `HBM_STATUS_OK` once queued; `HBM_STATUS_NULL_PARAMETER`; `HBM_STATUS_INVALID_VALUE`
+ * for `layer` out of range, `seq` not live, tokens past its end or given back by a sliding
+ * window, a V destination on a layer without V, another `dst_type`, or a misaligned destination
+ * (nothing is queued then).
+ *
+ * # Safety
+ * `kv` is NULL or a live handle; destinations NULL or device memory of the sizes above, not
+ * overlapping the cache.
+ */
+enum HbmStatus hbm_paged_kv_gather(const struct HbmPagedKv *kv, uint32_t layer, uint32_t seq, uint32_t start, uint32_t n_tokens, void *k_dst, void *v_dst, int32_t dst_type, void *stream);
+
+/**
+ * Gives back the memory of granules no live block uses (after one device synchronize).
+ * `out_released` (may be NULL) receives the bytes given back.
+ *
+ * # Safety
+ * `kv` is NULL or a live handle; `out_released` NULL or valid for one write.
+ */
+enum HbmStatus hbm_paged_kv_trim(const struct HbmPagedKv *kv, uint64_t *out_released);
+
+/**
+ * Fills `*out_stats` with the cache's counters.
+ *
+ * # Safety
+ * `kv` is NULL or a live handle; `out_stats` NULL or valid for one write.
+ */
+enum HbmStatus hbm_paged_kv_stats(const struct HbmPagedKv *kv, struct HbmPagedKvStats *out_stats);
 
 /**
  * Fills `*out_options` with the defaults: `reserve_size` 32 GiB, `release_threshold` SIZE_MAX,

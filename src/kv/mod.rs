@@ -10,6 +10,7 @@
 pub mod cache;
 pub mod half;
 pub mod layout;
+pub mod paged;
 pub mod quant;
 pub mod types;
 
