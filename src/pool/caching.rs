@@ -22,7 +22,8 @@ use super::size_class::{
 };
 use super::stats::{PoolStats, SlowCounters};
 use super::thread_cache::{
-    is_cached_class, my_shard, thread_tag, Evicted, PaddedShard, N_SHARDS, UNSYNCED,
+    exits, is_cached_class, is_orphan, my_shard, note_owner, owner_of, thread_tag, Evicted,
+    PaddedShard, N_SHARDS, UNSYNCED,
 };
 use crate::backend::{DevicePtr, SharedBackend, Stream};
 use crate::config::{Config, StreamSafety};
@@ -150,6 +151,8 @@ pub struct CachingPool {
     stream_freed: AtomicUsize,
     /// Held while a synchronize runs (`sync_and_settle`).
     sync_lock: Mutex<()>,
+    /// `thread_cache::exits()` when this pool last adopted the shards of exited threads.
+    seen_exits: AtomicU64,
     slow: SlowCounters,
 }
 
@@ -178,6 +181,7 @@ impl CachingPool {
             completed: AtomicU64::new(completed),
             stream_freed: AtomicUsize::new(0),
             sync_lock: Mutex::new(()),
+            seen_exits: AtomicU64::new(0),
             slow: SlowCounters::default(),
         }
     }
@@ -231,11 +235,14 @@ impl CachingPool {
     pub fn alloc_unchecked(&self, size: usize) -> Result<(DevicePtr, usize)> {
         let block = checked_block(size)?;
         if let Some(class) = cache_class(block) {
-            let mut shard = self.shards[my_shard()].lock();
+            let me = my_shard();
+            let mut shard = self.shards[me].lock();
             if let Some(ptr) = shard.pop_safe(class) {
                 shard.counters.in_use += block as i64;
                 shard.counters.allocs += 1;
                 shard.counters.hits += 1;
+                drop(shard);
+                note_owner(ptr, me);
                 return Ok((ptr, block));
             }
         }
@@ -249,11 +256,16 @@ impl CachingPool {
     /// device memory), but the pool's bookkeeping does.
     #[inline]
     pub fn free_unchecked(&self, ptr: DevicePtr, block: usize) {
-        let mut shard = self.shards[my_shard()].lock();
+        let me = my_shard();
+        let mut shard = self.shards[me].lock();
         shard.counters.in_use -= block as i64;
         shard.counters.frees += 1;
         let evicted = match cache_class(block) {
-            Some(class) => shard.push(class, ptr),
+            Some(class) if owner_of(ptr) == Some(me) => shard.push(class, ptr),
+            Some(class) => {
+                drop(shard);
+                return self.free_remote_slow(ptr, block, class);
+            }
             None => Some(vec![(ptr, block, UNSYNCED)]),
         };
         drop(shard);
@@ -263,6 +275,21 @@ impl CachingPool {
         if self.settings.stream_safety == StreamSafety::Eager {
             // As the runtime's cudaFree: the block is safe once this returns. A failed
             // synchronize leaves it waiting for a later one.
+            let _ = self.sync_and_settle();
+        }
+    }
+
+    /// A block another thread allocated goes back to that thread's shard, so that a thread that
+    /// frees what others allocate does not pile it up; with its owner unknown or gone, to the
+    /// arena.
+    #[cold]
+    #[inline(never)]
+    fn free_remote_slow(&self, ptr: DevicePtr, block: usize, class: usize) {
+        let taken = owner_of(ptr).is_some_and(|o| self.shards[o].push_remote(o, class, ptr));
+        if !taken {
+            self.return_to_arena(vec![(ptr, block, UNSYNCED)]);
+        }
+        if self.settings.stream_safety == StreamSafety::Eager {
             let _ = self.sync_and_settle();
         }
     }
@@ -278,6 +305,7 @@ impl CachingPool {
                 self.stream_freed.fetch_sub(1, Ordering::AcqRel);
                 self.backend.event_release(event);
                 self.count_alloc(block, true);
+                note_owner(ptr, my_shard());
                 return Ok((ptr, block));
             }
         }
@@ -327,6 +355,7 @@ impl CachingPool {
         for shard in self.shards.iter() {
             let drained = shard.lock().drain();
             self.return_to_arena(drained);
+            self.return_to_arena(unsynced(shard.take_remote()));
         }
         self.sync_and_settle()?;
         let mut released = 0;
@@ -397,9 +426,56 @@ impl CachingPool {
     #[cold]
     #[inline(never)]
     fn alloc_slow(&self, block: usize) -> Result<DevicePtr> {
+        self.collect();
         let (ptr, from_cache) = self.take_or_grow_slow(block)?;
         self.count_alloc(block, from_cache);
+        if cache_class(block).is_some() {
+            note_owner(ptr, my_shard());
+        }
         Ok(ptr)
+    }
+
+    /// Takes in what other threads freed to this thread's shard, and hands the shards of exited
+    /// threads back to the arena.
+    fn collect(&self) {
+        let me = my_shard();
+        let remote = self.shards[me].take_remote();
+        if !remote.is_empty() {
+            let mut shard = self.shards[me].lock();
+            let evicted: Evicted = remote
+                .into_iter()
+                .filter_map(|(ptr, class)| shard.push(class, ptr))
+                .flatten()
+                .collect();
+            drop(shard);
+            self.return_to_arena(evicted);
+        }
+        self.adopt_orphans();
+    }
+
+    /// Empties every shard whose threads have all exited into the arena (once per exit seen).
+    fn adopt_orphans(&self) {
+        let now = exits();
+        if self.seen_exits.swap(now, Ordering::AcqRel) == now {
+            return;
+        }
+        for (i, shard) in self.shards.iter().enumerate() {
+            if is_orphan(i) {
+                let drained = shard.lock().drain();
+                self.return_to_arena(drained);
+                self.return_to_arena(unsynced(shard.take_remote()));
+            }
+        }
+    }
+
+    /// Bytes cached in thread caches (after adopting the caches of exited threads); for tests
+    /// and diagnostics: cheap enough, but takes every shard's lock.
+    pub fn thread_cached_bytes(&self) -> usize {
+        self.adopt_orphans();
+        self.shards
+            .iter()
+            .map(|s| s.lock().cached_bytes + s.remote_bytes())
+            .sum()
     }
 
     /// Finds memory for one block: (address, whether it came from cached memory).
@@ -639,6 +715,14 @@ fn stream_key(stream: Stream) -> Stream {
     }
 }
 
+/// Blocks from a remote list, for the arena: they wait for a pool synchronize begun after now.
+fn unsynced(blocks: Vec<(DevicePtr, usize)>) -> Evicted {
+    blocks
+        .into_iter()
+        .map(|(ptr, class)| (ptr, class_size(class), UNSYNCED))
+        .collect()
+}
+
 /// The rounded block size for a request, or why there is none.
 fn checked_block(size: usize) -> Result<usize> {
     if size == 0 {
@@ -662,4 +746,103 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Arena updates are completed before any call that could panic, so a poisoned lock still
     // guards consistent data: take it rather than turn one panic into many.
     mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::sim::SimBackend;
+    use std::sync::Arc;
+
+    fn pool(capacity: usize, stream_safety: StreamSafety) -> (Arc<SimBackend>, Arc<CachingPool>) {
+        let sim = Arc::new(SimBackend::new(0, capacity));
+        let settings = PoolSettings {
+            stream_safety,
+            pending_limit: Some(1 << 20),
+        };
+        (sim.clone(), Arc::new(CachingPool::new(sim, settings)))
+    }
+
+    /// Runs `f` on a thread of its own and waits for it (a thread that then exits).
+    fn on_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        std::thread::spawn(f).join().unwrap()
+    }
+
+    #[test]
+    fn a_block_freed_by_another_thread_goes_back_to_its_owners_cache() {
+        // 256 KiB blocks: the arena refills no extra blocks of that size into the shard.
+        const SIZE: usize = 256 << 10;
+        let (_sim, pool) = pool(1 << 30, StreamSafety::Off);
+        let blocks: Vec<(DevicePtr, usize)> = (0..100)
+            .map(|_| pool.alloc_unchecked(SIZE).unwrap())
+            .collect();
+        let before = pool.stats();
+        let consumer = {
+            let (pool, blocks) = (pool.clone(), blocks.clone());
+            // The consumer stays alive while its cache is inspected: only frees count here.
+            on_thread(move || {
+                for (p, b) in blocks {
+                    pool.free_unchecked(p, b);
+                }
+                pool.shards[my_shard()].lock().cached_bytes
+            })
+        };
+        assert_eq!(consumer, 0, "the freeing thread keeps nothing");
+        let again: Vec<DevicePtr> = (0..100)
+            .map(|_| pool.alloc_unchecked(SIZE).unwrap().0)
+            .collect();
+        let s = pool.stats();
+        assert_eq!(
+            s.driver_allocs, before.driver_allocs,
+            "no new driver allocation"
+        );
+        assert_eq!(s.pool_hits - before.pool_hits, 100);
+        assert!(
+            blocks.iter().all(|(p, _)| again.contains(p)),
+            "the owner's next allocations are its own blocks, from its cache"
+        );
+        assert_eq!(
+            pool.shards[my_shard()].lock().cached_bytes,
+            0,
+            "all taken from the owner's cache, none from the arena"
+        );
+        for p in again {
+            pool.free_unchecked(p, SIZE);
+        }
+        pool.check();
+    }
+
+    #[test]
+    fn a_thread_that_exits_leaves_nothing_in_thread_caches() {
+        // 8 MiB device, filled by one thread that frees everything and exits: another thread's
+        // allocations are served from the arena, without the out-of-memory trim.
+        let (_sim, pool) = pool(8 << 20, StreamSafety::Batched);
+        {
+            let pool = pool.clone();
+            on_thread(move || {
+                let blocks: Vec<_> = (0..8)
+                    .map(|_| pool.alloc_unchecked(1 << 20).unwrap())
+                    .collect();
+                for (p, b) in blocks {
+                    pool.free_unchecked(p, b);
+                }
+            });
+        }
+        assert_eq!(pool.thread_cached_bytes(), 0, "the exited thread's cache");
+        let served = on_thread({
+            let pool = pool.clone();
+            move || {
+                (0..8)
+                    .map(|_| pool.alloc_unchecked(1 << 20).unwrap())
+                    .collect::<Vec<_>>()
+            }
+        });
+        let s = pool.stats();
+        assert_eq!(s.oom_retries, 0, "served without an out-of-memory trim");
+        assert_eq!(s.driver_allocs, 4);
+        for (p, b) in served {
+            pool.free_unchecked(p, b);
+        }
+        pool.check();
+    }
 }
