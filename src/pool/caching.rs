@@ -1,7 +1,7 @@
 //! The caching pool behind `cudaMalloc`/`cudaFree`: one per device.
 //!
-//! Fast path: a thread pops a block of its size class from its own shard (`thread_cache`), and
-//! records it in the live map; free does the reverse. No global lock, no driver call.
+//! Fast path: a thread pops a block of its size class from its own shard (`thread_cache`); free
+//! does the reverse. The pool keeps no map of live blocks: its caller's tracker does. No global lock, no driver call.
 //! Slow path (`*_slow`): best fit from the arena (`arena`), refilling the shard in batches; else a
 //! device synchronize if enough freed memory waits for one; else a new chunk from the driver; on
 //! out-of-memory, release every cached byte and retry once.
@@ -28,8 +28,7 @@ use super::thread_cache::{
 use crate::backend::{DevicePtr, SharedBackend, Stream};
 use crate::config::{Config, StreamSafety};
 use crate::error::{Error, Result};
-use dashmap::DashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::Hasher;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
@@ -68,8 +67,6 @@ impl Hasher for PtrHasher {
         self.0 = ((n as u64) >> 8).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     }
 }
-
-type LiveMap = DashMap<DevicePtr, usize, BuildHasherDefault<PtrHasher>>;
 
 /// How much freed memory waits for one synchronize: a thread lets freed blocks wait while they
 /// are fewer than `LARGE_BATCH_BLOCKS` blocks of the size it asks for, but at least `floor` and
@@ -141,8 +138,6 @@ pub struct CachingPool {
     /// blocks never pin large chunks.
     small: Mutex<Arena>,
     large: Mutex<Arena>,
-    /// Every block handed out and not yet freed: address -> block size.
-    live: LiveMap,
     /// Pool-wide epochs: the current one (stamped into blocks that reach the arena unsynced) and
     /// the one below which all such blocks are safe. Thread caches keep their own (`thread_cache`).
     epoch: AtomicU64,
@@ -176,7 +171,6 @@ impl CachingPool {
             shards: (0..N_SHARDS).map(|_| PaddedShard::new(trusting)).collect(),
             small: Mutex::new(Arena::default()),
             large: Mutex::new(Arena::default()),
-            live: LiveMap::default(),
             epoch: AtomicU64::new(1),
             completed: AtomicU64::new(completed),
             stream_freed: AtomicUsize::new(0),
@@ -190,47 +184,11 @@ impl CachingPool {
         &self.backend
     }
 
-    /// Allocates at least `size` (> 0) bytes, aligned to 512. Never blocks on the device unless
-    /// enough freed blocks wait for a synchronize or memory runs out.
-    #[inline]
-    pub fn alloc(&self, size: usize) -> Result<DevicePtr> {
-        let (ptr, block) = self.alloc_unchecked(size)?;
-        self.live.insert(ptr, block);
-        Ok(ptr)
-    }
-
-    /// Frees a block from `alloc`/`alloc_async`; returns its size. Unknown, interior and
-    /// already-freed pointers are errors that change nothing.
-    #[inline]
-    pub fn free(&self, ptr: DevicePtr) -> Result<usize> {
-        let Some((_, block)) = self.live.remove(&ptr) else {
-            return Err(self.diagnose(ptr));
-        };
-        self.free_unchecked(ptr, block);
-        Ok(block)
-    }
-
-    /// `cudaMallocAsync`: reuses a block freed on the same stream at once; else as `alloc`.
-    pub fn alloc_async(&self, size: usize, stream: Stream) -> Result<DevicePtr> {
-        let (ptr, block) = self.alloc_async_unchecked(size, stream)?;
-        self.live.insert(ptr, block);
-        Ok(ptr)
-    }
-
-    /// `cudaFreeAsync`: the block is reusable at once on `stream`, elsewhere once `stream` has
-    /// passed this point (an event recorded now).
-    pub fn free_async(&self, ptr: DevicePtr, stream: Stream) -> Result<usize> {
-        let Some((_, block)) = self.live.remove(&ptr) else {
-            return Err(self.diagnose(ptr));
-        };
-        self.free_async_unchecked(ptr, block, stream);
-        Ok(block)
-    }
-
-    /// As `alloc`, but the pool keeps no record of the block: returns (address, block size),
-    /// and the caller must give exactly that back to `free_unchecked`/`free_async_unchecked`,
-    /// once. For a caller that keeps its own map of live blocks (`crate::alloc` uses the
-    /// tracker's), which saves a second map operation on every allocation and free.
+    /// Allocates at least `size` (> 0) bytes, aligned to 512; returns (address, block size).
+    /// Never blocks on the device unless enough freed blocks wait for a synchronize or memory
+    /// runs out. The pool keeps no record of the block: the caller (the tracker, in production
+    /// and in the tests) must give exactly that back to `free_unchecked`/`free_async_unchecked`,
+    /// once; one map of live blocks is enough, and it saves a map operation per call.
     #[inline]
     pub fn alloc_unchecked(&self, size: usize) -> Result<(DevicePtr, usize)> {
         let block = checked_block(size)?;
@@ -294,7 +252,8 @@ impl CachingPool {
         }
     }
 
-    /// As `alloc_async`, keeping no record (see `alloc_unchecked`).
+    /// `cudaMallocAsync`: reuses a block freed on the same stream at once; else as
+    /// `alloc_unchecked` (keeping no record either).
     pub fn alloc_async_unchecked(&self, size: usize, stream: Stream) -> Result<(DevicePtr, usize)> {
         let block = checked_block(size)?;
         if self.stream_freed.load(Ordering::Acquire) > 0 {
@@ -312,7 +271,9 @@ impl CachingPool {
         self.alloc_unchecked(size)
     }
 
-    /// As `free_async`, for a block from an `*_unchecked` allocation (see `free_unchecked`).
+    /// `cudaFreeAsync` of a block from an `*_unchecked` allocation (see `free_unchecked`): the
+    /// block is reusable at once on `stream`, elsewhere once `stream` has passed this point (an
+    /// event recorded now).
     pub fn free_async_unchecked(&self, ptr: DevicePtr, block: usize, stream: Stream) {
         self.count_free(block);
         match self.backend.event_record(stream) {
@@ -338,16 +299,6 @@ impl CachingPool {
             }
         }
         Error::UnknownPointer(ptr)
-    }
-
-    /// Whether `ptr` is a live block of this pool.
-    pub fn owns(&self, ptr: DevicePtr) -> bool {
-        self.live.contains_key(&ptr)
-    }
-
-    /// Size of the live block at `ptr`.
-    pub fn block_size_of(&self, ptr: DevicePtr) -> Option<usize> {
-        self.live.get(&ptr).map(|b| *b)
     }
 
     /// Returns every cached byte that can be returned to the driver; returns how many.
@@ -404,23 +355,23 @@ impl CachingPool {
         s
     }
 
-    /// Checks the arenas' invariants and that the live map agrees with them; for tests.
+    /// Checks the arenas' invariants; for tests.
     pub fn check(&self) {
         for arena in [&self.small, &self.large] {
-            let a = lock(arena);
-            a.check();
-            for entry in self.live.iter() {
-                if let Lookup::Start(state) = a.lookup(*entry.key()) {
-                    assert_eq!(
-                        state,
-                        State::Used,
-                        "live block {:#x} is {state:?}",
-                        entry.key()
-                    );
-                    assert_eq!(a.size_of(*entry.key()), *entry.value());
-                }
-            }
+            lock(arena).check();
         }
+    }
+
+    /// Checks that a block the caller holds (`ptr`, `block` from an `*_unchecked` allocation) is
+    /// handed out in its arena, whole; for tests.
+    pub fn check_block(&self, ptr: DevicePtr, block: usize) {
+        let a = self.arena_for(block);
+        assert_eq!(
+            a.lookup(ptr),
+            Lookup::Start(State::Used),
+            "live block {ptr:#x}"
+        );
+        assert_eq!(a.size_of(ptr), block, "live block {ptr:#x}");
     }
 
     #[cold]
