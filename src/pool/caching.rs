@@ -355,6 +355,21 @@ impl CachingPool {
         s
     }
 
+    /// Takes every lock of the pool, in the one order no other path can deadlock against (the
+    /// synchronize lock, the arenas, then each shard's two locks; no path holds a shard lock while
+    /// it waits for another), for `fork`: the child then finds none held by a thread it lacks.
+    pub fn lock_all(&self) -> PoolLocks<'_> {
+        let sync = lock(&self.sync_lock);
+        let small = lock(&self.small);
+        let large = lock(&self.large);
+        let shards = self.shards.iter().map(PaddedShard::lock_all).collect();
+        PoolLocks {
+            _sync: sync,
+            _arenas: [small, large],
+            _shards: shards,
+        }
+    }
+
     /// Checks the arenas' invariants; for tests.
     pub fn check(&self) {
         for arena in [&self.small, &self.large] {
@@ -664,6 +679,13 @@ fn stream_key(stream: Stream) -> Stream {
         0 | 2 => (thread_tag() << 4) | 0b100 | stream,
         _ => stream,
     }
+}
+
+/// Every lock of one pool, held until dropped (`CachingPool::lock_all`).
+pub struct PoolLocks<'a> {
+    _sync: MutexGuard<'a, ()>,
+    _arenas: [MutexGuard<'a, Arena>; 2],
+    _shards: Vec<super::thread_cache::ShardLocks<'a>>,
 }
 
 /// Blocks from a remote list, for the arena: they wait for a pool synchronize begun after now.

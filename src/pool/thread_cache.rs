@@ -324,6 +324,14 @@ impl PaddedShard {
         true
     }
 
+    /// Both locks, for `fork` (see `CachingPool::lock_all`).
+    pub fn lock_all(&self) -> ShardLocks<'_> {
+        ShardLocks {
+            _local: self.local.lock(),
+            _remote: self.remote.blocks.lock(),
+        }
+    }
+
     /// Bytes waiting on the remote list.
     pub fn remote_bytes(&self) -> usize {
         self.remote.bytes.load(Ordering::Acquire)
@@ -338,6 +346,22 @@ impl PaddedShard {
         self.remote.bytes.store(0, Ordering::Relaxed);
         std::mem::take(&mut *blocks)
     }
+}
+
+/// A shard's two locks, held until dropped.
+pub struct ShardLocks<'a> {
+    _local: SpinGuard<'a, Shard>,
+    _remote: SpinGuard<'a, Vec<(DevicePtr, usize)>>,
+}
+
+/// In a child after `fork`: only the calling thread survived, so every other thread's shard
+/// has no thread now, and pools adopt those shards on their next slow path.
+pub fn after_fork_child() {
+    let mine = MY_SHARD.with(Cell::get);
+    for (i, count) in SHARD_THREADS.iter().enumerate() {
+        count.store((i as u32 == mine) as u32, Ordering::Release);
+    }
+    EXITS.fetch_add(1, Ordering::Release);
 }
 
 static NEXT_SHARD: AtomicU32 = AtomicU32::new(0);
