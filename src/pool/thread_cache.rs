@@ -357,7 +357,7 @@ pub struct ShardLocks<'a> {
 /// In a child after `fork`: only the calling thread survived, so every other thread's shard
 /// has no thread now, and pools adopt those shards on their next slow path.
 pub fn after_fork_child() {
-    let mine = MY_SHARD.with(Cell::get);
+    let mine = MY.with(|m| m.shard.get());
     for (i, count) in SHARD_THREADS.iter().enumerate() {
         count.store((i as u32 == mine) as u32, Ordering::Release);
     }
@@ -374,9 +374,27 @@ static SHARD_THREADS: [AtomicU32; N_SHARDS] = [const { AtomicU32::new(0) }; N_SH
 /// thread (`orphans`).
 static EXITS: AtomicU64 = AtomicU64::new(0);
 
+/// Everything the pool keeps per thread, in one block, so one TLS address computation serves
+/// the shard and the tag. A `const`-initialised `thread_local!` of a type without `Drop` needs no
+/// lazy-init check and registers no destructor: the access is the platform's TLS access alone.
+/// In `libhbmalloc.so` that is the general-dynamic model (a `__tls_get_addr` call, resolved to a
+/// few loads after a thread's first use); initial-exec, which a preloaded library could use,
+/// needs the unstable `-Z tls-model` or `#[thread_local]`, so stable Rust cannot ask for it. The
+/// exit notice (`EXIT_NOTE`) has a destructor and lives apart, touched once per thread.
+struct ThreadBlock {
+    /// Shard index, `u32::MAX` until assigned.
+    shard: Cell<u32>,
+    /// `thread_tag`, 0 until assigned.
+    tag: Cell<usize>,
+}
+
 thread_local! {
-    static MY_SHARD: Cell<u32> = const { Cell::new(u32::MAX) };
-    static MY_TAG: Cell<usize> = const { Cell::new(0) };
+    static MY: ThreadBlock = const {
+        ThreadBlock {
+            shard: Cell::new(u32::MAX),
+            tag: Cell::new(0),
+        }
+    };
     /// Registered on shard assignment; its destructor only counts the thread out (two atomics,
     /// no pool is touched: a pool may be gone by then, and at process exit nothing else may run).
     static EXIT_NOTE: ExitNote = const { ExitNote };
@@ -386,7 +404,7 @@ struct ExitNote;
 
 impl Drop for ExitNote {
     fn drop(&mut self) {
-        let shard = MY_SHARD.with(Cell::get);
+        let shard = MY.with(|m| m.shard.get());
         if shard != u32::MAX {
             SHARD_THREADS[shard as usize].fetch_sub(1, Ordering::AcqRel);
             EXITS.fetch_add(1, Ordering::Release);
@@ -408,18 +426,18 @@ pub fn is_orphan(index: usize) -> bool {
 /// A number unique to this thread for the life of the process (never 0).
 #[inline]
 pub fn thread_tag() -> usize {
-    MY_TAG.with(|t| {
-        if t.get() == 0 {
-            t.set(NEXT_THREAD.fetch_add(1, Ordering::Relaxed));
+    MY.with(|m| {
+        if m.tag.get() == 0 {
+            m.tag.set(NEXT_THREAD.fetch_add(1, Ordering::Relaxed));
         }
-        t.get()
+        m.tag.get()
     })
 }
 
 /// This thread's shard index, assigned round-robin on first use.
 #[inline]
 pub fn my_shard() -> usize {
-    let i = MY_SHARD.with(Cell::get);
+    let i = MY.with(|m| m.shard.get());
     if i != u32::MAX {
         return i as usize;
     }
@@ -431,7 +449,7 @@ pub fn my_shard() -> usize {
 fn assign_shard() -> usize {
     let i = NEXT_SHARD.fetch_add(1, Ordering::Relaxed) % N_SHARDS as u32;
     SHARD_THREADS[i as usize].fetch_add(1, Ordering::AcqRel);
-    MY_SHARD.with(|s| s.set(i));
+    MY.with(|m| m.shard.set(i));
     // Fails only while this thread's thread-locals are being destroyed: then it is not counted
     // out either, so its shard is never taken for an orphan while it runs.
     let _ = EXIT_NOTE.try_with(|_| ());
