@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod estimate;
 pub mod ffi;
+pub mod fork;
 pub mod host_alloc;
 pub mod kernels;
 pub mod kv;

@@ -40,6 +40,21 @@ pub fn active() -> Active {
     })
 }
 
+/// The backend kind, if something decided it already (never decides: for the fork handlers).
+pub fn active_if_decided() -> Option<Active> {
+    ACTIVE.get().copied()
+}
+
+/// What CUDA answers in a child forked from a CUDA process: the driver does not survive fork
+/// (`cudaErrorInitializationError`).
+#[cold]
+fn cuda_lost_error() -> Error {
+    Error::Driver {
+        call: "cuInit (in a forked child)",
+        code: 3,
+    }
+}
+
 /// Whether `backend:auto` found no usable CUDA device and chose the simulated device. The
 /// library API keeps working on it; the interposed runtime entry points answer as the runtime
 /// does without a device (`ffi::runtime_state`).
@@ -68,6 +83,9 @@ pub fn current_device() -> i32 {
 /// The backend serving `device` to the scratch pools and KV caches, created on first use: out
 /// of memory there first makes the device's caching pool give its cached memory back.
 pub fn backend(device: i32) -> Result<SharedBackend> {
+    if crate::fork::cuda_lost() {
+        return Err(cuda_lost_error());
+    }
     check_device(device)?;
     CONSUMER_BACKENDS[device as usize]
         .get_or_try_init(|| -> Result<SharedBackend> {
@@ -117,13 +135,19 @@ static POOLS: [OnceCell<CachingPool>; MAX_DEVICES] = [const { OnceCell::new() };
 pub fn pool(device: i32) -> Result<&'static CachingPool> {
     // The hot path: one load, no reference-count traffic on the shared backend.
     if let Some(pool) = POOLS.get(device as usize).and_then(OnceCell::get) {
-        return Ok(pool);
+        if !crate::fork::cuda_lost() {
+            return Ok(pool);
+        }
     }
     pool_slow(device)
 }
 
 #[cold]
 fn pool_slow(device: i32) -> Result<&'static CachingPool> {
+    if crate::fork::cuda_lost() {
+        return Err(cuda_lost_error());
+    }
+    crate::fork::install();
     let backend = raw_backend(device)?;
     Ok(POOLS[device as usize]
         .get_or_init(|| CachingPool::new(backend, PoolSettings::from_config(config::get()))))
@@ -145,13 +169,19 @@ static HOST_POOL: OnceCell<PinnedPool> = OnceCell::new();
 #[inline]
 pub fn host_pool() -> Result<&'static PinnedPool> {
     if let Some(pool) = HOST_POOL.get() {
-        return Ok(pool);
+        if !crate::fork::cuda_lost() {
+            return Ok(pool);
+        }
     }
     host_pool_slow()
 }
 
 #[cold]
 fn host_pool_slow() -> Result<&'static PinnedPool> {
+    if crate::fork::cuda_lost() {
+        return Err(cuda_lost_error());
+    }
+    crate::fork::install();
     HOST_POOL.get_or_try_init(|| {
         let backend: SharedBackend = match active() {
             Active::Sim => Arc::new(SimBackend::new(HOST_DEVICE, host_memory().1)),

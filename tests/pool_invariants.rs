@@ -1,13 +1,87 @@
 //! The caching pool on the simulated device: random operation sequences, threads, stream safety,
-//! out-of-memory recovery and bad frees.
+//! out-of-memory recovery and bad frees. The pool is driven as production drives it: through its
+//! `*_unchecked` calls, with a tracker holding the record of live blocks (`Tracked`).
 
 use hbmalloc::backend::sim::SimBackend;
 use hbmalloc::backend::Backend;
+use hbmalloc::backend::{DevicePtr, Stream};
+use hbmalloc::config::LeakReport;
 use hbmalloc::config::StreamSafety;
 use hbmalloc::error::Error;
+use hbmalloc::pool::size_class::block_size;
 use hbmalloc::pool::{CachingPool, PoolSettings};
+use hbmalloc::track::registry::Tracker;
+use hbmalloc::track::{Origin, Settings};
 use std::collections::BTreeMap;
 use std::sync::Arc;
+
+/// The caching pool under a tracker of its own, as `hbmalloc::alloc` composes them: the tracker's
+/// record is the one map of live blocks; a free it does not know is diagnosed by the pool.
+struct Tracked {
+    pool: CachingPool,
+    tracker: Tracker,
+}
+
+impl std::ops::Deref for Tracked {
+    type Target = CachingPool;
+    fn deref(&self) -> &CachingPool {
+        &self.pool
+    }
+}
+
+impl Tracked {
+    fn alloc(&self, size: usize) -> Result<DevicePtr, Error> {
+        let (ptr, _) = self.pool.alloc_unchecked(size)?;
+        self.tracker.on_alloc(ptr, size, 0, 0, Origin::CudaMalloc);
+        Ok(ptr)
+    }
+
+    fn alloc_async(&self, size: usize, stream: Stream) -> Result<DevicePtr, Error> {
+        let (ptr, _) = self.pool.alloc_async_unchecked(size, stream)?;
+        self.tracker
+            .on_alloc(ptr, size, 0, stream, Origin::CudaMallocAsync);
+        Ok(ptr)
+    }
+
+    /// The block of the live allocation at `ptr`, its record removed; else the pool's diagnosis.
+    fn forget(&self, ptr: DevicePtr) -> Result<usize, Error> {
+        match self.tracker.on_free(ptr) {
+            Ok(live) => Ok(block_size(live.size as usize).expect("a recorded size has a block")),
+            Err(_) => Err(self.pool.diagnose(ptr)),
+        }
+    }
+
+    fn free(&self, ptr: DevicePtr) -> Result<usize, Error> {
+        let block = self.forget(ptr)?;
+        self.pool.free_unchecked(ptr, block);
+        Ok(block)
+    }
+
+    fn free_async(&self, ptr: DevicePtr, stream: Stream) -> Result<usize, Error> {
+        let block = self.forget(ptr)?;
+        self.pool.free_async_unchecked(ptr, block, stream);
+        Ok(block)
+    }
+
+    fn block_size_of(&self, ptr: DevicePtr) -> Option<usize> {
+        self.tracker
+            .get(ptr)
+            .and_then(|live| block_size(live.size as usize))
+    }
+
+    fn owns(&self, ptr: DevicePtr) -> bool {
+        self.tracker.get(ptr).is_some()
+    }
+
+    /// The arenas' invariants, and every live record a handed-out block of its size.
+    fn check(&self) {
+        self.pool.check();
+        for (ptr, live) in self.tracker.snapshot() {
+            self.pool
+                .check_block(ptr, block_size(live.size as usize).unwrap());
+        }
+    }
+}
 
 struct Rng(u64);
 impl Rng {
@@ -26,7 +100,7 @@ fn pool(
     capacity: usize,
     safety: StreamSafety,
     pending_limit: Option<usize>,
-) -> (Arc<SimBackend>, CachingPool) {
+) -> (Arc<SimBackend>, Tracked) {
     let sim = Arc::new(SimBackend::new(0, capacity));
     let pool = CachingPool::new(
         sim.clone(),
@@ -35,7 +109,12 @@ fn pool(
             pending_limit,
         },
     );
-    (sim, pool)
+    let tracker = Tracker::new(Settings {
+        backtrace: false,
+        leak_report: LeakReport::Off,
+        ..Settings::default()
+    });
+    (sim, Tracked { pool, tracker })
 }
 
 /// A size drawn from the mix an inference step makes: many small, some medium, a few large.

@@ -109,8 +109,8 @@ mod tests {
             sim.clone(),
             PoolSettings::from_config(&crate::config::Config::default()),
         ));
-        let cached = pool.alloc(48 << 20).unwrap();
-        pool.free(cached).unwrap();
+        let (cached, block) = pool.alloc_unchecked(48 << 20).unwrap();
+        pool.free_unchecked(cached, block);
         let caches = pool.clone();
         let consumer = Reclaiming::new(sim.clone(), Box::new(move |_| caches.trim().unwrap_or(0)));
         let p = consumer
@@ -118,8 +118,8 @@ mod tests {
             .expect("the cached 48 MiB are given back");
         consumer.free(p, 32 << 20).unwrap();
 
-        let again = pool.alloc(48 << 20).unwrap();
-        pool.free(again).unwrap();
+        let (again, block) = pool.alloc_unchecked(48 << 20).unwrap();
+        pool.free_unchecked(again, block);
         let gran = consumer.vmm_granularity().unwrap();
         let size = (32usize << 20).next_multiple_of(gran);
         let base = consumer.vmm_reserve(size).unwrap();

@@ -9,7 +9,8 @@
 //!   without mapping anything (vAttention's deferred reclamation). `trim()`, or a `reserve` that
 //!   runs out of memory, unmaps the free list's pages.
 //! - `Realloc`: each slot owns one allocation per tensor; growing allocates a larger one (doubling,
-//!   capped at `n_ctx_max`), copies the rows, synchronizes and frees the old. Pointers move, and
+//!   capped at `n_ctx_max`), synchronizes (appends queued on any stream land first), copies the
+//!   rows, synchronizes and frees the old. Pointers move, and
 //!   `generation()` counts the moves. Release frees the slot's memory.
 //! - `Prealloc`: everything is allocated at creation; `reserve` only checks bounds.
 //!
@@ -451,22 +452,41 @@ impl KvCache {
                 }
             }
         }
+        let free_fresh = |fresh: &[DevicePtr]| {
+            for (j, &q) in fresh.iter().enumerate() {
+                let _ = self.backend.free(q, row(j) * cap as usize);
+            }
+        };
+        let old_bufs = &st.slots[slot].bufs;
+        if !old_bufs.is_empty() {
+            // The caller's appends may still be queued on its own (non-blocking) stream, which a
+            // copy on stream 0 would not wait for: a device synchronize orders the copies after
+            // every stream's work. Growth by copying doubles, so this is rare.
+            if let Err(e) = self.backend.synchronize() {
+                free_fresh(&fresh);
+                return Err(e);
+            }
+        }
         let mut copied = 0u64;
-        for (i, &p) in st.slots[slot].bufs.iter().enumerate() {
+        for (i, &p) in old_bufs.iter().enumerate() {
             let bytes = row(i) * old_cap as usize;
             if let Err(e) = self.backend.copy_d2d(fresh[i], p, bytes, 0) {
                 let _ = self.backend.synchronize();
-                for (j, &q) in fresh.iter().enumerate() {
-                    let _ = self.backend.free(q, row(j) * cap as usize);
-                }
+                free_fresh(&fresh);
                 return Err(e);
             }
             copied += bytes as u64;
         }
+        if !old_bufs.is_empty() {
+            // The copies must finish before the old buffers go. If the device cannot say they
+            // did, the old buffers stay as they are and the new ones go instead.
+            if let Err(e) = self.backend.synchronize() {
+                free_fresh(&fresh);
+                return Err(e);
+            }
+        }
         let old = std::mem::replace(&mut st.slots[slot].bufs, fresh);
         if !old.is_empty() {
-            // The copies (and any work on the old buffers) must finish before they are freed.
-            self.backend.synchronize()?;
             for (i, &p) in old.iter().enumerate() {
                 let _ = self.backend.free(p, row(i) * old_cap as usize);
             }

@@ -232,8 +232,27 @@ fn invalid_shapes_are_refused() {
     assert!(KvCache::new(b.clone(), p).is_err());
 }
 
-/// The simulated device without VMM.
-struct NoVmm(SimBackend);
+/// The simulated device without VMM; logs synchronizes and copies, and fails every synchronize
+/// once `syncs_left` reaches 0.
+struct NoVmm {
+    sim: SimBackend,
+    log: std::sync::Mutex<Vec<&'static str>>,
+    syncs_left: std::sync::atomic::AtomicUsize,
+}
+
+impl NoVmm {
+    fn new(capacity: usize) -> NoVmm {
+        NoVmm {
+            sim: SimBackend::new(0, capacity),
+            log: Default::default(),
+            syncs_left: usize::MAX.into(),
+        }
+    }
+
+    fn take_log(&self) -> Vec<&'static str> {
+        std::mem::take(&mut self.log.lock().unwrap())
+    }
+}
 
 impl Backend for NoVmm {
     fn name(&self) -> &'static str {
@@ -243,25 +262,37 @@ impl Backend for NoVmm {
         0
     }
     fn alloc(&self, size: usize) -> Result<DevicePtr> {
-        self.0.alloc(size)
+        self.sim.alloc(size)
     }
     fn free(&self, ptr: DevicePtr, size: usize) -> Result<()> {
-        self.0.free(ptr, size)
+        self.sim.free(ptr, size)
     }
     fn mem_info(&self) -> Result<(usize, usize)> {
-        self.0.mem_info()
+        self.sim.mem_info()
     }
     fn synchronize(&self) -> Result<()> {
-        self.0.synchronize()
+        use std::sync::atomic::Ordering::SeqCst;
+        self.log.lock().unwrap().push("sync");
+        let left = self.syncs_left.load(SeqCst);
+        if left == 0 {
+            return Err(Error::Driver {
+                call: "cuCtxSynchronize",
+                code: 700,
+            });
+        }
+        if left != usize::MAX {
+            self.syncs_left.store(left - 1, SeqCst);
+        }
+        self.sim.synchronize()
     }
     fn event_record(&self, stream: Stream) -> Result<Event> {
-        self.0.event_record(stream)
+        self.sim.event_record(stream)
     }
     fn event_done(&self, event: Event) -> Result<bool> {
-        self.0.event_done(event)
+        self.sim.event_done(event)
     }
     fn event_release(&self, event: Event) {
-        self.0.event_release(event)
+        self.sim.event_release(event)
     }
     fn vmm_granularity(&self) -> Option<usize> {
         None
@@ -279,26 +310,75 @@ impl Backend for NoVmm {
         Err(Error::NotSupported("vmm"))
     }
     fn copy_d2d(&self, dst: DevicePtr, src: DevicePtr, size: usize, s: Stream) -> Result<()> {
-        self.0.copy_d2d(dst, src, size, s)
+        self.log.lock().unwrap().push("copy");
+        self.sim.copy_d2d(dst, src, size, s)
     }
     fn copy_to_host(&self, dst: &mut [u8], src: DevicePtr) -> Result<()> {
-        self.0.copy_to_host(dst, src)
+        self.sim.copy_to_host(dst, src)
     }
     fn copy_from_host(&self, dst: DevicePtr, src: &[u8]) -> Result<()> {
-        self.0.copy_from_host(dst, src)
+        self.sim.copy_from_host(dst, src)
     }
 }
 
 #[test]
 fn vmm_falls_back_to_realloc_without_vmm() {
-    let b = Arc::new(NoVmm(SimBackend::new(0, 1 << 30)));
+    let b = Arc::new(NoVmm::new(1 << 30));
     let c = KvCache::new(b.clone(), params(Growth::Vmm)).unwrap();
     assert_eq!(c.params().growth, Growth::Realloc);
     c.reserve(0, 10).unwrap();
     c.reserve(0, 11).unwrap();
     assert_eq!(c.generation(), 1);
     drop(c);
-    assert_eq!(b.0.used(), 0);
+    assert_eq!(b.sim.used(), 0);
+}
+
+/// A realloc copy is ordered after the caller's stream: a device synchronize comes before it
+/// (appends queued on a non-blocking stream land first), and another before the old buffers go.
+#[test]
+fn realloc_synchronizes_before_it_copies() {
+    let b = Arc::new(NoVmm::new(1 << 30));
+    let c = KvCache::new(b.clone(), params(Growth::Realloc)).unwrap();
+    c.reserve(0, 10).unwrap();
+    b.take_log();
+    c.reserve(0, 30).unwrap();
+    let log = b.take_log();
+    let first_copy = log.iter().position(|&e| e == "copy").expect("rows copied");
+    assert!(log[..first_copy].contains(&"sync"), "{log:?}");
+    assert_eq!(log.last(), Some(&"sync"), "{log:?}");
+}
+
+/// A synchronize that fails (before the copies or after them) fails the growth and leaves the
+/// sequence as it was: same buffers, capacity and rows; growth works once the device does.
+#[test]
+fn realloc_with_a_failing_synchronize_keeps_the_old_buffers() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let b = Arc::new(NoVmm::new(1 << 30));
+    let c = KvCache::new(b.clone(), params(Growth::Realloc)).unwrap();
+    c.reserve(0, 10).unwrap();
+    let (k, v) = c.seq_rows(0, 0).unwrap();
+    write_row(&b.sim, k, 9, 0x5a);
+    let used = b.sim.used();
+    for ok_syncs in [0, 1] {
+        b.syncs_left.store(ok_syncs, SeqCst);
+        assert!(
+            matches!(c.reserve(0, 30), Err(Error::Driver { code: 700, .. })),
+            "after {ok_syncs} good synchronizes"
+        );
+        assert_eq!(c.capacity(0).unwrap(), 10);
+        assert_eq!(c.seq_rows(0, 0).unwrap(), (k, v));
+        assert_eq!(c.generation(), 0);
+        assert_eq!(b.sim.used(), used, "the new buffers were given back");
+        let mut back = [0u8; 256];
+        b.sim.copy_to_host(&mut back, k + 9 * 256).unwrap();
+        assert_eq!(back, [0x5a; 256]);
+    }
+    b.syncs_left.store(usize::MAX, SeqCst);
+    c.reserve(0, 30).unwrap();
+    let (k2, _) = c.seq_rows(0, 0).unwrap();
+    let mut back = [0u8; 256];
+    b.sim.copy_to_host(&mut back, k2 + 9 * 256).unwrap();
+    assert_eq!(back, [0x5a; 256], "rows copied once the device works");
 }
 
 /// Host f32 data as the simulated device would hold it, with a spread of block scales.

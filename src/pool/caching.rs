@@ -1,7 +1,7 @@
 //! The caching pool behind `cudaMalloc`/`cudaFree`: one per device.
 //!
-//! Fast path: a thread pops a block of its size class from its own shard (`thread_cache`), and
-//! records it in the live map; free does the reverse. No global lock, no driver call.
+//! Fast path: a thread pops a block of its size class from its own shard (`thread_cache`); free
+//! does the reverse. The pool keeps no map of live blocks: its caller's tracker does. No global lock, no driver call.
 //! Slow path (`*_slow`): best fit from the arena (`arena`), refilling the shard in batches; else a
 //! device synchronize if enough freed memory waits for one; else a new chunk from the driver; on
 //! out-of-memory, release every cached byte and retry once.
@@ -22,13 +22,13 @@ use super::size_class::{
 };
 use super::stats::{PoolStats, SlowCounters};
 use super::thread_cache::{
-    is_cached_class, my_shard, thread_tag, Evicted, PaddedShard, N_SHARDS, UNSYNCED,
+    exits, is_cached_class, is_orphan, my_shard, note_owner, owner_of, thread_tag, Evicted,
+    PaddedShard, N_SHARDS, UNSYNCED,
 };
 use crate::backend::{DevicePtr, SharedBackend, Stream};
 use crate::config::{Config, StreamSafety};
 use crate::error::{Error, Result};
-use dashmap::DashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::Hasher;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
@@ -67,8 +67,6 @@ impl Hasher for PtrHasher {
         self.0 = ((n as u64) >> 8).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     }
 }
-
-type LiveMap = DashMap<DevicePtr, usize, BuildHasherDefault<PtrHasher>>;
 
 /// How much freed memory waits for one synchronize: a thread lets freed blocks wait while they
 /// are fewer than `LARGE_BATCH_BLOCKS` blocks of the size it asks for, but at least `floor` and
@@ -140,8 +138,6 @@ pub struct CachingPool {
     /// blocks never pin large chunks.
     small: Mutex<Arena>,
     large: Mutex<Arena>,
-    /// Every block handed out and not yet freed: address -> block size.
-    live: LiveMap,
     /// Pool-wide epochs: the current one (stamped into blocks that reach the arena unsynced) and
     /// the one below which all such blocks are safe. Thread caches keep their own (`thread_cache`).
     epoch: AtomicU64,
@@ -150,6 +146,8 @@ pub struct CachingPool {
     stream_freed: AtomicUsize,
     /// Held while a synchronize runs (`sync_and_settle`).
     sync_lock: Mutex<()>,
+    /// `thread_cache::exits()` when this pool last adopted the shards of exited threads.
+    seen_exits: AtomicU64,
     slow: SlowCounters,
 }
 
@@ -173,11 +171,11 @@ impl CachingPool {
             shards: (0..N_SHARDS).map(|_| PaddedShard::new(trusting)).collect(),
             small: Mutex::new(Arena::default()),
             large: Mutex::new(Arena::default()),
-            live: LiveMap::default(),
             epoch: AtomicU64::new(1),
             completed: AtomicU64::new(completed),
             stream_freed: AtomicUsize::new(0),
             sync_lock: Mutex::new(()),
+            seen_exits: AtomicU64::new(0),
             slow: SlowCounters::default(),
         }
     }
@@ -186,56 +184,23 @@ impl CachingPool {
         &self.backend
     }
 
-    /// Allocates at least `size` (> 0) bytes, aligned to 512. Never blocks on the device unless
-    /// enough freed blocks wait for a synchronize or memory runs out.
-    #[inline]
-    pub fn alloc(&self, size: usize) -> Result<DevicePtr> {
-        let (ptr, block) = self.alloc_unchecked(size)?;
-        self.live.insert(ptr, block);
-        Ok(ptr)
-    }
-
-    /// Frees a block from `alloc`/`alloc_async`; returns its size. Unknown, interior and
-    /// already-freed pointers are errors that change nothing.
-    #[inline]
-    pub fn free(&self, ptr: DevicePtr) -> Result<usize> {
-        let Some((_, block)) = self.live.remove(&ptr) else {
-            return Err(self.diagnose(ptr));
-        };
-        self.free_unchecked(ptr, block);
-        Ok(block)
-    }
-
-    /// `cudaMallocAsync`: reuses a block freed on the same stream at once; else as `alloc`.
-    pub fn alloc_async(&self, size: usize, stream: Stream) -> Result<DevicePtr> {
-        let (ptr, block) = self.alloc_async_unchecked(size, stream)?;
-        self.live.insert(ptr, block);
-        Ok(ptr)
-    }
-
-    /// `cudaFreeAsync`: the block is reusable at once on `stream`, elsewhere once `stream` has
-    /// passed this point (an event recorded now).
-    pub fn free_async(&self, ptr: DevicePtr, stream: Stream) -> Result<usize> {
-        let Some((_, block)) = self.live.remove(&ptr) else {
-            return Err(self.diagnose(ptr));
-        };
-        self.free_async_unchecked(ptr, block, stream);
-        Ok(block)
-    }
-
-    /// As `alloc`, but the pool keeps no record of the block: returns (address, block size),
-    /// and the caller must give exactly that back to `free_unchecked`/`free_async_unchecked`,
-    /// once. For a caller that keeps its own map of live blocks (`crate::alloc` uses the
-    /// tracker's), which saves a second map operation on every allocation and free.
+    /// Allocates at least `size` (> 0) bytes, aligned to 512; returns (address, block size).
+    /// Never blocks on the device unless enough freed blocks wait for a synchronize or memory
+    /// runs out. The pool keeps no record of the block: the caller (the tracker, in production
+    /// and in the tests) must give exactly that back to `free_unchecked`/`free_async_unchecked`,
+    /// once; one map of live blocks is enough, and it saves a map operation per call.
     #[inline]
     pub fn alloc_unchecked(&self, size: usize) -> Result<(DevicePtr, usize)> {
         let block = checked_block(size)?;
         if let Some(class) = cache_class(block) {
-            let mut shard = self.shards[my_shard()].lock();
+            let me = my_shard();
+            let mut shard = self.shards[me].lock();
             if let Some(ptr) = shard.pop_safe(class) {
                 shard.counters.in_use += block as i64;
                 shard.counters.allocs += 1;
                 shard.counters.hits += 1;
+                drop(shard);
+                note_owner(ptr, me);
                 return Ok((ptr, block));
             }
         }
@@ -249,11 +214,16 @@ impl CachingPool {
     /// device memory), but the pool's bookkeeping does.
     #[inline]
     pub fn free_unchecked(&self, ptr: DevicePtr, block: usize) {
-        let mut shard = self.shards[my_shard()].lock();
+        let me = my_shard();
+        let mut shard = self.shards[me].lock();
         shard.counters.in_use -= block as i64;
         shard.counters.frees += 1;
         let evicted = match cache_class(block) {
-            Some(class) => shard.push(class, ptr),
+            Some(class) if owner_of(ptr) == Some(me) => shard.push(class, ptr),
+            Some(class) => {
+                drop(shard);
+                return self.free_remote_slow(ptr, block, class);
+            }
             None => Some(vec![(ptr, block, UNSYNCED)]),
         };
         drop(shard);
@@ -267,7 +237,23 @@ impl CachingPool {
         }
     }
 
-    /// As `alloc_async`, keeping no record (see `alloc_unchecked`).
+    /// A block another thread allocated goes back to that thread's shard, so that a thread that
+    /// frees what others allocate does not pile it up; with its owner unknown or gone, to the
+    /// arena.
+    #[cold]
+    #[inline(never)]
+    fn free_remote_slow(&self, ptr: DevicePtr, block: usize, class: usize) {
+        let taken = owner_of(ptr).is_some_and(|o| self.shards[o].push_remote(o, class, ptr));
+        if !taken {
+            self.return_to_arena(vec![(ptr, block, UNSYNCED)]);
+        }
+        if self.settings.stream_safety == StreamSafety::Eager {
+            let _ = self.sync_and_settle();
+        }
+    }
+
+    /// `cudaMallocAsync`: reuses a block freed on the same stream at once; else as
+    /// `alloc_unchecked` (keeping no record either).
     pub fn alloc_async_unchecked(&self, size: usize, stream: Stream) -> Result<(DevicePtr, usize)> {
         let block = checked_block(size)?;
         if self.stream_freed.load(Ordering::Acquire) > 0 {
@@ -278,13 +264,16 @@ impl CachingPool {
                 self.stream_freed.fetch_sub(1, Ordering::AcqRel);
                 self.backend.event_release(event);
                 self.count_alloc(block, true);
+                note_owner(ptr, my_shard());
                 return Ok((ptr, block));
             }
         }
         self.alloc_unchecked(size)
     }
 
-    /// As `free_async`, for a block from an `*_unchecked` allocation (see `free_unchecked`).
+    /// `cudaFreeAsync` of a block from an `*_unchecked` allocation (see `free_unchecked`): the
+    /// block is reusable at once on `stream`, elsewhere once `stream` has passed this point (an
+    /// event recorded now).
     pub fn free_async_unchecked(&self, ptr: DevicePtr, block: usize, stream: Stream) {
         self.count_free(block);
         match self.backend.event_record(stream) {
@@ -312,21 +301,12 @@ impl CachingPool {
         Error::UnknownPointer(ptr)
     }
 
-    /// Whether `ptr` is a live block of this pool.
-    pub fn owns(&self, ptr: DevicePtr) -> bool {
-        self.live.contains_key(&ptr)
-    }
-
-    /// Size of the live block at `ptr`.
-    pub fn block_size_of(&self, ptr: DevicePtr) -> Option<usize> {
-        self.live.get(&ptr).map(|b| *b)
-    }
-
     /// Returns every cached byte that can be returned to the driver; returns how many.
     pub fn trim(&self) -> Result<usize> {
         for shard in self.shards.iter() {
             let drained = shard.lock().drain();
             self.return_to_arena(drained);
+            self.return_to_arena(unsynced(shard.take_remote()));
         }
         self.sync_and_settle()?;
         let mut released = 0;
@@ -375,31 +355,93 @@ impl CachingPool {
         s
     }
 
-    /// Checks the arenas' invariants and that the live map agrees with them; for tests.
+    /// Takes every lock of the pool, in the one order no other path can deadlock against (the
+    /// synchronize lock, the arenas, then each shard's two locks; no path holds a shard lock while
+    /// it waits for another), for `fork`: the child then finds none held by a thread it lacks.
+    pub fn lock_all(&self) -> PoolLocks<'_> {
+        let sync = lock(&self.sync_lock);
+        let small = lock(&self.small);
+        let large = lock(&self.large);
+        let shards = self.shards.iter().map(PaddedShard::lock_all).collect();
+        PoolLocks {
+            _sync: sync,
+            _arenas: [small, large],
+            _shards: shards,
+        }
+    }
+
+    /// Checks the arenas' invariants; for tests.
     pub fn check(&self) {
         for arena in [&self.small, &self.large] {
-            let a = lock(arena);
-            a.check();
-            for entry in self.live.iter() {
-                if let Lookup::Start(state) = a.lookup(*entry.key()) {
-                    assert_eq!(
-                        state,
-                        State::Used,
-                        "live block {:#x} is {state:?}",
-                        entry.key()
-                    );
-                    assert_eq!(a.size_of(*entry.key()), *entry.value());
-                }
-            }
+            lock(arena).check();
         }
+    }
+
+    /// Checks that a block the caller holds (`ptr`, `block` from an `*_unchecked` allocation) is
+    /// handed out in its arena, whole; for tests.
+    pub fn check_block(&self, ptr: DevicePtr, block: usize) {
+        let a = self.arena_for(block);
+        assert_eq!(
+            a.lookup(ptr),
+            Lookup::Start(State::Used),
+            "live block {ptr:#x}"
+        );
+        assert_eq!(a.size_of(ptr), block, "live block {ptr:#x}");
     }
 
     #[cold]
     #[inline(never)]
     fn alloc_slow(&self, block: usize) -> Result<DevicePtr> {
+        self.collect();
         let (ptr, from_cache) = self.take_or_grow_slow(block)?;
         self.count_alloc(block, from_cache);
+        if cache_class(block).is_some() {
+            note_owner(ptr, my_shard());
+        }
         Ok(ptr)
+    }
+
+    /// Takes in what other threads freed to this thread's shard, and hands the shards of exited
+    /// threads back to the arena.
+    fn collect(&self) {
+        let me = my_shard();
+        let remote = self.shards[me].take_remote();
+        if !remote.is_empty() {
+            let mut shard = self.shards[me].lock();
+            let evicted: Evicted = remote
+                .into_iter()
+                .filter_map(|(ptr, class)| shard.push(class, ptr))
+                .flatten()
+                .collect();
+            drop(shard);
+            self.return_to_arena(evicted);
+        }
+        self.adopt_orphans();
+    }
+
+    /// Empties every shard whose threads have all exited into the arena (once per exit seen).
+    fn adopt_orphans(&self) {
+        let now = exits();
+        if self.seen_exits.swap(now, Ordering::AcqRel) == now {
+            return;
+        }
+        for (i, shard) in self.shards.iter().enumerate() {
+            if is_orphan(i) {
+                let drained = shard.lock().drain();
+                self.return_to_arena(drained);
+                self.return_to_arena(unsynced(shard.take_remote()));
+            }
+        }
+    }
+
+    /// Bytes cached in thread caches (after adopting the caches of exited threads); for tests
+    /// and diagnostics: cheap enough, but takes every shard's lock.
+    pub fn thread_cached_bytes(&self) -> usize {
+        self.adopt_orphans();
+        self.shards
+            .iter()
+            .map(|s| s.lock().cached_bytes + s.remote_bytes())
+            .sum()
     }
 
     /// Finds memory for one block: (address, whether it came from cached memory).
@@ -639,6 +681,21 @@ fn stream_key(stream: Stream) -> Stream {
     }
 }
 
+/// Every lock of one pool, held until dropped (`CachingPool::lock_all`).
+pub struct PoolLocks<'a> {
+    _sync: MutexGuard<'a, ()>,
+    _arenas: [MutexGuard<'a, Arena>; 2],
+    _shards: Vec<super::thread_cache::ShardLocks<'a>>,
+}
+
+/// Blocks from a remote list, for the arena: they wait for a pool synchronize begun after now.
+fn unsynced(blocks: Vec<(DevicePtr, usize)>) -> Evicted {
+    blocks
+        .into_iter()
+        .map(|(ptr, class)| (ptr, class_size(class), UNSYNCED))
+        .collect()
+}
+
 /// The rounded block size for a request, or why there is none.
 fn checked_block(size: usize) -> Result<usize> {
     if size == 0 {
@@ -662,4 +719,103 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Arena updates are completed before any call that could panic, so a poisoned lock still
     // guards consistent data: take it rather than turn one panic into many.
     mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::sim::SimBackend;
+    use std::sync::Arc;
+
+    fn pool(capacity: usize, stream_safety: StreamSafety) -> (Arc<SimBackend>, Arc<CachingPool>) {
+        let sim = Arc::new(SimBackend::new(0, capacity));
+        let settings = PoolSettings {
+            stream_safety,
+            pending_limit: Some(1 << 20),
+        };
+        (sim.clone(), Arc::new(CachingPool::new(sim, settings)))
+    }
+
+    /// Runs `f` on a thread of its own and waits for it (a thread that then exits).
+    fn on_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        std::thread::spawn(f).join().unwrap()
+    }
+
+    #[test]
+    fn a_block_freed_by_another_thread_goes_back_to_its_owners_cache() {
+        // 256 KiB blocks: the arena refills no extra blocks of that size into the shard.
+        const SIZE: usize = 256 << 10;
+        let (_sim, pool) = pool(1 << 30, StreamSafety::Off);
+        let blocks: Vec<(DevicePtr, usize)> = (0..100)
+            .map(|_| pool.alloc_unchecked(SIZE).unwrap())
+            .collect();
+        let before = pool.stats();
+        let consumer = {
+            let (pool, blocks) = (pool.clone(), blocks.clone());
+            // The consumer stays alive while its cache is inspected: only frees count here.
+            on_thread(move || {
+                for (p, b) in blocks {
+                    pool.free_unchecked(p, b);
+                }
+                pool.shards[my_shard()].lock().cached_bytes
+            })
+        };
+        assert_eq!(consumer, 0, "the freeing thread keeps nothing");
+        let again: Vec<DevicePtr> = (0..100)
+            .map(|_| pool.alloc_unchecked(SIZE).unwrap().0)
+            .collect();
+        let s = pool.stats();
+        assert_eq!(
+            s.driver_allocs, before.driver_allocs,
+            "no new driver allocation"
+        );
+        assert_eq!(s.pool_hits - before.pool_hits, 100);
+        assert!(
+            blocks.iter().all(|(p, _)| again.contains(p)),
+            "the owner's next allocations are its own blocks, from its cache"
+        );
+        assert_eq!(
+            pool.shards[my_shard()].lock().cached_bytes,
+            0,
+            "all taken from the owner's cache, none from the arena"
+        );
+        for p in again {
+            pool.free_unchecked(p, SIZE);
+        }
+        pool.check();
+    }
+
+    #[test]
+    fn a_thread_that_exits_leaves_nothing_in_thread_caches() {
+        // 8 MiB device, filled by one thread that frees everything and exits: another thread's
+        // allocations are served from the arena, without the out-of-memory trim.
+        let (_sim, pool) = pool(8 << 20, StreamSafety::Batched);
+        {
+            let pool = pool.clone();
+            on_thread(move || {
+                let blocks: Vec<_> = (0..8)
+                    .map(|_| pool.alloc_unchecked(1 << 20).unwrap())
+                    .collect();
+                for (p, b) in blocks {
+                    pool.free_unchecked(p, b);
+                }
+            });
+        }
+        assert_eq!(pool.thread_cached_bytes(), 0, "the exited thread's cache");
+        let served = on_thread({
+            let pool = pool.clone();
+            move || {
+                (0..8)
+                    .map(|_| pool.alloc_unchecked(1 << 20).unwrap())
+                    .collect::<Vec<_>>()
+            }
+        });
+        let s = pool.stats();
+        assert_eq!(s.oom_retries, 0, "served without an out-of-memory trim");
+        assert_eq!(s.driver_allocs, 4);
+        for (p, b) in served {
+            pool.free_unchecked(p, b);
+        }
+        pool.check();
+    }
 }

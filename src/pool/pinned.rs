@@ -79,6 +79,11 @@ impl PinnedPool {
         self.pool.backend()
     }
 
+    /// Every lock of the pool, for `fork` (`CachingPool::lock_all`).
+    pub fn lock_all(&self) -> super::caching::PoolLocks<'_> {
+        self.pool.lock_all()
+    }
+
     /// The arenas' invariants; for tests.
     pub fn check(&self) {
         self.pool.check();

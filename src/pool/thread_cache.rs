@@ -1,10 +1,17 @@
 //! Per-thread caches of freed blocks: the fast path that needs no global lock.
 //!
-//! Each thread is assigned one of `N_SHARDS` shards on first use (a `const` thread-local index, no
-//! destructor, so nothing runs at thread or process exit). A shard holds, per size class, a FIFO of
-//! blocks with the epoch stamp they were freed in; a block may leave the cache only when the
-//! shard's completed epoch has passed its stamp. Frees push at the back, allocations pop at the
-//! front: the oldest block is the one most likely to be safe already.
+//! Each thread is assigned one of `N_SHARDS` shards on first use (a `const` thread-local index).
+//! A shard holds, per size class, a FIFO of blocks with the epoch stamp they were freed in; a
+//! block may leave the cache only when the shard's completed epoch has passed its stamp. Frees
+//! push at the back, allocations pop at the front: the oldest block is the one most likely to be
+//! safe already.
+//!
+//! Memory never strands in a thread's cache. A block goes back to the shard that allocated it
+//! (`note_owner`/`owner_of`): a free by another thread (PyTorch's autograd thread frees what the
+//! main thread allocated) lands on the owner's `remote` list, which the owner collects on its slow
+//! path; a free whose owner is unknown or gone goes to the arena. A thread's exit counts it out of
+//! its shard (a destructor of two atomics, safe at process exit); pools then hand the shards left
+//! without a thread back to their arena on their next slow path.
 //!
 //! The epochs are the shard's own (see `CachingPool` for the pool-wide ones): a synchronize by
 //! the shard's thread starts a new shard epoch and completes the earlier ones. Synchronizes by
@@ -23,7 +30,7 @@ use crate::backend::DevicePtr;
 use crate::sync::{SpinGuard, SpinLock};
 use std::cell::Cell;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 /// Number of shards per pool: enough for one per core on the machines this is meant for.
 pub const N_SHARDS: usize = 64;
@@ -263,49 +270,215 @@ impl Shard {
 
 /// A shard on its own cache lines, so neighbouring shards' locks do not share a line. A spin
 /// lock: every critical section is a few list operations (no driver call is made under it).
+/// `remote` takes blocks other threads free that this shard's thread allocated; it sits on a line
+/// of its own, so those frees do not pull the owner's line away.
 #[repr(align(128))]
-pub struct PaddedShard(pub SpinLock<Shard>);
+pub struct PaddedShard {
+    local: SpinLock<Shard>,
+    remote: Remote,
+}
+
+/// Blocks freed by other threads, waiting for the owner to collect them (mimalloc's
+/// `thread_delayed_free`): pushed under a spin lock of their own, taken all at once.
+#[repr(align(128))]
+struct Remote {
+    blocks: SpinLock<Vec<(DevicePtr, usize)>>,
+    /// Bytes in `blocks`, read without the lock by the owner's slow path.
+    bytes: AtomicUsize,
+}
+
+/// Bytes a shard's remote list may hold; past that, frees go to the arena instead (the owner may
+/// not allocate again for a long time).
+pub const REMOTE_CAPACITY: usize = 256 << 20;
 
 impl PaddedShard {
     pub fn new(trusting: bool) -> PaddedShard {
-        PaddedShard(SpinLock::new(Shard::new(trusting)))
+        PaddedShard {
+            local: SpinLock::new(Shard::new(trusting)),
+            remote: Remote {
+                blocks: SpinLock::new(Vec::new()),
+                bytes: AtomicUsize::new(0),
+            },
+        }
     }
 
     #[inline]
     pub fn lock(&self) -> SpinGuard<'_, Shard> {
-        self.0.lock()
+        self.local.lock()
     }
+
+    /// Hands a block of `class` freed by another thread to this shard's owner. `false` when the
+    /// shard has no live thread or its remote list is full: the caller gives it to the arena.
+    pub fn push_remote(&self, index: usize, class: usize, addr: DevicePtr) -> bool {
+        let size = class_size(class);
+        let mut blocks = self.remote.blocks.lock();
+        // Read under the lock: a thread exit decrements the count before it takes this lock to
+        // drain the list, so a push that sees a live thread is drained by that exit if not sooner.
+        if SHARD_THREADS[index].load(Ordering::Acquire) == 0
+            || self.remote.bytes.load(Ordering::Relaxed) + size > REMOTE_CAPACITY
+        {
+            return false;
+        }
+        blocks.push((addr, class));
+        self.remote.bytes.fetch_add(size, Ordering::Release);
+        true
+    }
+
+    /// Both locks, for `fork` (see `CachingPool::lock_all`).
+    pub fn lock_all(&self) -> ShardLocks<'_> {
+        ShardLocks {
+            _local: self.local.lock(),
+            _remote: self.remote.blocks.lock(),
+        }
+    }
+
+    /// Bytes waiting on the remote list.
+    pub fn remote_bytes(&self) -> usize {
+        self.remote.bytes.load(Ordering::Acquire)
+    }
+
+    /// Takes every block other threads freed to this shard, as (address, class).
+    pub fn take_remote(&self) -> Vec<(DevicePtr, usize)> {
+        if self.remote.bytes.load(Ordering::Acquire) == 0 {
+            return Vec::new();
+        }
+        let mut blocks = self.remote.blocks.lock();
+        self.remote.bytes.store(0, Ordering::Relaxed);
+        std::mem::take(&mut *blocks)
+    }
+}
+
+/// A shard's two locks, held until dropped.
+pub struct ShardLocks<'a> {
+    _local: SpinGuard<'a, Shard>,
+    _remote: SpinGuard<'a, Vec<(DevicePtr, usize)>>,
+}
+
+/// In a child after `fork`: only the calling thread survived, so every other thread's shard
+/// has no thread now, and pools adopt those shards on their next slow path.
+pub fn after_fork_child() {
+    let mine = MY.with(|m| m.shard.get());
+    for (i, count) in SHARD_THREADS.iter().enumerate() {
+        count.store((i as u32 == mine) as u32, Ordering::Release);
+    }
+    EXITS.fetch_add(1, Ordering::Release);
 }
 
 static NEXT_SHARD: AtomicU32 = AtomicU32::new(0);
 
 static NEXT_THREAD: AtomicUsize = AtomicUsize::new(1);
 
+/// Live threads assigned to each shard index (all pools use the same index for a thread).
+static SHARD_THREADS: [AtomicU32; N_SHARDS] = [const { AtomicU32::new(0) }; N_SHARDS];
+/// Bumped whenever a thread with a shard exits: pools then adopt the shards left without a
+/// thread (`orphans`).
+static EXITS: AtomicU64 = AtomicU64::new(0);
+
+/// Everything the pool keeps per thread, in one block, so one TLS address computation serves
+/// the shard and the tag. A `const`-initialised `thread_local!` of a type without `Drop` needs no
+/// lazy-init check and registers no destructor: the access is the platform's TLS access alone.
+/// In `libhbmalloc.so` that is the general-dynamic model (a `__tls_get_addr` call, resolved to a
+/// few loads after a thread's first use); initial-exec, which a preloaded library could use,
+/// needs the unstable `-Z tls-model` or `#[thread_local]`, so stable Rust cannot ask for it. The
+/// exit notice (`EXIT_NOTE`) has a destructor and lives apart, touched once per thread.
+struct ThreadBlock {
+    /// Shard index, `u32::MAX` until assigned.
+    shard: Cell<u32>,
+    /// `thread_tag`, 0 until assigned.
+    tag: Cell<usize>,
+}
+
 thread_local! {
-    static MY_SHARD: Cell<u32> = const { Cell::new(u32::MAX) };
-    static MY_TAG: Cell<usize> = const { Cell::new(0) };
+    static MY: ThreadBlock = const {
+        ThreadBlock {
+            shard: Cell::new(u32::MAX),
+            tag: Cell::new(0),
+        }
+    };
+    /// Registered on shard assignment; its destructor only counts the thread out (two atomics,
+    /// no pool is touched: a pool may be gone by then, and at process exit nothing else may run).
+    static EXIT_NOTE: ExitNote = const { ExitNote };
+}
+
+struct ExitNote;
+
+impl Drop for ExitNote {
+    fn drop(&mut self) {
+        let shard = MY.with(|m| m.shard.get());
+        if shard != u32::MAX {
+            SHARD_THREADS[shard as usize].fetch_sub(1, Ordering::AcqRel);
+            EXITS.fetch_add(1, Ordering::Release);
+        }
+    }
+}
+
+/// The number of thread exits so far; a pool that saw another value adopts `orphans`.
+#[inline]
+pub fn exits() -> u64 {
+    EXITS.load(Ordering::Acquire)
+}
+
+/// Whether shard `index` has no live thread: its blocks belong in the arena.
+pub fn is_orphan(index: usize) -> bool {
+    SHARD_THREADS[index].load(Ordering::Acquire) == 0
 }
 
 /// A number unique to this thread for the life of the process (never 0).
 #[inline]
 pub fn thread_tag() -> usize {
-    MY_TAG.with(|t| {
-        if t.get() == 0 {
-            t.set(NEXT_THREAD.fetch_add(1, Ordering::Relaxed));
+    MY.with(|m| {
+        if m.tag.get() == 0 {
+            m.tag.set(NEXT_THREAD.fetch_add(1, Ordering::Relaxed));
         }
-        t.get()
+        m.tag.get()
     })
 }
 
 /// This thread's shard index, assigned round-robin on first use.
 #[inline]
 pub fn my_shard() -> usize {
-    MY_SHARD.with(|s| {
-        let mut i = s.get();
-        if i == u32::MAX {
-            i = NEXT_SHARD.fetch_add(1, Ordering::Relaxed) % N_SHARDS as u32;
-            s.set(i);
-        }
-        i as usize
-    })
+    let i = MY.with(|m| m.shard.get());
+    if i != u32::MAX {
+        return i as usize;
+    }
+    assign_shard()
+}
+
+#[cold]
+#[inline(never)]
+fn assign_shard() -> usize {
+    let i = NEXT_SHARD.fetch_add(1, Ordering::Relaxed) % N_SHARDS as u32;
+    SHARD_THREADS[i as usize].fetch_add(1, Ordering::AcqRel);
+    MY.with(|m| m.shard.set(i));
+    // Fails only while this thread's thread-locals are being destroyed: then it is not counted
+    // out either, so its shard is never taken for an orphan while it runs.
+    let _ = EXIT_NOTE.try_with(|_| ());
+    i as usize
+}
+
+/// Which shard allocated a block: a direct-mapped table of `address | shard + 1`, written by the
+/// allocating thread (one plain store), read by the freeing one. Lossy: a later block that maps to
+/// the same slot overwrites the entry, and its free then finds no owner (`owner_of` is `None`).
+/// Never wrong: an entry names an address exactly, and an address is allocated again only after
+/// it was freed (and then noted again).
+static OWNERS: [AtomicUsize; 1 << OWNER_BITS] = [const { AtomicUsize::new(0) }; 1 << OWNER_BITS];
+const OWNER_BITS: u32 = 18;
+
+#[inline]
+fn owner_slot(addr: DevicePtr) -> &'static AtomicUsize {
+    let h = ((addr as u64 >> 9).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - OWNER_BITS)) as usize;
+    &OWNERS[h]
+}
+
+/// Notes that shard `shard` allocated the block at `addr` (512-aligned).
+#[inline]
+pub fn note_owner(addr: DevicePtr, shard: usize) {
+    owner_slot(addr).store(addr | (shard + 1), Ordering::Relaxed);
+}
+
+/// The shard that allocated the live block at `addr`, if the table still knows.
+#[inline]
+pub fn owner_of(addr: DevicePtr) -> Option<usize> {
+    let entry = owner_slot(addr).load(Ordering::Relaxed);
+    (entry & !511 == addr && entry & 511 != 0).then(|| (entry & 511) - 1)
 }

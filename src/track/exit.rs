@@ -33,6 +33,9 @@ pub fn install_exit_report() {
 
 extern "C" fn exit_handler() {
     let _ = std::panic::catch_unwind(|| {
+        if crate::fork::in_child() {
+            return; // the parent's allocations are the parent's to report
+        }
         if let Some(tracker) = super::global_if_started() {
             tracker.write_exit_reports();
         }

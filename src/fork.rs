@@ -1,0 +1,203 @@
+//! `fork()`: the child has one thread, the one that called fork, and a copy of every lock as it
+//! was. A lock another thread held is held forever in the child, so the allocator takes all of
+//! its pool locks just before fork (`prepare`) and releases them on both sides afterwards.
+//!
+//! The child also gets an allocator with nothing in hand: the caches of the threads it lacks go
+//! back to the arenas, the parent's live allocations are not reported at the child's exit (they
+//! are the parent's to report), and CUDA is unusable (the driver does not survive fork), so the
+//! pools of a CUDA process answer as the runtime does in a forked child. The simulated device,
+//! host memory, keeps working.
+//!
+//! Not covered here: the tracker's live-table entries, which a thread may hold for the length of
+//! one insert or remove; the tracker must quiesce those itself.
+
+use crate::pool::caching::PoolLocks;
+use crate::runtime;
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Once;
+
+static INSTALL: Once = Once::new();
+/// Set in a child after fork.
+static IN_CHILD: AtomicBool = AtomicBool::new(false);
+/// Set in a child after fork of a process that used CUDA.
+static CUDA_LOST: AtomicBool = AtomicBool::new(false);
+
+thread_local! {
+    /// The locks `prepare` took, released by `parent` or `child` on the same thread.
+    static HELD: RefCell<Vec<PoolLocks<'static>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Registers the fork handlers (idempotent); called when the first pool is created.
+pub fn install() {
+    INSTALL.call_once(|| {
+        // SAFETY: the three handlers are `extern "C" fn()` that never unwind.
+        let rc = unsafe { libc::pthread_atfork(Some(prepare), Some(parent), Some(child)) };
+        if rc != 0 {
+            eprintln!("hbmalloc: could not register the fork handlers ({rc})");
+        }
+    });
+}
+
+/// Whether this process is a child forked after the allocator started.
+#[inline]
+pub fn in_child() -> bool {
+    IN_CHILD.load(Ordering::Relaxed)
+}
+
+/// Whether CUDA is unusable because this process is a forked child of a CUDA process.
+#[inline]
+pub fn cuda_lost() -> bool {
+    CUDA_LOST.load(Ordering::Relaxed)
+}
+
+extern "C" fn prepare() {
+    let _ = std::panic::catch_unwind(|| {
+        let mut held = Vec::new();
+        // A fixed order: devices in ordinal order, then the pinned host pool.
+        for (_, pool) in runtime::pools() {
+            held.push(pool.lock_all());
+        }
+        if let Some(host) = runtime::host_pool_if_started() {
+            held.push(host.lock_all());
+        }
+        let _ = HELD.try_with(|h| *h.borrow_mut() = held);
+    });
+}
+
+extern "C" fn parent() {
+    release();
+}
+
+extern "C" fn child() {
+    release();
+    IN_CHILD.store(true, Ordering::Relaxed);
+    if runtime::active_if_decided() == Some(runtime::Active::Cuda) {
+        CUDA_LOST.store(true, Ordering::Relaxed);
+    }
+    crate::pool::thread_cache::after_fork_child();
+}
+
+fn release() {
+    let _ = std::panic::catch_unwind(|| {
+        let _ = HELD.try_with(|h| h.borrow_mut().clear());
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    /// Forks 100 times while four threads allocate and free in a loop: every child allocates
+    /// and frees on the simulated device, exits within the deadline, and prints nothing (not the
+    /// parent's leak report, though the parent has a live `cudaMalloc` block).
+    #[test]
+    fn children_forked_while_threads_allocate_work_and_report_nothing() {
+        if crate::test_child::is_child() {
+            return child();
+        }
+        let text = crate::test_child::run(
+            "fork::tests::children_forked_while_threads_allocate_work_and_report_nothing",
+            Some("backend:sim,backtrace:off,leak_report:full"),
+        );
+        assert!(text.contains("child checks passed"), "{text}");
+    }
+
+    fn cycle(sizes: &[usize]) {
+        let pool = crate::runtime::pool(0).unwrap();
+        let blocks: Vec<_> = sizes
+            .iter()
+            .map(|&s| pool.alloc_unchecked(s).unwrap())
+            .collect();
+        for (p, b) in blocks {
+            pool.free_unchecked(p, b);
+        }
+    }
+
+    fn child() {
+        let mut leaked = std::ptr::null_mut();
+        // SAFETY: a local out-parameter; the block stays live on purpose.
+        assert_eq!(
+            unsafe { crate::ffi::cuda_api::cudaMalloc(&mut leaked, 4096) },
+            0
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let workers: Vec<_> = (0..4)
+            .map(|t| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let sizes = [512, 64 << 10, (1 << 20) + t * 4096, 40 << 20];
+                    while !stop.load(Ordering::Relaxed) {
+                        cycle(&sizes);
+                        // Frees by another thread and exits of threads, as well.
+                        let pool = crate::runtime::pool(0).unwrap();
+                        let b = pool.alloc_unchecked(256 << 10).unwrap();
+                        std::thread::spawn(move || pool.free_unchecked(b.0, b.1))
+                            .join()
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for round in 0..100 {
+            let mut fds = [0; 2];
+            // SAFETY: `fds` is a valid array of two ints.
+            assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+            // SAFETY: the child calls only the allocator, dup2 and exit before it ends.
+            let pid = unsafe { libc::fork() };
+            if pid == 0 {
+                // SAFETY: fds[1] is open; stderr now goes to the pipe.
+                unsafe { libc::dup2(fds[1], 2) };
+                cycle(&[512, 64 << 10, 1 << 20, 40 << 20]);
+                // SAFETY: ends the child, running its exit handlers (the leak report's).
+                unsafe { libc::exit(0) };
+            }
+            assert!(pid > 0, "fork failed");
+            // SAFETY: the write end belongs to the child now.
+            unsafe { libc::close(fds[1]) };
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let mut status = 0;
+            loop {
+                // SAFETY: `pid` is our child; `status` a valid out-parameter.
+                let done = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+                if done == pid {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    // SAFETY: `pid` is our child, still running.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                    panic!("child {round} hung");
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            assert!(
+                libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+                "child {round}: status {status:#x}"
+            );
+            let mut out = Vec::new();
+            let mut buf = [0u8; 4096];
+            loop {
+                // SAFETY: fds[0] is open; `buf` is writable for its length.
+                let n = unsafe { libc::read(fds[0], buf.as_mut_ptr().cast(), buf.len()) };
+                if n <= 0 {
+                    break;
+                }
+                out.extend_from_slice(&buf[..n as usize]);
+            }
+            // SAFETY: fds[0] is open and ours.
+            unsafe { libc::close(fds[0]) };
+            assert!(
+                out.is_empty(),
+                "child {round} printed: {}",
+                String::from_utf8_lossy(&out)
+            );
+        }
+        stop.store(true, Ordering::Relaxed);
+        for w in workers {
+            w.join().unwrap();
+        }
+        println!("child checks passed");
+    }
+}
