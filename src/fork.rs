@@ -1,6 +1,7 @@
 //! `fork()`: the child has one thread, the one that called fork, and a copy of every lock as it
 //! was. A lock another thread held is held forever in the child, so the allocator takes all of
-//! its pool locks just before fork (`prepare`) and releases them on both sides afterwards.
+//! its pool locks, and each pool's backend's (the simulated device's map of mappings), just
+//! before fork (`prepare`) and releases them on both sides afterwards.
 //!
 //! The child also gets an allocator with nothing in hand: the caches of the threads it lacks go
 //! back to the arenas, the parent's live allocations are not reported at the child's exit (they
@@ -141,7 +142,54 @@ mod tests {
                 })
             })
             .collect();
-        for round in 0..100 {
+        fork_children(100);
+        stop.store(true, Ordering::Relaxed);
+        for w in workers {
+            w.join().unwrap();
+        }
+        println!("child checks passed");
+    }
+
+    /// Forks while threads take chunks from the device and give them back (`trim`): the
+    /// backend's own lock must not be held in a child either.
+    #[test]
+    fn children_forked_while_threads_grow_and_trim_work() {
+        if crate::test_child::is_child() {
+            return grow_and_trim_child();
+        }
+        let text = crate::test_child::run(
+            "fork::tests::children_forked_while_threads_grow_and_trim_work",
+            Some("backend:sim,backtrace:off,leak_report:full"),
+        );
+        assert!(text.contains("child checks passed"), "{text}");
+    }
+
+    fn grow_and_trim_child() {
+        let stop = Arc::new(AtomicBool::new(false));
+        let workers: Vec<_> = (0..2)
+            .map(|t| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let pool = crate::runtime::pool(0).unwrap();
+                    while !stop.load(Ordering::Relaxed) {
+                        cycle(&[(4 << 20) + t * 4096]);
+                        pool.trim().unwrap();
+                    }
+                })
+            })
+            .collect();
+        fork_children(200);
+        stop.store(true, Ordering::Relaxed);
+        for w in workers {
+            w.join().unwrap();
+        }
+        println!("child checks passed");
+    }
+
+    /// Forks `rounds` children; each allocates and frees, exits within a deadline and prints
+    /// nothing to stderr.
+    fn fork_children(rounds: usize) {
+        for round in 0..rounds {
             let mut fds = [0; 2];
             // SAFETY: `fds` is a valid array of two ints.
             assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
@@ -194,10 +242,5 @@ mod tests {
                 String::from_utf8_lossy(&out)
             );
         }
-        stop.store(true, Ordering::Relaxed);
-        for w in workers {
-            w.join().unwrap();
-        }
-        println!("child checks passed");
     }
 }

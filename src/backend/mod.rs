@@ -40,6 +40,10 @@ pub type Stream = usize;
 /// An event recorded on a stream; backends hand out and take back their own handles.
 pub type Event = usize;
 
+/// Anything held for its `Drop` (a lock guard, see `Backend::lock_for_fork`).
+pub trait Held {}
+impl<T> Held for T {}
+
 /// A source of device memory and the few device operations a pool needs.
 ///
 /// Every method may be called from any thread. Implementations make their device's context current
@@ -72,6 +76,12 @@ pub trait Backend: Send + Sync {
 
     /// Gives an event back for reuse.
     fn event_release(&self, event: Event);
+
+    /// Holds the backend's own locks until dropped, for `fork` (`crate::fork`): a child must not
+    /// inherit one held by a thread it lacks. `None` when the backend has none.
+    fn lock_for_fork(&self) -> Option<Box<dyn Held + '_>> {
+        None
+    }
 
     /// Virtual-memory granularity in bytes, or `None` when the device cannot reserve and map.
     fn vmm_granularity(&self) -> Option<usize>;

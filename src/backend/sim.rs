@@ -138,6 +138,12 @@ impl Backend for SimBackend {
         self.device
     }
 
+    fn lock_for_fork(&self) -> Option<Box<dyn super::Held + '_>> {
+        Some(Box::new(
+            self.mappings.lock().unwrap_or_else(|e| e.into_inner()),
+        ))
+    }
+
     fn alloc(&self, size: usize) -> Result<DevicePtr> {
         if size == 0 {
             return Err(Error::InvalidValue("zero-byte backend allocation"));

@@ -356,8 +356,9 @@ impl CachingPool {
     }
 
     /// Takes every lock of the pool, in the one order no other path can deadlock against (the
-    /// synchronize lock, the arenas, then each shard's two locks; no path holds a shard lock while
-    /// it waits for another), for `fork`: the child then finds none held by a thread it lacks.
+    /// synchronize lock, the arenas, each shard's two locks, then the backend's; no path holds a
+    /// shard lock while it waits for another, and the backend calls nothing above it), for
+    /// `fork`: the child then finds none held by a thread it lacks.
     pub fn lock_all(&self) -> PoolLocks<'_> {
         let sync = lock(&self.sync_lock);
         let small = lock(&self.small);
@@ -367,6 +368,7 @@ impl CachingPool {
             _sync: sync,
             _arenas: [small, large],
             _shards: shards,
+            _backend: self.backend.lock_for_fork(),
         }
     }
 
@@ -686,6 +688,7 @@ pub struct PoolLocks<'a> {
     _sync: MutexGuard<'a, ()>,
     _arenas: [MutexGuard<'a, Arena>; 2],
     _shards: Vec<super::thread_cache::ShardLocks<'a>>,
+    _backend: Option<Box<dyn crate::backend::Held + 'a>>,
 }
 
 /// Blocks from a remote list, for the arena: they wait for a pool synchronize begun after now.
