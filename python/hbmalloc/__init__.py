@@ -10,7 +10,7 @@ import tempfile
 from . import _lib
 from ._lib import path as library_path
 
-__all__ = ["stats", "memory_stats", "checkpoint", "leaks", "report", "report_json", "library_path"]
+__all__ = ["snapshot", "dump_snapshot", "stats", "memory_stats", "checkpoint", "leaks", "report", "report_json", "library_path"]
 
 
 def stats(device=0):
@@ -78,3 +78,54 @@ def report_json(path=None):
 
 def _encode(path):
     return None if path is None else os.fsencode(path)
+
+
+def snapshot(device_count=1):
+    """Live memory in the format of `torch.cuda.memory._snapshot()`, for PyTorch's viewer
+    (`torch.cuda._memory_viz`, the memory_viz page). Built from `report_json()`: one segment per
+    live allocation (hbmalloc does not expose its chunks; cached memory shows only in
+    `memory_stats()`), each with one active block and its call site's frames. `device_traces` is
+    one empty list per device: hbmalloc keeps no per-event trace in this format."""
+    segments = []
+    for site in report_json()["sites"]:
+        frames = [
+            {
+                "filename": f.get("file") or f.get("library") or "??",
+                "line": f.get("line") or 0,
+                "name": f.get("function") or f["ip"],
+            }
+            for f in site["frames"]
+        ]
+        for a in site["allocations"]:
+            address, size = int(a["ptr"], 16), a["size"]
+            block = {
+                "address": address,
+                "size": size,
+                "requested_size": size,
+                "state": "active_allocated",
+                "frames": frames,
+            }
+            segments.append({
+                "device": a["device"],
+                "address": address,
+                "total_size": size,
+                "allocated_size": size,
+                "active_size": size,
+                "requested_size": size,
+                "stream": int(a["stream"], 16),
+                "segment_type": "large" if size > (1 << 20) else "small",
+                "segment_pool_id": (0, 0),
+                "is_expandable": False,
+                "frames": frames,
+                "blocks": [block],
+            })
+    segments.sort(key=lambda s: (s["device"], s["address"]))
+    return {"segments": segments, "device_traces": [[] for _ in range(device_count)]}
+
+
+def dump_snapshot(path, device_count=1):
+    """Writes `snapshot()` as a pickle, as `torch.cuda.memory._dump_snapshot` does."""
+    import pickle
+
+    with open(path, "wb") as f:
+        pickle.dump(snapshot(device_count), f)

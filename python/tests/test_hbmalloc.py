@@ -92,6 +92,29 @@ class PackageTest(unittest.TestCase):
         self.assertEqual(len(lines), 1, out.stderr)
         self.assertIn("out of memory", lines[0])
 
+    def test_snapshot_has_the_fields_the_viewer_reads(self):
+        import pickle
+        p = torch_malloc(3 * MiB, S2)
+        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"hbm-snap-{os.getpid()}.pickle")
+        hbmalloc.dump_snapshot(path)
+        with open(path, "rb") as f:
+            snap = pickle.load(f)
+        os.remove(path)
+        self.assertEqual(snap["device_traces"], [[]])
+        mine = [s for s in snap["segments"] if s["address"] == p]
+        self.assertEqual(len(mine), 1)
+        seg = mine[0]
+        for key in ("device", "address", "total_size", "stream", "segment_type", "blocks"):
+            self.assertIn(key, seg)
+        self.assertEqual(seg["stream"], S2)
+        (block,) = seg["blocks"]
+        self.assertEqual(block["state"], "active_allocated")
+        self.assertGreaterEqual(block["size"], 3 * MiB)
+        self.assertEqual(sum(b["size"] for b in seg["blocks"]), seg["total_size"])
+        for f in block["frames"]:
+            self.assertEqual(set(f), {"filename", "line", "name"})
+        torch_free(p, 3 * MiB, S2)
+
     def test_bad_free_is_harmless(self):
         torch_free(0xDEAD0000, 4096)  # one line on stderr, nothing freed
         p = torch_malloc(4096)
