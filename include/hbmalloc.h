@@ -1004,6 +1004,36 @@ enum HbmStatus hbm_pool_stats(const struct HbmPool *pool, struct HbmPoolStats *o
 void hbm_pool_destroy(struct HbmPool *pool);
 
 /**
+ * Allocates `size` bytes on `device` for PyTorch, ordered on `stream` (a `cudaStream_t`; NULL
+ * is the legacy default stream). The signature is the one `CUDAPluggableAllocator` loads.
+ *
+ * Returns the block (aligned to at least 512 bytes), or NULL: for `size` 0 (nothing printed,
+ * as PyTorch expects for an empty tensor), for a negative size or a bad device (one line on
+ * stderr), and when the device is out of memory even after the pool released its cached memory
+ * and retried (one line on stderr saying how much is in use and cached; counted by
+ * `hbm_torch_oom_count`). Free it with `hbm_torch_free`.
+ */
+void *hbm_torch_malloc(ptrdiff_t size, int device, void *stream);
+
+/**
+ * Frees a block from `hbm_torch_malloc`, ordered on `stream`: it is reused at once by
+ * allocations on `stream`, by other streams once `stream` has passed this point. `size` and
+ * `device` are PyTorch's record; hbmalloc's own record decides (a block freed with another
+ * device's ordinal still goes back to its own pool).
+ *
+ * NULL is a no-op. A pointer hbmalloc did not allocate, one already freed, or one inside a block
+ * frees nothing, prints one line on stderr, and is counted as a bad free in the leak report;
+ * it never crashes the process.
+ */
+void hbm_torch_free(void *ptr, ptrdiff_t size, int device, void *stream);
+
+/**
+ * Number of `hbm_torch_malloc` calls that returned NULL because the device was out of memory
+ * (what `torch.cuda.memory_stats()` calls `num_ooms`).
+ */
+uint64_t hbm_torch_oom_count(void);
+
+/**
  * Writes the full text leak report of every allocation still live, now.
  *
  * `path`: a NUL-terminated file path, created or truncated; NULL writes to stderr. The string is
@@ -1016,6 +1046,18 @@ void hbm_pool_destroy(struct HbmPool *pool);
  * `path` is NULL or points to a NUL-terminated string valid for the duration of the call.
  */
 enum HbmStatus hbm_report_leaks(const char *path);
+
+/**
+ * Writes the JSON report of every allocation still live, now: what `report_json` writes at exit
+ * (each call site's frames, and each allocation's address, size, device, stream and origin).
+ * The Python package builds its snapshots from it.
+ *
+ * `path`: as for `hbm_report_leaks` (NULL writes to stderr). Returns as `hbm_report_leaks` does.
+ *
+ * # Safety
+ * `path` is NULL or points to a NUL-terminated string valid for the duration of the call.
+ */
+enum HbmStatus hbm_report_json(const char *path);
 
 /**
  * Starts a new checkpoint epoch and returns it as a mark for `hbm_leaks_since`: every allocation

@@ -13,13 +13,15 @@ use crate::track::{self, Origin};
 pub enum Api {
     Runtime,
     Hbm,
+    Torch,
 }
 
 /// The origins of blocks that live in the caching pools.
-const POOL_ORIGINS: [Origin; 3] = [
+const POOL_ORIGINS: [Origin; 4] = [
     Origin::CudaMalloc,
     Origin::CudaMallocAsync,
     Origin::HbmAlloc,
+    Origin::TorchMalloc,
 ];
 
 /// Allocates `size` (> 0) bytes on `device`, stream-ordered on `stream` when given.
@@ -39,6 +41,7 @@ pub fn alloc(device: i32, size: usize, stream: Option<Stream>, api: Api) -> Resu
         (Api::Runtime, None) => Origin::CudaMalloc,
         (Api::Runtime, Some(_)) => Origin::CudaMallocAsync,
         (Api::Hbm, _) => Origin::HbmAlloc,
+        (Api::Torch, _) => Origin::TorchMalloc,
     };
     track::on_alloc(ptr, size, device, stream.unwrap_or(0), origin);
     Ok(ptr)
@@ -66,6 +69,7 @@ pub fn free(ptr: DevicePtr, stream: Option<Stream>, api: Api) -> Result<usize> {
             let call = match api {
                 Api::Runtime => "cudaFree",
                 Api::Hbm => "hbm_device_free",
+                Api::Torch => "hbm_torch_free",
             };
             report_bad_free(call, ptr, &e, &bad);
             Err(e)

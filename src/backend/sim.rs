@@ -3,18 +3,41 @@
 //! Memory comes from anonymous `mmap` (`MAP_NORESERVE`: a 16 GiB simulated card costs only the pages
 //! touched), VMM reservations are `PROT_NONE` mappings whose pages `mprotect` commits, and the device
 //! capacity is an accounting limit (`sim_capacity`), so out-of-memory paths are testable. Work is
-//! synchronous here: events are complete when recorded and `synchronize` only counts.
+//! synchronous here: events are complete when recorded (unless a test holds them, see
+//! `hold_events`) and `synchronize` only counts.
 
 use super::{check_kv_io, Backend, DevicePtr, Event, KvRows, Stream};
 use crate::error::{Error, Result};
 use crate::kv::quant::{dequantize_row, quantize_row};
 use crate::kv::HbmType;
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 /// VMM granularity of the simulated device, the same as a real H100's.
 pub const SIM_GRANULARITY: usize = 2 << 20;
+
+/// Event handles, unique across simulated devices so that held ones can be told apart.
+static NEXT_EVENT: AtomicUsize = AtomicUsize::new(0);
+static HOLD_EVENTS: AtomicBool = AtomicBool::new(false);
+static HELD_EVENTS: Mutex<Option<HashSet<Event>>> = Mutex::new(None);
+
+/// For tests of stream-ordered reuse: from now on, events recorded on any simulated device stay
+/// incomplete, as if their streams were busy, until `complete_held_events` (or a `synchronize`).
+/// Process-wide: run such a test alone in its process.
+pub fn hold_events() {
+    HOLD_EVENTS.store(true, Ordering::SeqCst);
+}
+
+/// Completes every held event and stops holding new ones.
+pub fn complete_held_events() {
+    HOLD_EVENTS.store(false, Ordering::SeqCst);
+    held_events().take();
+}
+
+fn held_events() -> std::sync::MutexGuard<'static, Option<HashSet<Event>>> {
+    HELD_EVENTS.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 pub struct SimBackend {
     device: i32,
@@ -27,7 +50,6 @@ pub struct SimBackend {
     /// How long `synchronize` takes, in microseconds (0: returns at once), as a device busy
     /// with queued work would.
     sync_latency_us: AtomicUsize,
-    events: AtomicUsize,
 }
 
 impl SimBackend {
@@ -39,7 +61,6 @@ impl SimBackend {
             mappings: Mutex::new(HashMap::new()),
             syncs: AtomicUsize::new(0),
             sync_latency_us: AtomicUsize::new(0),
-            events: AtomicUsize::new(0),
         }
     }
 
@@ -177,6 +198,9 @@ impl Backend for SimBackend {
 
     fn synchronize(&self) -> Result<()> {
         self.syncs.fetch_add(1, Ordering::Relaxed);
+        if HOLD_EVENTS.load(Ordering::Relaxed) {
+            held_events().take();
+        }
         let us = self.sync_latency_us.load(Ordering::Relaxed);
         if us > 0 {
             std::thread::sleep(std::time::Duration::from_micros(us as u64));
@@ -185,11 +209,17 @@ impl Backend for SimBackend {
     }
 
     fn event_record(&self, _stream: Stream) -> Result<Event> {
-        Ok(self.events.fetch_add(1, Ordering::Relaxed) + 1)
+        let event = NEXT_EVENT.fetch_add(1, Ordering::Relaxed) + 1;
+        if HOLD_EVENTS.load(Ordering::Relaxed) {
+            held_events().get_or_insert_with(HashSet::new).insert(event);
+        }
+        Ok(event)
     }
 
-    fn event_done(&self, _event: Event) -> Result<bool> {
-        Ok(true)
+    fn event_done(&self, event: Event) -> Result<bool> {
+        Ok(held_events()
+            .as_ref()
+            .map_or(true, |held| !held.contains(&event)))
     }
 
     fn event_release(&self, _event: Event) {}

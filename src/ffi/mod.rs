@@ -6,7 +6,8 @@
 //! Both share `crate::alloc`; `real_cuda` finds the runtime's own functions. `kv_api` holds the
 //! KV sizes and the CPU reference of the element formats, `kv_cache_api` the KV cache object,
 //! `pool_api` the ggml-style scratch pools, `track_api` the leak checks; `runtime_state` what the
-//! runtime answers before looking at arguments (no device, sticky errors).
+//! runtime answers before looking at arguments (no device, sticky errors); `torch_api` PyTorch's
+//! pluggable allocator.
 
 pub mod cuda_api;
 pub mod cuda_host_api;
@@ -19,4 +20,5 @@ pub mod pool_api;
 mod real_cuda;
 pub(crate) mod runtime_state;
 pub mod status;
+pub mod torch_api;
 pub mod track_api;

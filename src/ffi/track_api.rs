@@ -37,6 +37,37 @@ pub unsafe extern "C" fn hbm_report_leaks(path: *const c_char) -> HbmStatus {
     })
 }
 
+/// Writes the JSON report of every allocation still live, now: what `report_json` writes at exit
+/// (each call site's frames, and each allocation's address, size, device, stream and origin).
+/// The Python package builds its snapshots from it.
+///
+/// `path`: as for `hbm_report_leaks` (NULL writes to stderr). Returns as `hbm_report_leaks` does.
+///
+/// # Safety
+/// `path` is NULL or points to a NUL-terminated string valid for the duration of the call.
+#[no_mangle]
+pub unsafe extern "C" fn hbm_report_json(path: *const c_char) -> HbmStatus {
+    ffi_guard!(HbmStatus::Panic, {
+        let written = if path.is_null() {
+            track::global().write_json_report(&mut std::io::stderr().lock())
+        } else {
+            // SAFETY: non-NULL `path` is a NUL-terminated string valid for this call (contract).
+            let Ok(path) = (unsafe { CStr::from_ptr(path) }).to_str() else {
+                return HbmStatus::InvalidValue;
+            };
+            std::fs::File::create(path).and_then(|f| {
+                let mut w = std::io::BufWriter::new(f);
+                track::global().write_json_report(&mut w)?;
+                std::io::Write::flush(&mut w)
+            })
+        };
+        match written {
+            Ok(()) => HbmStatus::Ok,
+            Err(_) => HbmStatus::IoError,
+        }
+    })
+}
+
 /// Starts a new checkpoint epoch and returns it as a mark for `hbm_leaks_since`: every allocation
 /// made after this call returns, by this thread or by a thread that synchronized with it since
 /// (a mutex, a join), is "since" the mark. Allocations by other threads while the call runs may

@@ -58,6 +58,8 @@ pub enum Origin {
     CudaHostAllocWriteCombined,
     /// The runtime's own `cudaMallocManaged`, forwarded (not pooled).
     CudaMallocManaged,
+    /// PyTorch's pluggable allocator (`hbm_torch_malloc`): the caching pool, stream-ordered.
+    TorchMalloc,
 }
 
 impl Origin {
@@ -72,6 +74,7 @@ impl Origin {
             Origin::CudaHostAlloc => "cudaHostAlloc",
             Origin::CudaHostAllocWriteCombined => "cudaHostAlloc(WriteCombined)",
             Origin::CudaMallocManaged => "cudaMallocManaged",
+            Origin::TorchMalloc => "hbm_torch_malloc",
         }
     }
 }
