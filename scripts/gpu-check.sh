@@ -130,6 +130,15 @@ if want torch; then
         else
             record "pytorch fwd+bwd under LD_PRELOAD" FAIL "rc=$rc; $(tail -4 "$LOG/torch.log" | tr '\n' ' ')"
         fi
+        # The pluggable allocator (python/hbmalloc), no preload: the same results bit for bit.
+        HBM_PLUGGABLE=1 HBMALLOC_LIB=$LIB HBMALLOC_CONF=leak_report:summary \
+            python3 scripts/torch_check.py run build/gpu/pluggable.pt >"$LOG/torch-pluggable.log" 2>&1
+        rc=$?
+        if [[ $rc == 0 ]] && python3 scripts/torch_check.py compare build/gpu/plain.pt build/gpu/pluggable.pt >>"$LOG/torch-pluggable.log" 2>&1; then
+            record "pytorch fwd+bwd, pluggable allocator" PASS "$(grep 'served' "$LOG/torch-pluggable.log" | head -1)"
+        else
+            record "pytorch fwd+bwd, pluggable allocator" FAIL "rc=$rc; $(tail -4 "$LOG/torch-pluggable.log" | tr '\n' ' ')"
+        fi
         if PYTORCH_NO_CUDA_MEMORY_CACHING=1 HBMALLOC_CONF=leak_report:summary LD_PRELOAD=$LIB \
             python3 scripts/torch_check.py leaks "$LOG/torch-leaks.txt" >"$LOG/torch-leaks.log" 2>&1; then
             record "pytorch leak tracking" PASS "$(grep -h 'after freed' "$LOG/torch-leaks.log")"
@@ -243,6 +252,8 @@ if want replay; then
                     python3 scripts/workloads.py "$w" 2>>"$LOG/workloads.log" | sed 's/^workload/hbmalloc workload/' >>"$LOG/replay.txt"
                 PYTORCH_NO_CUDA_MEMORY_CACHING=1 HBMALLOC_CONF=leak_report:off LD_PRELOAD=$LIB \
                     python3 scripts/workloads.py "$w" 2>>"$LOG/workloads.log" | sed 's/^workload/hbmalloc+bt workload/' >>"$LOG/replay.txt"
+                HBM_PLUGGABLE=1 HBMALLOC_LIB=$LIB HBMALLOC_CONF=backtrace:off,leak_report:off \
+                    python3 scripts/workloads.py "$w" 2>>"$LOG/workloads.log" | sed 's/^workload/hbmalloc-pluggable workload/' >>"$LOG/replay.txt"
             done
         done
         # The seed's 100-allocation step, as a trace too.

@@ -37,6 +37,12 @@ def hbm_stats():
 
 
 def run(path):
+    # HBM_PLUGGABLE=1 (with HBMALLOC_LIB): hbmalloc as PyTorch's pluggable allocator, no preload.
+    pluggable = bool(os.environ.get("HBM_PLUGGABLE"))
+    if pluggable:
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+        import hbmalloc.torch
+        hbmalloc.torch.enable()
     torch.manual_seed(1234)
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
@@ -66,7 +72,14 @@ def run(path):
     }
     torch.save(result, path)
     stats = hbm_stats()
-    if "libhbmalloc" in os.environ.get("LD_PRELOAD", ""):
+    if pluggable:
+        import hbmalloc
+        s = hbmalloc.stats(0)
+        assert s["allocs"] > 100, f"the pluggable allocator served only {s['allocs']} allocations"
+        print(f"torch_check: pluggable hbmalloc served {s['allocs']} allocs, {s['frees']} frees, "
+              f"hits {s['pool_hits']}, driver allocs {s['driver_allocs']}, syncs {s['syncs']}, "
+              f"peak reserved {s['peak_reserved'] >> 20} MiB")
+    elif "libhbmalloc" in os.environ.get("LD_PRELOAD", ""):
         assert stats is not None, "hbmalloc preloaded but hbm_stats not found"
         assert stats.allocs > 100, f"hbmalloc served only {stats.allocs} allocations"
         print(f"torch_check: hbmalloc served {stats.allocs} allocs, {stats.frees} frees, "

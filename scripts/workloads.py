@@ -4,8 +4,9 @@
 `workload NAME seconds=S peak_in_use_mib=A peak_reserved_mib=R tokens_per_s=T`.
 Run it plainly (PyTorch's own allocator: the peaks are torch.cuda's) or under
 `LD_PRELOAD=libhbmalloc.so PYTORCH_NO_CUDA_MEMORY_CACHING=1` (every tensor is a cudaMalloc that
-hbmalloc serves: the peaks are hbmalloc's, from hbm_stats). With `HBMALLOC_CONF=trace:FILE` the
-run also leaves a trace for `peer_bench replay:FILE`.
+hbmalloc serves: the peaks are hbmalloc's, from hbm_stats), or with `HBM_PLUGGABLE=1` and
+`HBMALLOC_LIB=path/libhbmalloc.so` on PyTorch's pluggable allocator (python/hbmalloc, no preload).
+With `HBMALLOC_CONF=trace:FILE` the run also leaves a trace for `peer_bench replay:FILE`.
 
 Workloads (random weights, fixed seeds, nothing downloaded):
   train     a small transformer's training steps (batch 16, sequence 256)
@@ -14,10 +15,19 @@ Workloads (random weights, fixed seeds, nothing downloaded):
             128 new tokens); needs `transformers`, else it prints `workload generate skipped`
 """
 import ctypes
+import os
 import sys
 import time
 
 import torch
+
+PLUGGABLE = bool(os.environ.get("HBM_PLUGGABLE"))
+if PLUGGABLE:
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+    import hbmalloc
+    import hbmalloc.torch
+
+    hbmalloc.torch.enable()
 
 
 class HbmStats(ctypes.Structure):
@@ -27,7 +37,12 @@ class HbmStats(ctypes.Structure):
 
 
 def peaks_mib():
-    """(peak in use, peak reserved) of device 0 in MiB: hbmalloc's when preloaded, else torch's."""
+    """(peak in use, peak reserved) of device 0 in MiB: hbmalloc's when preloaded or plugged in,
+    else torch's."""
+    if PLUGGABLE:
+        s = hbmalloc.stats(0)
+        assert s["allocs"] > 100, f"the pluggable allocator served only {s['allocs']} allocations"
+        return (s["peak_in_use"] / 2**20, s["peak_reserved"] / 2**20)
     try:
         fn = ctypes.CDLL(None).hbm_stats
     except AttributeError:
