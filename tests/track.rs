@@ -176,7 +176,8 @@ fn text_report_lists_sites_largest_first() {
     );
     let a =
         text.find("hbmalloc: 3145728 bytes (3.0 MiB) in 3 allocations from cudaMalloc on device 0");
-    let b = text.find("hbmalloc: 8192 bytes (8.0 KiB) in 2 allocations from pool on device 1");
+    let b = text
+        .find("hbmalloc: 8192 bytes (8.0 KiB) in 2 allocations from hbm_pool_alloc on device 1");
     let (a, b) = (a.expect(&text), b.expect(&text));
     assert!(a < b, "largest first");
     assert!(text[a..b].contains("leak_a at tests/track.rs:"), "{text}");
@@ -247,7 +248,7 @@ fn json_report_has_the_same_sites() {
     assert_eq!(allocs.len(), 2);
     assert_eq!(allocs[0]["size"], 4096);
     assert_eq!(allocs[0]["stream"], "0x77");
-    assert_eq!(allocs[0]["origin"], "pool");
+    assert_eq!(allocs[0]["origin"], "hbm_pool_alloc");
     assert!(allocs[0]["ptr"].as_str().unwrap().starts_with("0x71"));
 }
 

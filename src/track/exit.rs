@@ -58,7 +58,14 @@ impl Tracker {
             return;
         }
         let report = self.leak_report();
-        let mut text = super::report_text::render(&report, s.leak_report);
+        let mut text = match s.report_path {
+            Some(_) => super::report_text::render(&report, s.leak_report),
+            None => super::report_text::render_at_exit(
+                &report,
+                s.leak_report,
+                crate::config::get().verbose,
+            ),
+        };
         let mut file = |path: &Path, what: &str, result: std::io::Result<()>| {
             let path = path.display();
             match result {
