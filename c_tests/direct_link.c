@@ -186,16 +186,28 @@ static void stats_and_trim(void) {
 
 int main(int argc, char **argv) {
     const char *expected_backend = NULL;
+    int leak = 0;  /* --leak: keep one 4096-byte block, for the exit report to name */
+    int clean = 0; /* --clean: no bad input either, so the exit report has nothing to say */
     if (argc == 3 && strcmp(argv[1], "--expect-backend") == 0) {
         expected_backend = argv[2];
+    } else if (argc == 2 && strcmp(argv[1], "--leak") == 0) {
+        leak = 1;
+    } else if (argc == 2 && strcmp(argv[1], "--clean") == 0) {
+        clean = 1;
     } else if (argc != 1) {
-        fprintf(stderr, "usage: %s [--expect-backend sim|cuda]\n", argv[0]);
+        fprintf(stderr, "usage: %s [--expect-backend sim|cuda | --leak | --clean]\n", argv[0]);
         return 2;
     }
     identity(expected_backend);
-    bad_inputs();
+    if (!clean) {
+        bad_inputs();
+    }
     stats_and_trim();
     HbmStats s = stats_now();
     CHECK(s.in_use == 0, "%" PRIu64 " bytes still in use at the end", s.in_use);
+    if (leak) {
+        void *kept = NULL;
+        CHECK(hbm_device_alloc(0, 4096, &kept) == HBM_STATUS_OK && kept != NULL, "alloc to leak");
+    }
     return check_summary("direct_link");
 }

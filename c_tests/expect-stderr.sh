@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# usage: expect-stderr.sh [--status N] PATTERN... -- COMMAND [ARG...]
+# usage: expect-stderr.sh [--status N] [--empty] PATTERN... -- COMMAND [ARG...]
 # Runs COMMAND and passes when it exits with status N (default 0) and its stderr matches every
-# PATTERN (grep -E). stderr is collected in a file and then copied to this script's stderr, so
+# PATTERN (grep -E); with --empty, when its stderr is empty. stderr is collected in a file and then copied to this script's stderr, so
 # `ctest --output-on-failure` shows it (after the command's stdout rather than interleaved).
 # Environment for COMMAND belongs on its command line (`env VAR=value prog`), not in this
 # script's environment: an LD_PRELOAD meant for the program under test must not reach bash/grep.
 set -euo pipefail
 
 want_status=0
+want_empty=0
 patterns=()
 while (($#)); do
     case "$1" in
         --status) want_status="$2"; shift 2 ;;
+        --empty) want_empty=1; shift ;;
         --) shift; break ;;
         *) patterns+=("$1"); shift ;;
     esac
@@ -30,6 +32,10 @@ cat "$err_file" >&2
 failed=0
 if ((status != want_status)); then
     echo "expect-stderr: '$*' exited with status $status, want $want_status" >&2
+    failed=1
+fi
+if ((want_empty)) && [[ -s "$err_file" ]]; then
+    echo "expect-stderr: stderr of '$*' is not empty" >&2
     failed=1
 fi
 for pattern in "${patterns[@]}"; do

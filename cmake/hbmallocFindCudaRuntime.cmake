@@ -7,7 +7,8 @@
 #     nvidia-cuda-runtime wheel);
 #  3. the nvidia-cuda-runtime wheel in python3's site-packages (nvidia/cu13, or nvidia/cuda_runtime
 #     for CUDA 12 wheels).
-# Sets both variables to "" when nothing is found; the caller decides whether that is fatal.
+# Sets both variables to "" when nothing usable is found, and then HBMALLOC_CUDA_RUNTIME_MISSING
+# to one sentence saying what is missing where (for the caller's single warning).
 function(hbmalloc_find_cuda_runtime include_var library_var)
     set(dir "${HBMALLOC_CUDA_RUNTIME_DIR}")
     if(NOT dir AND DEFINED ENV{HBMALLOC_CUDA_RUNTIME_DIR})
@@ -50,12 +51,21 @@ for base in nvidia.__path__:
             endif()
         endforeach()
     endif()
-    if(NOT include OR NOT library)
+    set(missing "")
+    if(NOT dir)
+        set(missing "no CUDA runtime found (looked at HBMALLOC_CUDA_RUNTIME_DIR, "
+                    ".whl/nvidia/cu13 and python3's nvidia wheels)")
+    elseif(NOT include)
+        set(missing "${dir} lacks include/cuda_runtime.h or include/crt/host_config.h")
+    elseif(NOT library)
+        set(missing "${dir} lacks lib/libcudart.so.13")
+    endif()
+    if(missing)
         set(include "")
         set(library "")
-        message(STATUS "hbmalloc: no usable CUDA runtime (include/cuda_runtime.h, include/crt/, "
-                       "lib/libcudart.so.13) in '${dir}'")
     endif()
+    string(CONCAT missing ${missing})
+    set(HBMALLOC_CUDA_RUNTIME_MISSING "${missing}" PARENT_SCOPE)
     set(${include_var} "${include}" PARENT_SCOPE)
     set(${library_var} "${library}" PARENT_SCOPE)
 endfunction()

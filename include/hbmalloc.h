@@ -484,7 +484,7 @@ int hbm_device_count(void);
  * Free it with `hbm_device_free`. Returns `HBM_STATUS_OUT_OF_MEMORY` when even a released cache
  * cannot make room.
  *
- * # Safety
+ * Requirements:
  * `out_ptr` is NULL or valid for one pointer write.
  */
 enum HbmStatus hbm_device_alloc(int device, size_t size, void **out_ptr);
@@ -494,7 +494,7 @@ enum HbmStatus hbm_device_alloc(int device, size_t size, void **out_ptr);
  * it is on. NULL is a no-op. An unknown, interior or already-freed pointer returns
  * `HBM_STATUS_INVALID_POINTER`, prints one diagnostic line, and frees nothing.
  *
- * # Safety
+ * Requirements:
  * `ptr` is any value; it is only looked up, never dereferenced.
  */
 enum HbmStatus hbm_device_free(void *ptr);
@@ -502,7 +502,7 @@ enum HbmStatus hbm_device_free(void *ptr);
 /**
  * Fills `*out_stats` with the statistics of `device`'s caching pool.
  *
- * # Safety
+ * Requirements:
  * `out_stats` is NULL or valid for one `HbmStats` write.
  */
 enum HbmStatus hbm_stats(int device, struct HbmStats *out_stats);
@@ -512,7 +512,7 @@ enum HbmStatus hbm_stats(int device, struct HbmStats *out_stats);
  * `device` -1 trims every pool in use: every device's, and the pinned host pool behind
  * `cudaMallocHost`. `out_released` (may be NULL) receives the bytes freed.
  *
- * # Safety
+ * Requirements:
  * `out_released` is NULL or valid for one write.
  */
 enum HbmStatus hbm_trim(int device, uint64_t *out_released);
@@ -545,7 +545,7 @@ size_t hbm_kv_cache_bytes(uint32_t n_layer, uint32_t n_head_kv, uint32_t head_di
  * `HBM_STATUS_INVALID_VALUE` for an unknown type, `n` not a multiple of the block size, or a
  * misaligned `src`. On an error `dst` is untouched. Runs on the CPU; allocates nothing.
  *
- * # Safety
+ * Requirements:
  * `src` must be valid for reading `n` floats and `dst` for writing the row's bytes, and the two
  * must not overlap.
  */
@@ -563,7 +563,7 @@ enum HbmStatus hbm_quantize_row(int32_t type, const float *src, void *dst, size_
  * `HBM_STATUS_INVALID_VALUE` for an unknown type, `n` not a multiple of the block size, or a
  * misaligned `dst`. On an error `dst` is untouched. Runs on the CPU; allocates nothing.
  *
- * # Safety
+ * Requirements:
  * `src` must be valid for reading the row's bytes and `dst` for writing `n` floats, and the two
  * must not overlap.
  */
@@ -584,7 +584,7 @@ enum HbmStatus hbm_dequantize_row(int32_t type, const void *src, float *dst, siz
  *
  * The caller owns the cache and frees it with `hbm_kv_cache_destroy`.
  *
- * # Safety
+ * Requirements:
  * `params` is NULL or points at an `HbmKvParams`; `out_cache` is NULL or valid for one write.
  */
 enum HbmStatus hbm_kv_cache_create(const struct HbmKvParams *params, struct HbmKvCache **out_cache);
@@ -593,7 +593,7 @@ enum HbmStatus hbm_kv_cache_create(const struct HbmKvParams *params, struct HbmK
  * Destroys a cache: waits for the device to finish with it, then gives back all its memory and
  * address space. NULL is a no-op. Pointers obtained from the cache are invalid afterwards.
  *
- * # Safety
+ * Requirements:
  * `cache` is NULL or a handle from `hbm_kv_cache_create` not yet destroyed, used by no other
  * thread during or after the call.
  */
@@ -610,7 +610,7 @@ void hbm_kv_cache_destroy(struct HbmKvCache *cache);
  * `HBM_STATUS_OUT_OF_MEMORY` when the device is full even after released sequences' pages were
  * given back. On an error the live sequences and their contents are unchanged.
  *
- * # Safety
+ * Requirements:
  * `cache` is NULL or a live handle.
  */
 enum HbmStatus hbm_kv_cache_reserve(const struct HbmKvCache *cache, uint32_t seq, uint32_t n_tokens);
@@ -623,7 +623,7 @@ enum HbmStatus hbm_kv_cache_reserve(const struct HbmKvCache *cache, uint32_t seq
  * Returns `HBM_STATUS_OK`; `HBM_STATUS_NULL_PARAMETER`; `HBM_STATUS_INVALID_VALUE` when `seq` is
  * out of range or not live (never reserved, or already released).
  *
- * # Safety
+ * Requirements:
  * `cache` is NULL or a live handle.
  */
 enum HbmStatus hbm_kv_cache_release(const struct HbmKvCache *cache, uint32_t seq);
@@ -632,7 +632,7 @@ enum HbmStatus hbm_kv_cache_release(const struct HbmKvCache *cache, uint32_t seq
  * Gives back the pages released sequences left committed (VMM; after one device synchronize).
  * `out_released` (may be NULL) receives the bytes given back.
  *
- * # Safety
+ * Requirements:
  * `cache` is NULL or a live handle; `out_released` is NULL or valid for one write.
  */
 enum HbmStatus hbm_kv_cache_trim(const struct HbmKvCache *cache, uint64_t *out_released);
@@ -644,7 +644,7 @@ enum HbmStatus hbm_kv_cache_trim(const struct HbmKvCache *cache, uint64_t *out_r
  * Returns `HBM_STATUS_OK`; `HBM_STATUS_NULL_PARAMETER`; `HBM_STATUS_INVALID_VALUE` when `seq` is
  * out of range or not live. On an error `*out_n_tokens` is untouched.
  *
- * # Safety
+ * Requirements:
  * `cache` is NULL or a live handle; `out_n_tokens` is NULL or valid for one write.
  */
 enum HbmStatus hbm_kv_cache_capacity(const struct HbmKvCache *cache, uint32_t seq, uint32_t *out_n_tokens);
@@ -663,7 +663,7 @@ enum HbmStatus hbm_kv_cache_capacity(const struct HbmKvCache *cache, uint32_t se
  * `HBM_STATUS_INVALID_VALUE` for `layer >= n_layer`, `seq` out of range or not live. On an
  * error the outputs are untouched.
  *
- * # Safety
+ * Requirements:
  * `cache` is NULL or a live handle; each output is NULL or valid for one write.
  */
 enum HbmStatus hbm_kv_cache_layer(const struct HbmKvCache *cache, uint32_t layer, uint32_t seq, void **out_k, void **out_v, size_t *out_row_stride_k, size_t *out_row_stride_v);
@@ -671,7 +671,7 @@ enum HbmStatus hbm_kv_cache_layer(const struct HbmKvCache *cache, uint32_t layer
 /**
  * Fills `*out_stats` with the cache's counters.
  *
- * # Safety
+ * Requirements:
  * `cache` is NULL or a live handle; `out_stats` is NULL or valid for one `HbmKvStats` write.
  */
 enum HbmStatus hbm_kv_cache_stats(const struct HbmKvCache *cache, struct HbmKvStats *out_stats);
@@ -693,7 +693,7 @@ enum HbmStatus hbm_kv_cache_stats(const struct HbmKvCache *cache, struct HbmKvSt
  * source (nothing is queued then); `HBM_STATUS_NOT_SUPPORTED` when NVRTC cannot compile the
  * kernels; `HBM_STATUS_DRIVER_ERROR` when a launch fails (K may then be written and V not).
  *
- * # Safety
+ * Requirements:
  * `cache` is NULL or a live handle; the sources are NULL or device memory of the sizes above.
  */
 enum HbmStatus hbm_kv_cache_append(const struct HbmKvCache *cache, uint32_t layer, uint32_t seq, uint32_t pos, const void *k_src, const void *v_src, int32_t src_type, uint32_t n_tokens, void *stream);
@@ -711,7 +711,7 @@ enum HbmStatus hbm_kv_cache_append(const struct HbmKvCache *cache, uint32_t laye
  *
  * Returns as `hbm_kv_cache_append` does.
  *
- * # Safety
+ * Requirements:
  * `cache` is NULL or a live handle; the destinations are NULL or device memory of the sizes
  * above, not overlapping the cache.
  */
@@ -923,7 +923,7 @@ enum HbmStatus hbm_paged_kv_stats(const struct HbmPagedKv *kv, struct HbmPagedKv
  * `alignment` 256, `overallocation_percent` 5, `reuse_limit_percent` 0,
  * `max_cached_buffers` 256. Returns `HBM_STATUS_NULL_PARAMETER` if `out_options` is NULL.
  *
- * # Safety
+ * Requirements:
  * `out_options` is NULL or valid for one `HbmPoolOptions` write.
  */
 enum HbmStatus hbm_pool_options_default(struct HbmPoolOptions *out_options);
@@ -942,7 +942,7 @@ enum HbmStatus hbm_pool_options_default(struct HbmPoolOptions *out_options);
  * Returns `HBM_STATUS_NULL_PARAMETER` if `out_pool` is NULL, `HBM_STATUS_INVALID_VALUE` for an
  * unknown kind or bad options, `HBM_STATUS_INVALID_DEVICE`. Destroy it with `hbm_pool_destroy`.
  *
- * # Safety
+ * Requirements:
  * `options` is NULL or points to a valid `HbmPoolOptions`; `out_pool` is NULL or valid for one
  * pointer write.
  */
@@ -956,7 +956,7 @@ enum HbmStatus hbm_pool_create(int device, int kind, const struct HbmPoolOptions
  * Returns `HBM_STATUS_NULL_PARAMETER` if any pointer is NULL; `HBM_STATUS_OUT_OF_MEMORY` when the
  * device (or a VMM pool's reservation) has no room, with nothing allocated.
  *
- * # Safety
+ * Requirements:
  * `pool` is NULL or a live handle from `hbm_pool_create`; `out_ptr` and `out_actual` are NULL or
  * valid for one write each.
  */
@@ -970,7 +970,7 @@ enum HbmStatus hbm_pool_alloc(struct HbmPool *pool, size_t size, void **out_ptr,
  * `HBM_STATUS_INVALID_POINTER` for a pointer this pool did not hand out, one already freed or one
  * inside a block; either way nothing is freed and one line on stderr says why.
  *
- * # Safety
+ * Requirements:
  * `pool` is NULL or a live handle; `ptr` is only looked up, never dereferenced.
  */
 enum HbmStatus hbm_pool_free(struct HbmPool *pool, void *ptr, size_t actual);
@@ -980,7 +980,7 @@ enum HbmStatus hbm_pool_free(struct HbmPool *pool, void *ptr, size_t actual);
  * buffer (legacy), or every free committed chunk at the top of the reservation (VMM). Stores the
  * bytes given back in `*out_released` unless it is NULL.
  *
- * # Safety
+ * Requirements:
  * `pool` is NULL or a live handle; `out_released` is NULL or valid for one write.
  */
 enum HbmStatus hbm_pool_trim(struct HbmPool *pool, size_t *out_released);
@@ -988,7 +988,7 @@ enum HbmStatus hbm_pool_trim(struct HbmPool *pool, size_t *out_released);
 /**
  * Fills `*out_stats` with the pool's statistics.
  *
- * # Safety
+ * Requirements:
  * `pool` is NULL or a live handle; `out_stats` is NULL or valid for one `HbmPoolStats` write.
  */
 enum HbmStatus hbm_pool_stats(const struct HbmPool *pool, struct HbmPoolStats *out_stats);
@@ -998,7 +998,7 @@ enum HbmStatus hbm_pool_stats(const struct HbmPool *pool, struct HbmPoolStats *o
  * a no-op. Allocations still live are reported in one line on stderr and freed with the pool:
  * their pointers are dangling afterwards.
  *
- * # Safety
+ * Requirements:
  * `pool` is NULL or a live handle, not used again by any thread after this call.
  */
 void hbm_pool_destroy(struct HbmPool *pool);
@@ -1042,7 +1042,7 @@ uint64_t hbm_torch_oom_count(void);
  * Returns `HBM_STATUS_OK`, `HBM_STATUS_INVALID_VALUE` if `path` is not UTF-8, or
  * `HBM_STATUS_IO_ERROR` if the file could not be written.
  *
- * # Safety
+ * Requirements:
  * `path` is NULL or points to a NUL-terminated string valid for the duration of the call.
  */
 enum HbmStatus hbm_report_leaks(const char *path);
@@ -1066,8 +1066,8 @@ enum HbmStatus hbm_report_json(const char *path);
  * fall on either side. Marks increase from 1. Never fails; 0 on an internal error (0 is the mark
  * of the tracker's start: the check then counts everything live, and stays meaningful).
  *
- * # Safety
- * None: no pointer arguments. `unsafe` only for uniformity of the C API.
+ * Requirements:
+ * None: no pointer arguments.
  */
 uint64_t hbm_checkpoint(void);
 
@@ -1080,7 +1080,7 @@ uint64_t hbm_checkpoint(void);
  *
  * Returns `HBM_STATUS_OK`, or `HBM_STATUS_NULL_PARAMETER` (nothing written) if either is NULL.
  *
- * # Safety
+ * Requirements:
  * `out_bytes` and `out_count` are NULL or valid, aligned, writable `uint64_t` pointers.
  */
 enum HbmStatus hbm_leaks_since(uint64_t mark, uint64_t *out_bytes, uint64_t *out_count);

@@ -14,6 +14,13 @@ esac
 cargo run --quiet --locked --manifest-path tools/gen-header/Cargo.toml \
     --target-dir target/gen-header -- include/hbmalloc.h
 
+# The header is C documentation: no Rust types, syntax or rustdoc markup in its comments.
+rust_isms='Option<|Result<|&mut |&self|\bSelf\b|\[`[^]]*`\]|# Safety|\bunsafe\b|\bVec<|\bBox<|::'
+if grep -nE "$rust_isms" include/hbmalloc.h; then
+    echo "gen-header: include/hbmalloc.h speaks Rust on the lines above: reword the doc comments in src/ffi" >&2
+    exit 1
+fi
+
 if [[ "${1:-}" == --check ]]; then
     if ! git ls-files --error-unmatch include/hbmalloc.h >/dev/null 2>&1; then
         echo "gen-header: include/hbmalloc.h is not committed" >&2

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every test, on a machine with no GPU: cargo's tests, then the C tests under CTest (the C API
 # through the header; the real CUDA runtime's entry points served by hbmalloc under LD_PRELOAD),
-# then the installed package as another project sees it. Installs what is missing first
+# then the installed package as another project sees it, and once more built and installed
+# without the CUDA runtime. Installs what is missing first
 # (scripts/install-test-deps.sh). Exits non-zero on the first failure.
 #
 #   bash scripts/test.sh
@@ -34,5 +35,8 @@ step "ctest"
 
 step "package: install, then find_package and pkg-config consumers"
 bash scripts/test-package.sh "$BUILD_DIR"
+
+step "without the CUDA runtime: configure, install, use the package"
+bash scripts/test-install-no-runtime.sh
 
 step "all tests passed"

@@ -176,7 +176,8 @@ fn text_report_lists_sites_largest_first() {
     );
     let a =
         text.find("hbmalloc: 3145728 bytes (3.0 MiB) in 3 allocations from cudaMalloc on device 0");
-    let b = text.find("hbmalloc: 8192 bytes (8.0 KiB) in 2 allocations from pool on device 1");
+    let b = text
+        .find("hbmalloc: 8192 bytes (8.0 KiB) in 2 allocations from hbm_pool_alloc on device 1");
     let (a, b) = (a.expect(&text), b.expect(&text));
     assert!(a < b, "largest first");
     assert!(text[a..b].contains("leak_a at tests/track.rs:"), "{text}");
@@ -247,7 +248,7 @@ fn json_report_has_the_same_sites() {
     assert_eq!(allocs.len(), 2);
     assert_eq!(allocs[0]["size"], 4096);
     assert_eq!(allocs[0]["stream"], "0x77");
-    assert_eq!(allocs[0]["origin"], "pool");
+    assert_eq!(allocs[0]["origin"], "hbm_pool_alloc");
     assert!(allocs[0]["ptr"].as_str().unwrap().starts_with("0x71"));
 }
 
@@ -699,6 +700,27 @@ fn leak_through_global() {
 }
 
 #[test]
+fn exit_report_says_which_files_could_not_be_written() {
+    let json = "/nonexistent-hbm-dir/leaks.json";
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_leaks_then_exits", "--test-threads=1"])
+        .env("HBM_TRACK_CHILD", "1")
+        .env(
+            "HBMALLOC_CONF",
+            format!("leak_report:summary,report_json:{json},timeline:64"),
+        )
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // Said whatever the detail, with the reason.
+    let want = format!("hbmalloc: could not write JSON report {json}: ");
+    assert!(stderr.contains(&want), "{stderr}");
+    let want = "hbmalloc: could not write timeline /nonexistent-hbm-dir/leaks.timeline.json: ";
+    assert!(stderr.contains(want), "{stderr}");
+}
+
+#[test]
 fn exit_report_is_printed_at_exit() {
     let dir = std::env::temp_dir().join(format!("hbm-exit-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -739,7 +761,13 @@ fn exit_report_is_printed_at_exit() {
     parse_xml(&std::fs::read(&svg).unwrap());
     // The timeline and its chart, beside the JSON report.
     let chart = dir.join("leaks.timeline.svg");
-    assert!(stderr.contains("timeline chart written to"), "{stderr}");
+    // One line names both files.
+    let line = format!(
+        "hbmalloc: timeline written to {} (chart: {})\n",
+        dir.join("leaks.timeline.json").display(),
+        chart.display()
+    );
+    assert!(stderr.contains(&line), "{stderr}");
     // (The other thread's churn fills the ring: the leak itself has left the window by exit.)
     let text = parse_xml(&std::fs::read(&chart).unwrap());
     assert!(

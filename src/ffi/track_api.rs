@@ -75,7 +75,7 @@ pub unsafe extern "C" fn hbm_report_json(path: *const c_char) -> HbmStatus {
 /// of the tracker's start: the check then counts everything live, and stays meaningful).
 ///
 /// # Safety
-/// None: no pointer arguments. `unsafe` only for uniformity of the C API.
+/// None: no pointer arguments.
 #[no_mangle]
 pub unsafe extern "C" fn hbm_checkpoint() -> u64 {
     ffi_guard!(0, track::checkpoint())

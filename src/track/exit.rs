@@ -61,45 +61,51 @@ impl Tracker {
             return;
         }
         let report = self.leak_report();
-        let mut text = super::report_text::render(&report, s.leak_report);
-        let mut file = |path: &Path, what: &str, result: std::io::Result<()>| {
+        let mut text = match s.report_path {
+            Some(_) => super::report_text::render(&report, s.leak_report),
+            None => super::report_text::render_at_exit(
+                &report,
+                s.leak_report,
+                crate::config::get().verbose,
+            ),
+        };
+        // One line per file asked for, whatever the detail: where it went, or why it did not.
+        let mut file = |path: &Path, what: &str, result: std::io::Result<()>, also: &str| {
+            let path = absolute(path);
             let path = path.display();
             match result {
-                Ok(()) => {
-                    if s.leak_report == LeakReport::Full {
-                        text.push_str(&format!("hbmalloc: {what} written to {path}\n"));
-                    }
-                }
+                Ok(()) => text.push_str(&format!("hbmalloc: {what} written to {path}{also}\n")),
                 Err(e) => text.push_str(&format!("hbmalloc: could not write {what} {path}: {e}\n")),
             }
         };
         if let Some(path) = &s.report_json {
-            file(
-                path,
-                "JSON report",
-                write_file(path, |w| super::report_json::write(&report, w)),
-            );
+            let result = write_file(path, |w| super::report_json::write(&report, w));
+            file(path, "JSON report", result, "");
         }
         if let Some(path) = &s.report_svg {
-            file(
-                path,
-                "flame graph",
-                write_file(path, |w| super::report_svg::write(&report, w)),
-            );
+            let result = write_file(path, |w| super::report_svg::write(&report, w));
+            file(path, "flame graph", result, "");
         }
         if s.timeline > 0 {
             let path = timeline_path(s.report_json.as_deref());
-            file(
-                &path,
-                "timeline",
-                write_file(&path, |w| self.write_timeline_json(w)),
-            );
             let svg = timeline_svg_path(&path);
-            file(
-                &svg,
-                "timeline chart",
-                write_file(&svg, |w| self.write_timeline_svg(w)),
-            );
+            match write_file(&path, |w| self.write_timeline_json(w)) {
+                Ok(()) => {
+                    let result = write_file(&svg, |w| self.write_timeline_svg(w));
+                    let also = match &result {
+                        Ok(()) => format!(" (chart: {})", absolute(&svg).display()),
+                        Err(_) => String::new(),
+                    };
+                    match result {
+                        Ok(()) => file(&path, "timeline", Ok(()), &also),
+                        Err(e) => {
+                            file(&path, "timeline", Ok(()), "");
+                            file(&svg, "timeline chart", Err(e), "");
+                        }
+                    }
+                }
+                Err(e) => file(&path, "timeline", Err(e), ""),
+            }
         }
         let written = match &s.report_path {
             Some(path) => std::fs::write(path, &text),
@@ -112,6 +118,14 @@ impl Tracker {
             let path = path.display();
             write_stderr(format!("hbmalloc: could not write {path}: {e}\n{text}").as_bytes());
         }
+    }
+}
+
+/// `path` from the working directory, so a message says where a relative path went.
+fn absolute(path: &Path) -> PathBuf {
+    match std::env::current_dir() {
+        Ok(cwd) if path.is_relative() => cwd.join(path),
+        _ => path.to_path_buf(),
     }
 }
 

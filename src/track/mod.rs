@@ -67,8 +67,9 @@ impl Origin {
         match self {
             Origin::CudaMalloc => "cudaMalloc",
             Origin::CudaMallocAsync => "cudaMallocAsync",
-            Origin::HbmAlloc => "hbm_alloc",
-            Origin::Pool => "pool",
+            // The C functions as users call them.
+            Origin::HbmAlloc => "hbm_device_alloc",
+            Origin::Pool => "hbm_pool_alloc",
             Origin::KvCache => "kv_cache",
             Origin::CudaMallocHost => "cudaMallocHost",
             Origin::CudaHostAlloc => "cudaHostAlloc",

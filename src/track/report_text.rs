@@ -26,8 +26,9 @@ pub fn render(report: &LeakReport, detail: Detail) -> String {
     let s = report.summary;
     let _ = write!(
         out,
-        "hbmalloc: LEAK SUMMARY: {} bytes leaked in {} allocations",
-        s.bytes, s.count
+        "hbmalloc: LEAK SUMMARY: {} bytes leaked in {}",
+        s.bytes,
+        count(s.count, "allocation", "allocations")
     );
     if s.bytes >= 1024 {
         let _ = write!(out, " ({})", human_bytes(s.bytes));
@@ -40,12 +41,17 @@ pub fn render(report: &LeakReport, detail: Detail) -> String {
         if report.sites.len() > MAX_TEXT_SITES {
             let rest = &report.sites[MAX_TEXT_SITES..];
             let bytes: u64 = rest.iter().map(|s| s.bytes).sum();
-            let count: u64 = rest.iter().map(|s| s.count).sum();
             let _ = writeln!(
                 out,
-                "hbmalloc: ... and {} more call sites: {bytes} bytes in {count} allocations \
+                "hbmalloc: ... and {} more {}: {bytes} bytes in {} \
                  (report_json:FILE lists every one)",
-                rest.len()
+                rest.len(),
+                if rest.len() == 1 {
+                    "call site"
+                } else {
+                    "call sites"
+                },
+                count(count_of(rest), "allocation", "allocations"),
             );
         }
         if !report.backtraces && s.count > 0 {
@@ -55,33 +61,63 @@ pub fn render(report: &LeakReport, detail: Detail) -> String {
     if report.bad_frees > 0 {
         let _ = writeln!(
             out,
-            "hbmalloc: {} frees of unknown or already freed pointers were rejected",
-            report.bad_frees
+            "hbmalloc: {}",
+            if report.bad_frees == 1 {
+                "1 free of an unknown or already freed pointer was rejected".to_string()
+            } else {
+                format!(
+                    "{} frees of unknown or already freed pointers were rejected",
+                    report.bad_frees
+                )
+            }
         );
     }
     if report.stacks_overflowed > 0 {
         let _ = writeln!(
             out,
-            "hbmalloc: {} allocations were recorded without a stack: more than {} distinct stacks",
-            report.stacks_overflowed,
+            "hbmalloc: {} recorded without a stack: more than {} distinct stacks",
+            count(
+                report.stacks_overflowed,
+                "allocation was",
+                "allocations were"
+            ),
             super::stacks::MAX_STACKS
         );
     }
     out
 }
 
+/// What the exit report prints on stderr: nothing when nothing leaked and no free was rejected
+/// (as users of LD_PRELOAD tools expect), one line under `verbose:on`; else the full report.
+pub fn render_at_exit(report: &LeakReport, detail: Detail, verbose: bool) -> String {
+    let clean = report.summary.count == 0 && report.bad_frees == 0 && report.stacks_overflowed == 0;
+    match (clean, verbose) {
+        (false, _) => render(report, detail),
+        (true, true) if detail != Detail::Off => "hbmalloc: no leaks\n".to_string(),
+        (true, _) => String::new(),
+    }
+}
+
+/// `n` and the noun in its number: "1 allocation", "2 allocations".
+fn count(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+fn count_of(sites: &[Site]) -> u64 {
+    sites.iter().map(|s| s.count).sum()
+}
+
 fn render_site(out: &mut String, site: &Site) {
     let _ = write!(
         out,
-        "hbmalloc: {} bytes{} in {} allocation{} from {}",
+        "hbmalloc: {} bytes{} in {} from {}",
         site.bytes,
         if site.bytes >= 1024 {
             format!(" ({})", human_bytes(site.bytes))
         } else {
             String::new()
         },
-        site.count,
-        if site.count == 1 { "" } else { "s" },
+        count(site.count, "allocation", "allocations"),
         site.origins
             .iter()
             .map(|o| o.name())
@@ -136,5 +172,115 @@ impl Tracker {
                 Ok(())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::track::registry::Live;
+    use crate::track::{LeakSummary, Origin};
+
+    fn site(count: u64, origin: Origin) -> Site {
+        let live = Live {
+            size: 256,
+            epoch: 0,
+            time_ns: 0,
+            stream: 0,
+            device: 0,
+            thread: 1,
+            stack: crate::track::stacks::StackId::NONE,
+            origin,
+        };
+        Site {
+            bytes: 256 * count,
+            count,
+            frames: Vec::new(),
+            origins: vec![origin],
+            devices: vec![0],
+            allocations: vec![(0x1000, live)],
+        }
+    }
+
+    fn report(sites: Vec<Site>, bad_frees: u64, stacks_overflowed: u64) -> LeakReport {
+        LeakReport {
+            summary: LeakSummary {
+                bytes: sites.iter().map(|s| s.bytes).sum(),
+                count: count_of(&sites),
+            },
+            sites,
+            backtraces: true,
+            bad_frees,
+            stacks_overflowed,
+        }
+    }
+
+    #[test]
+    fn one_of_each_is_singular() {
+        let text = render(&report(vec![site(1, Origin::HbmAlloc)], 1, 1), Detail::Full);
+        assert!(
+            text.contains("LEAK SUMMARY: 256 bytes leaked in 1 allocation\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("256 bytes in 1 allocation from hbm_device_alloc on device 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("hbmalloc: 1 free of an unknown or already freed pointer was rejected"),
+            "{text}"
+        );
+        assert!(
+            text.contains("hbmalloc: 1 allocation was recorded without a stack"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn many_are_plural() {
+        let text = render(&report(vec![site(2, Origin::Pool)], 24, 3), Detail::Full);
+        assert!(
+            text.contains("LEAK SUMMARY: 512 bytes leaked in 2 allocations\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("512 bytes in 2 allocations from hbm_pool_alloc on device 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("hbmalloc: 24 frees of unknown or already freed pointers were rejected"),
+            "{text}"
+        );
+        assert!(
+            text.contains("hbmalloc: 3 allocations were recorded without a stack"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn sites_past_the_limit_are_counted_in_number() {
+        let sites: Vec<Site> = (0..=MAX_TEXT_SITES as u64)
+            .map(|_| site(1, Origin::CudaMalloc))
+            .collect();
+        let text = render(&report(sites, 0, 0), Detail::Full);
+        assert!(
+            text.contains("... and 1 more call site: 256 bytes in 1 allocation "),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_clean_exit_says_nothing_unless_verbose() {
+        let clean = report(Vec::new(), 0, 0);
+        assert_eq!(render_at_exit(&clean, Detail::Full, false), "");
+        assert_eq!(
+            render_at_exit(&clean, Detail::Full, true),
+            "hbmalloc: no leaks\n"
+        );
+        assert_eq!(render_at_exit(&clean, Detail::Off, true), "");
+        let leaked = report(vec![site(1, Origin::CudaMalloc)], 0, 0);
+        assert!(render_at_exit(&leaked, Detail::Summary, false).contains("LEAK SUMMARY"));
+        let bad_free = report(Vec::new(), 1, 0);
+        assert!(render_at_exit(&bad_free, Detail::Full, false).contains("was rejected"));
     }
 }

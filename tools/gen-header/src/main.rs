@@ -61,8 +61,17 @@ fn run() -> Result<PathBuf, String> {
     if let Some(dir) = out.parent() {
         fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
-    bindings.write_to_file(&out);
+    let mut text = Vec::new();
+    bindings.write(&mut text);
+    let text = String::from_utf8(text).map_err(|e| format!("cbindgen wrote non-UTF-8: {e}"))?;
+    fs::write(&out, c_speak(&text)).map_err(|e| format!("{}: {e}", out.display()))?;
     Ok(out)
+}
+
+/// The doc comments' rustdoc headings in C words: an `unsafe fn`'s `# Safety` section (which
+/// clippy requires in the Rust source) is what a C caller must guarantee.
+fn c_speak(header: &str) -> String {
+    header.replace(" * # Safety\n", " * Requirements:\n")
 }
 
 /// `#define HBMALLOC_VERSION_MAJOR 0` ... from `[package] version = "0.1.0"`.
