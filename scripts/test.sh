@@ -39,4 +39,7 @@ bash scripts/test-package.sh "$BUILD_DIR"
 step "without the CUDA runtime: configure, install, use the package"
 bash scripts/test-install-no-runtime.sh
 
+step "python package (python/hbmalloc) on the simulated device"
+bash scripts/test-python.sh
+
 step "all tests passed"
