@@ -6,3 +6,4 @@ pub mod ggml_type;
 pub mod gguf;
 pub mod kv;
 pub mod model;
+pub mod safetensors;
