@@ -7,6 +7,7 @@ pub mod ggml_type;
 pub mod gguf;
 pub mod kv;
 pub mod model;
+pub mod plan;
 pub mod presets;
 pub mod safetensors;
 pub mod weights;
