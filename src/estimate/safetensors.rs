@@ -164,7 +164,7 @@ fn header_len(head: &[u8], file_len: u64) -> Result<u64, SafetensorsError> {
         ));
     };
     let n = u64::from_le_bytes(len.try_into().expect("8 bytes"));
-    if n < 2 || n > MAX_HEADER || n > file_len.saturating_sub(8) {
+    if !(2..=MAX_HEADER).contains(&n) || n > file_len.saturating_sub(8) {
         return Err(SafetensorsError::at(
             0,
             format!(
