@@ -33,6 +33,11 @@ use super::weights::{slot_devices, weights_per_device, Model};
 /// cuBLAS workspace on recent drivers); measure it with scripts/estimate-vs-llamacpp.sh.
 pub const DEFAULT_OVERHEAD: u64 = 300 << 20;
 
+/// Largest context, batch and sequence count accepted (2^32 tokens, 2^24, 2^16).
+pub const MAX_CTX: u64 = 1 << 32;
+pub const MAX_BATCH: u64 = 1 << 24;
+pub const MAX_SEQ: u64 = 1 << 16;
+
 /// What to estimate for.
 #[derive(Debug, Clone)]
 pub struct Params {
@@ -122,6 +127,13 @@ pub fn estimate(m: &Model, p: &Params) -> Result<Estimate, String> {
     if p.n_ctx == 0 || p.n_ubatch == 0 || p.n_batch == 0 || p.n_seq == 0 {
         return Err("n_ctx, n_batch, n_ubatch and n_seq must be at least 1".into());
     }
+    // Bounds far above any real run keep every product below 2^64.
+    if p.n_ctx > MAX_CTX || p.n_ubatch > MAX_BATCH || p.n_batch > MAX_BATCH || p.n_seq > MAX_SEQ {
+        return Err(format!(
+            "n_ctx must be at most {MAX_CTX}, n_batch and n_ubatch at most {MAX_BATCH}, \
+             n_seq at most {MAX_SEQ}"
+        ));
+    }
     if p.tensor_split.iter().any(|s| !s.is_finite() || *s < 0.0) {
         return Err("tensor split fractions must be finite and non-negative".into());
     }
@@ -142,7 +154,7 @@ pub fn estimate(m: &Model, p: &Params) -> Result<Estimate, String> {
     let n_dev = p.tensor_split.len() + 1;
     let mut kv = vec![0u64; n_dev];
     for (il, b) in kv_layers.iter().enumerate() {
-        kv[slots[il]] += b;
+        kv[slots[il]] = kv[slots[il]].saturating_add(*b);
     }
     let c = ComputeShape::new(m, p, n_ubatch);
     let out_dev = slots[h.n_layer as usize];
@@ -152,7 +164,7 @@ pub fn estimate(m: &Model, p: &Params) -> Result<Estimate, String> {
             let mut compute = c.device(has_layers, d == out_dev);
             let overhead = if d == 0 { 0 } else { p.overhead };
             if d == 0 {
-                compute += c.input_embd;
+                compute = compute.saturating_add(c.input_embd);
             }
             DeviceEstimate {
                 name: if d == 0 {
@@ -164,7 +176,10 @@ pub fn estimate(m: &Model, p: &Params) -> Result<Estimate, String> {
                 kv_bytes: kv[d],
                 compute_bytes: compute,
                 overhead_bytes: overhead,
-                total_bytes: weights[d] + kv[d] + compute + overhead,
+                total_bytes: weights[d]
+                    .saturating_add(kv[d])
+                    .saturating_add(compute)
+                    .saturating_add(overhead),
             }
         })
         .collect();
@@ -197,26 +212,28 @@ impl ComputeShape {
             kv_size
         };
         let n_head = m.n_head.max(1);
+        // Saturating: the sizes come from a file header, which may lie.
+        let mul = |xs: &[u64]| xs.iter().fold(1u64, |a, &x| a.saturating_mul(x));
         let f = 4u64; // f32 activations
         let attn = if p.flash_attn {
-            n_ubatch * n_head * h.head_dim_v
+            mul(&[n_ubatch, n_head, h.head_dim_v])
         } else {
-            n_ubatch.saturating_mul(n_kv).saturating_mul(n_head)
+            mul(&[n_ubatch, n_kv, n_head])
         };
-        let ffn = 3 * n_ubatch * m.n_ff;
-        let hidden = f * 4 * n_ubatch * h.n_embd;
+        let ffn = mul(&[3, n_ubatch, m.n_ff]);
+        let hidden = mul(&[f, 4, n_ubatch, h.n_embd]);
         ComputeShape {
             hidden,
             layer_peak: hidden.saturating_add(f.saturating_mul(attn.max(ffn))),
-            logits: f * n_ubatch * m.n_vocab,
-            input_embd: f * n_ubatch * h.n_embd,
+            logits: mul(&[f, n_ubatch, m.n_vocab]),
+            input_embd: mul(&[f, n_ubatch, h.n_embd]),
         }
     }
 
     fn device(&self, has_layers: bool, has_output: bool) -> u64 {
         let layers = if has_layers { self.layer_peak } else { 0 };
         let output = if has_output {
-            self.hidden + self.logits
+            self.hidden.saturating_add(self.logits)
         } else {
             0
         };

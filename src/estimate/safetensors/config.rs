@@ -51,7 +51,10 @@ impl HfConfig {
                 .ok_or_else(|| format!("config.json lacks {k} (a positive integer)"))
         };
         let n_layer = need(self.num_hidden_layers, "num_hidden_layers")?;
-        let n_layer = u32::try_from(n_layer).map_err(|_| "num_hidden_layers too large")?;
+        let n_layer = u32::try_from(n_layer)
+            .ok()
+            .filter(|&n| n <= crate::estimate::model::MAX_LAYERS)
+            .ok_or("config.json: num_hidden_layers is implausibly large")?;
         let n_embd = need(self.hidden_size, "hidden_size")?;
         let n_head = need(self.num_attention_heads, "num_attention_heads")?;
         let n_head_kv = self.num_key_value_heads.unwrap_or(n_head);
