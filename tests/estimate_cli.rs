@@ -300,3 +300,36 @@ fn demo_on_the_simulated_device() {
     }
     assert!(!e.contains("allocations from"), "{e}");
 }
+
+/// Every byte of a GGUF file mutated, and the file cut at every byte: the whole path the
+/// commands take (reader, hyperparameters, estimate, planner) gives an answer or an error, never a
+/// panic.
+#[test]
+fn mutated_files_never_panic_the_estimate() {
+    use hbmalloc::estimate::budget::{estimate, Params};
+    use hbmalloc::estimate::plan::{fit, Ctx};
+    use hbmalloc::estimate::weights;
+    let d = tmp("fuzz");
+    let good = d.join("good.gguf");
+    write_gguf(&good);
+    let bytes = std::fs::read(&good).unwrap();
+    let header_end = bytes.len() - (64 * 100 + 2 * 64 * 64) * 2;
+    let f = d.join("m.gguf");
+    let check = |b: &[u8]| {
+        std::fs::write(&f, b).unwrap();
+        if let Ok(m) = weights::open(&f) {
+            let _ = estimate(&m, &Params::default());
+            let _ = fit(&m, &Params::default(), &[1 << 30], 0, Ctx::Auto);
+        }
+    };
+    for i in 0..header_end {
+        for v in [0u8, 0xFF, 0x7F, bytes[i] ^ 1] {
+            let mut m = bytes.clone();
+            m[i] = v;
+            check(&m);
+        }
+        check(&bytes[..i]);
+        assert!(weights::open(&f).is_err(), "cut at {i}");
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}
