@@ -17,6 +17,11 @@
 #define HBMALLOC_VERSION "0.1.0"
 
 /**
+ * Most GPUs an estimate describes.
+ */
+#define HBM_ESTIMATE_MAX_GPUS 16
+
+/**
  * Result of an `hbm_*` call (`HBM_STATUS_*` in C). Values are fixed forever: new ones are added, none is reused.
  */
 typedef enum HbmStatus {
@@ -98,6 +103,32 @@ typedef enum HbmPoolKind {
 } HbmPoolKind;
 
 /**
+ * The rung of the degradation ladder a plan chose (`HBM_FIT_RUNG_*`).
+ */
+typedef enum HbmFitRung {
+    /**
+     * Everything on the GPUs, F16 KV cache.
+     */
+    HBM_FIT_RUNG_GPU_F16 = 0,
+    /**
+     * Everything on the GPUs, Q8_0 KV cache, flash attention.
+     */
+    HBM_FIT_RUNG_GPU_Q80 = 1,
+    /**
+     * Everything on the GPUs, Q4_0 KV cache, flash attention.
+     */
+    HBM_FIT_RUNG_GPU_Q40 = 2,
+    /**
+     * The most layers that fit on the GPUs, Q4_0 KV cache, flash attention.
+     */
+    HBM_FIT_RUNG_PARTIAL = 3,
+    /**
+     * No layers on the GPUs.
+     */
+    HBM_FIT_RUNG_CPU = 4,
+} HbmFitRung;
+
+/**
  * Element type of a KV cache tensor (`HBM_TYPE_*` in C). The numbers are ggml's `GGML_TYPE_*`.
  *
  * Quantized types store blocks of 32 elements: `Q8_0` is an fp16 scale then 32 `int8` (34 bytes),
@@ -128,6 +159,11 @@ typedef enum HbmType {
 } HbmType;
 
 /**
+ * An estimate: totals, and per device (`devices[0]` the CPU, `devices[1 + k]` GPU k).
+ */
+typedef struct HbmEstimate HbmEstimate;
+
+/**
  * A KV cache (opaque). Made by `hbm_kv_cache_create`, freed by `hbm_kv_cache_destroy`. Every
  * other function may be called from any thread; they serialize on the cache's lock.
  */
@@ -144,6 +180,64 @@ typedef struct HbmPagedKv HbmPagedKv;
  * `hbm_pool_destroy`. Every function may be called on it from any thread.
  */
 typedef struct HbmPool HbmPool;
+
+/**
+ * What to estimate for. Fill it with `hbm_estimate_params_default`, then change fields.
+ */
+typedef struct HbmEstimateParams {
+    /**
+     * `sizeof(HbmEstimateParams)`, set by the caller.
+     */
+    size_t size;
+    /**
+     * Context length (padded to 256 as llama.cpp pads it), logical batch, micro-batch,
+     * parallel sequences; each at least 1.
+     */
+    uint64_t n_ctx;
+    uint64_t n_batch;
+    uint64_t n_ubatch;
+    uint64_t n_seq;
+    /**
+     * Cache types as `HBM_TYPE_*` (ggml's numbering): F32, F16, BF16, Q8_0, Q4_0.
+     */
+    int32_t type_k;
+    int32_t type_v;
+    /**
+     * Flash attention: 0 off, 1 on. A quantized V cache needs it.
+     */
+    int32_t flash_attn;
+    /**
+     * Layers on the GPUs (llama.cpp `-ngl`); more than the layer count also offloads the output.
+     */
+    uint32_t n_gpu_layers;
+    /**
+     * GPUs (1 to `HBM_ESTIMATE_MAX_GPUS`) and their split fractions (`--tensor-split`; the
+     * first `n_gpus` entries are read; all zero means equal shares).
+     */
+    uint32_t n_gpus;
+    float tensor_split[HBM_ESTIMATE_MAX_GPUS];
+    /**
+     * Bytes added to each GPU for the CUDA context and workspaces.
+     */
+    uint64_t overhead_bytes;
+} HbmEstimateParams;
+
+/**
+ * A plan: the rung, the estimate that realises it, the split and how many rungs were rejected.
+ */
+typedef struct HbmFitPlan {
+    /**
+     * `sizeof(HbmFitPlan)`, set by the caller.
+     */
+    size_t size;
+    /**
+     * An `HbmFitRung` value (a plain int: the caller's struct may hold anything before the call).
+     */
+    int32_t rung;
+    uint32_t n_rejected;
+    float tensor_split[HBM_ESTIMATE_MAX_GPUS];
+    struct HbmEstimate estimate;
+} HbmFitPlan;
 
 /**
  * Statistics of one device's caching pool (bytes are block sizes, after rounding).
@@ -453,9 +547,71 @@ typedef struct HbmPoolStats {
     uint64_t released_bytes;
 } HbmPoolStats;
 
+/**
+ * One device's share of an estimate.
+ */
+typedef struct HbmDeviceEstimate {
+    uint64_t weights_bytes;
+    uint64_t kv_bytes;
+    uint64_t compute_bytes;
+    uint64_t overhead_bytes;
+    uint64_t total_bytes;
+} HbmDeviceEstimate;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
+
+/**
+ * Fills `*out_params` with the defaults: n_ctx 4096, n_batch 2048, n_ubatch 512, one sequence,
+ * F16 K and V, flash attention off, every layer on one GPU, 300 MiB overhead.
+ *
+ * Returns `HBM_STATUS_NULL_PARAMETER` if `out_params` is NULL, `HBM_STATUS_INVALID_VALUE` if
+ * `out_params->size` is smaller than this version's `sizeof(HbmEstimateParams)`.
+ *
+ * # Safety
+ * `out_params` must be NULL or point to a writable `HbmEstimateParams` whose `size` is set.
+ */
+enum HbmStatus hbm_estimate_params_default(struct HbmEstimateParams *out_params);
+
+/**
+ * Estimates the memory a llama.cpp run of a model needs, per component and per device, from
+ * the model file's header alone (`.gguf`, `.safetensors` with `config.json` beside it, a
+ * `model.safetensors.index.json`, or a folder), or from a built-in preset.
+ *
+ * - `model`: the path, or with `is_preset` 1 a preset name (`llama-7b`, `llama-3.1-8b`, ...).
+ * - `params`: from `hbm_estimate_params_default`, possibly changed; read only.
+ * - `out`: written on success; its `size` must be set by the caller.
+ *
+ * Returns `HBM_STATUS_OK`; `HBM_STATUS_NULL_PARAMETER` for a NULL argument;
+ * `HBM_STATUS_IO_ERROR` if the file does not exist; `HBM_STATUS_INVALID_VALUE` for a malformed
+ * file, an unknown preset, a bad parameter (a size field too small, an unsupported cache type,
+ * a quantized V cache without flash attention, more than `HBM_ESTIMATE_MAX_GPUS` GPUs). Reads
+ * only the header; allocates no device memory. `out` is untouched on an error.
+ *
+ * # Safety
+ * `model` must be a NUL-terminated string; `params` and `out` must point to valid structs.
+ */
+enum HbmStatus hbm_estimate_model(const char *model, int32_t is_preset, const struct HbmEstimateParams *params, struct HbmEstimate *out);
+
+/**
+ * Plans the llama.cpp settings that fit: walks F16 KV, Q8_0 KV, Q4_0 KV (both with flash
+ * attention), partial offload and CPU only, and takes the first rung that fits every GPU.
+ *
+ * - `model`, `is_preset`: as for `hbm_estimate_model`.
+ * - `params`: batch sizes, sequences and overhead are read from it (the ladder sets the rest);
+ *   its `n_ctx` is the context to plan for, 0 for the largest that fits.
+ * - `free_bytes`: `n_gpus` entries, each GPU's free memory; `margin_bytes` kept free on each.
+ * - `out`: written on success; its `size` and `estimate.size` must be set by the caller.
+ *
+ * Returns as `hbm_estimate_model` does; `n_gpus` 0 or above `HBM_ESTIMATE_MAX_GPUS` is
+ * `HBM_STATUS_INVALID_VALUE`.
+ *
+ * # Safety
+ * `model` must be a NUL-terminated string, `params` and `out` valid structs, and `free_bytes`
+ * valid for reading `n_gpus` values.
+ */
+enum HbmStatus hbm_estimate_fit(const char *model, int32_t is_preset, const struct HbmEstimateParams *params, const uint64_t *free_bytes, uint32_t n_gpus, uint64_t margin_bytes, struct HbmFitPlan *out);
 
 /**
  * The library version, "MAJOR.MINOR.PATCH". Static storage; never free it.

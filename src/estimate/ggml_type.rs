@@ -3,7 +3,7 @@
 //!
 //! Values follow `type_traits[]` in ggml's `ggml.c` (`blck_size`, `type_size` = `sizeof(block_*)`
 //! from `ggml-common.h`). Ids 4, 5 (Q4_2/Q4_3), 31..=33 and 36..=38 (the removed repacked types) are
-//! not types any more and are rejected.
+//! not types any more and are rejected; 40 (NVFP4) and 41 (Q1_0) are the newest upstream types.
 
 use std::fmt;
 
@@ -36,7 +36,8 @@ macro_rules! types {
 //   q2_K 16+64+d+dmin, q3_K 32+64+12+d, q4_K d+dmin+12+128, q5_K d+dmin+12+32+128,
 //   q6_K 128+64+16+d, q8_K f32+256+int16[16], iq2_xxs d+64, iq2_xs d+64+8, iq3_xxs d+96,
 //   iq1_s d+32+16, iq4_nl d+16, iq3_s d+64+8+32+4, iq2_s d+64+8+8, iq4_xs d+2+4+128,
-//   iq1_m 32+16+8, tq1_0 48+4+d, tq2_0 64+d, mxfp4 e8m0+16.
+//   iq1_m 32+16+8, tq1_0 48+4+d, tq2_0 64+d, mxfp4 e8m0+16, nvfp4 (QK 64) 4 ue4m3+32,
+//   q1_0 (QK 128) d+16.
 types! {
     F32 = 0, "f32", 1, 4;
     F16 = 1, "f16", 1, 2;
@@ -70,6 +71,8 @@ types! {
     TQ1_0 = 34, "tq1_0", 256, 54;
     TQ2_0 = 35, "tq2_0", 256, 66;
     MXFP4 = 39, "mxfp4", 32, 17;
+    NVFP4 = 40, "nvfp4", 64, 36;
+    Q1_0 = 41, "q1_0", 128, 18;
 }
 
 /// Why a byte count could not be computed.
@@ -185,12 +188,12 @@ mod tests {
                 assert_ne!(t.name, u.name);
             }
         }
-        assert_eq!(ALL.len(), 32);
+        assert_eq!(ALL.len(), 34);
     }
 
     #[test]
     fn removed_and_unknown_ids_are_rejected() {
-        for id in [4, 5, 31, 32, 33, 36, 37, 38, 40, 1000, u32::MAX] {
+        for id in [4, 5, 31, 32, 33, 36, 37, 38, 42, 1000, u32::MAX] {
             assert_eq!(GgmlType::from_id(id), None, "id {id}");
         }
         assert_eq!(GgmlType::from_name("q4_2"), None);
@@ -211,6 +214,11 @@ mod tests {
         assert_eq!(bpw(GgmlType::TQ2_0), 2.0625);
         assert_eq!(bpw(GgmlType::MXFP4), 4.25);
         assert_eq!(bpw(GgmlType::F16), 16.0);
+        // Added upstream after MXFP4: nvfp4 4.5 bpw (64 per block), q1_0 1.125 bpw (128).
+        assert_eq!(GgmlType::from_id(40), Some(GgmlType::NVFP4));
+        assert_eq!(bpw(GgmlType::NVFP4), 4.5);
+        assert_eq!(GgmlType::from_id(41), Some(GgmlType::Q1_0));
+        assert_eq!(bpw(GgmlType::Q1_0), 1.125);
     }
 
     #[test]

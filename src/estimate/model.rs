@@ -2,6 +2,9 @@
 
 use super::gguf::{GgufFile, Value};
 
+/// The most layers a model may declare.
+pub const MAX_LAYERS: u32 = 1 << 16;
+
 /// What the KV cache and weight split need to know about a model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Hparams {
@@ -54,8 +57,11 @@ impl Hparams {
         let num = |k: &str| f.get(&key(k)).and_then(Value::as_u64);
         let need =
             |k: &str| num(k).ok_or_else(|| format!("GGUF metadata lacks {} (an integer)", key(k)));
-        let n_layer =
-            u32::try_from(need("block_count")?).map_err(|_| key("block_count") + " too large")?;
+        // Bounded before per-layer vectors are sized by it (real models have at most a few hundred).
+        let n_layer = u32::try_from(need("block_count")?)
+            .ok()
+            .filter(|&n| n <= MAX_LAYERS)
+            .ok_or_else(|| format!("{} of at most {MAX_LAYERS}", key("block_count")))?;
         let n_embd = need("embedding_length")?;
         let per_layer = |k: &str, default: u64| -> Result<Vec<u64>, String> {
             match f.get(&key(k)) {
@@ -162,5 +168,13 @@ mod tests {
             ),
         ]);
         assert!(Hparams::from_gguf(&f).unwrap_err().contains("must hold 3"));
+        // A lying layer count is refused before anything is sized by it.
+        let f = file(vec![
+            ("general.architecture", Value::String("x".into())),
+            ("x.block_count", Value::U32(u32::MAX)),
+            ("x.embedding_length", Value::U32(64)),
+            ("x.attention.head_count", Value::U32(4)),
+        ]);
+        assert!(Hparams::from_gguf(&f).unwrap_err().contains("at most"));
     }
 }

@@ -11,6 +11,7 @@
 
 pub mod cuda_api;
 pub mod cuda_host_api;
+pub mod estimate_api;
 pub(crate) mod guard;
 pub mod hbm_api;
 pub mod kv_api;

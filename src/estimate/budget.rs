@@ -1,0 +1,342 @@
+//! The estimate: weights, KV cache, compute buffers and overhead, per device.
+//!
+//! Compute buffers are an APPROXIMATION of ggml-alloc's worst-case graph for one micro-batch
+//! (llama.cpp reserves it at start-up: `graph_reserve` with n_tokens = n_ubatch, every cache cell
+//! visible). ggml-alloc frees a tensor after its last use, so a device's peak is one layer's
+//! largest live set, not the sum over layers. Per GPU that holds layers, in f32 (4 bytes):
+//!
+//! ```text
+//! hidden   = 4 * n_ubatch * n_embd                 residual, norm, attention out, ffn out
+//! attn     = n_ubatch * n_kv * n_head              KQ scores (soft_max in place), without FA
+//!          = n_ubatch * n_head * head_dim_v        the output only, with flash attention
+//! ffn      = 3 * n_ubatch * n_ff                   gate, up and their product (n_ff: widest
+//!                                                  dense FFN, or expert width * experts used)
+//! logits   = n_ubatch * n_vocab                    on the device that holds the output layer
+//! layers   = hidden + max(attn, ffn)
+//! compute  = 4 * max(layers, hidden + logits)      (the output comes after the last layer)
+//! ```
+//!
+//! with `n_kv` the KV cells of the widest layer (the full padded n_ctx; a sliding-window model
+//! whose every layer slides uses the smaller SWA size). The CPU's host compute buffer holds the
+//! input embeddings (`4 * n_ubatch * n_embd`) plus the layers/logits above for whatever part of
+//! the model runs on it. This is where the estimate is least exact; scripts/estimate-vs-llamacpp.sh
+//! measures it against llama.cpp's `compute buffer size` lines.
+//!
+//! Overhead: each GPU also carries the CUDA context, cuBLAS and the kernels' workspaces, which
+//! no file describes; it is a stated, configurable figure ([`DEFAULT_OVERHEAD`]).
+
+use super::ggml_type::GgmlType;
+use super::kv::{kv_bytes_per_layer, padded_ctx, KvParams};
+use super::weights::{slot_devices, weights_per_device, Model};
+
+/// Per-GPU overhead assumed when none is given: 300 MiB (CUDA context with kernels loaded and
+/// cuBLAS workspace on recent drivers); measure it with scripts/estimate-vs-llamacpp.sh.
+pub const DEFAULT_OVERHEAD: u64 = 300 << 20;
+
+/// Largest context, batch and sequence count accepted (2^32 tokens, 2^24, 2^16).
+pub const MAX_CTX: u64 = 1 << 32;
+pub const MAX_BATCH: u64 = 1 << 24;
+pub const MAX_SEQ: u64 = 1 << 16;
+
+/// What to estimate for.
+#[derive(Debug, Clone)]
+pub struct Params {
+    pub n_ctx: u64,
+    pub n_batch: u64,
+    pub n_ubatch: u64,
+    pub n_seq: u64,
+    pub type_k: GgmlType,
+    pub type_v: GgmlType,
+    pub flash_attn: bool,
+    /// Layers on the GPUs (llama.cpp `-ngl`); more than n_layer also puts the output there.
+    pub n_gpu_layers: u32,
+    /// One fraction per GPU (`--tensor-split`); its length is the number of GPUs.
+    pub tensor_split: Vec<f64>,
+    /// Bytes added to each GPU.
+    pub overhead: u64,
+}
+
+impl Default for Params {
+    fn default() -> Params {
+        Params {
+            n_ctx: 4096,
+            n_batch: 2048,
+            n_ubatch: 512,
+            n_seq: 1,
+            type_k: GgmlType::F16,
+            type_v: GgmlType::F16,
+            flash_attn: false,
+            n_gpu_layers: 999,
+            tensor_split: vec![1.0],
+            overhead: DEFAULT_OVERHEAD,
+        }
+    }
+}
+
+/// One device's share.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceEstimate {
+    /// `CPU`, `GPU0`, `GPU1`, ...
+    pub name: String,
+    pub weights_bytes: u64,
+    pub kv_bytes: u64,
+    pub compute_bytes: u64,
+    pub overhead_bytes: u64,
+    pub total_bytes: u64,
+}
+
+/// The estimate for one set of [`Params`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Estimate {
+    pub n_ctx: u64,
+    pub type_k: GgmlType,
+    pub type_v: GgmlType,
+    pub flash_attn: bool,
+    /// `-ngl` as given, capped at n_layer + 1.
+    pub n_gpu_layers: u32,
+    pub devices: Vec<DeviceEstimate>,
+}
+
+impl Estimate {
+    fn sum(&self, f: impl Fn(&DeviceEstimate) -> u64) -> u64 {
+        self.devices.iter().map(f).sum()
+    }
+    pub fn weights_bytes(&self) -> u64 {
+        self.sum(|d| d.weights_bytes)
+    }
+    pub fn kv_bytes(&self) -> u64 {
+        self.sum(|d| d.kv_bytes)
+    }
+    pub fn compute_bytes(&self) -> u64 {
+        self.sum(|d| d.compute_bytes)
+    }
+    pub fn overhead_bytes(&self) -> u64 {
+        self.sum(|d| d.overhead_bytes)
+    }
+    pub fn total_bytes(&self) -> u64 {
+        self.sum(|d| d.total_bytes)
+    }
+    /// The GPUs' shares (all but the CPU).
+    pub fn gpus(&self) -> &[DeviceEstimate] {
+        &self.devices[1..]
+    }
+}
+
+/// Estimates memory per device (index 0 the CPU, then one per `tensor_split` entry).
+pub fn estimate(m: &Model, p: &Params) -> Result<Estimate, String> {
+    if p.n_ctx == 0 || p.n_ubatch == 0 || p.n_batch == 0 || p.n_seq == 0 {
+        return Err("n_ctx, n_batch, n_ubatch and n_seq must be at least 1".into());
+    }
+    // Bounds far above any real run keep every product below 2^64.
+    if p.n_ctx > MAX_CTX || p.n_ubatch > MAX_BATCH || p.n_batch > MAX_BATCH || p.n_seq > MAX_SEQ {
+        return Err(format!(
+            "n_ctx must be at most {MAX_CTX}, n_batch and n_ubatch at most {MAX_BATCH}, \
+             n_seq at most {MAX_SEQ}"
+        ));
+    }
+    if p.tensor_split.iter().any(|s| !s.is_finite() || *s < 0.0) {
+        return Err("tensor split fractions must be finite and non-negative".into());
+    }
+    let h = &m.hparams;
+    let n_ubatch = p.n_ubatch.min(p.n_batch);
+    let kvp = KvParams {
+        n_ctx: p.n_ctx,
+        n_ubatch,
+        n_seq: p.n_seq,
+        type_k: p.type_k,
+        type_v: p.type_v,
+        flash_attn: p.flash_attn,
+    };
+    let kv_layers = kv_bytes_per_layer(h, &kvp)?;
+    let ngl = p.n_gpu_layers.min(h.n_layer.saturating_add(1));
+    let slots = slot_devices(h.n_layer, ngl, &p.tensor_split);
+    let weights = weights_per_device(m, ngl, &p.tensor_split);
+    let n_dev = p.tensor_split.len() + 1;
+    let mut kv = vec![0u64; n_dev];
+    for (il, b) in kv_layers.iter().enumerate() {
+        kv[slots[il]] = kv[slots[il]].saturating_add(*b);
+    }
+    let c = ComputeShape::new(m, p, n_ubatch);
+    let out_dev = slots[h.n_layer as usize];
+    let devices = (0..n_dev)
+        .map(|d| {
+            let has_layers = slots[..h.n_layer as usize].contains(&d);
+            let mut compute = c.device(has_layers, d == out_dev);
+            let overhead = if d == 0 { 0 } else { p.overhead };
+            if d == 0 {
+                compute = compute.saturating_add(c.input_embd);
+            }
+            DeviceEstimate {
+                name: if d == 0 {
+                    "CPU".into()
+                } else {
+                    format!("GPU{}", d - 1)
+                },
+                weights_bytes: weights[d],
+                kv_bytes: kv[d],
+                compute_bytes: compute,
+                overhead_bytes: overhead,
+                total_bytes: weights[d]
+                    .saturating_add(kv[d])
+                    .saturating_add(compute)
+                    .saturating_add(overhead),
+            }
+        })
+        .collect();
+    Ok(Estimate {
+        n_ctx: padded_ctx(p.n_ctx),
+        type_k: p.type_k,
+        type_v: p.type_v,
+        flash_attn: p.flash_attn,
+        n_gpu_layers: ngl,
+        devices,
+    })
+}
+
+/// The terms of the compute-buffer formula (module docs), in bytes.
+struct ComputeShape {
+    hidden: u64,
+    layer_peak: u64,
+    logits: u64,
+    input_embd: u64,
+}
+
+impl ComputeShape {
+    fn new(m: &Model, p: &Params, n_ubatch: u64) -> ComputeShape {
+        let h = &m.hparams;
+        let kv_size = padded_ctx(p.n_ctx);
+        let all_swa = h.n_swa > 0 && h.swa_layers.iter().all(|&s| s);
+        let n_kv = if all_swa {
+            kv_size.min(padded_ctx(h.n_swa * p.n_seq + n_ubatch))
+        } else {
+            kv_size
+        };
+        let n_head = m.n_head.max(1);
+        // Saturating: the sizes come from a file header, which may lie.
+        let mul = |xs: &[u64]| xs.iter().fold(1u64, |a, &x| a.saturating_mul(x));
+        let f = 4u64; // f32 activations
+        let attn = if p.flash_attn {
+            mul(&[n_ubatch, n_head, h.head_dim_v])
+        } else {
+            mul(&[n_ubatch, n_kv, n_head])
+        };
+        let ffn = mul(&[3, n_ubatch, m.n_ff]);
+        let hidden = mul(&[f, 4, n_ubatch, h.n_embd]);
+        ComputeShape {
+            hidden,
+            layer_peak: hidden.saturating_add(f.saturating_mul(attn.max(ffn))),
+            logits: mul(&[f, n_ubatch, m.n_vocab]),
+            input_embd: mul(&[f, n_ubatch, h.n_embd]),
+        }
+    }
+
+    fn device(&self, has_layers: bool, has_output: bool) -> u64 {
+        let layers = if has_layers { self.layer_peak } else { 0 };
+        let output = if has_output {
+            self.hidden.saturating_add(self.logits)
+        } else {
+            0
+        };
+        layers.max(output)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::estimate::presets::find;
+
+    const MIB: u64 = 1 << 20;
+
+    fn llama7b() -> Model {
+        find("llama-7b").unwrap().model(GgmlType::F16).unwrap()
+    }
+
+    #[test]
+    fn all_on_one_gpu() {
+        let m = llama7b();
+        let e = estimate(&m, &Params::default()).unwrap();
+        assert_eq!(e.devices.len(), 2);
+        let (cpu, gpu) = (&e.devices[0], &e.devices[1]);
+        // Token embeddings stay on the CPU: 32000 x 4096 f16.
+        assert_eq!(cpu.weights_bytes, 32000 * 4096 * 2);
+        assert_eq!(gpu.weights_bytes, m.total_bytes() - cpu.weights_bytes);
+        assert_eq!(gpu.kv_bytes, 2 << 30);
+        assert_eq!(cpu.kv_bytes, 0);
+        // KQ 512 x 4096 x 32 f32 = 256 MiB, + hidden 32 MiB; logits (62.5 MiB) come later.
+        assert_eq!(gpu.compute_bytes, 288 * MIB);
+        assert_eq!(cpu.compute_bytes, 8 * MIB);
+        assert_eq!(gpu.overhead_bytes, DEFAULT_OVERHEAD);
+        assert_eq!(
+            e.total_bytes(),
+            e.weights_bytes() + e.kv_bytes() + e.compute_bytes() + e.overhead_bytes()
+        );
+        // Flash attention drops the KQ matrix: the FFN (3 x 512 x 11008 f32) is the peak.
+        let fa = estimate(
+            &m,
+            &Params {
+                flash_attn: true,
+                ..Params::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(fa.devices[1].compute_bytes, 32 * MIB + 4 * 3 * 512 * 11008);
+    }
+
+    #[test]
+    fn partial_offload_and_two_gpus() {
+        let m = llama7b();
+        let layer = m
+            .weights
+            .iter()
+            .filter(|w| w.name.starts_with("blk.0."))
+            .map(|w| w.bytes)
+            .sum::<u64>();
+        let e = estimate(
+            &m,
+            &Params {
+                n_gpu_layers: 10,
+                ..Params::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(e.devices[1].weights_bytes, 10 * layer);
+        assert_eq!(e.devices[1].kv_bytes, (2 << 30) / 32 * 10);
+        assert_eq!(e.devices[0].kv_bytes, (2 << 30) / 32 * 22);
+        let two = Params {
+            tensor_split: vec![1.0, 1.0],
+            ..Params::default()
+        };
+        let e = estimate(&m, &two).unwrap();
+        assert_eq!(e.devices.len(), 3);
+        // 33 slots: 17 (layers 0-16) on GPU0; layers 17-31 and the output on GPU1.
+        assert_eq!(e.devices[1].weights_bytes, 17 * layer);
+        assert_eq!(e.devices[1].kv_bytes, (2 << 30) / 32 * 17);
+        assert_eq!(e.devices[2].kv_bytes, (2 << 30) / 32 * 15);
+        let cpu_only = estimate(
+            &m,
+            &Params {
+                n_gpu_layers: 0,
+                ..Params::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(cpu_only.devices[1].total_bytes, DEFAULT_OVERHEAD);
+        assert!(estimate(
+            &m,
+            &Params {
+                n_ctx: 0,
+                ..Params::default()
+            }
+        )
+        .is_err());
+        assert!(estimate(
+            &m,
+            &Params {
+                tensor_split: vec![f64::NAN],
+                ..Params::default()
+            }
+        )
+        .is_err());
+    }
+}
