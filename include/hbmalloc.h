@@ -569,7 +569,7 @@ extern "C" {
  * Returns `HBM_STATUS_NULL_PARAMETER` if `out_params` is NULL, `HBM_STATUS_INVALID_VALUE` if
  * `out_params->size` is smaller than this version's `sizeof(HbmEstimateParams)`.
  *
- * # Safety
+ * Requirements:
  * `out_params` must be NULL or point to a writable `HbmEstimateParams` whose `size` is set.
  */
 enum HbmStatus hbm_estimate_params_default(struct HbmEstimateParams *out_params);
@@ -589,7 +589,7 @@ enum HbmStatus hbm_estimate_params_default(struct HbmEstimateParams *out_params)
  * a quantized V cache without flash attention, more than `HBM_ESTIMATE_MAX_GPUS` GPUs). Reads
  * only the header; allocates no device memory. `out` is untouched on an error.
  *
- * # Safety
+ * Requirements:
  * `model` must be a NUL-terminated string; `params` and `out` must point to valid structs.
  */
 enum HbmStatus hbm_estimate_model(const char *model, int32_t is_preset, const struct HbmEstimateParams *params, struct HbmEstimate *out);
@@ -607,7 +607,7 @@ enum HbmStatus hbm_estimate_model(const char *model, int32_t is_preset, const st
  * Returns as `hbm_estimate_model` does; `n_gpus` 0 or above `HBM_ESTIMATE_MAX_GPUS` is
  * `HBM_STATUS_INVALID_VALUE`.
  *
- * # Safety
+ * Requirements:
  * `model` must be a NUL-terminated string, `params` and `out` valid structs, and `free_bytes`
  * valid for reading `n_gpus` values.
  */
@@ -886,7 +886,7 @@ enum HbmStatus hbm_kv_cache_dequantize(const struct HbmKvCache *cache, uint32_t 
  * `*out_kv` is untouched and nothing is held. The caller frees the cache with
  * `hbm_paged_kv_destroy`.
  *
- * # Safety
+ * Requirements:
  * `params` is NULL or points at an `HbmPagedKvParams` whose `layers` is NULL or points at
  * `n_layer` layers; `out_kv` is NULL or valid for one write.
  */
@@ -896,7 +896,7 @@ enum HbmStatus hbm_paged_kv_create(const struct HbmPagedKvParams *params, struct
  * Destroys a cache: waits for the device to finish with it, then gives back all its memory and
  * address space. NULL is a no-op. Pointers obtained from the cache are invalid afterwards.
  *
- * # Safety
+ * Requirements:
  * `kv` is NULL or a handle from `hbm_paged_kv_create` not yet destroyed, used by no other
  * thread during or after the call.
  */
@@ -914,7 +914,7 @@ void hbm_paged_kv_destroy(struct HbmPagedKv *kv);
  * `HBM_STATUS_OUT_OF_MEMORY` when a pool has too few free blocks or the device too little
  * memory (the engine may free or preempt sequences and retry). On an error nothing changed.
  *
- * # Safety
+ * Requirements:
  * `kv` is NULL or a live handle; `stream` a `cudaStream_t` of the cache's device or NULL.
  */
 enum HbmStatus hbm_paged_kv_seq_add_tokens(const struct HbmPagedKv *kv, uint32_t seq, uint32_t n_tokens, void *stream);
@@ -926,7 +926,7 @@ enum HbmStatus hbm_paged_kv_seq_add_tokens(const struct HbmPagedKv *kv, uint32_t
  * Returns `HBM_STATUS_OK`; `HBM_STATUS_NULL_PARAMETER`; `HBM_STATUS_INVALID_VALUE` when `src`
  * is not live, `dst` is live, or either is out of range. On an error nothing changed.
  *
- * # Safety
+ * Requirements:
  * `kv` is NULL or a live handle.
  */
 enum HbmStatus hbm_paged_kv_seq_fork(const struct HbmPagedKv *kv, uint32_t src, uint32_t dst);
@@ -938,7 +938,7 @@ enum HbmStatus hbm_paged_kv_seq_fork(const struct HbmPagedKv *kv, uint32_t src, 
  * is not live, `n_tokens` exceeds its length, or a sliding-window layer already gave back blocks
  * the shorter sequence's window would need. On an error nothing changed.
  *
- * # Safety
+ * Requirements:
  * `kv` is NULL or a live handle.
  */
 enum HbmStatus hbm_paged_kv_seq_truncate(const struct HbmPagedKv *kv, uint32_t seq, uint32_t n_tokens);
@@ -951,7 +951,7 @@ enum HbmStatus hbm_paged_kv_seq_truncate(const struct HbmPagedKv *kv, uint32_t s
  * Returns `HBM_STATUS_OK`; `HBM_STATUS_NULL_PARAMETER`; `HBM_STATUS_INVALID_VALUE` when `seq`
  * is not live.
  *
- * # Safety
+ * Requirements:
  * `kv` is NULL or a live handle.
  */
 enum HbmStatus hbm_paged_kv_seq_free(const struct HbmPagedKv *kv, uint32_t seq);
@@ -962,7 +962,7 @@ enum HbmStatus hbm_paged_kv_seq_free(const struct HbmPagedKv *kv, uint32_t seq);
  * Returns `HBM_STATUS_OK`; `HBM_STATUS_NULL_PARAMETER`; `HBM_STATUS_INVALID_VALUE` when `seq`
  * is not live (`*out_len` untouched).
  *
- * # Safety
+ * Requirements:
  * `kv` is NULL or a live handle; `out_len` NULL or valid for one write.
  */
 enum HbmStatus hbm_paged_kv_seq_len(const struct HbmPagedKv *kv, uint32_t seq, uint32_t *out_len);
@@ -977,7 +977,7 @@ enum HbmStatus hbm_paged_kv_seq_len(const struct HbmPagedKv *kv, uint32_t seq, u
  * Returns `HBM_STATUS_OK`; `HBM_STATUS_NULL_PARAMETER` if any pointer is NULL;
  * `HBM_STATUS_INVALID_VALUE` for `layer >= n_layer` (outputs untouched).
  *
- * # Safety
+ * Requirements:
  * `kv` is NULL or a live handle; each output NULL or valid for one write.
  */
 enum HbmStatus hbm_paged_kv_block_table(const struct HbmPagedKv *kv, uint32_t layer, const int32_t **out_table, uint32_t *out_max_blocks_per_seq);
@@ -991,7 +991,7 @@ enum HbmStatus hbm_paged_kv_block_table(const struct HbmPagedKv *kv, uint32_t la
  * Returns `HBM_STATUS_OK`; `HBM_STATUS_NULL_PARAMETER` if any pointer is NULL;
  * `HBM_STATUS_INVALID_VALUE` for `layer >= n_layer` (outputs untouched).
  *
- * # Safety
+ * Requirements:
  * `kv` is NULL or a live handle; each output NULL or valid for one write.
  */
 enum HbmStatus hbm_paged_kv_layer(const struct HbmPagedKv *kv, uint32_t layer, void **out_k, void **out_v, size_t *out_row_bytes_k, size_t *out_row_bytes_v);
@@ -1007,7 +1007,7 @@ enum HbmStatus hbm_paged_kv_layer(const struct HbmPagedKv *kv, uint32_t layer, v
  * arrays with `n_seqs > 0`; `HBM_STATUS_INVALID_VALUE` for `layer` out of range, a sequence not
  * live, an `n_new` beyond its length, or more slots than `capacity` (`out_slots` untouched).
  *
- * # Safety
+ * Requirements:
  * `kv` is NULL or a live handle; `seqs` and `n_new` NULL or `n_seqs` elements each; `out_slots`
  * NULL or `capacity` writable elements; `out_n_slots` NULL or valid for one write.
  */
@@ -1034,7 +1034,7 @@ enum HbmStatus hbm_paged_kv_slot_mapping(const struct HbmPagedKv *kv, uint32_t l
  * the blocks held by exactly one sequence (a shared block is never written); nothing is queued
  * then. `HBM_STATUS_NOT_SUPPORTED` when the device's kernels are not available.
  *
- * # Safety
+ * Requirements:
  * `kv` is NULL or a live handle; sources and slots NULL or device memory of the sizes above.
  */
 enum HbmStatus hbm_paged_kv_append(const struct HbmPagedKv *kv, uint32_t layer, const void *k_src, const void *v_src, int32_t src_type, const int64_t *slots, uint32_t n_tokens, void *stream);
@@ -1051,7 +1051,7 @@ enum HbmStatus hbm_paged_kv_append(const struct HbmPagedKv *kv, uint32_t layer, 
  * window, a V destination on a layer without V, another `dst_type`, or a misaligned destination
  * (nothing is queued then).
  *
- * # Safety
+ * Requirements:
  * `kv` is NULL or a live handle; destinations NULL or device memory of the sizes above, not
  * overlapping the cache.
  */
@@ -1061,7 +1061,7 @@ enum HbmStatus hbm_paged_kv_gather(const struct HbmPagedKv *kv, uint32_t layer, 
  * Gives back the memory of granules no live block uses (after one device synchronize).
  * `out_released` (may be NULL) receives the bytes given back.
  *
- * # Safety
+ * Requirements:
  * `kv` is NULL or a live handle; `out_released` NULL or valid for one write.
  */
 enum HbmStatus hbm_paged_kv_trim(const struct HbmPagedKv *kv, uint64_t *out_released);
@@ -1069,7 +1069,7 @@ enum HbmStatus hbm_paged_kv_trim(const struct HbmPagedKv *kv, uint64_t *out_rele
 /**
  * Fills `*out_stats` with the cache's counters.
  *
- * # Safety
+ * Requirements:
  * `kv` is NULL or a live handle; `out_stats` NULL or valid for one write.
  */
 enum HbmStatus hbm_paged_kv_stats(const struct HbmPagedKv *kv, struct HbmPagedKvStats *out_stats);
@@ -1210,7 +1210,7 @@ enum HbmStatus hbm_report_leaks(const char *path);
  *
  * `path`: as for `hbm_report_leaks` (NULL writes to stderr). Returns as `hbm_report_leaks` does.
  *
- * # Safety
+ * Requirements:
  * `path` is NULL or points to a NUL-terminated string valid for the duration of the call.
  */
 enum HbmStatus hbm_report_json(const char *path);
