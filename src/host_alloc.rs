@@ -8,50 +8,60 @@
 //! here, so that leaks and their call sites cover it; on the simulated device it is host memory.
 //!
 //! The tracker's record is what says which kind a pointer is: its origin. A `cudaFree` of a pinned
-//! block or a `cudaFreeHost` of a device block matches no record of its own kind, and is refused.
+//! block or a `cudaFreeHost` of a device block is for a record of another kind (`track::Want`),
+//! and is refused with the record left as it was.
 
+use crate::alloc::{self, FreeError, Freed};
 use crate::backend::{Backend, DevicePtr, HOST_DEVICE};
 use crate::error::{Error, Result};
-use crate::runtime;
-use crate::track::{self, Origin};
-
-/// The origins of blocks that live in the pinned host pool.
-pub const PINNED_ORIGINS: [Origin; 2] = [Origin::CudaMallocHost, Origin::CudaHostAlloc];
+use crate::runtime::{self, Active};
+use crate::track::{self, Live, Origin, Refused, Source, Taken, Want};
 
 /// Allocates `size` (> 0) bytes of pinned host memory from the host pool, page-aligned, and
-/// records it as `origin` (one of `PINNED_ORIGINS`) on `HOST_DEVICE`.
+/// records it as `origin` (`CudaMallocHost` or `CudaHostAlloc`) on `HOST_DEVICE`.
 #[inline]
 pub fn alloc_pinned(size: usize, origin: Origin) -> Result<DevicePtr> {
-    debug_assert!(PINNED_ORIGINS.contains(&origin));
+    debug_assert_eq!(origin.source(), Source::PinnedPool);
     let (ptr, _block) = runtime::host_pool()?.alloc(size)?;
     track::on_alloc(ptr, size, HOST_DEVICE, 0, origin);
     Ok(ptr)
 }
 
-/// Frees a block from `alloc_pinned` (stream-safe: see `pool::pinned`). A double free or an
-/// interior pointer is an error with one diagnostic; `Err(UnknownPointer)` means the host pool
-/// does not know it, and the caller decides (it may be the runtime's, or another kind of ours).
+/// `cudaFreeHost`: gives a block from `alloc_pinned` back to the host pool (stream-safe: see
+/// `pool::pinned`), or hands write-combined memory's record to the caller to forward.
 #[inline]
-pub fn free_pinned(ptr: DevicePtr) -> Result<()> {
+pub fn free_host(ptr: DevicePtr) -> std::result::Result<Freed, FreeError> {
     // The record goes first: once the pool has the block back, another thread may get it.
-    match track::forget_block(ptr, &PINNED_ORIGINS) {
-        Ok((size, _)) => {
-            runtime::host_pool()?.free(ptr, size as usize);
-            Ok(())
+    match track::take(ptr, Want::CUDA_FREE_HOST) {
+        Ok(Taken::Pooled { size, .. }) => {
+            let pool = runtime::host_pool().map_err(FreeError::Refused)?;
+            pool.free(ptr, size as usize);
+            Ok(Freed::Pooled(size as usize))
         }
-        Err(bad) => Err(diagnose_pinned(ptr, &bad)),
+        Ok(Taken::Record(live)) => free_forwarded(ptr, live),
+        Err(Refused::Other(live)) => Err(alloc::wrong_kind("cudaFreeHost", ptr, live.origin)),
+        Err(Refused::NotLive) => {
+            let e = runtime::host_pool_if_started()
+                .map(|pool| pool.diagnose(ptr))
+                .unwrap_or(Error::UnknownPointer(ptr));
+            Err(alloc::not_live("cudaFreeHost", ptr, e))
+        }
     }
 }
 
-/// Why `ptr` is no live pinned block, with the diagnostic line for a double free or an interior
-/// pointer printed; an unknown pointer prints nothing (the caller may still forward it).
-#[cold]
-fn diagnose_pinned(ptr: DevicePtr, bad: &track::BadFree) -> Error {
-    let e = runtime::host_pool_if_started()
-        .map(|pool| pool.diagnose(ptr))
-        .unwrap_or(Error::UnknownPointer(ptr));
-    crate::alloc::report_bad_free("cudaFreeHost", ptr, &e, bad);
-    e
+/// The free of memory the runtime handed out, whose record `take` just removed: managed memory
+/// on the simulated device is freed here; anything else goes back to the caller to forward.
+pub(crate) fn free_forwarded(ptr: DevicePtr, live: Live) -> std::result::Result<Freed, FreeError> {
+    if live.origin == Origin::CudaMallocManaged && runtime::active() == Active::Sim {
+        return match runtime::sim_managed().free(ptr, live.size as usize) {
+            Ok(()) => Ok(Freed::Pooled(live.size as usize)),
+            Err(e) => {
+                track::restore(ptr, live);
+                Err(FreeError::Refused(e))
+            }
+        };
+    }
+    Ok(Freed::Forward(live))
 }
 
 /// Records memory the runtime's `cudaMallocManaged` (or `cudaHostAlloc` with write-combining,
@@ -60,23 +70,10 @@ pub fn record_forwarded(ptr: DevicePtr, size: usize, device: i32, origin: Origin
     track::on_alloc(ptr, size, device, 0, origin);
 }
 
-/// Drops the record of a block of `origin` that the caller is about to give back to the runtime;
-/// returns its (size, device), or `None` when no such block is live at `ptr`.
-pub fn forget_forwarded(ptr: DevicePtr, origin: Origin) -> Option<(usize, i32)> {
-    track::forget_block(ptr, &[origin])
-        .ok()
-        .map(|(size, device)| (size as usize, device))
-}
-
 /// `cudaMallocManaged` on the simulated device: `size` (> 0) bytes of host memory, page-aligned,
 /// recorded as `Origin::CudaMallocManaged` on device 0.
 pub fn alloc_managed_sim(size: usize) -> Result<DevicePtr> {
     let ptr = runtime::sim_managed().alloc(size)?;
     track::on_alloc(ptr, size, 0, 0, Origin::CudaMallocManaged);
     Ok(ptr)
-}
-
-/// Frees memory from `alloc_managed_sim` whose record `forget_forwarded` dropped.
-pub fn free_managed_sim(ptr: DevicePtr, size: usize) -> Result<()> {
-    runtime::sim_managed().free(ptr, size)
 }

@@ -3,7 +3,7 @@
 
 use super::guard::ffi_guard;
 use super::status::{status_text, HbmStatus};
-use crate::alloc::{self as device_alloc, Api};
+use crate::alloc::{self as device_alloc, Api, FreeError};
 use crate::pool::PoolStats;
 use crate::runtime::{self, Active};
 use std::ffi::{c_char, c_int, c_void};
@@ -135,12 +135,13 @@ pub unsafe extern "C" fn hbm_device_free(ptr: *mut c_void) -> HbmStatus {
         }
         match device_alloc::free(ptr as usize, None, Api::Hbm) {
             Ok(_) => HbmStatus::Ok,
-            Err(e) => {
-                if let crate::error::Error::UnknownPointer(_) = e {
-                    eprintln!("hbmalloc: hbm_device_free({ptr:p}): not a pointer hbmalloc allocated; nothing freed");
-                }
-                HbmStatus::from(&e)
+            Err(FreeError::Unknown(_)) => {
+                device_alloc::reject_unknown(ptr as usize);
+                eprintln!("hbmalloc: hbm_device_free({ptr:p}): not a pointer hbmalloc allocated; nothing freed");
+                HbmStatus::InvalidPointer
             }
+            Err(FreeError::WrongKind(_)) => HbmStatus::InvalidPointer,
+            Err(FreeError::Refused(e)) => HbmStatus::from(&e),
         }
     })
 }

@@ -188,7 +188,7 @@ fn refused_pool_free_leaves_the_record_alone() {
     let st = unsafe { hbm_pool_free(pool, h as *mut c_void, 4096) };
     assert_eq!(st, HbmStatus::InvalidPointer);
     assert_eq!(crate::track::global().get(h), Some(before));
-    host_alloc::free_pinned(h).expect("cudaFreeHost still works");
+    host_alloc::free_host(h).expect("cudaFreeHost still works");
 
     let (mut p, mut actual) = (null_mut(), 0);
     // SAFETY: a live pool and locals to write.
