@@ -201,8 +201,23 @@ fn refused_pool_free_leaves_the_record_alone() {
     let st = unsafe { hbm_pool_free(pool, p, actual + 256) };
     assert_eq!(st, HbmStatus::InvalidValue);
     assert_eq!(crate::track::global().get(p as usize), Some(before));
-    // SAFETY: the right size now.
+
+    // The right size, the wrong pool: refused, and the record (its checkpoint epoch included)
+    // is as it was, so it does not count as new in `hbm_leaks_since`.
+    let other = create(HbmPoolKind::Legacy, None);
+    let mark = crate::track::checkpoint();
+    // SAFETY: live pools; `p` is `pool`'s block.
+    let st = unsafe { hbm_pool_free(other, p, actual) };
+    assert_eq!(st, HbmStatus::InvalidPointer);
+    assert_eq!(crate::track::global().get(p as usize), Some(before));
+    assert!(before.epoch < mark);
+    assert_eq!(stats(pool).live, 1);
+    // SAFETY: the right size and pool now.
     assert_eq!(unsafe { hbm_pool_free(pool, p, actual) }, HbmStatus::Ok);
-    // SAFETY: a live pool, not used again.
-    unsafe { hbm_pool_destroy(pool) };
+    assert_eq!(crate::track::global().get(p as usize), None);
+    // SAFETY: live pools, not used again.
+    unsafe {
+        hbm_pool_destroy(other);
+        hbm_pool_destroy(pool);
+    }
 }
