@@ -11,6 +11,7 @@ use super::status::HbmStatus;
 use crate::kv::cache::{Growth, KvCache, KvParams, KvStats};
 use crate::kv::HbmType;
 use crate::runtime;
+use crate::track::{self, Origin, Want};
 use std::ffi::{c_int, c_void};
 
 /// How a KV cache gets memory as its sequences grow (`HBM_KV_GROWTH_*` in C).
@@ -158,6 +159,22 @@ unsafe fn cache_ref<'a>(cache: *const HbmKvCache) -> &'a KvCache {
     unsafe { &*(cache as *const KvCache) }
 }
 
+/// Each KV cache is on the tracker's record while it lives, as one block of origin `KvCache` keyed
+/// by its handle, with the device memory it holds (committed bytes, as of the last call that
+/// changed them) and the stack that created it: a leaked cache shows in the exit report and in
+/// `hbm_leaks_since`. Keyed by a host address, it can never be mistaken for a device block.
+fn track_created(cache: *mut HbmKvCache, c: &KvCache, device: i32) {
+    let handle = cache as usize;
+    let held = c.stats().committed as usize;
+    track::global().on_alloc_owned(handle, held, device, 0, Origin::KvCache, handle);
+}
+
+/// Brings the record's size to what `c` holds now.
+fn track_resized(cache: *const HbmKvCache, c: &KvCache) {
+    let held = c.stats().committed;
+    track::global().update(cache as usize, |live| live.size = held);
+}
+
 /// Creates a KV cache on `params->device` and stores the handle in `*out_cache`.
 ///
 /// In VMM mode this reserves address space only (`n_layer * 2 * n_seq_max` ranges of `n_ctx_max`
@@ -194,8 +211,11 @@ pub unsafe extern "C" fn hbm_kv_cache_create(
             Ok(cache) => cache,
             Err(e) => return HbmStatus::from(&e),
         };
+        let handle: *mut HbmKvCache = Box::into_raw(Box::new(cache)).cast();
+        // SAFETY: just made from a live box, which nothing else holds yet.
+        track_created(handle, unsafe { cache_ref(handle) }, device);
         // SAFETY: checked non-NULL; the caller promises it is writable.
-        unsafe { *out_cache = Box::into_raw(Box::new(cache)).cast() };
+        unsafe { *out_cache = handle };
         HbmStatus::Ok
     })
 }
@@ -210,6 +230,8 @@ pub unsafe extern "C" fn hbm_kv_cache_create(
 pub unsafe extern "C" fn hbm_kv_cache_destroy(cache: *mut HbmKvCache) {
     ffi_guard!((), {
         if !cache.is_null() {
+            // The record goes first: once the box is freed, another cache may get its address.
+            let _ = track::take(cache as usize, Want::kv_cache(cache as usize));
             // SAFETY: per the contract, a live `Box<KvCache>` that nobody else uses.
             drop(unsafe { Box::from_raw(cache as *mut KvCache) });
         }
@@ -239,7 +261,10 @@ pub unsafe extern "C" fn hbm_kv_cache_reserve(
             return HbmStatus::NullParameter;
         }
         // SAFETY: non-NULL, and the caller promises a live handle.
-        HbmStatus::from(unsafe { cache_ref(cache) }.reserve(seq, n_tokens))
+        let c = unsafe { cache_ref(cache) };
+        let result = c.reserve(seq, n_tokens);
+        track_resized(cache, c);
+        HbmStatus::from(result)
     })
 }
 
@@ -259,7 +284,10 @@ pub unsafe extern "C" fn hbm_kv_cache_release(cache: *const HbmKvCache, seq: u32
             return HbmStatus::NullParameter;
         }
         // SAFETY: non-NULL, and the caller promises a live handle.
-        HbmStatus::from(unsafe { cache_ref(cache) }.release(seq))
+        let c = unsafe { cache_ref(cache) };
+        let result = c.release(seq);
+        track_resized(cache, c);
+        HbmStatus::from(result)
     })
 }
 
@@ -278,7 +306,9 @@ pub unsafe extern "C" fn hbm_kv_cache_trim(
             return HbmStatus::NullParameter;
         }
         // SAFETY: non-NULL, and the caller promises a live handle.
-        let released = unsafe { cache_ref(cache) }.trim();
+        let c = unsafe { cache_ref(cache) };
+        let released = c.trim();
+        track_resized(cache, c);
         if !out_released.is_null() {
             // SAFETY: checked non-NULL; the caller promises it is writable.
             unsafe { *out_released = released };
