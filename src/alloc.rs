@@ -3,6 +3,7 @@
 //! Pure Rust; callers at the C boundary own NULL checks, panics and error codes.
 
 use crate::backend::{DevicePtr, Stream};
+use crate::config::StreamSafety;
 use crate::error::{Error, Result};
 use crate::pool::size_class::block_size;
 use crate::runtime;
@@ -88,15 +89,43 @@ pub fn free(
         Ok(Taken::Pooled { size, device }) => {
             let pool = runtime::pool(device).map_err(FreeError::Refused)?;
             let block = block_size(size as usize).expect("a recorded size has a block");
-            match stream {
-                Some(s) => pool.free_async_unchecked(ptr, block, s),
-                None => pool.free_unchecked(ptr, block),
+            match free_route(stream, pool.stream_safety()) {
+                Route::Async(s) => pool.free_async_unchecked(ptr, block, s),
+                Route::Pool => pool.free_unchecked(ptr, block),
+                Route::Keep => {}
             }
             Ok(Freed::Pooled(block))
         }
         Ok(Taken::Record(live)) => crate::host_alloc::free_forwarded(ptr, live),
         Err(Refused::Other(live)) => Err(wrong_kind(call_name(api), ptr, live.origin)),
         Err(Refused::NotLive) => Err(not_live(call_name(api), ptr, classify(ptr))),
+    }
+}
+
+/// How a freed block goes back to its pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Route {
+    /// Stream-ordered: reusable on its stream at once (the pool records an event).
+    Async(Stream),
+    /// Into the freeing thread's shard (under `stream_safety:eager`, after a synchronize).
+    Pool,
+    /// Nowhere: the process is exiting and giving it back would call the driver (a synchronize
+    /// under `eager`); the memory goes with the process.
+    Keep,
+}
+
+/// The route of a free. Only the routes that would reach the driver read the exit flag: a plain
+/// `cudaFree` in the default mode reads nothing shared.
+#[inline]
+pub(crate) fn free_route(stream: Option<Stream>, safety: StreamSafety) -> Route {
+    let eager = safety == StreamSafety::Eager;
+    match (stream, eager) {
+        (Some(s), _) if !track::exiting() => Route::Async(s),
+        (None, false) => Route::Pool,
+        (_, true) if track::exiting() => Route::Keep,
+        // Exiting, a stream-ordered free goes back without its event: the epoch rule (a later
+        // synchronize, which no one will make) keeps it safe.
+        _ => Route::Pool,
     }
 }
 
@@ -166,5 +195,57 @@ pub(crate) fn report_bad_free(call: &str, ptr: DevicePtr, e: &Error, bad: &track
             "hbmalloc: {call}({ptr:#x}): pointer is inside the block at {block:#x}, not its start; nothing freed"
         ),
         _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 18, defect 11: once exit has begun, no free calls the driver: under
+    /// `stream_safety:eager` a `cudaFree` / `cudaFreeHost` makes no synchronize, and a
+    /// `cudaFreeAsync` records no event. In a child process: it marks the process as exiting.
+    #[test]
+    fn no_driver_call_from_a_free_at_exit() {
+        if crate::test_child::is_child() {
+            return no_driver_call_child();
+        }
+        let out = crate::test_child::run(
+            "alloc::tests::no_driver_call_from_a_free_at_exit",
+            Some("backend:sim,stream_safety:eager,leak_report:off"),
+        );
+        assert!(out.contains("1 passed"), "the child ran no test: {out}");
+    }
+
+    fn no_driver_call_child() {
+        let pool = runtime::pool(0).unwrap();
+        let syncs = || pool.stats().syncs;
+        let p = alloc(0, 4096, None, Api::Runtime).unwrap();
+        let before = syncs();
+        free(p, None, Api::Runtime).unwrap();
+        assert_eq!(syncs(), before + 1, "eager: a free synchronizes");
+        let h = crate::host_alloc::alloc_pinned(4096, Origin::CudaMallocHost).unwrap();
+
+        let (p, q) = (
+            alloc(0, 4096, None, Api::Runtime).unwrap(),
+            alloc(0, 4096, None, Api::Runtime).unwrap(),
+        );
+        track::begin_exit();
+        let (before, host_before) = (syncs(), runtime::host_pool().unwrap().stats().syncs);
+        assert_eq!(free(p, None, Api::Runtime).unwrap(), Freed::Pooled(4096));
+        assert_eq!(free(q, Some(7), Api::Runtime).unwrap(), Freed::Pooled(4096));
+        crate::host_alloc::free_host(h).unwrap();
+        assert_eq!(syncs(), before, "no synchronize at exit");
+        assert_eq!(runtime::host_pool().unwrap().stats().syncs, host_before);
+        assert_eq!(
+            track::global().get(p),
+            None,
+            "the records are gone all the same"
+        );
+        // The routes: no event at exit, whatever the mode; no synchronize under eager.
+        assert_eq!(free_route(Some(7), StreamSafety::Batched), Route::Pool);
+        assert_eq!(free_route(Some(7), StreamSafety::Eager), Route::Keep);
+        assert_eq!(free_route(None, StreamSafety::Eager), Route::Keep);
+        assert_eq!(free_route(None, StreamSafety::Batched), Route::Pool);
     }
 }

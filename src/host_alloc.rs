@@ -11,7 +11,7 @@
 //! block or a `cudaFreeHost` of a device block is for a record of another kind (`track::Want`),
 //! and is refused with the record left as it was.
 
-use crate::alloc::{self, FreeError, Freed};
+use crate::alloc::{self, FreeError, Freed, Route};
 use crate::backend::{Backend, DevicePtr, HOST_DEVICE};
 use crate::error::{Error, Result};
 use crate::runtime::{self, Active};
@@ -35,7 +35,9 @@ pub fn free_host(ptr: DevicePtr) -> std::result::Result<Freed, FreeError> {
     match track::take(ptr, Want::CUDA_FREE_HOST) {
         Ok(Taken::Pooled { size, .. }) => {
             let pool = runtime::host_pool().map_err(FreeError::Refused)?;
-            pool.free(ptr, size as usize);
+            if alloc::free_route(None, pool.stream_safety()) != Route::Keep {
+                pool.free(ptr, size as usize);
+            }
             Ok(Freed::Pooled(size as usize))
         }
         Ok(Taken::Record(live)) => free_forwarded(ptr, live),

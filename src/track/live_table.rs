@@ -536,6 +536,24 @@ mod tests {
         assert_eq!(all(&t), vec![(0x5000_0000, 5)]);
     }
 
+    /// A panic in the closure that sees a record releases its key: the address stays usable.
+    #[test]
+    fn a_panic_while_holding_a_record_releases_it() {
+        let t = Arc::new(LiveTable::with_bucket_bits(4));
+        t.insert(0x1000, live(7));
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            t.remove_with(0x1000, |_| -> Option<((), FreeMark)> {
+                panic!("in the closure")
+            })
+        }));
+        assert!(r.is_err());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t2 = t.clone();
+        std::thread::spawn(move || tx.send(t2.get(0x1000).map(|l| l.size)).unwrap());
+        let got = rx.recv_timeout(std::time::Duration::from_secs(10));
+        assert_eq!(got, Ok(Some(7)), "the key was left held");
+    }
+
     #[test]
     fn refused_remove_keeps_the_record() {
         let t = LiveTable::with_bucket_bits(4);

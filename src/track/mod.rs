@@ -34,7 +34,8 @@ use crate::config::{self, Config, LeakReport, StackWalk};
 use once_cell::sync::OnceCell;
 
 pub use capture::Unwinder;
-pub use exit::install_exit_report;
+pub(crate) use exit::begin_exit;
+pub use exit::{exiting, install_exit_report};
 pub use freed::BadFree;
 pub use registry::{Live, Refused, Tracker};
 pub use stacks::StackId;

@@ -378,3 +378,49 @@ pub(super) fn monotonic_ns(coarse: bool) -> u64 {
         .wrapping_mul(1_000_000_000)
         .wrapping_add(ts.tv_nsec as u64)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::track::capture::PANIC_IN_NEXT_CAPTURE;
+    use std::sync::{mpsc, Arc};
+    use std::time::Duration;
+
+    /// Runs `f` on another thread and waits at most 10 s: a key left held makes it spin for ever.
+    fn within_10s<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("the table stayed locked after a panic")
+    }
+
+    /// Issue 18, defect 11: a panic in the stack walk (during an allocation or a free) leaves no
+    /// slot of the live table held: the address is usable afterwards, its record as it was.
+    #[test]
+    fn a_panicking_stack_walk_leaves_the_table_usable() {
+        let t = Arc::new(Tracker::new(Settings {
+            backtrace: true,
+            ..Settings::default()
+        }));
+        let p = 0x6a6a_0000_1000;
+        t.on_alloc(p, 4096, 0, 0, Origin::CudaMalloc);
+        PANIC_IN_NEXT_CAPTURE.with(|f| f.set(true));
+        let freed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| t.on_free(p)));
+        assert!(freed.is_err(), "the walk panicked");
+        let t2 = t.clone();
+        let live = within_10s(move || t2.get(p));
+        assert_eq!(live.map(|l| l.size), Some(4096), "not freed, still live");
+        assert!(t.on_free(p).is_ok());
+
+        PANIC_IN_NEXT_CAPTURE.with(|f| f.set(true));
+        let alloc = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            t.on_alloc(p, 512, 0, 0, Origin::CudaMalloc)
+        }));
+        assert!(alloc.is_err());
+        let t2 = t.clone();
+        within_10s(move || t2.on_alloc(p, 512, 0, 0, Origin::CudaMalloc));
+        assert_eq!(t.get(p).map(|l| l.size), Some(512));
+    }
+}
