@@ -3,8 +3,8 @@
 //! `hbmalloc demo` runs an inference-shaped workload on the default backend (CUDA where a GPU is
 //! present, the simulated device elsewhere) and prints what the allocator did.
 
-use hbmalloc::alloc::{self, Api};
 use hbmalloc::runtime::{self, Active};
+use hbmalloc::tracked::device::{self as alloc, Api};
 use std::process::ExitCode;
 use std::time::Instant;
 

@@ -18,9 +18,10 @@ use super::guard::ffi_guard;
 use super::real_cuda::real;
 use super::runtime_state;
 use super::status::{cuda_error, to_cuda_error};
-use crate::alloc::{self as device_alloc, Api, FreeError, Freed};
 use crate::runtime::{self, Active};
 use crate::track;
+use crate::tracked::device::{self as device_alloc, Api};
+use crate::tracked::{self, FreeError, Freed};
 use std::cell::Cell;
 use std::ffi::{c_int, c_void};
 
@@ -145,7 +146,7 @@ fn free_hook(ptr: *mut c_void, stream: Option<usize>) -> CudaError {
 fn free_not_ours(ptr: *mut c_void, stream: Option<usize>) -> CudaError {
     let rc = forward_free(ptr, stream);
     if rc != cuda_error::SUCCESS {
-        device_alloc::reject_unknown(ptr as usize);
+        tracked::reject_unknown(ptr as usize);
         eprintln!(
             "hbmalloc: cudaFree({ptr:p}): not a pointer hbmalloc allocated (nor the CUDA \
              runtime: error {rc}); nothing freed"
@@ -154,13 +155,13 @@ fn free_not_ours(ptr: *mut c_void, stream: Option<usize>) -> CudaError {
     fail(rc)
 }
 
-/// Gives managed memory, whose record `alloc::free` removed, back to the runtime; if the runtime
+/// Gives managed memory, whose record `tracked::device::free` removed, back to the runtime; if the runtime
 /// refuses, nothing was freed and the record goes back as it was.
 #[cold]
 fn free_managed(ptr: *mut c_void, stream: Option<usize>, live: track::Live) -> CudaError {
     let rc = forward_free(ptr, stream);
     if rc != cuda_error::SUCCESS {
-        track::restore(ptr as usize, live);
+        tracked::restore(ptr as usize, live);
         eprintln!(
             "hbmalloc: cudaFree({ptr:p}) of managed memory: the CUDA runtime refused (error {rc})"
         );

@@ -17,11 +17,11 @@ use super::cuda_api::{fail, refuse_early, CudaError, HookGuard};
 use super::guard::ffi_guard;
 use super::real_cuda::real;
 use super::status::{cuda_error, to_cuda_error};
-use crate::alloc::{FreeError, Freed};
 use crate::backend::HOST_DEVICE;
-use crate::host_alloc;
 use crate::runtime::{self, Active};
-use crate::track::{self, Origin};
+use crate::track::Origin;
+use crate::tracked::host as host_alloc;
+use crate::tracked::{self, FreeError, Freed};
 use std::ffi::{c_uint, c_void};
 
 /// `cudaHostAllocPortable`, `cudaHostAllocMapped`, `cudaHostAllocWriteCombined`
@@ -108,7 +108,7 @@ fn free_host_hook(ptr: *mut c_void) -> CudaError {
             // record goes back as it was.
             let rc = forward_free_host(ptr);
             if rc != cuda_error::SUCCESS {
-                track::restore(ptr as usize, live);
+                tracked::restore(ptr as usize, live);
                 eprintln!(
                     "hbmalloc: cudaFreeHost({ptr:p}) of write-combined memory: the CUDA runtime \
                      refused (error {rc})"
@@ -120,7 +120,7 @@ fn free_host_hook(ptr: *mut c_void) -> CudaError {
             // Never ours: the runtime decides (its refusal is worth a line).
             let rc = forward_free_host(ptr);
             if rc != cuda_error::SUCCESS {
-                crate::alloc::reject_unknown(ptr as usize);
+                tracked::reject_unknown(ptr as usize);
                 eprintln!(
                     "hbmalloc: cudaFreeHost({ptr:p}): not a pointer hbmalloc allocated (nor the \
                      CUDA runtime: error {rc}); nothing freed"
@@ -266,7 +266,7 @@ mod tests {
     }
 
     fn managed_frees_child() {
-        let before = track::global().bad_free_count();
+        let before = crate::track::global().bad_free_count();
         for size in [1usize, 4096, 1 << 20] {
             let mut p = std::ptr::null_mut();
             // SAFETY: a local to write; the pointer freed is the one just allocated.
@@ -277,14 +277,14 @@ mod tests {
             }
         }
         // The three double frees are rejected; the three valid frees are not.
-        assert_eq!(track::global().bad_free_count(), before + 3);
+        assert_eq!(crate::track::global().bad_free_count(), before + 3);
 
         // Write-combined memory (the runtime's on CUDA): its record is taken at once and handed
         // back to forward, no rejection counted. An address no allocation of this test uses.
         let wc = 0x7e57_0000_0000;
         host_alloc::record_forwarded(wc, 4096, HOST_DEVICE, Origin::CudaHostAllocWriteCombined);
         match host_alloc::free_host(wc) {
-            Ok(crate::alloc::Freed::Forward(live)) => {
+            Ok(Freed::Forward(live)) => {
                 assert_eq!(live.origin, Origin::CudaHostAllocWriteCombined)
             }
             other => panic!("write-combined free: {other:?}"),
@@ -293,9 +293,9 @@ mod tests {
         // the runtime refuses it too.
         let theirs = 0x7e57_0001_0000;
         assert!(matches!(
-            crate::alloc::free(theirs, None, crate::alloc::Api::Runtime),
+            crate::tracked::device::free(theirs, None, crate::tracked::device::Api::Runtime),
             Err(FreeError::Unknown(_))
         ));
-        assert_eq!(track::global().bad_free_count(), before + 3);
+        assert_eq!(crate::track::global().bad_free_count(), before + 3);
     }
 }

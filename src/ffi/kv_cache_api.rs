@@ -11,7 +11,7 @@ use super::status::HbmStatus;
 use crate::kv::cache::{Growth, KvCache, KvParams, KvStats};
 use crate::kv::HbmType;
 use crate::runtime;
-use crate::track::{self, Origin, Want};
+use crate::tracked;
 use std::ffi::{c_int, c_void};
 
 /// How a KV cache gets memory as its sequences grow (`HBM_KV_GROWTH_*` in C).
@@ -159,22 +159,6 @@ unsafe fn cache_ref<'a>(cache: *const HbmKvCache) -> &'a KvCache {
     unsafe { &*(cache as *const KvCache) }
 }
 
-/// Each KV cache is on the tracker's record while it lives, as one block of origin `KvCache` keyed
-/// by its handle, with the device memory it holds (committed bytes, as of the last call that
-/// changed them) and the stack that created it: a leaked cache shows in the exit report and in
-/// `hbm_leaks_since`. Keyed by a host address, it can never be mistaken for a device block.
-fn track_created(cache: *mut HbmKvCache, c: &KvCache, device: i32) {
-    let handle = cache as usize;
-    let held = c.stats().committed as usize;
-    track::global().on_alloc_owned(handle, held, device, 0, Origin::KvCache, handle);
-}
-
-/// Brings the record's size to what `c` holds now.
-fn track_resized(cache: *const HbmKvCache, c: &KvCache) {
-    let held = c.stats().committed;
-    track::global().update(cache as usize, |live| live.size = held);
-}
-
 /// Creates a KV cache on `params->device` and stores the handle in `*out_cache`.
 ///
 /// In VMM mode this reserves address space only (`n_layer * 2 * n_seq_max` ranges of `n_ctx_max`
@@ -207,15 +191,12 @@ pub unsafe extern "C" fn hbm_kv_cache_create(
         let Some((p, device)) = raw.to_params() else {
             return HbmStatus::InvalidValue;
         };
-        let cache = match runtime::backend(device).and_then(|b| KvCache::new(b, p)) {
+        let cache = match runtime::backend(device).and_then(|b| tracked::kv::create(b, p, device)) {
             Ok(cache) => cache,
             Err(e) => return HbmStatus::from(&e),
         };
-        let handle: *mut HbmKvCache = Box::into_raw(Box::new(cache)).cast();
-        // SAFETY: just made from a live box, which nothing else holds yet.
-        track_created(handle, unsafe { cache_ref(handle) }, device);
         // SAFETY: checked non-NULL; the caller promises it is writable.
-        unsafe { *out_cache = handle };
+        unsafe { *out_cache = Box::into_raw(cache).cast() };
         HbmStatus::Ok
     })
 }
@@ -230,10 +211,8 @@ pub unsafe extern "C" fn hbm_kv_cache_create(
 pub unsafe extern "C" fn hbm_kv_cache_destroy(cache: *mut HbmKvCache) {
     ffi_guard!((), {
         if !cache.is_null() {
-            // The record goes first: once the box is freed, another cache may get its address.
-            let _ = track::take(cache as usize, Want::kv_cache(cache as usize));
             // SAFETY: per the contract, a live `Box<KvCache>` that nobody else uses.
-            drop(unsafe { Box::from_raw(cache as *mut KvCache) });
+            tracked::kv::destroy(unsafe { Box::from_raw(cache as *mut KvCache) });
         }
     })
 }
@@ -263,7 +242,7 @@ pub unsafe extern "C" fn hbm_kv_cache_reserve(
         // SAFETY: non-NULL, and the caller promises a live handle.
         let c = unsafe { cache_ref(cache) };
         let result = c.reserve(seq, n_tokens);
-        track_resized(cache, c);
+        tracked::kv::resized(c);
         HbmStatus::from(result)
     })
 }
@@ -286,7 +265,7 @@ pub unsafe extern "C" fn hbm_kv_cache_release(cache: *const HbmKvCache, seq: u32
         // SAFETY: non-NULL, and the caller promises a live handle.
         let c = unsafe { cache_ref(cache) };
         let result = c.release(seq);
-        track_resized(cache, c);
+        tracked::kv::resized(c);
         HbmStatus::from(result)
     })
 }
@@ -308,7 +287,7 @@ pub unsafe extern "C" fn hbm_kv_cache_trim(
         // SAFETY: non-NULL, and the caller promises a live handle.
         let c = unsafe { cache_ref(cache) };
         let released = c.trim();
-        track_resized(cache, c);
+        tracked::kv::resized(c);
         if !out_released.is_null() {
             // SAFETY: checked non-NULL; the caller promises it is writable.
             unsafe { *out_released = released };

@@ -5,10 +5,9 @@
 use super::guard::ffi_guard;
 use super::status::HbmStatus;
 use crate::backend::DevicePtr;
-use crate::error::Error;
 use crate::pool::{ScratchKind, ScratchOptions, ScratchPool, ScratchStats};
 use crate::runtime;
-use crate::track::{self, Origin, Refused, Taken, Want};
+use crate::tracked;
 use std::ffi::{c_int, c_void};
 
 /// Which scratch pool `hbm_pool_create` makes (`HBM_POOL_KIND_*` in C).
@@ -129,18 +128,6 @@ pub struct HbmPool {
     _private: [u8; 0],
 }
 
-/// Every scratch-pool allocation and free is recorded like any other, so pool blocks show in
-/// leak reports with the caller's stack; the record names its pool (`owner`), so that a free
-/// into another pool is refused before anything is touched.
-fn track_alloc(pool: &ScratchPool, ptr: DevicePtr, size: usize) {
-    track::global().on_alloc_owned(ptr, size, pool.device(), 0, Origin::Pool, owner(pool));
-}
-
-/// A pool's identity in its blocks' records: its address, unique while it lives.
-fn owner(pool: &ScratchPool) -> usize {
-    pool as *const ScratchPool as usize
-}
-
 /// The pool behind a handle.
 ///
 /// # Safety
@@ -245,11 +232,8 @@ pub unsafe extern "C" fn hbm_pool_alloc(
         } else {
             // SAFETY: checked non-NULL; the caller promises a live handle.
             let pool = unsafe { pool_ref(pool) };
-            match pool.alloc(size) {
-                Ok((ptr, actual)) => {
-                    track_alloc(pool, ptr, actual);
-                    (ptr, actual)
-                }
+            match tracked::scratch::alloc(pool, size) {
+                Ok(got) => got,
                 Err(e) => return HbmStatus::from(&e),
             }
         };
@@ -286,41 +270,10 @@ pub unsafe extern "C" fn hbm_pool_free(
         }
         // SAFETY: checked non-NULL; the caller promises a live handle.
         let pool = unsafe { pool_ref(pool) };
-        // The record goes before the pool can hand the block to another thread, and only a
-        // block of this pool of exactly `actual` bytes is taken: any other record (another
-        // entry point's block, another pool's, a wrong size) stays exactly as it was.
-        let ptr = ptr as DevicePtr;
-        let status = match track::take(ptr, Want::scratch(owner(pool), actual as u64)) {
-            Ok(taken) => match pool.free(ptr, actual) {
-                Ok(()) => return HbmStatus::Ok,
-                Err(e) => {
-                    // The pool disagrees with its record: keep the block on record.
-                    if let Taken::Record(live) = taken {
-                        track::restore(ptr, live);
-                    }
-                    Err(e)
-                }
-            },
-            Err(Refused::Other(live))
-                if live.origin == Origin::Pool && live.owner == owner(pool) =>
-            {
-                Err(Error::InvalidValue("not the size hbm_pool_alloc gave"))
-            }
-            Err(Refused::Other(live)) => {
-                eprintln!(
-                    "hbmalloc: hbm_pool_free({ptr:#x}, {actual}): a block from {}{}, not from this pool; nothing freed",
-                    live.origin.name(),
-                    if live.origin == Origin::Pool { " of another pool" } else { "" },
-                );
-                return HbmStatus::InvalidPointer;
-            }
-            // No record: the pool says why (freed already, inside a block, never its own).
-            Err(Refused::NotLive) => pool.free(ptr, actual),
-        };
-        match status {
+        match tracked::scratch::free(pool, ptr as DevicePtr, actual) {
             Ok(()) => HbmStatus::Ok,
             Err(e) => {
-                eprintln!("hbmalloc: hbm_pool_free({ptr:#x}, {actual}): {e}; nothing freed");
+                eprintln!("hbmalloc: hbm_pool_free({ptr:p}, {actual}): {e}; nothing freed");
                 HbmStatus::from(&e)
             }
         }

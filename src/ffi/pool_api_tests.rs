@@ -170,8 +170,8 @@ fn destroy_frees_live_allocations() {
 /// `actual` leaves the pool block's record (size, checkpoint epoch) as it was.
 #[test]
 fn refused_pool_free_leaves_the_record_alone() {
-    use crate::alloc::{self, Api};
-    use crate::host_alloc;
+    use crate::tracked::device::{self as alloc, Api};
+    use crate::tracked::host as host_alloc;
     let pool = create(HbmPoolKind::Legacy, None);
     for api in [Api::Runtime, Api::Hbm] {
         let p = alloc::alloc(0, 1000, None, api).unwrap();

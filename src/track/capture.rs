@@ -162,7 +162,7 @@ fn walk_frames(mut fp: usize, lo: usize, hi: usize, out: &mut [usize]) -> usize 
         // Invariant checked before every read: fp is word-aligned and the whole record
         // [fp, fp + 16) lies inside the stack, [lo, hi). fp only ever grows, so once the live
         // stack pointer is below it, every byte up to hi is mapped (the thread is using it).
-        if fp % word != 0 || fp < lo || fp.checked_add(2 * word).is_none_or(|end| end > hi) {
+        if fp % word != 0 || fp < lo || fp.checked_add(2 * word).map_or(true, |end| end > hi) {
             break;
         }
         // SAFETY: [fp, fp + 16) is inside this thread's mapped stack, between the current frame

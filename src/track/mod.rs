@@ -34,6 +34,7 @@ use crate::config::{self, Config, LeakReport, StackWalk};
 use once_cell::sync::OnceCell;
 
 pub use capture::Unwinder;
+#[cfg(test)]
 pub(crate) use exit::begin_exit;
 pub use exit::{exiting, install_exit_report};
 pub use freed::BadFree;
@@ -74,104 +75,6 @@ impl Origin {
             Origin::CudaMallocManaged => "cudaMallocManaged",
         }
     }
-}
-
-/// Where a block's memory lives, which is what its free must give it back to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Source {
-    /// A device's caching pool (`cudaMalloc*`, `hbm_device_alloc`).
-    DevicePool,
-    /// The pinned host pool (`cudaMallocHost`, `cudaHostAlloc`).
-    PinnedPool,
-    /// The runtime's managed memory (the simulated device's host memory under `backend:sim`).
-    Managed,
-    /// The runtime's write-combined pinned memory.
-    WriteCombined,
-    /// A scratch pool (`hbm_pool_*`); the record's `owner` names which.
-    Scratch,
-    /// A KV cache object; the record's `owner` is its handle.
-    KvCache,
-}
-
-impl Origin {
-    #[inline]
-    pub const fn source(self) -> Source {
-        match self {
-            Origin::CudaMalloc | Origin::CudaMallocAsync | Origin::HbmAlloc => Source::DevicePool,
-            Origin::CudaMallocHost | Origin::CudaHostAlloc => Source::PinnedPool,
-            Origin::CudaMallocManaged => Source::Managed,
-            Origin::CudaHostAllocWriteCombined => Source::WriteCombined,
-            Origin::Pool => Source::Scratch,
-            Origin::KvCache => Source::KvCache,
-        }
-    }
-}
-
-/// What one free entry point takes: the sources its blocks may come from and, for blocks of a
-/// pool object, the owner and size their record must carry. `accepts` is the one origin check
-/// of every free ("this free is for a block of my kind").
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Want {
-    sources: u8,
-    /// 0: any owner (the process-wide pools record none).
-    owner: usize,
-    size: Option<u64>,
-}
-
-impl Want {
-    /// `cudaFree` / `cudaFreeAsync`: a caching-pool block, or managed memory.
-    pub const CUDA_FREE: Want = Want::of(&[Source::DevicePool, Source::Managed]);
-    /// `hbm_device_free`: a caching-pool block only.
-    pub const HBM_DEVICE_FREE: Want = Want::of(&[Source::DevicePool]);
-    /// `cudaFreeHost`: a pinned-pool block, or write-combined memory.
-    pub const CUDA_FREE_HOST: Want = Want::of(&[Source::PinnedPool, Source::WriteCombined]);
-
-    const fn of(sources: &[Source]) -> Want {
-        let mut bits = 0u8;
-        let mut i = 0;
-        while i < sources.len() {
-            bits |= 1 << sources[i] as u8;
-            i += 1;
-        }
-        Want {
-            sources: bits,
-            owner: 0,
-            size: None,
-        }
-    }
-
-    /// `hbm_pool_free(pool, p, actual)`: a block of the scratch pool `owner`, of `actual` bytes.
-    pub const fn scratch(owner: usize, actual: u64) -> Want {
-        Want {
-            owner,
-            size: Some(actual),
-            ..Want::of(&[Source::Scratch])
-        }
-    }
-
-    /// `hbm_kv_cache_destroy`: the record of the cache whose handle is `owner`.
-    pub const fn kv_cache(owner: usize) -> Want {
-        Want {
-            owner,
-            ..Want::of(&[Source::KvCache])
-        }
-    }
-
-    #[inline]
-    pub fn accepts(&self, live: &Live) -> bool {
-        self.sources & (1 << live.origin.source() as u8) != 0
-            && (self.owner == 0 || live.owner == self.owner)
-            && self.size.is_none_or(|size| size == live.size)
-    }
-}
-
-/// What `take` hands back: for a pooled block (the hot path) the two fields its free needs;
-/// for any other kind the whole record, which `restore` puts back if the free then fails.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Taken {
-    Pooled { size: u64, device: i32 },
-    Record(Live),
 }
 
 /// Bytes and allocations, as in "N bytes leaked in M allocations".
@@ -279,37 +182,6 @@ pub fn leaks_since(mark: u64) -> LeakSummary {
 /// Writes the full text leak report of the global tracker to `path`, or to stderr for `None`.
 pub fn write_report(path: Option<&str>) -> std::io::Result<()> {
     global().write_text_report(path, LeakReport::Full)
-}
-
-/// Records the free of a block `want` takes: removes its record, in one look-up, before the
-/// block can be handed out again. A record of another kind stays as it was (`Refused::Other`);
-/// a pointer with no record (`Refused::NotLive`) is neither counted nor diagnosed until the
-/// caller, finding no other owner, `reject`s it.
-#[inline]
-pub fn take(ptr: usize, want: Want) -> Result<Taken, Refused> {
-    global().take(
-        ptr,
-        |live| want.accepts(live),
-        |live| match live.origin.source() {
-            Source::DevicePool | Source::PinnedPool => Taken::Pooled {
-                size: live.size,
-                device: live.device,
-            },
-            _ => Taken::Record(*live),
-        },
-    )
-}
-
-/// Puts back a record `take` removed, as it was (a forwarded free the runtime refused).
-#[cold]
-pub fn restore(ptr: usize, live: Live) {
-    global().restore(ptr, live);
-}
-
-/// Counts a free no one owns as rejected; returns what its diagnostic can say (cold: scans).
-#[cold]
-pub fn reject(ptr: usize) -> Box<BadFree> {
-    global().reject(ptr)
 }
 
 /// Records a free *before* the block can be handed out again (so a concurrent allocation of the

@@ -1,6 +1,6 @@
 //! The tracked paths of pinned host memory (`cudaMallocHost`, `cudaHostAlloc`, `cudaFreeHost`)
-//! and of managed memory (`cudaMallocManaged`), beside `crate::alloc`'s device path. Pure Rust;
-//! callers at the C boundary own NULL checks, flags, forwarding to the runtime and error codes.
+//! and of managed memory (`cudaMallocManaged`), beside `device`. Callers at the C boundary own
+//! NULL checks, flags, forwarding to the runtime and error codes.
 //!
 //! Pinned memory is pooled (`pool::pinned`). Managed memory is not: its pages migrate between
 //! host and devices by the program's hints (`cudaMemAdvise`, prefetches), and a pooled block would
@@ -8,14 +8,16 @@
 //! here, so that leaks and their call sites cover it; on the simulated device it is host memory.
 //!
 //! The tracker's record is what says which kind a pointer is: its origin. A `cudaFree` of a pinned
-//! block or a `cudaFreeHost` of a device block is for a record of another kind (`track::Want`),
+//! block or a `cudaFreeHost` of a device block is for a record of another kind (`Want`),
 //! and is refused with the record left as it was.
 
-use crate::alloc::{self, FreeError, Freed, Route};
+use super::{
+    free_route, not_live, restore, take, wrong_kind, FreeError, Freed, Route, Source, Taken, Want,
+};
 use crate::backend::{Backend, DevicePtr, HOST_DEVICE};
 use crate::error::{Error, Result};
 use crate::runtime::{self, Active};
-use crate::track::{self, Live, Origin, Refused, Source, Taken, Want};
+use crate::track::{self, Live, Origin, Refused};
 
 /// Allocates `size` (> 0) bytes of pinned host memory from the host pool, page-aligned, and
 /// records it as `origin` (`CudaMallocHost` or `CudaHostAlloc`) on `HOST_DEVICE`.
@@ -32,21 +34,21 @@ pub fn alloc_pinned(size: usize, origin: Origin) -> Result<DevicePtr> {
 #[inline]
 pub fn free_host(ptr: DevicePtr) -> std::result::Result<Freed, FreeError> {
     // The record goes first: once the pool has the block back, another thread may get it.
-    match track::take(ptr, Want::CUDA_FREE_HOST) {
+    match take(ptr, Want::CUDA_FREE_HOST) {
         Ok(Taken::Pooled { size, .. }) => {
             let pool = runtime::host_pool().map_err(FreeError::Refused)?;
-            if alloc::free_route(None, pool.stream_safety()) != Route::Keep {
+            if free_route(None, pool.stream_safety()) != Route::Keep {
                 pool.free(ptr, size as usize);
             }
             Ok(Freed::Pooled(size as usize))
         }
         Ok(Taken::Record(live)) => free_forwarded(ptr, live),
-        Err(Refused::Other(live)) => Err(alloc::wrong_kind("cudaFreeHost", ptr, live.origin)),
+        Err(Refused::Other(live)) => Err(wrong_kind("cudaFreeHost", ptr, live.origin)),
         Err(Refused::NotLive) => {
             let e = runtime::host_pool_if_started()
                 .map(|pool| pool.diagnose(ptr))
                 .unwrap_or(Error::UnknownPointer(ptr));
-            Err(alloc::not_live("cudaFreeHost", ptr, e))
+            Err(not_live("cudaFreeHost", ptr, e))
         }
     }
 }
@@ -58,7 +60,7 @@ pub(crate) fn free_forwarded(ptr: DevicePtr, live: Live) -> std::result::Result<
         return match runtime::sim_managed().free(ptr, live.size as usize) {
             Ok(()) => Ok(Freed::Pooled(live.size as usize)),
             Err(e) => {
-                track::restore(ptr, live);
+                restore(ptr, live);
                 Err(FreeError::Refused(e))
             }
         };
