@@ -271,3 +271,68 @@ pub(crate) fn report_bad_free(call: &str, ptr: DevicePtr, e: &Error, bad: &BadFr
         _ => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::track::StackId;
+
+    fn record(origin: Origin, owner: usize, size: u64) -> Live {
+        Live {
+            size,
+            epoch: 0,
+            time_ns: 0,
+            stream: 0,
+            owner,
+            device: 0,
+            thread: 0,
+            stack: StackId::NONE,
+            origin,
+        }
+    }
+
+    /// Every origin against every free entry point: which free takes which block. The match
+    /// makes a new origin a compile error here until its row is written.
+    #[test]
+    fn each_free_takes_only_its_own_kinds() {
+        let all = [
+            Origin::CudaMalloc,
+            Origin::CudaMallocAsync,
+            Origin::HbmAlloc,
+            Origin::Pool,
+            Origin::KvCache,
+            Origin::CudaMallocHost,
+            Origin::CudaHostAlloc,
+            Origin::CudaHostAllocWriteCombined,
+            Origin::CudaMallocManaged,
+        ];
+        for origin in all {
+            // (cudaFree, hbm_device_free, cudaFreeHost, hbm_pool_free of pool 1, kv destroy of 1)
+            let want = match origin {
+                Origin::CudaMalloc | Origin::CudaMallocAsync | Origin::HbmAlloc => {
+                    [true, true, false, false, false]
+                }
+                Origin::CudaMallocManaged => [true, false, false, false, false],
+                Origin::CudaMallocHost
+                | Origin::CudaHostAlloc
+                | Origin::CudaHostAllocWriteCombined => [false, false, true, false, false],
+                Origin::Pool => [false, false, false, true, false],
+                Origin::KvCache => [false, false, false, false, true],
+            };
+            let live = record(origin, 1, 4096);
+            let got = [
+                Want::CUDA_FREE.accepts(&live),
+                Want::HBM_DEVICE_FREE.accepts(&live),
+                Want::CUDA_FREE_HOST.accepts(&live),
+                Want::scratch(1, 4096).accepts(&live),
+                Want::kv_cache(1).accepts(&live),
+            ];
+            assert_eq!(got, want, "{origin:?}");
+        }
+        // A pool object's blocks: its own owner and, for scratch pools, its own size only.
+        let block = record(Origin::Pool, 1, 4096);
+        assert!(!Want::scratch(2, 4096).accepts(&block), "another pool");
+        assert!(!Want::scratch(1, 4352).accepts(&block), "another size");
+        assert!(!Want::kv_cache(2).accepts(&record(Origin::KvCache, 1, 0)));
+    }
+}
