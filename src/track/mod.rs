@@ -4,7 +4,7 @@
 //!
 //! The core is `Tracker`, which takes its `Settings` explicitly (tests build their own). The free
 //! functions below drive one process-wide `Tracker` built from `HBMALLOC_CONF` on first use; that
-//! is what the allocator's entry points call.
+//! is what the tracking adaptor (`crate::tracked`) calls.
 //!
 //! Decision: tracking is always on. The registry is what makes `hbm_leaks_since`, on-demand
 //! reports and double-free diagnostics work, and without backtraces it costs tens of nanoseconds
@@ -184,16 +184,7 @@ pub fn write_report(path: Option<&str>) -> std::io::Result<()> {
     global().write_text_report(path, LeakReport::Full)
 }
 
-/// Records a free *before* the block can be handed out again (so a concurrent allocation of the
-/// same address is never undone by this free's bookkeeping), printing nothing. `Err` holds what a
-/// diagnostic would say; the caller prints it with `report_bad_free` once it knows the free was
-/// really bad (a pointer no pool knows may still be the runtime's own, to forward).
-#[inline]
-pub fn forget(ptr: usize) -> Result<Live, Box<BadFree>> {
-    global().on_free(ptr)
-}
-
-/// Prints the diagnostic of a bad free from `forget`.
+/// Prints the diagnostic of a bad free (`Tracker::reject`).
 #[cold]
 pub fn report_bad_free(bad: &BadFree) {
     global().print_bad_free(bad);
