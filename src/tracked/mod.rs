@@ -231,8 +231,13 @@ pub(crate) fn wrong_kind(call: &str, ptr: DevicePtr, origin: Origin) -> FreeErro
         ("hbm_device_free", Source::Managed) => "; free it with cudaFree",
         _ => "",
     };
+    let not = match call {
+        "cudaFreeHost" => "not pinned host memory",
+        "hbm_device_free" => "not from hbm_device_alloc",
+        _ => "not from cudaMalloc",
+    };
     eprintln!(
-        "hbmalloc: {call}({ptr:#x}): a block from {}, not one this call frees{how}; nothing freed",
+        "hbmalloc: {call}({ptr:#x}): a block from {}, {not}{how}; nothing freed",
         origin.name()
     );
     FreeError::WrongKind(origin)
