@@ -78,6 +78,7 @@ fn bench_bare_table() -> f64 {
         epoch: 0,
         time_ns: 0,
         stream: 0,
+        owner: 0,
         device: 0,
         thread: 0,
         stack: StackId::NONE,

@@ -202,7 +202,7 @@ pub fn host_pool_if_started() -> Option<&'static PinnedPool> {
 static SIM_MANAGED: OnceCell<SimBackend> = OnceCell::new();
 
 /// Where `cudaMallocManaged` memory comes from on the simulated device: host memory of its own
-/// (managed memory is not pooled, see `crate::host_alloc`), bounded by the host's RAM.
+/// (managed memory is not pooled, see `crate::tracked::host`), bounded by the host's RAM.
 pub fn sim_managed() -> &'static SimBackend {
     SIM_MANAGED.get_or_init(|| SimBackend::new(0, host_memory().1))
 }

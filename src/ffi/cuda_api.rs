@@ -18,11 +18,10 @@ use super::guard::ffi_guard;
 use super::real_cuda::real;
 use super::runtime_state;
 use super::status::{cuda_error, to_cuda_error};
-use crate::alloc::{self as device_alloc, Api};
-use crate::error::Error;
-use crate::host_alloc;
 use crate::runtime::{self, Active};
-use crate::track::{self, Origin};
+use crate::track;
+use crate::tracked::device::{self as device_alloc, Api};
+use crate::tracked::{self, FreeError, Freed};
 use std::cell::Cell;
 use std::ffi::{c_int, c_void};
 
@@ -132,40 +131,22 @@ fn free_hook(ptr: *mut c_void, stream: Option<usize>) -> CudaError {
         };
     }
     match device_alloc::free(ptr as usize, stream, Api::Runtime) {
-        Ok(_) => cuda_error::SUCCESS,
-        Err(Error::UnknownPointer(_)) => free_not_pooled(ptr, stream),
-        Err(e) => fail(to_cuda_error(&e)),
+        Ok(Freed::Pooled(_)) => cuda_error::SUCCESS,
+        Ok(Freed::Forward(live)) => free_managed(ptr, stream, live),
+        Err(FreeError::Unknown(_)) => free_not_ours(ptr, stream),
+        Err(FreeError::WrongKind(_)) => fail(cuda_error::INVALID_VALUE),
+        Err(FreeError::Refused(e)) => fail(to_cuda_error(&e)),
     }
 }
 
-/// A `cudaFree` of a pointer no device pool knows: managed memory (the runtime's, recorded
-/// here), another kind of ours (refused), or memory hbmalloc never gave out, which may still be
-/// the runtime's (allocated before we were loaded, or by a call we do not interpose): the runtime
-/// decides, and only its refusal is worth a line.
+/// A `cudaFree` of a pointer hbmalloc never gave out, which may still be the runtime's
+/// (allocated before we were loaded, or by a call we do not interpose): the runtime decides,
+/// and only its refusal is worth a line.
 #[cold]
-fn free_not_pooled(ptr: *mut c_void, stream: Option<usize>) -> CudaError {
-    match track::live_origin(ptr as usize) {
-        Some(Origin::CudaMallocManaged) => return free_managed(ptr, stream),
-        // Memory of another hbmalloc pool (pinned host, scratch pool, KV cache): the runtime's
-        // cudaFree must not see it, and nothing is freed, as the runtime answers for pinned memory.
-        Some(origin) => {
-            let how = match origin {
-                Origin::CudaMallocHost
-                | Origin::CudaHostAlloc
-                | Origin::CudaHostAllocWriteCombined => "; free it with cudaFreeHost",
-                _ => "",
-            };
-            eprintln!(
-                "hbmalloc: cudaFree({ptr:p}): a block from {}, not from cudaMalloc{how}; nothing \
-                 freed",
-                origin.name()
-            );
-            return fail(cuda_error::INVALID_VALUE);
-        }
-        None => {}
-    }
+fn free_not_ours(ptr: *mut c_void, stream: Option<usize>) -> CudaError {
     let rc = forward_free(ptr, stream);
     if rc != cuda_error::SUCCESS {
+        tracked::reject_unknown(ptr as usize);
         eprintln!(
             "hbmalloc: cudaFree({ptr:p}): not a pointer hbmalloc allocated (nor the CUDA \
              runtime: error {rc}); nothing freed"
@@ -174,28 +155,13 @@ fn free_not_pooled(ptr: *mut c_void, stream: Option<usize>) -> CudaError {
     fail(rc)
 }
 
-/// Frees `cudaMallocManaged` memory: the record goes, then the memory goes back to where it came
-/// from (the runtime, or the simulated device's host memory).
+/// Gives managed memory, whose record `tracked::device::free` removed, back to the runtime; if the runtime
+/// refuses, nothing was freed and the record goes back as it was.
 #[cold]
-fn free_managed(ptr: *mut c_void, stream: Option<usize>) -> CudaError {
-    // The record goes first: once the runtime has the memory back, another thread's
-    // cudaMallocManaged may get the same address and record it.
-    let Some((size, device)) =
-        host_alloc::forget_forwarded(ptr as usize, Origin::CudaMallocManaged)
-    else {
-        // Freed by another thread since we looked: this free is the second.
-        return fail(cuda_error::INVALID_VALUE);
-    };
-    let rc = match runtime::active() {
-        Active::Sim => match host_alloc::free_managed_sim(ptr as usize, size) {
-            Ok(()) => cuda_error::SUCCESS,
-            Err(e) => to_cuda_error(&e),
-        },
-        Active::Cuda => forward_free(ptr, stream),
-    };
+fn free_managed(ptr: *mut c_void, stream: Option<usize>, live: track::Live) -> CudaError {
+    let rc = forward_free(ptr, stream);
     if rc != cuda_error::SUCCESS {
-        // Nothing was freed: the block is still the program's, so it stays on record.
-        host_alloc::record_forwarded(ptr as usize, size, device, Origin::CudaMallocManaged);
+        tracked::restore(ptr as usize, live);
         eprintln!(
             "hbmalloc: cudaFree({ptr:p}) of managed memory: the CUDA runtime refused (error {rc})"
         );

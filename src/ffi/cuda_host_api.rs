@@ -18,10 +18,10 @@ use super::guard::ffi_guard;
 use super::real_cuda::real;
 use super::status::{cuda_error, to_cuda_error};
 use crate::backend::HOST_DEVICE;
-use crate::error::Error;
-use crate::host_alloc;
 use crate::runtime::{self, Active};
-use crate::track::{self, Origin};
+use crate::track::Origin;
+use crate::tracked::host as host_alloc;
+use crate::tracked::{self, FreeError, Freed};
 use std::ffi::{c_uint, c_void};
 
 /// `cudaHostAllocPortable`, `cudaHostAllocMapped`, `cudaHostAllocWriteCombined`
@@ -101,35 +101,14 @@ fn free_host_hook(ptr: *mut c_void) -> CudaError {
     if ptr.is_null() {
         return cuda_error::SUCCESS;
     }
-    match host_alloc::free_pinned(ptr as usize) {
-        Ok(()) => cuda_error::SUCCESS,
-        Err(Error::UnknownPointer(_)) => free_host_not_pooled(ptr),
-        Err(e) => fail(to_cuda_error(&e)),
-    }
-}
-
-/// A `cudaFreeHost` of a pointer the pinned host pool does not know: write-combined memory (the
-/// runtime's, recorded here), another kind of ours (refused: the runtime's cudaFreeHost refuses
-/// device and managed memory too), or memory hbmalloc never gave out, which the runtime decides.
-#[cold]
-fn free_host_not_pooled(ptr: *mut c_void) -> CudaError {
-    match track::live_origin(ptr as usize) {
-        Some(Origin::CudaHostAllocWriteCombined) => {
-            let Some((size, _)) =
-                host_alloc::forget_forwarded(ptr as usize, Origin::CudaHostAllocWriteCombined)
-            else {
-                // Freed by another thread since we looked: this free is the second.
-                return fail(cuda_error::INVALID_VALUE);
-            };
+    match host_alloc::free_host(ptr as usize) {
+        Ok(Freed::Pooled(_)) => cuda_error::SUCCESS,
+        Ok(Freed::Forward(live)) => {
+            // Write-combined memory: the runtime's. If it refuses, nothing was freed and the
+            // record goes back as it was.
             let rc = forward_free_host(ptr);
             if rc != cuda_error::SUCCESS {
-                // Nothing was freed: the block stays on record.
-                host_alloc::record_forwarded(
-                    ptr as usize,
-                    size,
-                    HOST_DEVICE,
-                    Origin::CudaHostAllocWriteCombined,
-                );
+                tracked::restore(ptr as usize, live);
                 eprintln!(
                     "hbmalloc: cudaFreeHost({ptr:p}) of write-combined memory: the CUDA runtime \
                      refused (error {rc})"
@@ -137,23 +116,11 @@ fn free_host_not_pooled(ptr: *mut c_void) -> CudaError {
             }
             fail(rc)
         }
-        Some(origin) => {
-            let how = match origin {
-                Origin::CudaMalloc | Origin::CudaMallocAsync | Origin::CudaMallocManaged => {
-                    "; free it with cudaFree"
-                }
-                _ => "",
-            };
-            eprintln!(
-                "hbmalloc: cudaFreeHost({ptr:p}): a block from {}, not pinned host memory{how}; \
-                 nothing freed",
-                origin.name()
-            );
-            fail(cuda_error::INVALID_VALUE)
-        }
-        None => {
+        Err(FreeError::Unknown(_)) => {
+            // Never ours: the runtime decides (its refusal is worth a line).
             let rc = forward_free_host(ptr);
             if rc != cuda_error::SUCCESS {
+                tracked::reject_unknown(ptr as usize);
                 eprintln!(
                     "hbmalloc: cudaFreeHost({ptr:p}): not a pointer hbmalloc allocated (nor the \
                      CUDA runtime: error {rc}); nothing freed"
@@ -161,6 +128,8 @@ fn free_host_not_pooled(ptr: *mut c_void) -> CudaError {
             }
             fail(rc)
         }
+        Err(FreeError::WrongKind(_)) => fail(cuda_error::INVALID_VALUE),
+        Err(FreeError::Refused(e)) => fail(to_cuda_error(&e)),
     }
 }
 
@@ -274,4 +243,59 @@ pub unsafe extern "C" fn cudaMallocManaged(
     ffi_guard!(fail(cuda_error::UNKNOWN), unsafe {
         malloc_managed_hook(dev_ptr, size, flags)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ffi::cuda_api::cudaFree;
+
+    /// Issue 18, defect 2: a valid `cudaFree` of managed memory is no rejected free (it took the
+    /// bad-free path: counted, and a scan of the whole live table). In a child process: the
+    /// global tracker's count is shared by every test of this binary.
+    #[test]
+    fn managed_frees_are_not_bad_frees() {
+        if crate::test_child::is_child() {
+            return managed_frees_child();
+        }
+        let out = crate::test_child::run(
+            "ffi::cuda_host_api::tests::managed_frees_are_not_bad_frees",
+            Some("backend:sim,leak_report:off"),
+        );
+        assert!(out.contains("1 passed"), "the child ran no test: {out}");
+    }
+
+    fn managed_frees_child() {
+        let before = crate::track::global().bad_free_count();
+        for size in [1usize, 4096, 1 << 20] {
+            let mut p = std::ptr::null_mut();
+            // SAFETY: a local to write; the pointer freed is the one just allocated.
+            unsafe {
+                assert_eq!(cudaMallocManaged(&mut p, size, MEM_ATTACH_GLOBAL), 0);
+                assert_eq!(cudaFree(p), 0);
+                assert_eq!(cudaFree(p), cuda_error::INVALID_VALUE, "a double free");
+            }
+        }
+        // The three double frees are rejected; the three valid frees are not.
+        assert_eq!(crate::track::global().bad_free_count(), before + 3);
+
+        // Write-combined memory (the runtime's on CUDA): its record is taken at once and handed
+        // back to forward, no rejection counted. An address no allocation of this test uses.
+        let wc = 0x7e57_0000_0000;
+        host_alloc::record_forwarded(wc, 4096, HOST_DEVICE, Origin::CudaHostAllocWriteCombined);
+        match host_alloc::free_host(wc) {
+            Ok(Freed::Forward(live)) => {
+                assert_eq!(live.origin, Origin::CudaHostAllocWriteCombined)
+            }
+            other => panic!("write-combined free: {other:?}"),
+        }
+        // A pointer hbmalloc never gave out, which the runtime may own: nothing counted until
+        // the runtime refuses it too.
+        let theirs = 0x7e57_0001_0000;
+        assert!(matches!(
+            crate::tracked::device::free(theirs, None, crate::tracked::device::Api::Runtime),
+            Err(FreeError::Unknown(_))
+        ));
+        assert_eq!(crate::track::global().bad_free_count(), before + 3);
+    }
 }

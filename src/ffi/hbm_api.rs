@@ -3,9 +3,10 @@
 
 use super::guard::ffi_guard;
 use super::status::{status_text, HbmStatus};
-use crate::alloc::{self as device_alloc, Api};
 use crate::pool::PoolStats;
 use crate::runtime::{self, Active};
+use crate::tracked::device::{self as device_alloc, Api};
+use crate::tracked::{self, FreeError};
 use std::ffi::{c_char, c_int, c_void};
 
 /// Statistics of one device's caching pool (bytes are block sizes, after rounding).
@@ -135,12 +136,13 @@ pub unsafe extern "C" fn hbm_device_free(ptr: *mut c_void) -> HbmStatus {
         }
         match device_alloc::free(ptr as usize, None, Api::Hbm) {
             Ok(_) => HbmStatus::Ok,
-            Err(e) => {
-                if let crate::error::Error::UnknownPointer(_) = e {
-                    eprintln!("hbmalloc: hbm_device_free({ptr:p}): not a pointer hbmalloc allocated; nothing freed");
-                }
-                HbmStatus::from(&e)
+            Err(FreeError::Unknown(_)) => {
+                tracked::reject_unknown(ptr as usize);
+                eprintln!("hbmalloc: hbm_device_free({ptr:p}): not a pointer hbmalloc allocated; nothing freed");
+                HbmStatus::InvalidPointer
             }
+            Err(FreeError::WrongKind(_)) => HbmStatus::InvalidPointer,
+            Err(FreeError::Refused(e)) => HbmStatus::from(&e),
         }
     })
 }

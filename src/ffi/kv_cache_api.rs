@@ -11,6 +11,7 @@ use super::status::HbmStatus;
 use crate::kv::cache::{Growth, KvCache, KvParams, KvStats};
 use crate::kv::HbmType;
 use crate::runtime;
+use crate::tracked;
 use std::ffi::{c_int, c_void};
 
 /// How a KV cache gets memory as its sequences grow (`HBM_KV_GROWTH_*` in C).
@@ -190,12 +191,12 @@ pub unsafe extern "C" fn hbm_kv_cache_create(
         let Some((p, device)) = raw.to_params() else {
             return HbmStatus::InvalidValue;
         };
-        let cache = match runtime::backend(device).and_then(|b| KvCache::new(b, p)) {
+        let cache = match runtime::backend(device).and_then(|b| tracked::kv::create(b, p, device)) {
             Ok(cache) => cache,
             Err(e) => return HbmStatus::from(&e),
         };
         // SAFETY: checked non-NULL; the caller promises it is writable.
-        unsafe { *out_cache = Box::into_raw(Box::new(cache)).cast() };
+        unsafe { *out_cache = Box::into_raw(cache).cast() };
         HbmStatus::Ok
     })
 }
@@ -211,7 +212,7 @@ pub unsafe extern "C" fn hbm_kv_cache_destroy(cache: *mut HbmKvCache) {
     ffi_guard!((), {
         if !cache.is_null() {
             // SAFETY: per the contract, a live `Box<KvCache>` that nobody else uses.
-            drop(unsafe { Box::from_raw(cache as *mut KvCache) });
+            tracked::kv::destroy(unsafe { Box::from_raw(cache as *mut KvCache) });
         }
     })
 }
@@ -239,7 +240,10 @@ pub unsafe extern "C" fn hbm_kv_cache_reserve(
             return HbmStatus::NullParameter;
         }
         // SAFETY: non-NULL, and the caller promises a live handle.
-        HbmStatus::from(unsafe { cache_ref(cache) }.reserve(seq, n_tokens))
+        let c = unsafe { cache_ref(cache) };
+        let result = c.reserve(seq, n_tokens);
+        tracked::kv::resized(c);
+        HbmStatus::from(result)
     })
 }
 
@@ -259,7 +263,10 @@ pub unsafe extern "C" fn hbm_kv_cache_release(cache: *const HbmKvCache, seq: u32
             return HbmStatus::NullParameter;
         }
         // SAFETY: non-NULL, and the caller promises a live handle.
-        HbmStatus::from(unsafe { cache_ref(cache) }.release(seq))
+        let c = unsafe { cache_ref(cache) };
+        let result = c.release(seq);
+        tracked::kv::resized(c);
+        HbmStatus::from(result)
     })
 }
 
@@ -278,7 +285,9 @@ pub unsafe extern "C" fn hbm_kv_cache_trim(
             return HbmStatus::NullParameter;
         }
         // SAFETY: non-NULL, and the caller promises a live handle.
-        let released = unsafe { cache_ref(cache) }.trim();
+        let c = unsafe { cache_ref(cache) };
+        let released = c.trim();
+        tracked::kv::resized(c);
         if !out_released.is_null() {
             // SAFETY: checked non-NULL; the caller promises it is writable.
             unsafe { *out_released = released };

@@ -581,3 +581,72 @@ fn prealloc_beyond_the_device_is_out_of_memory() {
     };
     assert_eq!(Cache::create(&p).err(), Some(HbmStatus::OutOfMemory));
 }
+
+/// Issue 18, defect 8: every KV cache is on record while it lives, with the bytes it holds (as of
+/// the last call that changed them), so a leaked cache counts in `hbm_leaks_since` and shows in
+/// the exit report; a destroyed one does neither. In a child process: `leaks_since` counts
+/// every thread's allocations, and the child's exit report is the one checked.
+#[test]
+fn kv_caches_are_tracked() {
+    if crate::test_child::is_child() {
+        return kv_caches_are_tracked_child();
+    }
+    let report = std::env::temp_dir().join(format!("hbm-kv-leak-{}.txt", std::process::id()));
+    let conf = format!(
+        "backend:sim,leak_report:full,report_path:{}",
+        report.display()
+    );
+    let out = crate::test_child::run(
+        "ffi::kv_cache_api::tests::kv_caches_are_tracked",
+        Some(&conf),
+    );
+    assert!(out.contains("1 passed"), "the child ran no test: {out}");
+    let text = std::fs::read_to_string(&report).unwrap();
+    let _ = std::fs::remove_file(&report);
+    assert!(
+        text.contains("from kv_cache"),
+        "the leaked cache is in the exit report: {text}"
+    );
+    assert!(
+        text.contains("hbm_kv_cache_create"),
+        "with the stack that created it: {text}"
+    );
+}
+
+fn kv_caches_are_tracked_child() {
+    let leaks = |mark| {
+        let s = crate::track::leaks_since(mark);
+        (s.bytes, s.count)
+    };
+    let mark = crate::track::checkpoint();
+    let pre = Cache::create(&params(HbmType::F16, HbmType::F16, HbmKvGrowth::Prealloc)).unwrap();
+    let held = pre.stats().committed;
+    assert!(held > 0);
+    assert_eq!(leaks(mark), (held, 1), "a preallocated cache holds it all");
+
+    let vmm = Cache::create(&params(HbmType::Q8_0, HbmType::F16, HbmKvGrowth::Vmm)).unwrap();
+    assert_eq!(leaks(mark), (held, 2), "a VMM cache holds nothing yet");
+    assert_eq!(vmm.reserve(0, 40), HbmStatus::Ok);
+    let grown = vmm.stats().committed;
+    assert!(grown > 0);
+    assert_eq!(
+        leaks(mark),
+        (held + grown, 2),
+        "its record follows its growth"
+    );
+    assert_eq!(vmm.release(0), HbmStatus::Ok);
+    // SAFETY: a live handle; NULL out-parameter allowed.
+    assert_eq!(
+        unsafe { hbm_kv_cache_trim(vmm.0, null_mut()) },
+        HbmStatus::Ok
+    );
+    assert_eq!(leaks(mark), (held + vmm.stats().committed, 2));
+
+    drop(vmm);
+    drop(pre);
+    assert_eq!(leaks(mark), (0, 0), "destroyed caches are off the record");
+
+    // This one leaks: the exit report must show it.
+    let leaked = Cache::create(&params(HbmType::F32, HbmType::F32, HbmKvGrowth::Prealloc)).unwrap();
+    std::mem::forget(leaked);
+}

@@ -3,7 +3,7 @@
 //! `cuda_api` holds the interposed CUDA runtime entry points of device memory (kept out of the
 //! generated header so it can be included beside `cuda_runtime.h`), `cuda_host_api` those of
 //! pinned host and managed memory; `hbm_api` the library's own `hbm_*` functions.
-//! Both share `crate::alloc`; `real_cuda` finds the runtime's own functions. `kv_api` holds the
+//! Both go through the tracking adaptor (`crate::tracked`); `real_cuda` finds the runtime's own functions. `kv_api` holds the
 //! KV sizes and the CPU reference of the element formats, `kv_cache_api` the KV cache object,
 //! `pool_api` the ggml-style scratch pools, `track_api` the leak checks; `runtime_state` what the
 //! runtime answers before looking at arguments (no device, sticky errors); `torch_api` PyTorch's

@@ -7,7 +7,7 @@ use super::status::HbmStatus;
 use crate::backend::DevicePtr;
 use crate::pool::{ScratchKind, ScratchOptions, ScratchPool, ScratchStats};
 use crate::runtime;
-use crate::track::{self, Origin};
+use crate::tracked;
 use std::ffi::{c_int, c_void};
 
 /// Which scratch pool `hbm_pool_create` makes (`HBM_POOL_KIND_*` in C).
@@ -128,12 +128,6 @@ pub struct HbmPool {
     _private: [u8; 0],
 }
 
-/// Every scratch-pool allocation and free is recorded like any other, so pool blocks show in
-/// leak reports with the caller's stack.
-fn track_alloc(device: i32, ptr: DevicePtr, size: usize) {
-    track::on_alloc(ptr, size, device, 0, Origin::Pool);
-}
-
 /// The pool behind a handle.
 ///
 /// # Safety
@@ -238,11 +232,8 @@ pub unsafe extern "C" fn hbm_pool_alloc(
         } else {
             // SAFETY: checked non-NULL; the caller promises a live handle.
             let pool = unsafe { pool_ref(pool) };
-            match pool.alloc(size) {
-                Ok((ptr, actual)) => {
-                    track_alloc(pool.device(), ptr, actual);
-                    (ptr, actual)
-                }
+            match tracked::scratch::alloc(pool, size) {
+                Ok(got) => got,
                 Err(e) => return HbmStatus::from(&e),
             }
         };
@@ -279,23 +270,9 @@ pub unsafe extern "C" fn hbm_pool_free(
         }
         // SAFETY: checked non-NULL; the caller promises a live handle.
         let pool = unsafe { pool_ref(pool) };
-        // Untrack before the pool can hand the block to another thread; a refused free (wrong
-        // size, unknown pointer) puts the record back.
-        // Only a pool block of exactly `actual` bytes is taken; any other record (another
-        // entry point's block, a wrong size) stays as it was and the pool refuses the free.
-        let tracked = track::global()
-            .on_free_map(
-                ptr as DevicePtr,
-                |live| live.origin == Origin::Pool && live.size == actual as u64,
-                |_| (),
-            )
-            .is_ok();
-        match pool.free(ptr as DevicePtr, actual) {
+        match tracked::scratch::free(pool, ptr as DevicePtr, actual) {
             Ok(()) => HbmStatus::Ok,
             Err(e) => {
-                if tracked {
-                    track_alloc(pool.device(), ptr as DevicePtr, actual);
-                }
                 eprintln!("hbmalloc: hbm_pool_free({ptr:p}, {actual}): {e}; nothing freed");
                 HbmStatus::from(&e)
             }

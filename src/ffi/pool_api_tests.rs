@@ -170,8 +170,8 @@ fn destroy_frees_live_allocations() {
 /// `actual` leaves the pool block's record (size, checkpoint epoch) as it was.
 #[test]
 fn refused_pool_free_leaves_the_record_alone() {
-    use crate::alloc::{self, Api};
-    use crate::host_alloc;
+    use crate::tracked::device::{self as alloc, Api};
+    use crate::tracked::host as host_alloc;
     let pool = create(HbmPoolKind::Legacy, None);
     for api in [Api::Runtime, Api::Hbm] {
         let p = alloc::alloc(0, 1000, None, api).unwrap();
@@ -188,7 +188,7 @@ fn refused_pool_free_leaves_the_record_alone() {
     let st = unsafe { hbm_pool_free(pool, h as *mut c_void, 4096) };
     assert_eq!(st, HbmStatus::InvalidPointer);
     assert_eq!(crate::track::global().get(h), Some(before));
-    host_alloc::free_pinned(h).expect("cudaFreeHost still works");
+    host_alloc::free_host(h).expect("cudaFreeHost still works");
 
     let (mut p, mut actual) = (null_mut(), 0);
     // SAFETY: a live pool and locals to write.
@@ -201,8 +201,23 @@ fn refused_pool_free_leaves_the_record_alone() {
     let st = unsafe { hbm_pool_free(pool, p, actual + 256) };
     assert_eq!(st, HbmStatus::InvalidValue);
     assert_eq!(crate::track::global().get(p as usize), Some(before));
-    // SAFETY: the right size now.
+
+    // The right size, the wrong pool: refused, and the record (its checkpoint epoch included)
+    // is as it was, so it does not count as new in `hbm_leaks_since`.
+    let other = create(HbmPoolKind::Legacy, None);
+    let mark = crate::track::checkpoint();
+    // SAFETY: live pools; `p` is `pool`'s block.
+    let st = unsafe { hbm_pool_free(other, p, actual) };
+    assert_eq!(st, HbmStatus::InvalidPointer);
+    assert_eq!(crate::track::global().get(p as usize), Some(before));
+    assert!(before.epoch < mark);
+    assert_eq!(stats(pool).live, 1);
+    // SAFETY: the right size and pool now.
     assert_eq!(unsafe { hbm_pool_free(pool, p, actual) }, HbmStatus::Ok);
-    // SAFETY: a live pool, not used again.
-    unsafe { hbm_pool_destroy(pool) };
+    assert_eq!(crate::track::global().get(p as usize), None);
+    // SAFETY: live pools, not used again.
+    unsafe {
+        hbm_pool_destroy(other);
+        hbm_pool_destroy(pool);
+    }
 }

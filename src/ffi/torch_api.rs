@@ -15,9 +15,10 @@
 //! pointer in a deleter context, NULL included): both are quiet no-ops.
 
 use super::guard::ffi_guard;
-use crate::alloc::{self as device_alloc, Api};
 use crate::backend::Stream;
 use crate::error::Error;
+use crate::tracked::device::{self as device_alloc, Api};
+use crate::tracked::{self, FreeError};
 use std::ffi::{c_int, c_void};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -72,13 +73,20 @@ pub extern "C" fn hbm_torch_free(
         }
         match device_alloc::free(ptr as usize, Some(stream as Stream), Api::Torch) {
             Ok(_) => {}
-            // `alloc::free` has said what it found (a double free or an interior pointer).
-            Err(Error::DoubleFree(_) | Error::InteriorPointer { .. }) => {}
-            Err(Error::UnknownPointer(_)) => eprintln!(
-                "hbmalloc: hbm_torch_free({ptr:p}, {size}, device {device}): not a pointer \
-                 hbmalloc allocated; nothing freed"
-            ),
-            Err(e) => eprintln!("hbmalloc: hbm_torch_free({ptr:p}): {e}; nothing freed"),
+            // The tracked path has said what it found (a double free, an interior pointer,
+            // a block of another kind).
+            Err(FreeError::WrongKind(_))
+            | Err(FreeError::Refused(Error::DoubleFree(_) | Error::InteriorPointer { .. })) => {}
+            Err(FreeError::Unknown(_)) => {
+                tracked::reject_unknown(ptr as usize);
+                eprintln!(
+                    "hbmalloc: hbm_torch_free({ptr:p}, {size}, device {device}): not a pointer \
+                     hbmalloc allocated; nothing freed"
+                )
+            }
+            Err(FreeError::Refused(e)) => {
+                eprintln!("hbmalloc: hbm_torch_free({ptr:p}): {e}; nothing freed")
+            }
         }
     })
 }
@@ -206,7 +214,10 @@ mod tests {
         let bad = || track::global().bad_free_count();
         let mark = track::checkpoint();
         let a = hbm_torch_malloc(4096, 0, S1);
-        assert_eq!(track::live_origin(a as usize), Some(Origin::TorchMalloc));
+        assert_eq!(
+            track::global().get(a as usize).map(|l| l.origin),
+            Some(Origin::TorchMalloc)
+        );
         assert_eq!(track::leaks_since(mark).count, 1);
         hbm_torch_free(std::ptr::null_mut(), 0, 0, S1);
         assert_eq!(bad(), 0, "NULL (an empty tensor) is no bad free");

@@ -288,6 +288,12 @@ impl CachingPool {
         }
     }
 
+    /// The stream-safety mode in force (a plain field: free to read on the free path).
+    #[inline]
+    pub fn stream_safety(&self) -> StreamSafety {
+        self.settings.stream_safety
+    }
+
     /// Why `ptr` is not a live block: double free, interior pointer, or not ours at all.
     #[cold]
     pub fn diagnose(&self, ptr: DevicePtr) -> Error {

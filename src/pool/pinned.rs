@@ -60,6 +60,12 @@ impl PinnedPool {
         self.pool.free_unchecked(ptr, block);
     }
 
+    /// The stream-safety mode in force.
+    #[inline]
+    pub fn stream_safety(&self) -> crate::config::StreamSafety {
+        self.pool.stream_safety()
+    }
+
     /// Why `ptr` is no live block: double free, interior pointer, or not ours at all.
     #[cold]
     pub fn diagnose(&self, ptr: DevicePtr) -> Error {

@@ -36,7 +36,9 @@ pub const MAX_FRAMES: usize = 256;
 struct ThreadInfo {
     /// Kernel thread id (what gdb and `top -H` show); 0 until first asked for.
     tid: u32,
-    /// One past the highest address of this thread's stack; 0 until known, 1 when unknowable.
+    /// This thread's stack, `[stack_lo, stack_hi)`; `stack_hi` is 0 until known, 1 when
+    /// unknowable.
+    stack_lo: usize,
     stack_hi: usize,
     /// Set while this thread is inside the tracker (re-entrancy guard).
     busy: bool,
@@ -44,7 +46,7 @@ struct ThreadInfo {
 
 thread_local! {
     static THREAD: Cell<ThreadInfo> =
-        const { Cell::new(ThreadInfo { tid: 0, stack_hi: 0, busy: false }) };
+        const { Cell::new(ThreadInfo { tid: 0, stack_lo: 0, stack_hi: 0, busy: false }) };
 }
 
 /// The kernel thread id of the calling thread (never 0), read once per thread.
@@ -104,6 +106,10 @@ impl Drop for ReentryGuard {
 /// The first entries are the tracker's own frames; the report leaves them out.
 #[inline(never)]
 pub fn capture(unwinder: Unwinder, out: &mut [usize]) -> usize {
+    #[cfg(test)]
+    if PANIC_IN_NEXT_CAPTURE.with(|p| p.replace(false)) {
+        panic!("test: the stack walk panics");
+    }
     match unwinder {
         Unwinder::FramePointer => capture_fp(out),
         Unwinder::Dwarf => capture_dwarf(out),
@@ -136,25 +142,27 @@ pub fn capture_fp(out: &mut [usize]) -> usize {
     let Some(fp) = current_frame_pointer() else {
         return capture_dwarf(out);
     };
-    let hi = stack_hi();
-    // The walk only ever reads [fp, hi): everything between the live stack pointer (below fp) and
-    // the top of the thread's stack is mapped, because the thread is using it.
-    if hi <= 1 || fp >= hi {
+    let (lo, hi) = stack_bounds();
+    // On a signal's alternate stack or a coroutine's own, fp is outside the thread's stack, and
+    // the bounds say nothing about what is mapped around it: the exact unwinder takes over.
+    if hi <= 1 || fp < lo || fp >= hi {
         return capture_dwarf(out);
     }
-    walk_frames(fp, hi, out)
+    walk_frames(fp, lo, hi, out)
 }
 
 /// Follows frame records `[fp] = caller's fp, [fp + 8] = return address` (x86_64 `push rbp; mov
-/// rbp, rsp`; AArch64 `stp x29, x30`) from `fp` while each record is valid.
+/// rbp, rsp`; AArch64 `stp x29, x30`) from `fp` while each record is valid. Reads only inside
+/// `[lo, hi)`, the thread's stack.
 #[inline(always)]
-fn walk_frames(mut fp: usize, hi: usize, out: &mut [usize]) -> usize {
+fn walk_frames(mut fp: usize, lo: usize, hi: usize, out: &mut [usize]) -> usize {
     let word = std::mem::size_of::<usize>();
     let mut n = 0;
     while n < out.len() {
-        // Invariant checked before every read: fp is word-aligned and the whole record [fp, fp+16)
-        // lies below the top of the stack; fp only ever grows, so it stays above the stack pointer.
-        if fp % word != 0 || fp.checked_add(2 * word).map_or(true, |end| end > hi) {
+        // Invariant checked before every read: fp is word-aligned and the whole record
+        // [fp, fp + 16) lies inside the stack, [lo, hi). fp only ever grows, so once the live
+        // stack pointer is below it, every byte up to hi is mapped (the thread is using it).
+        if fp % word != 0 || fp < lo || fp.checked_add(2 * word).map_or(true, |end| end > hi) {
             break;
         }
         // SAFETY: [fp, fp + 16) is inside this thread's mapped stack, between the current frame
@@ -204,29 +212,30 @@ fn current_frame_pointer() -> Option<usize> {
     }
 }
 
-/// The top (highest address, exclusive) of the calling thread's stack; 1 if it cannot be known.
+/// The calling thread's stack, `[lo, hi)`; `hi` is 1 if it cannot be known.
 #[inline]
-fn stack_hi() -> usize {
-    let hi = THREAD.with(Cell::get).stack_hi;
-    if hi != 0 {
-        return hi;
+fn stack_bounds() -> (usize, usize) {
+    let info = THREAD.with(Cell::get);
+    if info.stack_hi != 0 {
+        return (info.stack_lo, info.stack_hi);
     }
-    stack_hi_slow()
+    stack_bounds_slow()
 }
 
 #[cold]
 #[inline(never)]
-fn stack_hi_slow() -> usize {
-    let hi = query_stack_hi().unwrap_or(1);
+fn stack_bounds_slow() -> (usize, usize) {
+    let (lo, hi) = query_stack().unwrap_or((1, 1));
     THREAD.with(|t| {
         let mut info = t.get();
+        info.stack_lo = lo;
         info.stack_hi = hi;
         t.set(info);
     });
-    hi
+    (lo, hi)
 }
 
-fn query_stack_hi() -> Option<usize> {
+fn query_stack() -> Option<(usize, usize)> {
     // SAFETY: `attr` is initialized by pthread_getattr_np before it is read and destroyed once;
     // the out-parameters are valid locals.
     unsafe {
@@ -241,8 +250,14 @@ fn query_stack_hi() -> Option<usize> {
         if rc != 0 || addr.is_null() {
             return None;
         }
-        (addr as usize).checked_add(size)
+        Some((addr as usize, (addr as usize).checked_add(size)?))
     }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests: makes this thread's next capture panic, as a bug in an unwinder would.
+    pub(crate) static PANIC_IN_NEXT_CAPTURE: Cell<bool> = const { Cell::new(false) };
 }
 
 #[cfg(test)]
@@ -284,12 +299,42 @@ mod tests {
         records[5] = 0x2222;
         let hi = base + std::mem::size_of_val(&records);
         let mut out = [0usize; 8];
-        let n = walk_frames(base, hi, &mut out);
+        let n = walk_frames(base, base, hi, &mut out);
         assert_eq!(&out[..n], &[0x1111, 0x2222]);
         // A record straddling the top of the stack is never read.
-        assert_eq!(walk_frames(hi - 8, hi, &mut out), 0);
+        assert_eq!(walk_frames(hi - 8, base, hi, &mut out), 0);
         // Misaligned.
-        assert_eq!(walk_frames(base + 1, hi, &mut out), 0);
+        assert_eq!(walk_frames(base + 1, base, hi, &mut out), 0);
+    }
+
+    /// Issue 18, defect 11: a frame pointer below the stack's bottom (garbage in rbp on a
+    /// coroutine or signal stack) is never read from, though a valid-looking chain sits there.
+    #[test]
+    fn fp_walk_never_reads_below_the_stack() {
+        let mut records = [0usize; 8];
+        let base = records.as_ptr() as usize;
+        records[0] = base + 32;
+        records[1] = 0x1111;
+        records[5] = 0x2222;
+        let hi = base + std::mem::size_of_val(&records);
+        let mut out = [0usize; 8];
+        // The "stack" starts at records[4]: the record at `base` is outside it.
+        assert_eq!(walk_frames(base, base + 32, hi, &mut out), 0);
+        // And from inside, the walk is as before.
+        assert_eq!(walk_frames(base + 32, base + 32, hi, &mut out), 1);
+    }
+
+    #[test]
+    fn this_threads_stack_holds_its_frames() {
+        let (lo, hi) = stack_bounds();
+        let here = &lo as *const usize as usize;
+        assert!(
+            lo > 1 && lo < here && here < hi,
+            "{lo:#x} {here:#x} {hi:#x}"
+        );
+        // A frame pointer below the stack: the frame-pointer walk does not start from it.
+        let mut out = [0usize; 4];
+        assert_eq!(walk_frames(lo - 4096, lo, hi, &mut out), 0);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The report at process exit, registered with `atexit`.
 //!
-//! At exit the handler makes no CUDA call (only the registry, which is host memory, is read), uses
+//! At exit the handler makes no CUDA call (only the registry, which is host memory, is read), and
+//! once it has begun no free of the allocator's does either (`exiting`); it uses
 //! no thread-local with a destructor (those of the exiting thread have already run), never lets a
 //! panic out, and writes stderr with `write(2)` directly, so nothing is left in a buffer. Other
 //! threads may still be allocating and freeing: the snapshot takes each registry shard's lock in
@@ -16,9 +17,28 @@ use std::ffi::OsStr;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Once;
 
 static INSTALL: Once = Once::new();
+
+/// Set when the exit report begins, never cleared. What runs after it (static destructors
+/// registered before our handler, the runtime's own teardown) may free memory when the driver is
+/// going or gone: from then on the allocator's frees make no driver call (`exiting`).
+static EXITING: AtomicBool = AtomicBool::new(false);
+
+/// Whether the process is exiting (the exit report has begun). Read only on the free paths that
+/// would reach the driver (an event for `cudaFreeAsync`, a synchronize under
+/// `stream_safety:eager`), never on the plain `cudaFree`.
+#[inline]
+pub fn exiting() -> bool {
+    EXITING.load(Ordering::Relaxed)
+}
+
+/// Marks the process as exiting; the exit handler's first act.
+pub(crate) fn begin_exit() {
+    EXITING.store(true, Ordering::Relaxed);
+}
 
 /// Registers the exit report (idempotent). Called when the global tracker is first built.
 pub fn install_exit_report() {
@@ -32,6 +52,7 @@ pub fn install_exit_report() {
 }
 
 extern "C" fn exit_handler() {
+    begin_exit();
     let _ = std::panic::catch_unwind(|| {
         if crate::fork::in_child() {
             return; // the parent's allocations are the parent's to report

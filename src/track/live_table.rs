@@ -270,19 +270,28 @@ impl LiveTable {
         let Some((key, slot)) = self.find_and_hold(ptr) else {
             return self.overflow_remove_with(ptr, f);
         };
+        // Released on every way out, a panic in `f` included: live unless freed below.
+        let mut held = Held { key, to: ptr };
         // SAFETY: held by this thread; a live key's `live` was written before it was released.
-        match f(unsafe { &*addr_of!((*slot).live) }) {
-            Some((r, mark)) => {
-                // SAFETY: held by this thread.
-                unsafe { addr_of_mut!((*slot).free).write(mark) };
-                key.store(ptr | FREED, Ordering::Release);
-                Some(r)
+        let (r, mark) = f(unsafe { &*addr_of!((*slot).live) })?;
+        // SAFETY: held by this thread.
+        unsafe { addr_of_mut!((*slot).free).write(mark) };
+        held.to = ptr | FREED;
+        Some(r)
+    }
+
+    /// Changes `ptr`'s live record in place; false if it is not live.
+    pub fn update(&self, ptr: usize, f: impl FnOnce(&mut Live)) -> bool {
+        let Some((key, slot)) = self.find_and_hold(ptr) else {
+            if self.overflow_len.load(Ordering::Acquire) == 0 {
+                return false;
             }
-            None => {
-                key.store(ptr, Ordering::Release);
-                None
-            }
-        }
+            return self.overflow().get_mut(&ptr).map(f).is_some();
+        };
+        let _held = Held { key, to: ptr };
+        // SAFETY: held by this thread; a live key's `live` was written before it was released.
+        f(unsafe { &mut *addr_of_mut!((*slot).live) });
+        true
     }
 
     /// A copy of `ptr`'s record.
@@ -419,6 +428,20 @@ unsafe fn zeroed_slice<T>(n: usize) -> Box<[T]> {
     unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, n)) }
 }
 
+/// A held key word, released to `to` when dropped: on return and on unwinding alike, so that a
+/// panic in a caller's closure cannot leave an address held for ever.
+struct Held<'a> {
+    key: &'a AtomicUsize,
+    to: usize,
+}
+
+impl Drop for Held<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        self.key.store(self.to, Ordering::Release);
+    }
+}
+
 /// Spins briefly, then yields: a holder may have been preempted.
 #[inline]
 fn backoff(spins: &mut u32) {
@@ -442,6 +465,7 @@ mod tests {
             epoch: 0,
             time_ns: 0,
             stream: 0,
+            owner: 0,
             device: 0,
             thread: 0,
             stack: StackId::NONE,
@@ -510,6 +534,24 @@ mod tests {
         assert_eq!(t.overflow_len.load(Ordering::Relaxed), 0);
         t.insert(0x5000_0000, live(5));
         assert_eq!(all(&t), vec![(0x5000_0000, 5)]);
+    }
+
+    /// A panic in the closure that sees a record releases its key: the address stays usable.
+    #[test]
+    fn a_panic_while_holding_a_record_releases_it() {
+        let t = Arc::new(LiveTable::with_bucket_bits(4));
+        t.insert(0x1000, live(7));
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            t.remove_with(0x1000, |_| -> Option<((), FreeMark)> {
+                panic!("in the closure")
+            })
+        }));
+        assert!(r.is_err());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t2 = t.clone();
+        std::thread::spawn(move || tx.send(t2.get(0x1000).map(|l| l.size)).unwrap());
+        let got = rx.recv_timeout(std::time::Duration::from_secs(10));
+        assert_eq!(got, Ok(Some(7)), "the key was left held");
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //!
 //! The core is `Tracker`, which takes its `Settings` explicitly (tests build their own). The free
 //! functions below drive one process-wide `Tracker` built from `HBMALLOC_CONF` on first use; that
-//! is what the allocator's entry points call.
+//! is what the tracking adaptor (`crate::tracked`) calls.
 //!
 //! Decision: tracking is always on. The registry is what makes `hbm_leaks_since`, on-demand
 //! reports and double-free diagnostics work, and without backtraces it costs tens of nanoseconds
@@ -35,14 +35,16 @@ use crate::config::{self, Config, LeakReport, StackWalk};
 use once_cell::sync::OnceCell;
 
 pub use capture::Unwinder;
-pub use exit::install_exit_report;
+#[cfg(test)]
+pub(crate) use exit::begin_exit;
+pub use exit::{exiting, install_exit_report};
 pub use freed::BadFree;
-pub use registry::{Live, Tracker};
+pub use registry::{Live, Refused, Tracker};
 pub use stacks::StackId;
 
-/// Which entry point handed out an allocation. Four bytes, so that `Live` is six whole words:
-/// copies of it then move in aligned 16-byte pieces (a one-byte field made the compiler copy
-/// its tail byte by byte, which stalled the wide loads after it on the free path).
+/// Which entry point handed out an allocation. Four bytes, so that `Live` is whole words (a
+/// one-byte field made the compiler copy its tail byte by byte, which stalled the wide loads
+/// after it on the free path).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[repr(u32)]
 pub enum Origin {
@@ -187,34 +189,7 @@ pub fn write_report(path: Option<&str>) -> std::io::Result<()> {
     global().write_text_report(path, LeakReport::Full)
 }
 
-/// Records a free *before* the block can be handed out again (so a concurrent allocation of the
-/// same address is never undone by this free's bookkeeping), printing nothing. `Err` holds what a
-/// diagnostic would say; the caller prints it with `report_bad_free` once it knows the free was
-/// really bad (a pointer no pool knows may still be the runtime's own, to forward).
-#[inline]
-pub fn forget(ptr: usize) -> Result<Live, Box<BadFree>> {
-    global().on_free(ptr)
-}
-
-/// As `forget`, for an allocation of one of `origins` only (a `cudaFree` of a scratch-pool block
-/// must not take it from its pool); returns only the block's (size, device), what the allocator
-/// needs to give it back, without copying the whole record out.
-#[inline]
-pub fn forget_block(ptr: usize, origins: &[Origin]) -> Result<(u64, i32), Box<BadFree>> {
-    global().on_free_map(
-        ptr,
-        |live| origins.contains(&live.origin),
-        |live| (live.size, live.device),
-    )
-}
-
-/// The entry point that handed out the live allocation at `ptr`, if it is live (cold paths only:
-/// which kind of memory a pointer that one free refused is).
-pub fn live_origin(ptr: usize) -> Option<Origin> {
-    global().get(ptr).map(|live| live.origin)
-}
-
-/// Prints the diagnostic of a bad free from `forget`.
+/// Prints the diagnostic of a bad free (`Tracker::reject`).
 #[cold]
 pub fn report_bad_free(bad: &BadFree) {
     global().print_bad_free(bad);

@@ -25,11 +25,25 @@ pub struct Live {
     /// Nanoseconds since the tracker was created.
     pub time_ns: u64,
     pub stream: usize,
+    /// The pool object the block belongs to, for memory whose free must name its pool (a scratch
+    /// pool's address, a KV cache's handle); 0 for the process-wide pools.
+    pub owner: usize,
     pub device: i32,
     /// Kernel thread id of the allocating thread.
     pub thread: u32,
     pub stack: StackId,
     pub origin: Origin,
+}
+
+/// Why `Tracker::take` left a record where it was (or found none).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// A live block this free is not for (another entry point's, another pool's, another
+    /// size): its record, as it still stands.
+    Other(Live),
+    /// No live block starts at the pointer. Nothing is counted yet: the caller may still find
+    /// an owner for it (the runtime), or `reject` it.
+    NotLive,
 }
 
 /// Capture buffer kept on the stack; deeper `max_frames` settings use the heap.
@@ -80,6 +94,22 @@ impl Tracker {
     /// this tracker never saw).
     #[inline]
     pub fn on_alloc(&self, ptr: usize, size: usize, device: i32, stream: usize, origin: Origin) {
+        self.on_alloc_owned(ptr, size, device, stream, origin, 0);
+    }
+
+    /// As `on_alloc`, for a block of the pool object `owner` (see `Live::owner`).
+    #[inline]
+    pub fn on_alloc_owned(
+        &self,
+        ptr: usize,
+        size: usize,
+        device: i32,
+        stream: usize,
+        origin: Origin,
+        owner: usize,
+    ) {
+        // Everything that can fail or take long (the stack walk) happens before the slot is
+        // held: a panic while holding it would leave the address locked for good.
         let stack = self.capture_stack();
         let thread = capture::thread_id();
         let time_ns = self.now_ns();
@@ -91,6 +121,7 @@ impl Tracker {
             epoch,
             time_ns,
             stream,
+            owner,
             device,
             thread,
             stack,
@@ -99,6 +130,19 @@ impl Tracker {
         if let Some(timeline) = &self.timeline {
             timeline.push(time_ns, EventKind::Alloc, ptr, size as u64, device, stack);
         }
+    }
+
+    /// Puts back, as it was, a record that `take` removed for a free that then did not happen
+    /// (the runtime refused a forwarded free, a pool refused the block).
+    #[cold]
+    pub fn restore(&self, ptr: usize, live: Live) {
+        self.live.insert(ptr, live);
+    }
+
+    /// Changes the live record at `ptr` in place (a KV cache's size as it grows); false if
+    /// `ptr` is not live.
+    pub fn update(&self, ptr: usize, f: impl FnOnce(&mut Live)) -> bool {
+        self.live.update(ptr, f)
     }
 
     /// Records a free. `Err` for a pointer that is not live; the error describes what is known of
@@ -118,8 +162,8 @@ impl Tracker {
         self.on_free_map(ptr, accept, |live| *live)
     }
 
-    /// As `on_free_if`, returning `map` of the record rather than a copy of it (the free path
-    /// needs two fields; see `LiveTable::remove_with`).
+    /// As `on_free_if`, returning `map` of the record rather than a copy of it. Any refusal is
+    /// a bad free here; the allocator's entry points use `take`, which tells them apart.
     #[inline]
     pub fn on_free_map<R>(
         &self,
@@ -127,38 +171,71 @@ impl Tracker {
         accept: impl FnOnce(&Live) -> bool,
         map: impl FnOnce(&Live) -> R,
     ) -> Result<R, Box<BadFree>> {
-        let removed = self.live.remove_with(ptr, |live| {
-            if !accept(live) {
-                return None;
-            }
-            Some((map(live), self.free_mark(ptr, live)))
-        });
-        removed.ok_or_else(|| self.bad_free(ptr))
+        self.take(ptr, accept, map).map_err(|_| self.reject(ptr))
     }
 
-    /// What the freed slot keeps for a later double free's diagnostic; also the timeline event.
+    /// Removes the record at `ptr` if `accept`s it, and returns `map` of it (the free path needs
+    /// two fields; see `LiveTable::remove_with`). One look-up: a record refused is left exactly
+    /// as it was (`Refused::Other`), and a pointer with no record costs nothing more
+    /// (`Refused::NotLive`): neither is counted or diagnosed until the caller `reject`s it.
+    ///
+    /// The free's stack is captured before the record is held, so a panic in the walk leaves
+    /// the table as it was.
     #[inline]
-    fn free_mark(&self, ptr: usize, live: &Live) -> FreeMark {
+    pub fn take<R>(
+        &self,
+        ptr: usize,
+        accept: impl FnOnce(&Live) -> bool,
+        map: impl FnOnce(&Live) -> R,
+    ) -> Result<R, Refused> {
+        let mark = self.free_mark();
+        let mut other = None;
+        let mut event = None;
+        let want_event = self.timeline.is_some();
+        let taken = self.live.remove_with(ptr, |live| {
+            if !accept(live) {
+                other = Some(*live);
+                return None;
+            }
+            if want_event {
+                event = Some((live.size, live.device, live.stack));
+            }
+            Some((map(live), mark))
+        });
+        if let (Some(timeline), Some((size, device, stack)), Some(time_ns)) =
+            (&self.timeline, event, mark.time_ns)
+        {
+            timeline.push(time_ns, EventKind::Free, ptr, size, device, stack);
+        }
+        match (taken, other) {
+            (Some(r), _) => Ok(r),
+            (None, Some(live)) => Err(Refused::Other(live)),
+            (None, None) => Err(Refused::NotLive),
+        }
+    }
+
+    /// What the freed slot keeps for a later double free's diagnostic.
+    #[inline]
+    fn free_mark(&self) -> FreeMark {
         let stack = self.capture_stack();
         let thread = capture::thread_id();
         // Only the timeline needs the time of a free; the double-free diagnostic shows it when
         // known. Without a timeline the pair reads the clock once, on the allocation.
         let time_ns = self.timeline.as_ref().map(|_| self.now_ns());
-        if let (Some(timeline), Some(time_ns)) = (&self.timeline, time_ns) {
-            timeline.push(
-                time_ns,
-                EventKind::Free,
-                ptr,
-                live.size,
-                live.device,
-                live.stack,
-            );
-        }
         FreeMark {
             stack,
             thread,
             time_ns,
         }
+    }
+
+    /// Counts a free that nothing owns as rejected and gathers what its diagnostic says: where
+    /// the block was allocated and first freed (a double free), or the live block the pointer
+    /// is inside of (cold: scans the registry).
+    #[cold]
+    #[inline(never)]
+    pub fn reject(&self, ptr: usize) -> Box<BadFree> {
+        self.bad_free(ptr)
     }
 
     #[cold]
@@ -271,7 +348,13 @@ impl Tracker {
         all
     }
 
-    /// Frees this tracker has rejected (unknown pointers and double frees).
+    /// Counts a free refused for a block of another kind (its record stands; nothing to scan).
+    #[cold]
+    pub fn note_rejected(&self) {
+        self.bad_frees.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Frees this tracker has rejected (unknown pointers, double frees, blocks of another kind).
     pub fn bad_free_count(&self) -> u64 {
         self.bad_frees.load(Ordering::Relaxed)
     }
@@ -294,4 +377,50 @@ pub(super) fn monotonic_ns(coarse: bool) -> u64 {
     (ts.tv_sec as u64)
         .wrapping_mul(1_000_000_000)
         .wrapping_add(ts.tv_nsec as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::track::capture::PANIC_IN_NEXT_CAPTURE;
+    use std::sync::{mpsc, Arc};
+    use std::time::Duration;
+
+    /// Runs `f` on another thread and waits at most 10 s: a key left held makes it spin for ever.
+    fn within_10s<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("the table stayed locked after a panic")
+    }
+
+    /// Issue 18, defect 11: a panic in the stack walk (during an allocation or a free) leaves no
+    /// slot of the live table held: the address is usable afterwards, its record as it was.
+    #[test]
+    fn a_panicking_stack_walk_leaves_the_table_usable() {
+        let t = Arc::new(Tracker::new(Settings {
+            backtrace: true,
+            ..Settings::default()
+        }));
+        let p = 0x6a6a_0000_1000;
+        t.on_alloc(p, 4096, 0, 0, Origin::CudaMalloc);
+        PANIC_IN_NEXT_CAPTURE.with(|f| f.set(true));
+        let freed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| t.on_free(p)));
+        assert!(freed.is_err(), "the walk panicked");
+        let t2 = t.clone();
+        let live = within_10s(move || t2.get(p));
+        assert_eq!(live.map(|l| l.size), Some(4096), "not freed, still live");
+        assert!(t.on_free(p).is_ok());
+
+        PANIC_IN_NEXT_CAPTURE.with(|f| f.set(true));
+        let alloc = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            t.on_alloc(p, 512, 0, 0, Origin::CudaMalloc)
+        }));
+        assert!(alloc.is_err());
+        let t2 = t.clone();
+        within_10s(move || t2.on_alloc(p, 512, 0, 0, Origin::CudaMalloc));
+        assert_eq!(t.get(p).map(|l| l.size), Some(512));
+    }
 }

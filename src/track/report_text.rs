@@ -191,6 +191,7 @@ mod tests {
             thread: 1,
             stack: crate::track::stacks::StackId::NONE,
             origin,
+            owner: 0,
         };
         Site {
             bytes: 256 * count,

@@ -159,7 +159,7 @@ fn is_own(frame: &SymFrame) -> bool {
     // The library's modules by name: a program built from this crate (the `hbmalloc` tool, the
     // tests) has functions under `hbmalloc::` too, and those are the caller's frames.
     const MODULES: [&str; 10] = [
-        "alloc", "backend", "config", "error", "ffi", "kernels", "kv", "pool", "runtime", "track",
+        "backend", "config", "error", "ffi", "kernels", "kv", "pool", "runtime", "track", "tracked",
     ];
     let ours = f.strip_prefix("hbmalloc::").is_some_and(|rest| {
         MODULES

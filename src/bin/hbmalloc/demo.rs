@@ -1,9 +1,9 @@
 //! `hbmalloc demo`: an inference-shaped workload through the caching pool, and what it did.
 
 use clap::Args;
-use hbmalloc::alloc::{self, Api};
 use hbmalloc::error::Error;
 use hbmalloc::runtime::{self, Active};
+use hbmalloc::tracked::device::{self as alloc, Api};
 use std::process::ExitCode;
 use std::time::Instant;
 
