@@ -58,6 +58,9 @@ extern "C" fn exit_handler() {
             return; // the parent's allocations are the parent's to report
         }
         if let Some(tracker) = super::global_if_started() {
+            if let Some(trace) = tracker.trace() {
+                trace.flush_at_exit();
+            }
             tracker.write_exit_reports();
         }
         if crate::config::get().verbose {

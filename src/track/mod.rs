@@ -104,6 +104,8 @@ pub struct Settings {
     pub report_svg: Option<std::path::PathBuf>,
     /// Capacity of the alloc/free event ring; 0 = no timeline.
     pub timeline: usize,
+    /// `trace:FILE`: one line per allocation and free (see `trace`).
+    pub trace: Option<std::path::PathBuf>,
 }
 
 impl Default for Settings {
@@ -126,6 +128,7 @@ impl Settings {
             report_json: cfg.report_json.clone(),
             report_svg: cfg.report_svg.clone(),
             timeline: cfg.timeline,
+            trace: cfg.trace.clone(),
         }
     }
 }

@@ -13,6 +13,7 @@ use super::freed::{BadFree, FreedRecord};
 use super::live_table::{FreeMark, LiveTable};
 use super::stacks::{StackId, StackTable};
 use super::timeline::{EventKind, Timeline};
+use super::trace::{Op, Trace, TraceEvent};
 use super::{LeakSummary, Origin, Settings};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -60,6 +61,7 @@ pub struct Tracker {
     /// shared by every core (a per-allocation counter here was the pair's one contended line).
     epoch: AtomicU64,
     timeline: Option<Timeline>,
+    trace: Option<Trace>,
     /// CLOCK_MONOTONIC when the tracker was created; times are relative to it.
     start_ns: u64,
     pub(super) bad_frees: AtomicU64,
@@ -72,6 +74,13 @@ impl Tracker {
             stacks: StackTable::new(),
             epoch: AtomicU64::new(0),
             timeline: (settings.timeline > 0).then(|| Timeline::new(settings.timeline)),
+            trace: settings.trace.as_deref().and_then(|path| {
+                Trace::create(path)
+                    .map_err(|e| {
+                        eprintln!("hbmalloc: trace file {}: {e}; no trace", path.display())
+                    })
+                    .ok()
+            }),
             start_ns: monotonic_ns(false),
             bad_frees: AtomicU64::new(0),
             settings,
@@ -130,6 +139,22 @@ impl Tracker {
         if let Some(timeline) = &self.timeline {
             timeline.push(time_ns, EventKind::Alloc, ptr, size as u64, device, stack);
         }
+        if let Some(trace) = &self.trace {
+            trace.record(&TraceEvent {
+                time_ns,
+                thread,
+                op: Op::Alloc,
+                ptr,
+                size: size as u64,
+                stream,
+                device,
+            });
+        }
+    }
+
+    /// The `trace:FILE` writer, when one is open.
+    pub fn trace(&self) -> Option<&Trace> {
+        self.trace.as_ref()
     }
 
     /// Puts back, as it was, a record that `take` removed for a free that then did not happen
@@ -191,21 +216,32 @@ impl Tracker {
         let mark = self.free_mark();
         let mut other = None;
         let mut event = None;
-        let want_event = self.timeline.is_some();
+        let want_event = self.timeline.is_some() || self.trace.is_some();
         let taken = self.live.remove_with(ptr, |live| {
             if !accept(live) {
                 other = Some(*live);
                 return None;
             }
             if want_event {
-                event = Some((live.size, live.device, live.stack));
+                event = Some((live.size, live.device, live.stack, live.stream));
             }
             Some((map(live), mark))
         });
-        if let (Some(timeline), Some((size, device, stack)), Some(time_ns)) =
+        if let (Some(timeline), Some((size, device, stack, _)), Some(time_ns)) =
             (&self.timeline, event, mark.time_ns)
         {
             timeline.push(time_ns, EventKind::Free, ptr, size, device, stack);
+        }
+        if let (Some(trace), Some((size, device, _, stream))) = (&self.trace, event) {
+            trace.record(&TraceEvent {
+                time_ns: mark.time_ns.unwrap_or_else(|| self.now_ns()),
+                thread: mark.thread,
+                op: Op::Free,
+                ptr,
+                size,
+                stream,
+                device,
+            });
         }
         match (taken, other) {
             (Some(r), _) => Ok(r),

@@ -148,6 +148,36 @@ mod tests {
     }
 
     #[test]
+    fn the_tracker_traces_each_allocation_and_free_with_its_stream() {
+        use crate::track::{Origin, Settings, Tracker};
+        let path = std::env::temp_dir().join(format!("hbm-tracker-{}.trace", std::process::id()));
+        let t = Tracker::new(Settings {
+            trace: Some(path.clone()),
+            backtrace: false,
+            ..Settings::default()
+        });
+        t.on_alloc(0x10000, 512, 0, 0x77, Origin::CudaMallocAsync);
+        t.on_alloc(0x20000, 1024, 1, 0, Origin::CudaMalloc);
+        t.on_free(0x10000).unwrap();
+        t.trace().unwrap().flush_at_exit();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let events: Vec<Vec<&str>> = text
+            .lines()
+            .skip(1)
+            .map(|l| l.split(' ').skip(2).collect())
+            .collect();
+        assert_eq!(
+            events,
+            [
+                ["a", "10000", "512", "77", "0"],
+                ["a", "20000", "1024", "0", "1"],
+                ["f", "10000", "512", "77", "0"],
+            ]
+        );
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
     fn a_file_that_cannot_be_created_is_an_error_not_a_panic() {
         assert!(Trace::create(Path::new("/nonexistent-dir/x/t.trace")).is_err());
     }
