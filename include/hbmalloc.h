@@ -22,6 +22,13 @@
 #define HBM_ESTIMATE_MAX_GPUS 16
 
 /**
+ * Entries of the `devices` array of `HbmEstimate`: the CPU and `HBM_ESTIMATE_MAX_GPUS` GPUs. A literal, not
+ * `HBM_ESTIMATE_MAX_GPUS + 1`: the header generator cannot size an array by an expression
+ * (it made the struct opaque, and C could not embed it).
+ */
+#define HBM_ESTIMATE_MAX_DEVICES 17
+
+/**
  * Result of an `hbm_*` call (`HBM_STATUS_*` in C). Values are fixed forever: new ones are added, none is reused.
  */
 typedef enum HbmStatus {
@@ -159,11 +166,6 @@ typedef enum HbmType {
 } HbmType;
 
 /**
- * An estimate: totals, and per device (`devices[0]` the CPU, `devices[1 + k]` GPU k).
- */
-typedef struct HbmEstimate HbmEstimate;
-
-/**
  * A KV cache (opaque). Made by `hbm_kv_cache_create`, freed by `hbm_kv_cache_destroy`. Every
  * other function may be called from any thread; they serialize on the cache's lock.
  */
@@ -221,6 +223,41 @@ typedef struct HbmEstimateParams {
      */
     uint64_t overhead_bytes;
 } HbmEstimateParams;
+
+/**
+ * One device's share of an estimate.
+ */
+typedef struct HbmDeviceEstimate {
+    uint64_t weights_bytes;
+    uint64_t kv_bytes;
+    uint64_t compute_bytes;
+    uint64_t overhead_bytes;
+    uint64_t total_bytes;
+} HbmDeviceEstimate;
+
+/**
+ * An estimate: totals, and per device (`devices[0]` the CPU, `devices[1 + k]` GPU k).
+ */
+typedef struct HbmEstimate {
+    /**
+     * `sizeof(HbmEstimate)`, set by the caller.
+     */
+    size_t size;
+    /**
+     * Context after padding.
+     */
+    uint64_t n_ctx;
+    int32_t type_k;
+    int32_t type_v;
+    int32_t flash_attn;
+    uint32_t n_gpu_layers;
+    struct HbmDeviceEstimate total;
+    /**
+     * Entries used in `devices`: 1 + the number of GPUs.
+     */
+    uint32_t n_devices;
+    struct HbmDeviceEstimate devices[HBM_ESTIMATE_MAX_DEVICES];
+} HbmEstimate;
 
 /**
  * A plan: the rung, the estimate that realises it, the split and how many rungs were rejected.
@@ -546,17 +583,6 @@ typedef struct HbmPoolStats {
     uint64_t trims;
     uint64_t released_bytes;
 } HbmPoolStats;
-
-/**
- * One device's share of an estimate.
- */
-typedef struct HbmDeviceEstimate {
-    uint64_t weights_bytes;
-    uint64_t kv_bytes;
-    uint64_t compute_bytes;
-    uint64_t overhead_bytes;
-    uint64_t total_bytes;
-} HbmDeviceEstimate;
 
 #ifdef __cplusplus
 extern "C" {

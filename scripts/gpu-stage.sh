@@ -5,7 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf gpu-stage && mkdir -p gpu-stage/tests gpu-stage/examples
-cargo build --release --bins --examples
+# --lib too: without it the cdylib is built only as a dependency and target/release/libhbmalloc.so
+# is not refreshed (a stale library was once staged that way).
+cargo build --release --lib --bins --examples
 cp target/release/libhbmalloc.so target/release/hbmalloc gpu-stage/
 for ex in target/release/examples/*; do
     [[ -f $ex && -x $ex && $ex != *.d && $(basename "$ex") != *-* ]] && cp "$ex" gpu-stage/examples/

@@ -14,6 +14,11 @@ use std::path::Path;
 
 /// Most GPUs an estimate describes.
 pub const HBM_ESTIMATE_MAX_GPUS: usize = 16;
+/// Entries of the `devices` array of `HbmEstimate`: the CPU and `HBM_ESTIMATE_MAX_GPUS` GPUs. A literal, not
+/// `HBM_ESTIMATE_MAX_GPUS + 1`: the header generator cannot size an array by an expression
+/// (it made the struct opaque, and C could not embed it).
+pub const HBM_ESTIMATE_MAX_DEVICES: usize = 17;
+const _: () = assert!(HBM_ESTIMATE_MAX_DEVICES == HBM_ESTIMATE_MAX_GPUS + 1);
 
 /// What to estimate for. Fill it with `hbm_estimate_params_default`, then change fields.
 #[repr(C)]
@@ -68,7 +73,7 @@ pub struct HbmEstimate {
     pub total: HbmDeviceEstimate,
     /// Entries used in `devices`: 1 + the number of GPUs.
     pub n_devices: u32,
-    pub devices: [HbmDeviceEstimate; HBM_ESTIMATE_MAX_GPUS + 1],
+    pub devices: [HbmDeviceEstimate; HBM_ESTIMATE_MAX_DEVICES],
 }
 
 /// The rung of the degradation ladder a plan chose (`HBM_FIT_RUNG_*`).
@@ -157,7 +162,7 @@ fn fill(e: &Estimate, out: &mut HbmEstimate) {
         total_bytes: e.total_bytes(),
     };
     out.n_devices = e.devices.len() as u32;
-    out.devices = [HbmDeviceEstimate::default(); HBM_ESTIMATE_MAX_GPUS + 1];
+    out.devices = [HbmDeviceEstimate::default(); HBM_ESTIMATE_MAX_DEVICES];
     for (o, d) in out.devices.iter_mut().zip(&e.devices) {
         *o = dev(d);
     }

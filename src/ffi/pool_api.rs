@@ -349,6 +349,7 @@ pub unsafe extern "C" fn hbm_pool_destroy(pool: *mut HbmPool) {
                 "hbmalloc: hbm_pool_destroy: {} allocation(s), {} bytes, still live in the pool; freed with it",
                 s.live, s.in_use
             );
+            crate::tracked::scratch::forget_pool(&pool);
         }
         drop(pool);
     })

@@ -161,8 +161,11 @@ fn destroy_frees_live_allocations() {
             HbmStatus::Ok
         );
         assert_eq!(stats(pool).committed, 4 << 20, "two granules commit 3 MiB");
+        assert!(crate::track::global().get(p as usize).is_some());
         hbm_pool_destroy(pool);
     }
+    // Freed with its pool, not leaked: the block's record goes too.
+    assert_eq!(crate::track::global().get(p as usize), None);
 }
 
 /// Issue 18, defect 1: `hbm_pool_free` of a block another entry point handed out is refused

@@ -21,6 +21,18 @@ pub fn alloc(pool: &ScratchPool, size: usize) -> Result<(DevicePtr, usize)> {
     Ok((ptr, actual))
 }
 
+/// Removes the records of every block still live in `pool`, which is being destroyed with them
+/// (its memory goes back as a whole): they are freed, not leaked. Scans the live table once;
+/// destroying a pool is rare.
+pub fn forget_pool(pool: &ScratchPool) {
+    let tracker = track::global();
+    for (ptr, live) in tracker.snapshot() {
+        if live.origin == Origin::Pool && live.owner == owner(pool) {
+            let _ = take(ptr, Want::scratch(owner(pool), live.size));
+        }
+    }
+}
+
 /// Frees `ptr`, which `alloc` gave with `actual`. The record goes before the pool can hand the
 /// block to another thread, and only a block of this pool of exactly `actual` bytes is taken:
 /// any other record (another entry point's block, another pool's, a wrong size) stays exactly
