@@ -118,6 +118,14 @@ impl GgmlType {
     }
 
     /// The type llama.cpp calls `name` (case-insensitive: `Q8_0`, `q4_k` and `q4_K` all match).
+    /// Whether llama.cpp's KV cache (and hbmalloc's) can hold this type: F32, F16, BF16, Q8_0, Q4_0.
+    pub fn is_kv_cache_type(self) -> bool {
+        matches!(
+            self,
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::Q8_0 | GgmlType::Q4_0
+        )
+    }
+
     pub fn from_name(name: &str) -> Option<GgmlType> {
         ALL.iter()
             .copied()

@@ -107,15 +107,7 @@ pub struct HbmFitPlan {
 
 fn type_ok(id: i32) -> Option<GgmlType> {
     let t = GgmlType::from_id(u32::try_from(id).ok()?)?;
-    [
-        GgmlType::F32,
-        GgmlType::F16,
-        GgmlType::BF16,
-        GgmlType::Q8_0,
-        GgmlType::Q4_0,
-    ]
-    .contains(&t)
-    .then_some(t)
+    t.is_kv_cache_type().then_some(t)
 }
 
 fn params_from(p: &HbmEstimateParams) -> Option<Params> {

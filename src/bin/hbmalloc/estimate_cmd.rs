@@ -117,16 +117,9 @@ fn ggml_type(s: &str) -> Result<GgmlType, String> {
 
 fn cache_type(s: &str) -> Result<GgmlType, String> {
     let t = ggml_type(s)?;
-    [
-        GgmlType::F32,
-        GgmlType::F16,
-        GgmlType::BF16,
-        GgmlType::Q8_0,
-        GgmlType::Q4_0,
-    ]
-    .contains(&t)
-    .then_some(t)
-    .ok_or_else(|| format!("cache type '{s}' is not one of f32, f16, bf16, q8_0, q4_0"))
+    t.is_kv_cache_type()
+        .then_some(t)
+        .ok_or_else(|| format!("cache type '{s}' is not one of f32, f16, bf16, q8_0, q4_0"))
 }
 
 fn size(s: &str) -> Result<u64, String> {
