@@ -7,7 +7,7 @@ use crate::backend::limit::Limited;
 use crate::backend::reclaim::Reclaiming;
 use crate::backend::sim::SimBackend;
 use crate::backend::{host_memory, SharedBackend, HOST_DEVICE};
-use crate::config::{self, BackendKind};
+use crate::config::{self, BackendKind, MemLimit};
 use crate::error::{Error, Result};
 use crate::pool::{CachingPool, PinnedPool, PoolSettings};
 use once_cell::sync::OnceCell;
@@ -121,9 +121,12 @@ fn raw_backend(device: i32) -> Result<SharedBackend> {
             let Some(limit) = config::get().limit else {
                 return Ok(device_backend);
             };
-            // A fraction is of this device's memory, known only once the device is open.
-            let total = device_backend.mem_info()?.1;
-            Ok(Arc::new(Limited::new(device_backend, limit.bytes(total))))
+            let bytes = match limit {
+                MemLimit::Bytes(n) => n,
+                // A fraction is of this device's memory, known only once the device is open.
+                MemLimit::Fraction(_) => limit.bytes(device_backend.mem_info()?.1),
+            };
+            Ok(Arc::new(Limited::new(device_backend, bytes)))
         })
         .cloned()
 }
