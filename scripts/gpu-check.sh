@@ -2,7 +2,7 @@
 # Everything hbmalloc checks on a real GPU, in one run. Build first on a machine with Rust:
 #   bash scripts/gpu-stage.sh          (fills gpu-stage/)
 # then, from the repository root on the GPU machine (CUDA toolkit, driver, python3 + torch):
-#   bash scripts/gpu-check.sh [section ...]   sections: rust c stream reliability torch bench demo examples
+#   bash scripts/gpu-check.sh [section ...]   sections: rust c limit stream reliability torch bench demo examples
 #   (bench also runs PyTorch's and RMM's allocators and the hbm_* C API: bench/peer_bench.cpp)
 #   (not run by default: `replay`, real workloads and their traces replayed against every peer,
 #   after `bench`; `profile`, perf of the drop-in path, after `bench`)
@@ -18,7 +18,7 @@ export PATH="$CUDA/bin:$PATH"
 # NVRTC (the KV kernels are compiled at run time) and the runtime come from the toolkit here.
 export LD_LIBRARY_PATH="$CUDA/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 LIB=$PWD/$STAGE/libhbmalloc.so
-SECTIONS=${*:-rust c stream reliability torch bench demo examples}
+SECTIONS=${*:-rust c limit stream reliability torch bench demo examples}
 declare -a ROWS=()
 FAILED=0
 
@@ -63,6 +63,19 @@ if want c; then
             record "C $(basename "$src") build" FAIL "$(head -3 "$LOG/c-build.log" | tr '\n' ' ')"
         fi
     done
+fi
+
+if want limit; then
+    # HBMALLOC_CONF=limit: two processes on the GPU at once, each held to its own limit.
+    if nvcc -O2 -cudart shared -o build/gpu/limit_fill c_tests/gpu/limit_fill.cu 2>"$LOG/limit-build.log"; then
+        if bash c_tests/gpu/limit_two_procs.sh build/gpu/limit_fill "$LIB" >"$LOG/limit.log" 2>&1; then
+            record "limit: two processes" PASS "$(grep -o 'got [0-9]* MiB' "$LOG/limit.log" | tr '\n' ' ')"
+        else
+            record "limit: two processes" FAIL "see limit.log: $(tail -3 "$LOG/limit.log" | tr '\n' ' ')"
+        fi
+    else
+        record "limit build" FAIL "$(head -3 "$LOG/limit-build.log" | tr '\n' ' ')"
+    fi
 fi
 
 # A safety test, c_tests/gpu/<name>.cu: must pass in each given stream_safety mode, and must

@@ -3,10 +3,11 @@
 //! Everything above `backend` asks here for a device's backend; nothing else decides between CUDA
 //! and the simulated device.
 
+use crate::backend::limit::Limited;
 use crate::backend::reclaim::Reclaiming;
 use crate::backend::sim::SimBackend;
 use crate::backend::{host_memory, SharedBackend, HOST_DEVICE};
-use crate::config::{self, BackendKind};
+use crate::config::{self, BackendKind, MemLimit};
 use crate::error::{Error, Result};
 use crate::pool::{CachingPool, PinnedPool, PoolSettings};
 use once_cell::sync::OnceCell;
@@ -107,15 +108,25 @@ fn check_device(device: i32) -> Result<()> {
     Ok(())
 }
 
-/// The device's own backend, as the caching pool uses it.
+/// The device's own backend, as the caching pool uses it: under `limit:`, behind the one
+/// `Limited` that every consumer of the device shares, so the cap is a sum over all of them.
 fn raw_backend(device: i32) -> Result<SharedBackend> {
     check_device(device)?;
     BACKENDS[device as usize]
         .get_or_try_init(|| -> Result<SharedBackend> {
-            Ok(match active() {
+            let device_backend: SharedBackend = match active() {
                 Active::Sim => Arc::new(SimBackend::new(device, config::get().sim_capacity)),
                 Active::Cuda => Arc::new(crate::backend::cuda::CudaBackend::new(device)?),
-            })
+            };
+            let Some(limit) = config::get().limit else {
+                return Ok(device_backend);
+            };
+            let bytes = match limit {
+                MemLimit::Bytes(n) => n,
+                // A fraction is of this device's memory, known only once the device is open.
+                MemLimit::Fraction(_) => limit.bytes(device_backend.mem_info()?.1),
+            };
+            Ok(Arc::new(Limited::new(device_backend, bytes)))
         })
         .cloned()
 }

@@ -244,7 +244,9 @@ pub unsafe extern "C" fn cudaFreeAsync_ptsz(dev_ptr: *mut c_void, stream: CudaSt
 }
 
 /// `cudaMemGetInfo`: the device's free memory plus what this process's pools hold cached and
-/// unused, so programs that size themselves from it see what they can really allocate.
+/// unused, so programs that size themselves from it see what they can really allocate. Under
+/// `limit:` the device's backend answers with the limit as the total and what the limit leaves
+/// as its free memory (`backend::limit::Limited::mem_info`), so the same sum keeps within it.
 ///
 /// # Safety
 /// `free` and `total` are NULL or valid for one write each.

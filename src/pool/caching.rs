@@ -738,6 +738,7 @@ impl CachingPool {
 
     #[cold]
     fn report_oom(&self, block: usize) {
+        self.backend.report_out_of_memory(block);
         let s = self.stats();
         let (free, total) = self.backend.mem_info().unwrap_or((0, 0));
         let (place, memory) = match self.backend.device() {
