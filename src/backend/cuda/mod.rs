@@ -168,6 +168,35 @@ impl CudaBackend {
         }
     }
 
+    /// The thread's current context and its device, or `None` without a driver or a context.
+    /// For the driver-API hooks, which serve only a primary context's allocations.
+    pub fn current_context() -> Option<(usize, i32)> {
+        if Self::device_count() == 0 {
+            return None;
+        }
+        let mut current: CUcontext = std::ptr::null_mut();
+        // SAFETY: `current` is a valid out-parameter; the driver is loaded (device count > 0).
+        if unsafe { sys::cuCtxGetCurrent(&mut current) } != CUresult::CUDA_SUCCESS
+            || current.is_null()
+        {
+            return None;
+        }
+        let mut device: CUdevice = 0;
+        // SAFETY: a context is current on this thread (checked above); `device` is valid.
+        match unsafe { sys::cuCtxGetDevice(&mut device) } {
+            CUresult::CUDA_SUCCESS => Some((current as usize, device)),
+            _ => None,
+        }
+    }
+
+    /// Whether `ctx` is the primary context of `device`, as retained by that device's backend
+    /// (false while no backend for `device` exists).
+    pub fn is_primary_context(device: i32, ctx: usize) -> bool {
+        PRIMARY_CONTEXTS
+            .get(device as usize)
+            .is_some_and(|slot| slot.load(Ordering::Acquire) == ctx)
+    }
+
     /// A backend for `device`, using that device's primary context (the runtime's context).
     ///
     /// `Error::InvalidDevice` when there is no such device, or no driver at all.
