@@ -30,8 +30,8 @@ pub(super) fn free_through_runtime(
             if rc != cuda_error::SUCCESS {
                 tracked::reject_unknown(key);
                 eprintln!(
-                    "hbmalloc: {call}({key:#x}): not one hbmalloc recorded (nor the CUDA \
-                     runtime's: error {rc}); nothing freed"
+                    "hbmalloc: {call}({key:#x}): nothing hbmalloc recorded starts there, and the \
+                     CUDA runtime refused it (error {rc}); nothing freed"
                 );
             }
             fail(rc)
