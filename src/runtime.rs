@@ -92,8 +92,21 @@ pub fn current_primary_device() -> Result<Option<i32>> {
             let Some((ctx, device)) = CudaBackend::current_context() else {
                 return Ok(None);
             };
-            pool(device)?; // retains the device's primary context, which is_primary_context reads
-            Ok(CudaBackend::is_primary_context(device, ctx).then_some(device))
+            let primary = match CudaBackend::known_primary_context(device) {
+                Some(primary) => primary,
+                // No primary context at all: the current one is the program's own. Checked
+                // first, so that such a program never gets a primary context made for it.
+                None if !CudaBackend::primary_context_active(device) => return Ok(None),
+                None => {
+                    pool(device)?; // its backend retains the primary context and notes it
+                    CudaBackend::known_primary_context(device).unwrap_or(0)
+                }
+            };
+            if ctx != primary {
+                return Ok(None);
+            }
+            pool(device)?;
+            Ok(Some(device))
         }
     }
 }

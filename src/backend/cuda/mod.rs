@@ -189,12 +189,25 @@ impl CudaBackend {
         }
     }
 
-    /// Whether `ctx` is the primary context of `device`, as retained by that device's backend
-    /// (false while no backend for `device` exists).
-    pub fn is_primary_context(device: i32, ctx: usize) -> bool {
-        PRIMARY_CONTEXTS
-            .get(device as usize)
-            .is_some_and(|slot| slot.load(Ordering::Acquire) == ctx)
+    /// The primary context of `device` as its backend retained it; `None` while no backend for
+    /// `device` exists.
+    pub fn known_primary_context(device: i32) -> Option<usize> {
+        let ctx = PRIMARY_CONTEXTS
+            .get(device as usize)?
+            .load(Ordering::Acquire);
+        (ctx != 0).then_some(ctx)
+    }
+
+    /// Whether `device`'s primary context exists (is active) now; asking creates nothing.
+    pub fn primary_context_active(device: i32) -> bool {
+        if device < 0 || device >= Self::device_count() {
+            return false;
+        }
+        let (mut flags, mut active) = (0, 0);
+        // SAFETY: the driver is initialised (device_count > 0); valid out-parameters. A device
+        // ordinal is its `CUdevice` handle, as `cuDeviceGet` returns it.
+        let rc = unsafe { sys::cuDevicePrimaryCtxGetState(device, &mut flags, &mut active) };
+        rc == CUresult::CUDA_SUCCESS && active != 0
     }
 
     /// A backend for `device`, using that device's primary context (the runtime's context).
