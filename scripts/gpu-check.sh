@@ -63,6 +63,17 @@ if want c; then
             record "C $(basename "$src") build" FAIL "$(head -3 "$LOG/c-build.log" | tr '\n' ' ')"
         fi
     done
+    # Pitched and 3D allocations, cuMemAlloc_v2 (linked against libcuda) and the forwarded calls
+    # (arrays, pool memory, registered host ranges), with real copies, against the runtime's own
+    # pitch answers.
+    if nvcc -O2 -cudart shared -o build/gpu/pitch3d c_tests/gpu/pitch3d.cu -lcuda -ldl 2>"$LOG/pitch3d-build.log"; then
+        out=$(HBMALLOC_CONF=backend:cuda,backtrace:off LD_PRELOAD=$LIB build/gpu/pitch3d 2>&1)
+        rc=$?
+        echo "$out" >"$LOG/c-pitch3d.log"
+        [[ $rc == 0 ]] && record "C pitch3d on cuda" PASS "$(tail -1 <<<"$out")" || record "C pitch3d on cuda" FAIL "rc=$rc $(grep -E 'FAIL|failures|CUresult|error' <<<"$out" | head -4 | tr '\n' ' ')"
+    else
+        record "C pitch3d build" FAIL "$(head -3 "$LOG/pitch3d-build.log" | tr '\n' ' ')"
+    fi
 fi
 
 if want limit; then

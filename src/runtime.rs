@@ -81,6 +81,37 @@ pub fn current_device() -> i32 {
     }
 }
 
+/// The device whose *primary* context is current on this thread (device 0 on the simulated
+/// device), creating its caching pool; `None` when the thread has no context, or one the
+/// program created itself (`cuCtxCreate`), whose memory the pool cannot serve: pool memory lives
+/// in each device's primary context. `Err` when the device's pool cannot be created.
+pub fn current_primary_device() -> Result<Option<i32>> {
+    match active() {
+        Active::Sim => Ok(Some(0)),
+        Active::Cuda => {
+            use crate::backend::cuda::CudaBackend;
+            let Some((ctx, device)) = CudaBackend::current_context() else {
+                return Ok(None);
+            };
+            let primary = match CudaBackend::known_primary_context(device) {
+                Some(primary) => primary,
+                // No primary context at all: the current one is the program's own. Checked
+                // first, so that such a program never gets a primary context made for it.
+                None if !CudaBackend::primary_context_active(device) => return Ok(None),
+                None => {
+                    pool(device)?; // its backend retains the primary context and notes it
+                    CudaBackend::known_primary_context(device).unwrap_or(0)
+                }
+            };
+            if ctx != primary {
+                return Ok(None);
+            }
+            pool(device)?;
+            Ok(Some(device))
+        }
+    }
+}
+
 /// The backend serving `device` to the scratch pools and KV caches, created on first use: out
 /// of memory there first makes the device's caching pool give its cached memory back.
 pub fn backend(device: i32) -> Result<SharedBackend> {

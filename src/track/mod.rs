@@ -62,6 +62,22 @@ pub enum Origin {
     CudaMallocManaged,
     /// PyTorch's pluggable allocator (`hbm_torch_malloc`): the caching pool, stream-ordered.
     TorchMalloc,
+    /// Pitched linear memory from the caching pool (`cudaMallocPitch`, `cudaMalloc3D`); freed by
+    /// `cudaFree` like `cudaMalloc` memory.
+    CudaMallocPitch,
+    CudaMalloc3D,
+    /// The driver API's `cuMemAlloc_v2`, from the caching pool of the current primary context.
+    CuMemAlloc,
+    /// CUDA arrays: the runtime's own, forwarded and recorded (keyed by their handle).
+    CudaMallocArray,
+    CudaMalloc3DArray,
+    /// Stream-ordered memory from a pool the program made (`cudaMallocFromPoolAsync`), or
+    /// imported from another process's pool (`cudaMemPoolImportPointer`): the runtime's own,
+    /// forwarded and recorded; freed by `cudaFree`/`cudaFreeAsync`, forwarded.
+    CudaMallocFromPoolAsync,
+    CudaMemPoolImportPointer,
+    /// A host range page-locked by `cudaHostRegister`, until `cudaHostUnregister`.
+    CudaHostRegister,
 }
 
 impl Origin {
@@ -78,6 +94,14 @@ impl Origin {
             Origin::CudaHostAllocWriteCombined => "cudaHostAlloc(WriteCombined)",
             Origin::CudaMallocManaged => "cudaMallocManaged",
             Origin::TorchMalloc => "hbm_torch_malloc",
+            Origin::CudaMallocPitch => "cudaMallocPitch",
+            Origin::CudaMalloc3D => "cudaMalloc3D",
+            Origin::CuMemAlloc => "cuMemAlloc",
+            Origin::CudaMallocArray => "cudaMallocArray",
+            Origin::CudaMalloc3DArray => "cudaMalloc3DArray",
+            Origin::CudaMallocFromPoolAsync => "cudaMallocFromPoolAsync",
+            Origin::CudaMemPoolImportPointer => "cudaMemPoolImportPointer",
+            Origin::CudaHostRegister => "cudaHostRegister",
         }
     }
 }
