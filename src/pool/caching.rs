@@ -319,13 +319,17 @@ impl CachingPool {
         for arena in [&self.small, &self.large] {
             let chunks = lock(arena).take_free_chunks();
             for (base, size) in chunks {
+                crate::nvtx::heap_remove(base);
                 match self.backend.free(base, size) {
                     Ok(()) => {
                         self.slow.sub_reserved(size);
                         released += size;
                     }
                     // The driver refused: keep the chunk rather than lose track of it.
-                    Err(_) => lock(arena).add_chunk(base, size),
+                    Err(_) => {
+                        crate::nvtx::heap_add(base, size, crate::nvtx::HeapKind::CachingPool);
+                        lock(arena).add_chunk(base, size)
+                    }
                 }
             }
         }
@@ -555,6 +559,7 @@ impl CachingPool {
         self.slow.add_reserved(size);
         SlowCounters::bump(&self.slow.misses);
         self.sample_peak_in_use();
+        crate::nvtx::heap_add(base, size, crate::nvtx::HeapKind::CachingPool);
         let mut arena = self.arena_for(block);
         arena.add_chunk(base, size);
         Ok(arena
