@@ -53,8 +53,9 @@ fn tool_slow() -> Option<&'static Tool> {
             tool
         })
         .as_ref();
-    // Once exit has begun the tool may be tearing down: annotate nothing more.
-    tool.filter(|_| !crate::track::exiting())
+    // Once exit has begun the tool may be tearing down: annotate nothing more. Nor in a forked
+    // child, where CUDA is gone and the book's lock may have been held by a thread left behind.
+    tool.filter(|_| !crate::track::exiting() && !crate::fork::in_child())
 }
 
 /// Whether a tool takes annotations (loads it on the first call).
