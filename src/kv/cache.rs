@@ -567,7 +567,6 @@ impl KvCache {
         given
     }
 
-    /// The cache's counters.
     /// For tools (`nvtx`): each tensor that holds every slot (`Vmm`, `Prealloc`; none under
     /// `Realloc`, whose buffers are whole allocations) as (base, size), with the rows in use in
     /// it: for each bound sequence, `capacity` rows from the start of its slot.
@@ -591,6 +590,7 @@ impl KvCache {
             .collect()
     }
 
+    /// The cache's counters.
     pub fn stats(&self) -> KvStats {
         let st = self.lock();
         let layers = self.params.n_layer as u64;
