@@ -29,10 +29,13 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 const UNKNOWN: u8 = 0;
 const OFF: u8 = 1;
 const ON: u8 = 2;
+/// One thread is loading the tool; the others wait for it.
+const LOOKING: u8 = 3;
 
 /// Whether a tool is attached: `UNKNOWN` until the first call looks.
 static STATE: AtomicU8 = AtomicU8::new(UNKNOWN);
-static TOOL: OnceLock<Option<Tool>> = OnceLock::new();
+/// Set once, before `STATE` becomes `ON`.
+static TOOL: OnceLock<Tool> = OnceLock::new();
 
 /// The attached tool, if any. One relaxed load once the answer is known.
 #[inline]
@@ -46,16 +49,31 @@ fn tool() -> Option<&'static Tool> {
 #[cold]
 #[inline(never)]
 fn tool_slow() -> Option<&'static Tool> {
-    let tool = TOOL
-        .get_or_init(|| {
-            let tool = inject::attach();
-            STATE.store(if tool.is_some() { ON } else { OFF }, Ordering::Relaxed);
-            tool
-        })
-        .as_ref();
     // Once exit has begun the tool may be tearing down: annotate nothing more. Nor in a forked
-    // child, where CUDA is gone and the book's lock may have been held by a thread left behind.
-    tool.filter(|_| !crate::track::exiting() && !crate::fork::in_child())
+    // child: CUDA is gone there, and a lock here (the book's, or the look-up below, never
+    // finished by a thread the child lacks) may be held forever.
+    if crate::track::exiting() || crate::fork::in_child() {
+        return None;
+    }
+    loop {
+        match STATE.load(Ordering::Acquire) {
+            ON => return TOOL.get(),
+            OFF => return None,
+            UNKNOWN => {
+                if STATE
+                    .compare_exchange(UNKNOWN, LOOKING, Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    // A fork while this thread looks must find the child handler in place.
+                    crate::fork::install();
+                    let on = inject::attach().is_some_and(|t| TOOL.set(t).is_ok());
+                    STATE.store(if on { ON } else { OFF }, Ordering::Release);
+                }
+            }
+            // Another thread is loading the tool (once per process, microseconds without one).
+            _ => std::thread::yield_now(),
+        }
+    }
 }
 
 /// Whether a tool takes annotations (loads it on the first call).
