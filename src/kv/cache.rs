@@ -148,6 +148,11 @@ impl KvCache {
         Ok(cache)
     }
 
+    /// The device the cache's memory is on.
+    pub fn device(&self) -> i32 {
+        self.backend.device()
+    }
+
     /// The parameters in force (`growth` is `Realloc` after a VMM fallback).
     pub fn params(&self) -> KvParams {
         self.params

@@ -59,7 +59,7 @@ pub fn free(
     // record it) at once.
     match take(ptr, want) {
         Ok(Taken::Pooled { size, device }) => {
-            nvtx::region_remove(ptr);
+            super::unregister_block(ptr, device);
             let pool = runtime::pool(device).map_err(FreeError::Refused)?;
             let block = block_size(size as usize).expect("a recorded size has a block");
             match free_route(stream, pool.stream_safety()) {

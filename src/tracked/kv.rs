@@ -31,6 +31,7 @@ pub fn resized(cache: &KvCache) {
     track::global().update(handle(cache), |live| live.size = held);
     // A tool sees each bound sequence's rows as a region of its tensors; the rest is off limits.
     if nvtx::active() {
+        super::settle_for_tool(cache.device());
         for ((base, _), rows) in cache.tensor_regions() {
             nvtx::heap_set_regions(base, &rows);
         }

@@ -42,7 +42,7 @@ pub fn forget_pool(pool: &ScratchPool) {
 pub fn free(pool: &ScratchPool, ptr: DevicePtr, actual: usize) -> Result<()> {
     match take(ptr, Want::scratch(owner(pool), actual as u64)) {
         Ok(taken) => {
-            nvtx::region_remove(ptr);
+            super::unregister_block(ptr, pool.device());
             pool.free(ptr, actual).inspect_err(|_| {
                 // The pool disagrees with its record: keep the block on record.
                 if let Taken::Record(live) = taken {
