@@ -580,13 +580,17 @@ impl CachingPool {
                     lock(arena).add_chunk(base, size);
                     continue;
                 }
+                crate::nvtx::heap_remove(base);
                 match self.backend.free(base, size) {
                     Ok(()) => {
                         self.slow.sub_reserved(size);
                         released += size;
                     }
                     // The driver refused: keep the chunk rather than lose track of it.
-                    Err(_) => lock(arena).add_chunk(base, size),
+                    Err(_) => {
+                        crate::nvtx::heap_add(base, size, crate::nvtx::HeapKind::CachingPool);
+                        lock(arena).add_chunk(base, size)
+                    }
                 }
             }
         }
@@ -641,6 +645,7 @@ impl CachingPool {
         self.slow.add_reserved(size);
         SlowCounters::bump(&self.slow.misses);
         self.sample_peak_in_use();
+        crate::nvtx::heap_add(base, size, crate::nvtx::HeapKind::CachingPool);
         let mut arena = self.arena_for(block);
         arena.add_chunk(base, size);
         Ok(arena

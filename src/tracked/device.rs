@@ -6,8 +6,8 @@ use super::{free_route, not_live, take, wrong_kind, FreeError, Freed, Route, Tak
 use crate::backend::{DevicePtr, Stream};
 use crate::error::{Error, Result};
 use crate::pool::size_class::block_size;
-use crate::runtime;
 use crate::track::{self, Origin, Refused};
+use crate::{nvtx, runtime};
 
 /// Which entry point asked, for the tracker and the diagnostics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,6 +54,7 @@ pub fn alloc_as(
         None => pool.alloc_unchecked(size)?,
     };
     track::on_alloc(ptr, size, device, stream.unwrap_or(0), origin);
+    nvtx::region_add(ptr, size);
     Ok(ptr)
 }
 
@@ -74,6 +75,7 @@ pub fn free(
     // record it) at once.
     match take(ptr, want) {
         Ok(Taken::Pooled { size, device }) => {
+            super::unregister_block(ptr, device);
             let pool = runtime::pool(device).map_err(FreeError::Refused)?;
             let block = block_size(size as usize).expect("a recorded size has a block");
             match free_route(stream, pool.stream_safety()) {

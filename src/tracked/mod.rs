@@ -248,6 +248,31 @@ pub(crate) fn free_route(stream: Option<Stream>, safety: StreamSafety) -> Route 
     }
 }
 
+/// A pool block is being freed but stays in its pool: unregisters its region with an attached
+/// tool (`nvtx`), after waiting for `device` as the runtime's own `cudaFree` does, so that the
+/// tool never sees work queued before the free touch a block that is no longer registered.
+/// Nothing, not even the wait, without a tool (nor during exit).
+#[inline]
+pub(crate) fn unregister_block(ptr: DevicePtr, device: i32) {
+    if crate::nvtx::active() {
+        unregister_block_slow(ptr, device);
+    }
+}
+
+#[cold]
+fn unregister_block_slow(ptr: DevicePtr, device: i32) {
+    settle_for_tool(device);
+    crate::nvtx::region_remove(ptr);
+}
+
+/// With a tool attached, waits for `device` before regions shrink (see `unregister_block`).
+#[cold]
+pub(crate) fn settle_for_tool(device: i32) {
+    if let Ok(backend) = crate::runtime::backend(device) {
+        let _ = backend.synchronize();
+    }
+}
+
 /// A free of a live block of another kind: refused with one line, the record untouched.
 #[cold]
 pub(crate) fn wrong_kind(call: &str, ptr: DevicePtr, origin: Origin) -> FreeError {
