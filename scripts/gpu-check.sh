@@ -322,6 +322,13 @@ if want replay; then
                     python3 scripts/workloads.py "$w" 2>>"$LOG/workloads.log" | sed 's/^workload/hbmalloc+bt workload/' >>"$LOG/replay.txt"
                 HBM_PLUGGABLE=1 HBMALLOC_LIB=$LIB HBMALLOC_CONF=backtrace:off,leak_report:off \
                     python3 scripts/workloads.py "$w" 2>>"$LOG/workloads.log" | sed 's/^workload/hbmalloc-pluggable workload/' >>"$LOG/replay.txt"
+                # Reference builds (gpu-stage.sh HBM_REF=...): before/after in the same rounds.
+                for ref in "$STAGE"/ref/*/libhbmalloc.so; do
+                    [[ -f $ref ]] || continue
+                    name=$(basename "$(dirname "$ref")")
+                    PYTORCH_NO_CUDA_MEMORY_CACHING=1 HBMALLOC_CONF=backtrace:off,leak_report:off LD_PRELOAD=$PWD/$ref \
+                        python3 scripts/workloads.py "$w" 2>>"$LOG/workloads.log" | sed "s/^workload/hbmalloc-$name workload/" >>"$LOG/replay.txt"
+                done
             done
         done
         # The seed's 100-allocation step, as a trace too.
