@@ -51,6 +51,9 @@ pub enum StackWalk {
 pub struct Config {
     pub backend: BackendKind,
     pub backtrace: bool,
+    /// With `backtrace`, also record the Python stack of an allocating thread that holds the GIL
+    /// (`track::python_frames`).
+    pub python_frames: bool,
     pub leak_report: LeakReport,
     /// Paths are kept as bytes: any Linux path is accepted, UTF-8 or not.
     pub report_path: Option<PathBuf>,
@@ -78,6 +81,7 @@ impl Default for Config {
         Config {
             backend: BackendKind::Auto,
             backtrace: true,
+            python_frames: true,
             leak_report: LeakReport::Full,
             report_path: None,
             report_json: None,
@@ -152,6 +156,9 @@ impl Config {
             }
             "backtrace" => self.backtrace = parse_switch(value).ok_or_else(|| bad("on or off"))?,
             "verbose" => self.verbose = parse_switch(value).ok_or_else(|| bad("on or off"))?,
+            "python_frames" => {
+                self.python_frames = parse_switch(value).ok_or_else(|| bad("on or off"))?
+            }
             "leak_report" => {
                 self.leak_report = match value {
                     "off" => LeakReport::Off,
@@ -268,7 +275,8 @@ mod tests {
         let (cfg, warnings) = Config::parse(
             "backend:sim, backtrace:off,leak_report:summary,report_path:/tmp/a.txt,\
              report_json:/tmp/a.json,report_svg:/tmp/a.svg,trace:/tmp/a.trace,sim_capacity:2GiB,max_frames:8,\
-             stream_safety:eager,timeline:1000,pending_limit:64MiB,verbose:on,unwinder:dwarf",
+             stream_safety:eager,timeline:1000,pending_limit:64MiB,verbose:on,unwinder:dwarf,\
+             python_frames:off",
         );
         assert!(warnings.is_empty(), "{warnings:?}");
         assert_eq!(cfg.backend, BackendKind::Sim);
@@ -285,6 +293,7 @@ mod tests {
         assert_eq!(cfg.pending_limit, Some(64 << 20));
         assert!(cfg.verbose);
         assert_eq!(cfg.unwinder, StackWalk::Dwarf);
+        assert!(!cfg.python_frames && Config::default().python_frames);
     }
 
     #[test]

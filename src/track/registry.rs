@@ -9,6 +9,7 @@
 //! sharded, and the epoch is only written by `checkpoint`.
 
 use super::capture::{self, ReentryGuard};
+use super::python_frames;
 use super::freed::{BadFree, FreedRecord};
 use super::live_table::{FreeMark, LiveTable};
 use super::stacks::{StackId, StackTable};
@@ -47,8 +48,17 @@ pub enum Refused {
     NotLive,
 }
 
-/// Capture buffer kept on the stack; deeper `max_frames` settings use the heap.
-const INLINE_FRAMES: usize = 72;
+/// Capture buffer kept on the stack (native frames, the Python mark and Python frames at the
+/// default `max_frames`); deeper settings use the heap.
+const INLINE_FRAMES: usize = 80;
+
+/// Whether a capture also records the Python stack: allocations do, frees do not (the free side
+/// of a pair stays as cheap as without Python).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum WithPython {
+    Yes,
+    No,
+}
 /// Frames captured beyond `max_frames`, for the tracker's and the allocator's own frames that
 /// the report leaves out.
 const OWN_FRAMES_SLACK: usize = 8;
@@ -119,7 +129,7 @@ impl Tracker {
     ) {
         // Everything that can fail or take long (the stack walk) happens before the slot is
         // held: a panic while holding it would leave the address locked for good.
-        let stack = self.capture_stack();
+        let stack = self.capture_stack(WithPython::Yes);
         let thread = capture::thread_id();
         let time_ns = self.now_ns();
         // Relaxed: an allocation ordered after a `checkpoint` (same thread, or synchronized with
@@ -253,7 +263,7 @@ impl Tracker {
     /// What the freed slot keeps for a later double free's diagnostic.
     #[inline]
     fn free_mark(&self) -> FreeMark {
-        let stack = self.capture_stack();
+        let stack = self.capture_stack(WithPython::No);
         let thread = capture::thread_id();
         // Only the timeline needs the time of a free; the double-free diagnostic shows it when
         // known. Without a timeline the pair reads the clock once, on the allocation.
@@ -278,7 +288,7 @@ impl Tracker {
     #[inline(never)]
     fn bad_free(&self, ptr: usize) -> Box<BadFree> {
         self.bad_frees.fetch_add(1, Ordering::Relaxed);
-        let free_stack = self.capture_stack();
+        let free_stack = self.capture_stack(WithPython::No);
         let thread = capture::thread_id();
         let previous = self.live.freed(ptr).map(|(live, free)| FreedRecord {
             ptr,
@@ -313,29 +323,49 @@ impl Tracker {
 
     /// `NONE` without backtraces: only this test is inlined into the hot path.
     #[inline]
-    fn capture_stack(&self) -> StackId {
+    fn capture_stack(&self, python: WithPython) -> StackId {
         if !self.settings.backtrace {
             return StackId::NONE;
         }
-        self.capture_and_intern()
+        let python = python == WithPython::Yes && self.settings.python_frames;
+        self.capture_and_intern(python)
     }
 
     #[inline(never)]
-    fn capture_and_intern(&self) -> StackId {
+    fn capture_and_intern(&self, python: bool) -> StackId {
         // A re-entrant call (the tracker's own diagnostics allocating through a hooked path) is
         // recorded without a stack rather than captured again.
         let Some(_guard) = ReentryGuard::enter() else {
             return StackId::NONE;
         };
-        let want = self.settings.max_frames + OWN_FRAMES_SLACK;
+        let native = self.settings.max_frames + OWN_FRAMES_SLACK;
+        // Room for the mark and up to max_frames Python frames after the native ones.
+        let want = native + if python { 1 + self.settings.max_frames } else { 0 };
         if want <= INLINE_FRAMES {
             let mut buf = [0usize; INLINE_FRAMES];
-            let n = capture::capture(self.settings.unwinder, &mut buf[..want]);
+            let n = self.capture_into(&mut buf[..want], native, python);
             self.stacks.intern(&buf[..n])
         } else {
             let mut buf = vec![0usize; want];
-            let n = capture::capture(self.settings.unwinder, &mut buf);
+            let n = self.capture_into(&mut buf, native, python);
             self.stacks.intern(&buf[..n])
+        }
+    }
+
+    /// Native frames (at most `native`), then, if `python` and the thread is running Python,
+    /// `python_frames::MARK` and its Python frames. Returns the words written.
+    #[inline(always)]
+    fn capture_into(&self, buf: &mut [usize], native: usize, python: bool) -> usize {
+        let n = capture::capture(self.settings.unwinder, &mut buf[..native]);
+        if !python {
+            return n;
+        }
+        match python_frames::capture(&mut buf[n + 1..]) {
+            0 => n,
+            m => {
+                buf[n] = python_frames::MARK;
+                n + 1 + m
+            }
         }
     }
 
