@@ -33,7 +33,7 @@ pub mod timeline;
 pub mod timeline_svg;
 pub mod trace;
 
-use crate::config::{self, Config, LeakReport, StackWalk};
+use crate::config::{self, Config, LeakReport, PythonFrames, StackWalk};
 use once_cell::sync::OnceCell;
 
 pub use capture::Unwinder;
@@ -97,7 +97,7 @@ pub struct Settings {
     /// Capture a call stack per allocation and per free.
     pub backtrace: bool,
     /// With `backtrace`, also record the Python stack of allocations (`python_frames`).
-    pub python_frames: bool,
+    pub python_frames: PythonFrames,
     pub unwinder: Unwinder,
     /// Frames kept per call site in reports, after the tracker's own frames are left out.
     pub max_frames: usize,

@@ -21,11 +21,17 @@
 //!   `_Py_IsFinalizing` (3.7-3.12).
 //!
 //! When the walk happens: the interpreter is initialized and not finalizing, and the calling
-//! thread's current thread state is non-NULL and is this thread's own (`PyGILState_Check`'s test
-//! without its shortcut, which answers 1 whenever the check is disabled): a thread that released
-//! the GIL (ctypes.CDLL, `Py_BEGIN_ALLOW_THREADS`, PyTorch's autograd threads) has no current
-//! state, and its allocation gets a native stack only. Frees never walk Python (the free side of
-//! a pair stays as cheap as before).
+//! thread has a Python thread state of its own (`PyGILState_GetThisThreadState`; PyTorch's
+//! autograd and other C++ threads have none and get a native stack only). If that state is the
+//! current one, the thread holds the GIL (`PyGILState_Check`'s test, without its shortcut that
+//! answers 1 whenever the check is disabled) and the walk runs at once. If not, the thread
+//! released the GIL around the call that allocates (ctypes.CDLL, `Py_BEGIN_ALLOW_THREADS`, and
+//! every PyTorch operator: its Python bindings release the GIL before calling into ATen), and
+//! the walk runs only when the caller allows taking the GIL back (`PyGILState_Ensure`, then
+//! `PyGILState_Release`), as PyTorch's own memory history does: `python_frames:on` allows it on
+//! the pluggable allocator's path (where PyTorch holds no lock of its own) from the main thread
+//! (`Acquire::MainThread` says why), and `python_frames:acquire` everywhere from any thread (see
+//! docs/pytorch.md for the deadlock and the abort at shutdown that it risks). Frees never walk Python (the free side stays as cheap as before).
 //!
 //! Safety of the walk: every frame and code reference taken is a strong one and is released;
 //! code objects are kept alive for good the first time they are seen (`Py_IncRef`), so their
@@ -70,10 +76,15 @@ struct Api {
     is_finalizing: unsafe extern "C" fn() -> c_int,
     current_state: unsafe extern "C" fn() -> Obj,
     this_thread_state: unsafe extern "C" fn() -> Obj,
+    gil_ensure: unsafe extern "C" fn() -> c_int,
+    gil_release: unsafe extern "C" fn(c_int),
     get_frame: unsafe extern "C" fn() -> Obj,
     frame_back: unsafe extern "C" fn(Obj) -> Obj,
     frame_code: unsafe extern "C" fn(Obj) -> Obj,
     frame_line: unsafe extern "C" fn(Obj) -> c_int,
+    /// 3.11+: the frame's instruction offset, which with the code object fixes the line, so
+    /// that CPython's line-table scan runs once per call site rather than per allocation.
+    frame_lasti: Option<unsafe extern "C" fn(Obj) -> c_int>,
     incref: unsafe extern "C" fn(Obj),
     decref: unsafe extern "C" fn(Obj),
     getattr: unsafe extern "C" fn(Obj, *const c_char) -> Obj,
@@ -106,12 +117,18 @@ impl Api {
         Some(Api {
             is_initialized: resolve!(c"Py_IsInitialized")?,
             is_finalizing: resolve!(c"Py_IsFinalizing", c"_Py_IsFinalizing")?,
-            current_state: resolve!(c"PyThreadState_GetUnchecked", c"_PyThreadState_UncheckedGet")?,
+            current_state: resolve!(
+                c"PyThreadState_GetUnchecked",
+                c"_PyThreadState_UncheckedGet"
+            )?,
             this_thread_state: resolve!(c"PyGILState_GetThisThreadState")?,
+            gil_ensure: resolve!(c"PyGILState_Ensure")?,
+            gil_release: resolve!(c"PyGILState_Release")?,
             get_frame: resolve!(c"PyEval_GetFrame")?,
             frame_back: resolve!(c"PyFrame_GetBack")?,
             frame_code: resolve!(c"PyFrame_GetCode")?,
             frame_line: resolve!(c"PyFrame_GetLineNumber")?,
+            frame_lasti: resolve!(c"PyFrame_GetLasti"),
             incref: resolve!(c"Py_IncRef")?,
             decref: resolve!(c"Py_DecRef")?,
             getattr: resolve!(c"PyObject_GetAttrString")?,
@@ -123,17 +140,34 @@ impl Api {
         })
     }
 
-    /// True if the calling thread may walk its Python stack now (see the module doc).
+    /// Whether the calling thread holds the GIL, is a Python thread that released it, or
+    /// neither (see the module doc).
     ///
     /// # Safety
     /// The functions are CPython's, callable from any thread at any time.
-    unsafe fn may_walk(&self) -> bool {
+    unsafe fn gil(&self) -> Gil {
         if (self.is_initialized)() == 0 || (self.is_finalizing)() != 0 {
-            return false;
+            return Gil::NotPython;
         }
-        let current = (self.current_state)();
-        !current.is_null() && current == (self.this_thread_state)()
+        let mine = (self.this_thread_state)();
+        if mine.is_null() {
+            return Gil::NotPython;
+        }
+        // 3.12+: the current state is per thread, NULL once released; up to 3.11 it is the
+        // holder's, whichever thread that is.
+        if (self.current_state)() == mine {
+            Gil::Held
+        } else {
+            Gil::Released
+        }
     }
+}
+
+enum Gil {
+    Held,
+    /// This thread runs Python but let the GIL go around the call that allocates.
+    Released,
+    NotPython,
 }
 
 /// Whether CPython's functions were found in this process (resolving them on first call).
@@ -141,49 +175,89 @@ pub fn python_present() -> bool {
     API.get_or_init(Api::resolve).is_some()
 }
 
+/// Whether a capture may take the GIL back from a Python thread that released it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Acquire {
+    Never,
+    /// Only on the process's main thread. Python (up to 3.13) ends a daemon thread that waits
+    /// for the GIL while the interpreter finalizes with `pthread_exit`, whose forced unwind
+    /// through hbmalloc's frames aborts the process; the main thread is the one finalizing,
+    /// and other non-daemon threads have been joined by then.
+    MainThread,
+    /// On any Python thread (`python_frames:acquire`: the user accepts that risk).
+    AnyThread,
+}
+
 /// Writes the calling thread's Python stack into `out`, innermost first, as `pack`ed words;
-/// returns how many. 0 without Python, without the GIL, or while the interpreter finalizes.
+/// returns how many. 0 without Python, on a thread that is not running Python, while the
+/// interpreter finalizes, and on a Python thread that released the GIL unless `acquire` allows
+/// taking it back for the walk (which may wait for another thread to let it go, and must not be
+/// done where the caller holds a lock that a GIL holder may wait for).
 #[inline]
-pub fn capture(out: &mut [usize]) -> usize {
+pub fn capture(out: &mut [usize], acquire: Acquire) -> usize {
     match API.get_or_init(Api::resolve) {
-        Some(api) if !out.is_empty() => capture_with(api, out),
+        Some(api) if !out.is_empty() => capture_with(api, out, acquire),
         _ => 0,
     }
 }
 
 #[inline(never)]
-fn capture_with(api: &Api, out: &mut [usize]) -> usize {
+fn capture_with(api: &Api, out: &mut [usize], acquire: Acquire) -> usize {
     // SAFETY: CPython's thread-state queries may be called without the GIL.
-    if !unsafe { api.may_walk() } {
-        return 0;
+    match unsafe { api.gil() } {
+        // SAFETY: this thread holds the GIL.
+        Gil::Held => unsafe { walk(api, out) },
+        Gil::Released if may_acquire(acquire) => {
+            // SAFETY: this thread has its own thread state (gil()), so Ensure takes the GIL with
+            // it (creating none) and Release gives it back, as the thread had it.
+            unsafe {
+                let state = (api.gil_ensure)();
+                let n = walk(api, out);
+                (api.gil_release)(state);
+                n
+            }
+        }
+        _ => 0,
     }
-    // SAFETY: this thread holds the GIL (may_walk): every call below is made under it, with
-    // references this function owns (PyEval_GetFrame's borrowed frame is increfed first).
-    unsafe {
-        let gc_was_on = api.gc_disable.map(|off| off() != 0);
-        let mut frame = (api.get_frame)();
-        let mut n = 0;
-        if !frame.is_null() {
-            (api.incref)(frame);
-        }
-        while !frame.is_null() && n < out.len() {
-            let code = (api.frame_code)(frame);
-            let line = (api.frame_line)(frame).max(0) as u32;
-            out[n] = pack(code_id(api, code), line);
-            n += 1;
-            (api.decref)(code);
-            let back = (api.frame_back)(frame);
-            (api.decref)(frame);
-            frame = back;
-        }
-        if !frame.is_null() {
-            (api.decref)(frame);
-        }
-        if let (Some(true), Some(on)) = (gc_was_on, api.gc_enable) {
-            on();
-        }
-        n
+}
+
+fn may_acquire(acquire: Acquire) -> bool {
+    match acquire {
+        Acquire::Never => false,
+        // SAFETY: gettid and getpid have no preconditions. Not cached: a forked child's main
+        // thread has a new id.
+        Acquire::MainThread => unsafe { libc::gettid() == libc::getpid() },
+        Acquire::AnyThread => true,
     }
+}
+
+/// # Safety
+/// The calling thread holds the GIL.
+unsafe fn walk(api: &Api, out: &mut [usize]) -> usize {
+    // Every call below is made under the GIL, with references this function owns
+    // (PyEval_GetFrame's borrowed frame is increfed first).
+    let gc_was_on = api.gc_disable.map(|off| off() != 0);
+    let mut frame = (api.get_frame)();
+    let mut n = 0;
+    if !frame.is_null() {
+        (api.incref)(frame);
+    }
+    while !frame.is_null() && n < out.len() {
+        let code = (api.frame_code)(frame);
+        out[n] = frame_word(api, frame, code);
+        n += 1;
+        (api.decref)(code);
+        let back = (api.frame_back)(frame);
+        (api.decref)(frame);
+        frame = back;
+    }
+    if !frame.is_null() {
+        (api.decref)(frame);
+    }
+    if let (Some(true), Some(on)) = (gc_was_on, api.gc_enable) {
+        on();
+    }
+    n
 }
 
 /// A frame as one word: code id in the high half, line in the low half.
@@ -241,32 +315,59 @@ fn codes() -> std::sync::MutexGuard<'static, Codes> {
         .unwrap_or_else(|e| e.into_inner())
 }
 
-const CACHE_SLOTS: usize = 128;
+const CACHE_SLOTS: usize = 256;
+
+#[derive(Clone, Copy)]
+struct CacheEntry {
+    code: usize,
+    /// Instruction offset + 1 (0: not known, the entry names the code object only).
+    lasti: u32,
+    word: usize,
+}
 
 thread_local! {
-    // `const` and `Copy` contents: no destructor, usable at exit and from any thread.
-    static CACHE: [Cell<(usize, u32)>; CACHE_SLOTS] =
-        const { [const { Cell::new((0, 0)) }; CACHE_SLOTS] };
+    // `const` and `Copy` contents: no destructor, usable at exit and from any thread. 4 KiB.
+    static CACHE: [Cell<CacheEntry>; CACHE_SLOTS] =
+        const { [const { Cell::new(CacheEntry { code: 0, lasti: 0, word: 0 }) }; CACHE_SLOTS] };
 }
 
-/// The id of a code object. Code objects are never freed once named (see the module doc), so an
-/// address is one code object for good and the per-thread cache needs no invalidation.
+/// A frame's stack word. Code objects are never freed once named (see the module doc), so a
+/// code address and an instruction offset are one line for good and the per-thread cache needs
+/// no invalidation. Without `PyFrame_GetLasti` (before 3.11) the line is computed each time.
+///
+/// # Safety
+/// Under the GIL, with strong references to `frame` and its `code`.
 #[inline]
-fn code_id(api: &Api, code: Obj) -> u32 {
+unsafe fn frame_word(api: &Api, frame: Obj, code: Obj) -> usize {
     let addr = code as usize;
-    let slot = (addr >> 4) % CACHE_SLOTS;
-    let (cached, id) = CACHE.with(|c| c[slot].get());
-    if cached == addr && addr != 0 {
-        return id;
+    let lasti = match api.frame_lasti {
+        Some(lasti) => (lasti(frame).max(-1) + 1) as u32,
+        None => 0,
+    };
+    let slot = ((addr >> 4) ^ (lasti as usize).wrapping_mul(0x9e37)) % CACHE_SLOTS;
+    let hit = CACHE.with(|c| c[slot].get());
+    if hit.code == addr && hit.lasti == lasti && addr != 0 {
+        return match lasti {
+            0 => hit.word | (api.frame_line)(frame).max(0) as usize,
+            _ => hit.word,
+        };
     }
-    let id = code_id_slow(api, code);
-    CACHE.with(|c| c[slot].set((addr, id)));
-    id
+    let id = pack(code_id(api, code), 0);
+    let word = id | (api.frame_line)(frame).max(0) as usize;
+    let entry = CacheEntry {
+        code: addr,
+        lasti,
+        // Without an offset the entry holds the code's id only; the line is added per call.
+        word: if lasti == 0 { id } else { word },
+    };
+    CACHE.with(|c| c[slot].set(entry));
+    word
 }
 
+/// The id of a code object (`Codes`), naming it on first sight.
 #[cold]
 #[inline(never)]
-fn code_id_slow(api: &Api, code: Obj) -> u32 {
+fn code_id(api: &Api, code: Obj) -> u32 {
     let addr = code as usize;
     if let Some(&id) = codes().by_addr.get(&addr) {
         return id;
@@ -307,7 +408,11 @@ fn overflow_id(table: &mut Codes) -> u32 {
 /// # Safety
 /// Under the GIL, with a strong reference to `code`.
 unsafe fn code_names(api: &Api, code: Obj) -> (Arc<str>, Arc<str>) {
-    let (mut t, mut v, mut tb) = (std::ptr::null_mut(), std::ptr::null_mut(), std::ptr::null_mut());
+    let (mut t, mut v, mut tb) = (
+        std::ptr::null_mut(),
+        std::ptr::null_mut(),
+        std::ptr::null_mut(),
+    );
     (api.err_fetch)(&mut t, &mut v, &mut tb);
     let file = attr_str(api, code, c"co_filename");
     let function = attr_str(api, code, c"co_qualname").or_else(|| attr_str(api, code, c"co_name"));
@@ -356,7 +461,7 @@ mod tests {
         // The test binary links no libpython: nothing found, nothing captured.
         assert!(!python_present());
         let mut out = [7usize; 4];
-        assert_eq!(capture(&mut out), 0);
+        assert_eq!(capture(&mut out, Acquire::AnyThread), 0);
         assert_eq!(out, [7; 4], "nothing written");
     }
 
@@ -370,7 +475,10 @@ mod tests {
         assert_eq!(native_part(&raw), &[0x1000, 0x2000]);
         let py = python_part(&raw);
         assert_eq!(py.len(), 2);
-        assert_eq!((&*py[0].file, &*py[0].function, py[0].line), ("train.py", "Model.step", 42));
+        assert_eq!(
+            (&*py[0].file, &*py[0].function, py[0].line),
+            ("train.py", "Model.step", 42)
+        );
         assert_eq!(py[1].line, 7);
         assert!(python_part(&raw[..2]).is_empty());
         assert_eq!(native_part(&raw[..2]), &raw[..2]);

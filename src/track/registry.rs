@@ -9,13 +9,14 @@
 //! sharded, and the epoch is only written by `checkpoint`.
 
 use super::capture::{self, ReentryGuard};
-use super::python_frames;
 use super::freed::{BadFree, FreedRecord};
 use super::live_table::{FreeMark, LiveTable};
+use super::python_frames;
 use super::stacks::{StackId, StackTable};
 use super::timeline::{EventKind, Timeline};
 use super::trace::{Op, Trace, TraceEvent};
 use super::{LeakSummary, Origin, Settings};
+use crate::config::PythonFrames;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// One live allocation.
@@ -56,7 +57,8 @@ const INLINE_FRAMES: usize = 80;
 /// of a pair stays as cheap as without Python).
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum WithPython {
-    Yes,
+    /// Only if the thread holds the GIL, or also taking it back (`python_frames::Acquire`).
+    Yes(python_frames::Acquire),
     No,
 }
 /// Frames captured beyond `max_frames`, for the tracker's and the allocator's own frames that
@@ -129,7 +131,7 @@ impl Tracker {
     ) {
         // Everything that can fail or take long (the stack walk) happens before the slot is
         // held: a panic while holding it would leave the address locked for good.
-        let stack = self.capture_stack(WithPython::Yes);
+        let stack = self.capture_stack(self.python_for(origin));
         let thread = capture::thread_id();
         let time_ns = self.now_ns();
         // Relaxed: an allocation ordered after a `checkpoint` (same thread, or synchronized with
@@ -321,18 +323,32 @@ impl Tracker {
         found
     }
 
+    /// How an allocation from `origin` records its Python stack (`config::PythonFrames`):
+    /// `hbm_torch_malloc` is called by PyTorch with the GIL released and no lock of PyTorch's
+    /// held, so taking the GIL back there cannot deadlock; `cudaMalloc` under LD_PRELOAD is called
+    /// inside PyTorch's caching allocator's lock, which a thread holding the GIL may wait for.
+    #[inline]
+    fn python_for(&self, origin: Origin) -> WithPython {
+        use python_frames::Acquire;
+        match (self.settings.python_frames, origin) {
+            (PythonFrames::Off, _) => WithPython::No,
+            (PythonFrames::On, Origin::TorchMalloc) => WithPython::Yes(Acquire::MainThread),
+            (PythonFrames::On, _) => WithPython::Yes(Acquire::Never),
+            (PythonFrames::Acquire, _) => WithPython::Yes(Acquire::AnyThread),
+        }
+    }
+
     /// `NONE` without backtraces: only this test is inlined into the hot path.
     #[inline]
     fn capture_stack(&self, python: WithPython) -> StackId {
         if !self.settings.backtrace {
             return StackId::NONE;
         }
-        let python = python == WithPython::Yes && self.settings.python_frames;
         self.capture_and_intern(python)
     }
 
     #[inline(never)]
-    fn capture_and_intern(&self, python: bool) -> StackId {
+    fn capture_and_intern(&self, python: WithPython) -> StackId {
         // A re-entrant call (the tracker's own diagnostics allocating through a hooked path) is
         // recorded without a stack rather than captured again.
         let Some(_guard) = ReentryGuard::enter() else {
@@ -340,7 +356,11 @@ impl Tracker {
         };
         let native = self.settings.max_frames + OWN_FRAMES_SLACK;
         // Room for the mark and up to max_frames Python frames after the native ones.
-        let want = native + if python { 1 + self.settings.max_frames } else { 0 };
+        let want = native
+            + match python {
+                WithPython::No => 0,
+                WithPython::Yes(_) => 1 + self.settings.max_frames,
+            };
         if want <= INLINE_FRAMES {
             let mut buf = [0usize; INLINE_FRAMES];
             let n = self.capture_into(&mut buf[..want], native, python);
@@ -352,15 +372,16 @@ impl Tracker {
         }
     }
 
-    /// Native frames (at most `native`), then, if `python` and the thread is running Python,
+    /// Native frames (at most `native`), then, unless `python` is `No` and if the thread is
+    /// running Python,
     /// `python_frames::MARK` and its Python frames. Returns the words written.
     #[inline(always)]
-    fn capture_into(&self, buf: &mut [usize], native: usize, python: bool) -> usize {
+    fn capture_into(&self, buf: &mut [usize], native: usize, python: WithPython) -> usize {
         let n = capture::capture(self.settings.unwinder, &mut buf[..native]);
-        if !python {
+        let WithPython::Yes(acquire) = python else {
             return n;
-        }
-        match python_frames::capture(&mut buf[n + 1..]) {
+        };
+        match python_frames::capture(&mut buf[n + 1..], acquire) {
             0 => n,
             m => {
                 buf[n] = python_frames::MARK;

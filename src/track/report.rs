@@ -1,8 +1,8 @@
 //! The leak report's model: live allocations grouped by call site, largest first, symbolized.
 //! The text, JSON and SVG writers all render one `LeakReport`, so they always agree.
 
-use super::registry::{Live, Tracker};
 use super::python_frames::{self, PyFrame};
+use super::registry::{Live, Tracker};
 use super::stacks::StackId;
 use super::symbolize::{SymFrame, Symbolizer};
 use super::{LeakSummary, Origin};
@@ -196,7 +196,10 @@ mod tests {
             text.contains("py#0  Trainer.make_cache at /srv/train.py:42\n"),
             "{text}"
         );
-        assert!(text.contains("py#1  <module> at /srv/train.py:90"), "{text}");
+        assert!(
+            text.contains("py#1  <module> at /srv/train.py:90"),
+            "{text}"
+        );
 
         let mut json = Vec::new();
         super::super::report_json::write(&report, &mut json).unwrap();
@@ -209,7 +212,8 @@ mod tests {
 
         let folded = super::super::report_svg::folded_lines(&report);
         assert!(
-            folded[0].starts_with("<module>_[/srv/train.py:90];Trainer.make_cache_[/srv/train.py:42];"),
+            folded[0]
+                .starts_with("<module>_[/srv/train.py:90];Trainer.make_cache_[/srv/train.py:42];"),
             "outermost Python frame first: {}",
             folded[0]
         );

@@ -14,9 +14,9 @@
 //! `python_frames` (innermost first, empty when no Python was running) was added within version 2:
 //! readers of the other fields are unaffected.
 
+use super::python_frames::PyFrame;
 use super::registry::Tracker;
 use super::report::{LeakReport, Site};
-use super::python_frames::PyFrame;
 use super::symbolize::SymFrame;
 use serde::Serialize;
 use std::io::Write;

@@ -146,7 +146,11 @@ fn render_site(out: &mut String, site: &Site) {
     // The Python stack first: under PyTorch it is what names the tensor; the native frames
     // under it end in the interpreter.
     for (i, f) in site.python.iter().enumerate() {
-        let _ = writeln!(out, "      py#{i:<2} {} at {}:{}", f.function, f.file, f.line);
+        let _ = writeln!(
+            out,
+            "      py#{i:<2} {} at {}:{}",
+            f.function, f.file, f.line
+        );
     }
     out.push_str(&format_frames(&site.frames, "      "));
     if let Some((ptr, live)) = site.allocations.first() {

@@ -175,7 +175,10 @@ impl Tracker {
         let mut label_of = |stack: StackId| {
             let raw = self.stacks().frames(stack);
             // A Python line names a site better than the interpreter's native frames under it.
-            if let Some(py) = raw.as_deref().and_then(|r| python_frames::python_part(r).first().cloned()) {
+            if let Some(py) = raw
+                .as_deref()
+                .and_then(|r| python_frames::python_part(r).first().cloned())
+            {
                 return format!("{} {}:{}", py.function, py.file, py.line);
             }
             match raw.and_then(|raw| sym.stack(&raw, 1).into_iter().next()) {
