@@ -141,6 +141,19 @@ class PythonFramesTest(unittest.TestCase):
         """
         self.assertEqual(run_child(body)["fresh"][0]["function"], "fresh")
 
+    def test_a_double_free_names_the_allocating_python_line(self):
+        body = """
+            held = load("PyDLL")
+            def make(): return held.hbm_torch_malloc(4096, 0, None)
+            p = make()
+            held.hbm_torch_free(p, 4096, 0, None); held.hbm_torch_free(p, 4096, 0, None)
+            sites_of({})
+        """
+        out = run_child(body, check=False)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertIn("double free of", out.stderr)
+        self.assertIn(f"py#0  make at <string>:{line_of(body, 'def make():')}", out.stderr)
+
     def test_allocations_while_python_finalizes_never_crash(self):
         # Daemon threads allocating through both paths while the interpreter shuts down, and an
         # allocation from an atexit handler and from a __del__ run at finalization.
