@@ -13,7 +13,8 @@ MARK = "<!-- example: pytorch-leaks -->\n```python\n"
 
 def doc_blocks():
     """The example's code, and the output block that follows it in the page."""
-    text = open(DOC).read()
+    with open(DOC) as f:
+        text = f.read()
     code, rest = text.split(MARK, 1)[1].split("```\n", 1)
     output = rest.split("```\n", 1)[1].split("```", 1)[0]
     return code, output
