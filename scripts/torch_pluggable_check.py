@@ -224,8 +224,9 @@ def child(args):
 def spawn(kind, alloc, out, extra_conf=""):
     env = dict(os.environ)
     env["HBMALLOC_CONF"] = "leak_report:off" + extra_conf
+    # In the output folder: a timeline is written to the working directory at exit.
     r = subprocess.run([sys.executable, os.path.abspath(__file__), "child", kind, alloc, out],
-                       env=env, capture_output=True, text=True, timeout=600)
+                       env=env, cwd=env["CHECK_OUT"], capture_output=True, text=True, timeout=600)
     return r
 
 
@@ -246,7 +247,7 @@ def main(outdir):
         for rnd in range(ROUNDS):
             order = ("torch", "hbm") if rnd % 2 == 0 else ("hbm", "torch")
             for alloc in order:
-                out = os.path.join(outdir, f"{kind}-{alloc}-{rnd}.pt")
+                out = os.path.join(os.environ["CHECK_OUT"], f"{kind}-{alloc}-{rnd}.pt")
                 r = spawn(kind, alloc, out)
                 if r.returncode != 0:
                     fail(f"{kind} {alloc}", r)
