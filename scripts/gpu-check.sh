@@ -2,7 +2,7 @@
 # Everything hbmalloc checks on a real GPU, in one run. Build first on a machine with Rust:
 #   bash scripts/gpu-stage.sh          (fills gpu-stage/)
 # then, from the repository root on the GPU machine (CUDA toolkit, driver, python3 + torch):
-#   bash scripts/gpu-check.sh [section ...]   sections: rust c stream reliability torch bench demo examples
+#   bash scripts/gpu-check.sh [section ...]   sections: rust c limit stream reliability sanitizer torch bench demo examples
 #   (bench also runs PyTorch's and RMM's allocators and the hbm_* C API: bench/peer_bench.cpp)
 #   (not run by default: `replay`, real workloads and their traces replayed against every peer,
 #   after `bench`; `profile`, perf of the drop-in path, after `bench`)
@@ -18,7 +18,7 @@ export PATH="$CUDA/bin:$PATH"
 # NVRTC (the KV kernels are compiled at run time) and the runtime come from the toolkit here.
 export LD_LIBRARY_PATH="$CUDA/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 LIB=$PWD/$STAGE/libhbmalloc.so
-SECTIONS=${*:-rust c stream reliability torch bench demo examples}
+SECTIONS=${*:-rust c limit stream reliability sanitizer torch bench demo examples}
 declare -a ROWS=()
 FAILED=0
 
@@ -63,6 +63,30 @@ if want c; then
             record "C $(basename "$src") build" FAIL "$(head -3 "$LOG/c-build.log" | tr '\n' ' ')"
         fi
     done
+    # Pitched and 3D allocations, cuMemAlloc_v2 (linked against libcuda) and the forwarded calls
+    # (arrays, pool memory, registered host ranges), with real copies, against the runtime's own
+    # pitch answers.
+    if nvcc -O2 -cudart shared -o build/gpu/pitch3d c_tests/gpu/pitch3d.cu -lcuda -ldl 2>"$LOG/pitch3d-build.log"; then
+        out=$(HBMALLOC_CONF=backend:cuda,backtrace:off LD_PRELOAD=$LIB build/gpu/pitch3d 2>&1)
+        rc=$?
+        echo "$out" >"$LOG/c-pitch3d.log"
+        [[ $rc == 0 ]] && record "C pitch3d on cuda" PASS "$(tail -1 <<<"$out")" || record "C pitch3d on cuda" FAIL "rc=$rc $(grep -E 'FAIL|failures|CUresult|error' <<<"$out" | head -4 | tr '\n' ' ')"
+    else
+        record "C pitch3d build" FAIL "$(head -3 "$LOG/pitch3d-build.log" | tr '\n' ' ')"
+    fi
+fi
+
+if want limit; then
+    # HBMALLOC_CONF=limit: two processes on the GPU at once, each held to its own limit.
+    if nvcc -O2 -cudart shared -o build/gpu/limit_fill c_tests/gpu/limit_fill.cu 2>"$LOG/limit-build.log"; then
+        if bash c_tests/gpu/limit_two_procs.sh build/gpu/limit_fill "$LIB" >"$LOG/limit.log" 2>&1; then
+            record "limit: two processes" PASS "$(grep -o 'got [0-9]* MiB' "$LOG/limit.log" | tr '\n' ' ')"
+        else
+            record "limit: two processes" FAIL "see limit.log: $(tail -3 "$LOG/limit.log" | tr '\n' ' ')"
+        fi
+    else
+        record "limit build" FAIL "$(head -3 "$LOG/limit-build.log" | tr '\n' ' ')"
+    fi
 fi
 
 # A safety test, c_tests/gpu/<name>.cu: must pass in each given stream_safety mode, and must
@@ -115,6 +139,50 @@ if want reliability; then
         [[ $? == 0 ]] && record "out-of-memory storm" PASS "$(tail -1 <<<"$out")" || record "out-of-memory storm" FAIL "$out"
     else
         record "out-of-memory storm build" FAIL "$(head -3 "$LOG/storm-build.log" | tr '\n' ' ')"
+    fi
+fi
+
+if want sanitizer; then
+    # compute-sanitizer sees pool blocks as the allocations they stand for (NVTX heaps and
+    # regions, src/nvtx/, docs/tools.md): one float written past a 1000-float block is 1 invalid
+    # write and the clean twin 0 errors under memcheck and initcheck, for a cudaMalloc block plain
+    # (the baseline) and under hbmalloc, and for scratch-pool and KV cache blocks under hbmalloc.
+    if nvcc -O2 -cudart shared -Iinclude -o build/gpu/oob c_tests/gpu/oob.cu 2>"$LOG/oob-build.log" &&
+        nvcc -O2 -cudart shared -Iinclude -DOOB_CLEAN -o build/gpu/oob_clean c_tests/gpu/oob.cu 2>>"$LOG/oob-build.log"; then
+        declare -A baseline=()
+        for how in plain hbmalloc; do
+            pre=(env OOB_EXPECT=$how)
+            targets=cudaMalloc
+            if [[ $how == hbmalloc ]]; then
+                pre+=(HBMALLOC_CONF=backtrace:off,leak_report:off LD_PRELOAD=$LIB)
+                targets="cudaMalloc pool-legacy pool-vmm kv-prealloc kv-vmm"
+            fi
+            for target in $targets; do
+                for run in "oob memcheck 1" "oob_clean memcheck 0" "oob_clean initcheck 0"; do
+                    read -r exe tool want <<<"$run"
+                    log=$LOG/sanitizer-$exe-$tool-$target-$how.log
+                    "${pre[@]}" compute-sanitizer --tool "$tool" "build/gpu/$exe" "$target" >"$log" 2>&1
+                    rc=$?
+                    errors=$(grep -o 'ERROR SUMMARY: [0-9]*' "$log" | grep -o '[0-9]*$')
+                    writes=$(grep -c 'Invalid __global__ write of size 4' "$log")
+                    ok=0
+                    if [[ $want == 0 ]]; then
+                        [[ $rc == 0 && $errors == 0 ]] && ok=1
+                    elif [[ $how == plain ]]; then
+                        # The baseline: the stray write, and whatever memcheck adds after it
+                        # (the failed launch reported at the next API call).
+                        [[ $writes == 1 ]] && ok=1 && baseline[$tool]=$errors
+                    else
+                        [[ $writes == 1 && $errors == "${baseline[$tool]:-none}" ]] && ok=1
+                    fi
+                    detail="$writes invalid write(s); $(grep -o 'ERROR SUMMARY: .*' "$log"); $(grep '^oob:' "$log" | head -1)"
+                    [[ $ok == 1 ]] && record "$tool $exe $target ($how)" PASS "$detail" ||
+                        record "$tool $exe $target ($how)" FAIL "rc=$rc, want $want invalid write(s) and the plain run's error count (${baseline[$tool]:-none}): $detail (see $(basename "$log"))"
+                done
+            done
+        done
+    else
+        record "sanitizer oob build" FAIL "$(head -3 "$LOG/oob-build.log" | tr '\n' ' ')"
     fi
 fi
 

@@ -86,6 +86,8 @@ pub struct Config {
     pub timeline: usize,
     /// Print one line per pool event worth knowing (out of memory, fallbacks).
     pub verbose: bool,
+    /// `limit:`: the most device memory the process may hold on each device (`None`: no cap).
+    pub limit: Option<MemLimit>,
 }
 
 impl Default for Config {
@@ -106,6 +108,7 @@ impl Default for Config {
             pending_limit: None,
             timeline: 0,
             verbose: false,
+            limit: None,
         }
     }
 }
@@ -228,9 +231,53 @@ impl Config {
                     _ => Some(parse_size(value).ok_or_else(|| bad("auto or a size, e.g. 256MiB"))?),
                 }
             }
+            "limit" => self.limit = Some(MemLimit::parse(value).map_err(bad)?),
             _ => return Err("unknown key".to_string()),
         }
         Ok(())
+    }
+}
+
+/// `limit:`, a cap on the device memory this process holds on each device
+/// (`backend::limit::Limited`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum MemLimit {
+    /// At most this many bytes (at least 1 MiB).
+    Bytes(usize),
+    /// At most this share of each device's total memory, in (0, 1].
+    Fraction(f64),
+}
+
+// The fraction is never NaN (`parse` accepts only (0, 1]), so equality is an equivalence.
+impl Eq for MemLimit {}
+
+impl MemLimit {
+    /// `8GiB` (any size `parse_size` takes, at least 1 MiB) or `0.5` (a value with a decimal
+    /// point is a fraction of the device's memory). The error is what was expected instead.
+    fn parse(value: &str) -> Result<MemLimit, &'static str> {
+        const SIZE: &str =
+            "a size of at least 1MiB, e.g. 8GiB, or a fraction of the device's memory, e.g. 0.5";
+        const FRACTION: &str = "a fraction of the device's memory above 0 and at most 1, e.g. 0.5";
+        if value.contains('.') {
+            // Digits and one point only: no sign, exponent, `inf` or `nan`.
+            let plain = value.bytes().all(|b| b.is_ascii_digit() || b == b'.');
+            return match value.parse::<f64>() {
+                Ok(f) if plain && f > 0.0 && f <= 1.0 => Ok(MemLimit::Fraction(f)),
+                _ => Err(FRACTION),
+            };
+        }
+        match parse_size(value) {
+            Some(n) if n >= 1 << 20 => Ok(MemLimit::Bytes(n)),
+            _ => Err(SIZE),
+        }
+    }
+
+    /// The cap in bytes on a device of `total` bytes.
+    pub fn bytes(self, total: usize) -> usize {
+        match self {
+            MemLimit::Bytes(n) => n,
+            MemLimit::Fraction(f) => (total as f64 * f) as usize,
+        }
     }
 }
 
@@ -363,6 +410,50 @@ mod tests {
         assert_eq!(warnings.len(), 1);
         assert!(warnings[0].contains("auto or a size"), "{warnings:?}");
         assert_eq!(cfg.pending_limit, None);
+    }
+
+    #[test]
+    fn limit_takes_a_size_or_a_fraction() {
+        let (cfg, warnings) = Config::parse("limit:8GiB");
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(cfg.limit, Some(MemLimit::Bytes(8 << 30)));
+        let (cfg, warnings) = Config::parse("limit:0.25");
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(cfg.limit, Some(MemLimit::Fraction(0.25)));
+        assert_eq!(cfg.limit.unwrap().bytes(16 << 30), 4 << 30);
+        assert_eq!(
+            Config::parse("limit:1.0").0.limit,
+            Some(MemLimit::Fraction(1.0))
+        );
+        assert_eq!(Config::default().limit, None);
+    }
+
+    #[test]
+    fn bad_limits_warn_and_keep_the_rest() {
+        for (value, expected) in [
+            ("0", "at least 1MiB"),
+            ("1", "at least 1MiB"),
+            ("lots", "at least 1MiB"),
+            ("8XB", "at least 1MiB"),
+            ("0.0", "above 0 and at most 1"),
+            ("1.5", "above 0 and at most 1"),
+            ("-0.5", "above 0 and at most 1"),
+            ("1e-1.", "above 0 and at most 1"),
+            ("0.5.5", "above 0 and at most 1"),
+        ] {
+            let (cfg, warnings) = Config::parse(&format!("limit:4GiB,limit:{value},verbose:on"));
+            assert_eq!(warnings.len(), 1, "{value}: {warnings:?}");
+            assert!(
+                warnings[0].contains("key 'limit'") && warnings[0].contains(expected),
+                "{value}: {warnings:?}"
+            );
+            assert_eq!(
+                cfg.limit,
+                Some(MemLimit::Bytes(4 << 30)),
+                "{value}: earlier value kept"
+            );
+            assert!(cfg.verbose, "{value}: the other entries still apply");
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod ffi;
 pub mod fork;
 pub mod kernels;
 pub mod kv;
+pub mod nvtx;
 pub mod pool;
 pub mod runtime;
 pub mod sync;

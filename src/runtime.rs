@@ -3,10 +3,11 @@
 //! Everything above `backend` asks here for a device's backend; nothing else decides between CUDA
 //! and the simulated device.
 
+use crate::backend::limit::Limited;
 use crate::backend::reclaim::Reclaiming;
 use crate::backend::sim::SimBackend;
 use crate::backend::{host_memory, SharedBackend, HOST_DEVICE};
-use crate::config::{self, BackendKind};
+use crate::config::{self, BackendKind, MemLimit};
 use crate::error::{Error, Result};
 use crate::pool::{CachingPool, PinnedPool, PoolSettings};
 use once_cell::sync::OnceCell;
@@ -80,6 +81,37 @@ pub fn current_device() -> i32 {
     }
 }
 
+/// The device whose *primary* context is current on this thread (device 0 on the simulated
+/// device), creating its caching pool; `None` when the thread has no context, or one the
+/// program created itself (`cuCtxCreate`), whose memory the pool cannot serve: pool memory lives
+/// in each device's primary context. `Err` when the device's pool cannot be created.
+pub fn current_primary_device() -> Result<Option<i32>> {
+    match active() {
+        Active::Sim => Ok(Some(0)),
+        Active::Cuda => {
+            use crate::backend::cuda::CudaBackend;
+            let Some((ctx, device)) = CudaBackend::current_context() else {
+                return Ok(None);
+            };
+            let primary = match CudaBackend::known_primary_context(device) {
+                Some(primary) => primary,
+                // No primary context at all: the current one is the program's own. Checked
+                // first, so that such a program never gets a primary context made for it.
+                None if !CudaBackend::primary_context_active(device) => return Ok(None),
+                None => {
+                    pool(device)?; // its backend retains the primary context and notes it
+                    CudaBackend::known_primary_context(device).unwrap_or(0)
+                }
+            };
+            if ctx != primary {
+                return Ok(None);
+            }
+            pool(device)?;
+            Ok(Some(device))
+        }
+    }
+}
+
 /// The backend serving `device` to the scratch pools and KV caches, created on first use: out
 /// of memory there first makes the device's caching pool give its cached memory back.
 pub fn backend(device: i32) -> Result<SharedBackend> {
@@ -107,15 +139,25 @@ fn check_device(device: i32) -> Result<()> {
     Ok(())
 }
 
-/// The device's own backend, as the caching pool uses it.
+/// The device's own backend, as the caching pool uses it: under `limit:`, behind the one
+/// `Limited` that every consumer of the device shares, so the cap is a sum over all of them.
 fn raw_backend(device: i32) -> Result<SharedBackend> {
     check_device(device)?;
     BACKENDS[device as usize]
         .get_or_try_init(|| -> Result<SharedBackend> {
-            Ok(match active() {
+            let device_backend: SharedBackend = match active() {
                 Active::Sim => Arc::new(SimBackend::new(device, config::get().sim_capacity)),
                 Active::Cuda => Arc::new(crate::backend::cuda::CudaBackend::new(device)?),
-            })
+            };
+            let Some(limit) = config::get().limit else {
+                return Ok(device_backend);
+            };
+            let bytes = match limit {
+                MemLimit::Bytes(n) => n,
+                // A fraction is of this device's memory, known only once the device is open.
+                MemLimit::Fraction(_) => limit.bytes(device_backend.mem_info()?.1),
+            };
+            Ok(Arc::new(Limited::new(device_backend, bytes)))
         })
         .cloned()
 }

@@ -13,6 +13,11 @@ pub fn is_child() -> bool {
 /// Runs the test `name` (its full path, `module::tests::name`) alone in a child process with
 /// `HBMALLOC_CONF` set to `conf` (unset when `None`); asserts that it succeeded; returns its stdout.
 pub fn run(name: &str, conf: Option<&str>) -> String {
+    run_output(name, conf).0
+}
+
+/// As `run`, returning the child's stdout and stderr.
+pub fn run_output(name: &str, conf: Option<&str>) -> (String, String) {
     let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
     cmd.args(["--exact", name, "--nocapture", "--test-threads=1"])
         .env(CHILD, "1");
@@ -22,10 +27,7 @@ pub fn run(name: &str, conf: Option<&str>) -> String {
     };
     let out = cmd.output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stdout}{stderr}");
+    (stdout, stderr)
 }

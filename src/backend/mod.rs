@@ -5,6 +5,7 @@
 //! pooling, tracking or interposition: pools sit above it and call it only on their slow paths.
 
 pub mod cuda;
+pub mod limit;
 pub mod reclaim;
 pub mod sim;
 
@@ -64,6 +65,11 @@ pub trait Backend: Send + Sync {
 
     /// (free, total) bytes of the device, as the driver sees them.
     fn mem_info(&self) -> Result<(usize, usize)>;
+
+    /// Told by a consumer that an allocation of `requested` bytes has failed as out of memory
+    /// for good, after its own release-and-retry: an adaptor that refused it may say why, once
+    /// (`limit::Limited`). Adaptors pass it on; the default does nothing.
+    fn report_out_of_memory(&self, _requested: usize) {}
 
     /// Waits until all work queued on the device (in this process's context) has finished.
     fn synchronize(&self) -> Result<()>;

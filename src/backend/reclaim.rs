@@ -25,11 +25,16 @@ impl Reclaiming {
     }
 
     /// Runs `op`; on out of memory, reclaims and runs it once more if anything was released.
-    fn retry<T>(&self, op: impl Fn() -> Result<T>) -> Result<T> {
-        match op() {
+    /// An out of memory that stands is reported to the upstream (`Backend::report_out_of_memory`).
+    fn retry<T>(&self, size: usize, op: impl Fn() -> Result<T>) -> Result<T> {
+        let result = match op() {
             Err(Error::OutOfMemory { .. }) if (self.reclaim)(self.upstream.device()) > 0 => op(),
             other => other,
+        };
+        if let Err(Error::OutOfMemory { .. }) = result {
+            self.upstream.report_out_of_memory(size);
         }
+        result
     }
 }
 
@@ -41,13 +46,16 @@ impl Backend for Reclaiming {
         self.upstream.device()
     }
     fn alloc(&self, size: usize) -> Result<DevicePtr> {
-        self.retry(|| self.upstream.alloc(size))
+        self.retry(size, || self.upstream.alloc(size))
     }
     fn free(&self, ptr: DevicePtr, size: usize) -> Result<()> {
         self.upstream.free(ptr, size)
     }
     fn mem_info(&self) -> Result<(usize, usize)> {
         self.upstream.mem_info()
+    }
+    fn report_out_of_memory(&self, requested: usize) {
+        self.upstream.report_out_of_memory(requested)
     }
     fn synchronize(&self) -> Result<()> {
         self.upstream.synchronize()
@@ -71,7 +79,7 @@ impl Backend for Reclaiming {
         self.upstream.vmm_release(base, size)
     }
     fn vmm_map(&self, ptr: DevicePtr, size: usize) -> Result<()> {
-        self.retry(|| self.upstream.vmm_map(ptr, size))
+        self.retry(size, || self.upstream.vmm_map(ptr, size))
     }
     fn vmm_unmap(&self, ptr: DevicePtr, size: usize) -> Result<()> {
         self.upstream.vmm_unmap(ptr, size)

@@ -13,6 +13,8 @@ use std::process::ExitCode;
 mod demo;
 #[path = "hbmalloc/estimate_cmd.rs"]
 mod estimate_cmd;
+#[path = "hbmalloc/replay.rs"]
+mod replay;
 
 #[derive(Parser)]
 #[command(
@@ -36,6 +38,8 @@ enum Command {
     Estimate(estimate_cmd::EstimateArgs),
     /// Find the llama.cpp settings that fit the given free memory (the degradation ladder).
     Fit(estimate_cmd::FitArgs),
+    /// Replay a recorded allocation trace (HBMALLOC_CONF=trace:FILE) and report memory held.
+    Replay(replay::ReplayArgs),
     /// Print the version.
     Version,
 }
@@ -60,7 +64,7 @@ fn main() -> ExitCode {
             ) =>
         {
             eprintln!(
-                "hbmalloc: give a command: demo, inspect, estimate, fit, version (try --help)"
+                "hbmalloc: give a command: demo, inspect, estimate, fit, replay, version (try --help)"
             );
             return ExitCode::from(2);
         }
@@ -80,6 +84,7 @@ fn main() -> ExitCode {
         Command::Inspect(a) => estimate_cmd::inspect(a),
         Command::Estimate(a) => estimate_cmd::estimate(a),
         Command::Fit(a) => estimate_cmd::fit(a),
+        Command::Replay(a) => replay::run(a),
         Command::Version => {
             println!("hbmalloc {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS

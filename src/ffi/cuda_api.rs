@@ -155,7 +155,8 @@ fn free_not_ours(ptr: *mut c_void, stream: Option<usize>) -> CudaError {
     fail(rc)
 }
 
-/// Gives managed memory, whose record `tracked::device::free` removed, back to the runtime; if the runtime
+/// Gives memory the runtime handed out (managed, or from a pool of its own), whose record
+/// `tracked::device::free` removed, back to the runtime; if the runtime
 /// refuses, nothing was freed and the record goes back as it was.
 #[cold]
 fn free_managed(ptr: *mut c_void, stream: Option<usize>, live: track::Live) -> CudaError {
@@ -163,7 +164,8 @@ fn free_managed(ptr: *mut c_void, stream: Option<usize>, live: track::Live) -> C
     if rc != cuda_error::SUCCESS {
         tracked::restore(ptr as usize, live);
         eprintln!(
-            "hbmalloc: cudaFree({ptr:p}) of managed memory: the CUDA runtime refused (error {rc})"
+            "hbmalloc: cudaFree({ptr:p}) of {} memory: the CUDA runtime refused (error {rc})",
+            live.origin.name()
         );
     }
     fail(rc)
@@ -244,7 +246,9 @@ pub unsafe extern "C" fn cudaFreeAsync_ptsz(dev_ptr: *mut c_void, stream: CudaSt
 }
 
 /// `cudaMemGetInfo`: the device's free memory plus what this process's pools hold cached and
-/// unused, so programs that size themselves from it see what they can really allocate.
+/// unused, so programs that size themselves from it see what they can really allocate. Under
+/// `limit:` the device's backend answers with the limit as the total and what the limit leaves
+/// as its free memory (`backend::limit::Limited::mem_info`), so the same sum keeps within it.
 ///
 /// # Safety
 /// `free` and `total` are NULL or valid for one write each.

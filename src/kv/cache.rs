@@ -26,6 +26,9 @@ use crate::backend::{check_kv_io, DevicePtr, KvRows, SharedBackend, Stream};
 use crate::error::{Error, Result};
 use std::sync::Mutex;
 
+/// A tensor's (base, size) and the (start, size) of the rows in use in it.
+pub type TensorRegions = ((DevicePtr, usize), Vec<(DevicePtr, usize)>);
+
 /// One sequence slot: its capacity in tokens and, for `Realloc`, its buffers.
 #[derive(Clone, Debug, Default)]
 struct Slot {
@@ -143,6 +146,11 @@ impl KvCache {
             }
         }
         Ok(cache)
+    }
+
+    /// The device the cache's memory is on.
+    pub fn device(&self) -> i32 {
+        self.backend.device()
     }
 
     /// The parameters in force (`growth` is `Realloc` after a VMM fallback).
@@ -562,6 +570,29 @@ impl KvCache {
             s.capacity = 0;
         }
         given
+    }
+
+    /// For tools (`nvtx`): each tensor that holds every slot (`Vmm`, `Prealloc`; none under
+    /// `Realloc`, whose buffers are whole allocations) as (base, size), with the rows in use in
+    /// it: for each bound sequence, `capacity` rows from the start of its slot.
+    pub fn tensor_regions(&self) -> Vec<TensorRegions> {
+        let st = self.lock();
+        let bound: Vec<(usize, usize)> = (st.slots.iter().enumerate())
+            .filter(|(_, s)| s.seq.is_some() && s.capacity > 0)
+            .map(|(i, s)| (i, s.capacity as usize))
+            .collect();
+        (self.tensors.iter().enumerate())
+            .map(|(i, &(base, size))| {
+                let (stride, row) = match i % 2 {
+                    0 => (self.slot_k, self.row_k),
+                    _ => (self.slot_v, self.row_v),
+                };
+                let rows = bound
+                    .iter()
+                    .map(|&(slot, cap)| (base + slot * stride, cap * row));
+                ((base, size), rows.collect())
+            })
+            .collect()
     }
 
     /// The cache's counters.

@@ -84,7 +84,12 @@ impl Arena {
 
     /// Takes the smallest free block of at least `size` bytes, splitting off the rest.
     pub fn take_best_fit(&mut self, size: usize) -> Option<DevicePtr> {
-        let &(found, addr) = self.free.range((size, 0)..).next()?;
+        self.take_fit_within(size, usize::MAX)
+    }
+
+    /// As `take_best_fit`, from a free block of at most `largest` bytes.
+    pub fn take_fit_within(&mut self, size: usize, largest: usize) -> Option<DevicePtr> {
+        let &(found, addr) = self.free.range((size, 0)..(largest, usize::MAX)).next()?;
         self.free.remove(&(found, addr));
         self.free_bytes -= found;
         let rest = found - size;

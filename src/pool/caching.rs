@@ -128,6 +128,14 @@ const MAX_REFILL: usize = 16;
 /// allocations. Not more: the blocks a thread cycles through between synchronizes are its
 /// working set in the tracker's table too (1024 was slower at 16 threads on an H200).
 const SHARD_SYNC_BLOCKS: usize = 256;
+/// The pool makes what it holds usable before growing past 1 + 1/`SLACK_DIVISOR` times its peak
+/// in use (`reclaim_before_grow`). 20 (5%): on recorded PyTorch traces (training, inference over
+/// varying lengths, Hugging Face generate) peak reserved then stays within 1.10x of peak in use
+/// with chunk granularity on top; 10 left training at 1.14x.
+const SLACK_DIVISOR: usize = 20;
+/// ... but never below this much above the peak: a pool of a few chunks grows as before (the
+/// slack of a small pool is one chunk, and a synchronize per allocation buys nothing there).
+const RECLAIM_FLOOR: usize = 20 << 20;
 
 pub struct CachingPool {
     backend: SharedBackend,
@@ -191,6 +199,12 @@ impl CachingPool {
     /// once; one map of live blocks is enough, and it saves a map operation per call.
     #[inline]
     pub fn alloc_unchecked(&self, size: usize) -> Result<(DevicePtr, usize)> {
+        self.alloc_cached(size, Ordered::Device)
+    }
+
+    /// `alloc_unchecked`, saying whether the caller's contract allows a device synchronize.
+    #[inline]
+    fn alloc_cached(&self, size: usize, ordered: Ordered) -> Result<(DevicePtr, usize)> {
         let block = checked_block(size)?;
         if let Some(class) = cache_class(block) {
             let me = my_shard();
@@ -204,7 +218,7 @@ impl CachingPool {
                 return Ok((ptr, block));
             }
         }
-        self.alloc_slow(block).map(|ptr| (ptr, block))
+        self.alloc_slow(block, ordered).map(|ptr| (ptr, block))
     }
 
     /// Returns a block from `alloc_unchecked`/`alloc_async_unchecked`.
@@ -268,7 +282,7 @@ impl CachingPool {
                 return Ok((ptr, block));
             }
         }
-        self.alloc_unchecked(size)
+        self.alloc_cached(size, Ordered::Stream)
     }
 
     /// `cudaFreeAsync` of a block from an `*_unchecked` allocation (see `free_unchecked`): the
@@ -315,21 +329,7 @@ impl CachingPool {
             self.return_to_arena(unsynced(shard.take_remote()));
         }
         self.sync_and_settle()?;
-        let mut released = 0;
-        for arena in [&self.small, &self.large] {
-            let chunks = lock(arena).take_free_chunks();
-            for (base, size) in chunks {
-                match self.backend.free(base, size) {
-                    Ok(()) => {
-                        self.slow.sub_reserved(size);
-                        released += size;
-                    }
-                    // The driver refused: keep the chunk rather than lose track of it.
-                    Err(_) => lock(arena).add_chunk(base, size),
-                }
-            }
-        }
-        Ok(released)
+        Ok(self.release_free_chunks(usize::MAX))
     }
 
     /// A statistics snapshot (takes every shard's lock once).
@@ -399,9 +399,9 @@ impl CachingPool {
 
     #[cold]
     #[inline(never)]
-    fn alloc_slow(&self, block: usize) -> Result<DevicePtr> {
+    fn alloc_slow(&self, block: usize, ordered: Ordered) -> Result<DevicePtr> {
         self.collect();
-        let (ptr, from_cache) = self.take_or_grow_slow(block)?;
+        let (ptr, from_cache) = self.take_or_grow_slow(block, ordered)?;
         self.count_alloc(block, from_cache);
         if cache_class(block).is_some() {
             note_owner(ptr, my_shard());
@@ -453,9 +453,10 @@ impl CachingPool {
     }
 
     /// Finds memory for one block: (address, whether it came from cached memory).
-    fn take_or_grow_slow(&self, block: usize) -> Result<(DevicePtr, bool)> {
+    fn take_or_grow_slow(&self, block: usize, ordered: Ordered) -> Result<(DevicePtr, bool)> {
         // Enough blocks of this size wait in this thread's cache: one synchronize makes them all
         // reusable, which is cheaper than growing the arena by as many blocks again.
+        let mut own_waiting = 0;
         if let Some(class) = cache_class(block) {
             // Other threads' synchronizes may have made this thread's blocks safe already.
             // The pool epoch is read under the shard's lock, after every free the shard holds
@@ -469,6 +470,7 @@ impl CachingPool {
                 return Ok((ptr, true));
             }
             let waiting = shard.waiting(class);
+            own_waiting = waiting;
             drop(shard);
             if waiting >= self.batch.class(block) {
                 self.sync_and_settle()?;
@@ -489,6 +491,9 @@ impl CachingPool {
                 return Ok((ptr, true));
             }
         }
+        if let Some(ptr) = self.reclaim_before_grow(block, own_waiting, ordered)? {
+            return Ok((ptr, true));
+        }
         match self.grow(block) {
             Ok(ptr) => Ok((ptr, false)),
             Err(Error::OutOfMemory { .. }) => {
@@ -508,19 +513,104 @@ impl CachingPool {
         }
     }
 
+    /// Before the pool grows past 1 + 1/`SLACK_DIVISOR` times the most it has had in use, the
+    /// memory it holds is made usable instead: every thread cache goes back to the arena (blocks
+    /// of other sizes merge with their neighbours there), one synchronize makes what waits for
+    /// one reusable (not for stream-ordered callers, whose contract has none: for them, what the
+    /// events say is done), and the block is taken by best fit. If it still does not fit, wholly free
+    /// chunks go back to the driver, largest first, until growing stays within that bound. This
+    /// keeps peak reserved near peak in use when sizes keep changing (a transformer's activations
+    /// over varying sequence lengths); below the bound the pool grows as before, so a loop whose
+    /// need repeats never gives memory back only to ask for it again.
+    fn reclaim_before_grow(
+        &self,
+        block: usize,
+        own_waiting: usize,
+        ordered: Ordered,
+    ) -> Result<Option<DevicePtr>> {
+        let reserved = self.slow.reserved.load(Ordering::Relaxed);
+        let in_use = self.in_use_bytes();
+        let need = in_use.saturating_add(block);
+        let peak = self
+            .slow
+            .peak_in_use
+            .fetch_max(need, Ordering::Relaxed)
+            .max(need);
+        let bound = peak.saturating_add((peak / SLACK_DIVISOR).max(RECLAIM_FLOOR));
+        let grown = reserved.saturating_add(chunk_size(block));
+        // This thread's own blocks of this size that wait for a synchronize are left to the
+        // batch rule above (a pair loop synchronizes once per batch, not once per pair).
+        let slack = reserved.saturating_sub(in_use).saturating_sub(own_waiting);
+        if grown <= bound || slack < block {
+            return Ok(None);
+        }
+        for shard in self.shards.iter() {
+            let drained = shard.lock().drain();
+            self.return_to_arena(drained);
+            self.return_to_arena(unsynced(shard.take_remote()));
+        }
+        if ordered == Ordered::Device {
+            self.sync_and_settle()?;
+        }
+        if let Some(ptr) = self.take_from_arena(block) {
+            return Ok(Some(ptr));
+        }
+        self.release_free_chunks(grown - bound);
+        Ok(None)
+    }
+
+    /// Bytes handed out now, summed over the shards (takes each shard's lock once).
+    fn in_use_bytes(&self) -> usize {
+        let n: i64 = self.shards.iter().map(|s| s.lock().counters.in_use).sum();
+        n.max(0) as usize
+    }
+
+    /// Gives wholly free chunks back to the driver, largest first, until at least `enough` bytes
+    /// are released (`usize::MAX`: all of them); returns the bytes released.
+    fn release_free_chunks(&self, enough: usize) -> usize {
+        let mut released = 0;
+        for arena in [&self.large, &self.small] {
+            if released >= enough {
+                break;
+            }
+            let mut chunks = lock(arena).take_free_chunks();
+            chunks.sort_unstable_by_key(|&(_, size)| std::cmp::Reverse(size));
+            for (base, size) in chunks {
+                if released >= enough {
+                    lock(arena).add_chunk(base, size);
+                    continue;
+                }
+                crate::nvtx::heap_remove(base);
+                match self.backend.free(base, size) {
+                    Ok(()) => {
+                        self.slow.sub_reserved(size);
+                        released += size;
+                    }
+                    // The driver refused: keep the chunk rather than lose track of it.
+                    Err(_) => {
+                        crate::nvtx::heap_add(base, size, crate::nvtx::HeapKind::CachingPool);
+                        lock(arena).add_chunk(base, size)
+                    }
+                }
+            }
+        }
+        released
+    }
+
     /// Best fit from the arena; for cached classes, also moves a batch into this thread's shard.
     fn take_from_arena(&self, block: usize) -> Option<DevicePtr> {
         let completed = self.completed.load(Ordering::Acquire);
         let mut arena = self.arena_for(block);
         arena.settle_pending(completed);
-        let ptr = match arena.take_best_fit(block) {
+        let largest = largest_split(block);
+        let ptr = match arena.take_fit_within(block, largest) {
             Some(p) => p,
             None if arena.has_stream_freed() => {
                 let backend = &self.backend;
                 let done = arena
                     .settle_stream_freed(completed, |e| backend.event_done(e).unwrap_or(false));
                 self.release_events(done);
-                arena.take_best_fit(block)?
+                arena.take_fit_within(block, largest)?
             }
             None => return None,
         };
@@ -555,6 +645,7 @@ impl CachingPool {
         self.slow.add_reserved(size);
         SlowCounters::bump(&self.slow.misses);
         self.sample_peak_in_use();
+        crate::nvtx::heap_add(base, size, crate::nvtx::HeapKind::CachingPool);
         let mut arena = self.arena_for(block);
         arena.add_chunk(base, size);
         Ok(arena
@@ -652,6 +743,7 @@ impl CachingPool {
 
     #[cold]
     fn report_oom(&self, block: usize) {
+        self.backend.report_out_of_memory(block);
         let s = self.stats();
         let (free, total) = self.backend.mem_info().unwrap_or((0, 0));
         let (place, memory) = match self.backend.device() {
@@ -675,6 +767,24 @@ impl CachingPool {
             &self.large
         })
     }
+}
+
+/// What orders an allocation after the frees whose memory it may reuse.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ordered {
+    /// `cudaMalloc`: the runtime's `cudaFree` synchronizes the device, so the pool may too.
+    Device,
+    /// `cudaMallocAsync` and PyTorch's pluggable allocator: stream order and events only; the
+    /// pool's own memory policy never synchronizes for them.
+    Stream,
+}
+
+/// The largest free block a `block` may be cut from: a small request split off a large free
+/// block pins all of it (its chunk cannot go back to the driver while the small block lives), so
+/// it takes at most twice its size or its own chunk size, and the pool grows a chunk of the
+/// right size instead; `reclaim_before_grow` returns the large one if it stays free.
+fn largest_split(block: usize) -> usize {
+    block.saturating_mul(2).max(chunk_size(block))
 }
 
 /// The key under which blocks freed on `stream` are reused at once by allocations on it.

@@ -127,6 +127,7 @@ impl LegacyPool {
             }
             Err(e) => return Err(e),
         };
+        crate::nvtx::heap_add(raw, raw_size, crate::nvtx::HeapKind::ScratchPool);
         let ptr = raw.next_multiple_of(align);
         let buf = Buffer {
             ptr,
@@ -157,6 +158,7 @@ impl LegacyPool {
         if st.cached.len() >= self.options.max_cached_buffers as usize {
             // ggml gives the freed buffer itself back when its slots are full; so do we.
             self.backend.synchronize()?;
+            crate::nvtx::heap_remove(buf.raw);
             self.backend.free(buf.raw, buf.raw_size)?;
             st.counters.on_release(buf.raw_size);
             st.counters.on_trim();
@@ -186,6 +188,7 @@ impl LegacyPool {
                 break;
             };
             // Forgotten only once the driver took it: on an error the cache stays consistent.
+            crate::nvtx::heap_remove(buf.raw);
             self.backend.free(buf.raw, buf.raw_size)?;
             st.cached.pop();
             st.counters.on_release(buf.raw_size);
@@ -225,6 +228,7 @@ impl Drop for LegacyPool {
             eprintln!("hbmalloc: destroying a pool: synchronize failed ({e}); freeing anyway");
         }
         for buf in st.live.values().chain(st.cached.iter()) {
+            crate::nvtx::heap_remove(buf.raw);
             if let Err(e) = self.backend.free(buf.raw, buf.raw_size) {
                 eprintln!(
                     "hbmalloc: destroying a pool: freeing {:#x} failed: {e}",

@@ -58,13 +58,15 @@ pub fn block_size(size: usize) -> Option<usize> {
 }
 
 /// How much the pool asks the driver for when no cached block fits `block` bytes.
-/// Small blocks share 2 MiB chunks and medium ones 20 MiB chunks, as PyTorch's allocator does,
+/// Small blocks share 2 MiB chunks and medium ones chunks of about 20 MiB, as PyTorch's allocator does,
 /// so a burst of small requests costs one driver call; large blocks get a chunk of their own.
 pub fn chunk_size(block: usize) -> usize {
     if block <= SMALL_LIMIT {
         SMALL_CHUNK
     } else if block < MEDIUM_LIMIT {
-        MEDIUM_CHUNK
+        // A whole number of blocks (then 2 MiB pages): 8 MiB blocks in 20 MiB chunks left 4 MiB
+        // of every chunk to smaller requests, which a training step did not have.
+        (MEDIUM_CHUNK.div_ceil(block) * block).next_multiple_of(LARGE_ROUND)
     } else {
         block.next_multiple_of(LARGE_ROUND)
     }

@@ -81,6 +81,7 @@ impl VmmPool {
         let reserve = round_up(options.reserve_size.min(total), granularity)
             .ok_or(Error::InvalidValue("reservation size overflows"))?;
         let base = backend.vmm_reserve(reserve)?;
+        crate::nvtx::heap_add(base, reserve, crate::nvtx::HeapKind::ScratchPool);
         let mut arena = Arena::default();
         arena.add_chunk(base, reserve);
         Ok(VmmPool {
@@ -306,6 +307,7 @@ impl Drop for VmmPool {
     /// synchronize, then releases the reservation. Errors are printed: nothing can return them.
     fn drop(&mut self) {
         let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        crate::nvtx::heap_remove(self.base);
         if !st.maps.is_empty() {
             if let Err(e) = self.backend.synchronize() {
                 eprintln!(

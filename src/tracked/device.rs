@@ -6,8 +6,8 @@ use super::{free_route, not_live, take, wrong_kind, FreeError, Freed, Route, Tak
 use crate::backend::{DevicePtr, Stream};
 use crate::error::{Error, Result};
 use crate::pool::size_class::block_size;
-use crate::runtime;
 use crate::track::{self, Origin, Refused};
+use crate::{nvtx, runtime};
 
 /// Which entry point asked, for the tracker and the diagnostics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -16,6 +16,8 @@ pub enum Api {
     Hbm,
     /// `hbm_torch_malloc` / `hbm_torch_free` (PyTorch's pluggable allocator).
     Torch,
+    /// The driver API's `cuMemAlloc_v2` / `cuMemFree_v2`.
+    Driver,
 }
 
 /// Allocates `size` (> 0) bytes on `device`, stream-ordered on `stream` when given.
@@ -26,18 +28,33 @@ pub enum Api {
 /// is enough to give the block back.
 #[inline]
 pub fn alloc(device: i32, size: usize, stream: Option<Stream>, api: Api) -> Result<DevicePtr> {
-    let pool = runtime::pool(device)?;
-    let (ptr, _block) = match stream {
-        Some(s) => pool.alloc_async_unchecked(size, s)?,
-        None => pool.alloc_unchecked(size)?,
-    };
     let origin = match (api, stream) {
         (Api::Runtime, None) => Origin::CudaMalloc,
         (Api::Runtime, Some(_)) => Origin::CudaMallocAsync,
         (Api::Hbm, _) => Origin::HbmAlloc,
         (Api::Torch, _) => Origin::TorchMalloc,
+        (Api::Driver, _) => Origin::CuMemAlloc,
+    };
+    alloc_as(device, size, stream, origin)
+}
+
+/// As `alloc`, recorded as `origin`, which must be a caching-pool origin (`cudaMallocPitch`,
+/// `cudaMalloc3D`, `cuMemAlloc` name their own calls in the leak report).
+#[inline]
+pub fn alloc_as(
+    device: i32,
+    size: usize,
+    stream: Option<Stream>,
+    origin: Origin,
+) -> Result<DevicePtr> {
+    debug_assert_eq!(origin.source(), super::Source::DevicePool);
+    let pool = runtime::pool(device)?;
+    let (ptr, _block) = match stream {
+        Some(s) => pool.alloc_async_unchecked(size, s)?,
+        None => pool.alloc_unchecked(size)?,
     };
     track::on_alloc(ptr, size, device, stream.unwrap_or(0), origin);
+    nvtx::region_add(ptr, size);
     Ok(ptr)
 }
 
@@ -51,13 +68,14 @@ pub fn free(
     api: Api,
 ) -> std::result::Result<Freed, FreeError> {
     let want = match api {
-        Api::Runtime => Want::CUDA_FREE,
+        Api::Runtime | Api::Driver => Want::CUDA_FREE,
         Api::Hbm | Api::Torch => Want::HBM_DEVICE_FREE,
     };
     // The record goes first: once the pool has the block back, another thread may get it (and
     // record it) at once.
     match take(ptr, want) {
         Ok(Taken::Pooled { size, device }) => {
+            super::unregister_block(ptr, device);
             let pool = runtime::pool(device).map_err(FreeError::Refused)?;
             let block = block_size(size as usize).expect("a recorded size has a block");
             match free_route(stream, pool.stream_safety()) {
@@ -78,6 +96,7 @@ fn call_name(api: Api) -> &'static str {
         Api::Runtime => "cudaFree",
         Api::Hbm => "hbm_device_free",
         Api::Torch => "hbm_torch_free",
+        Api::Driver => "cuMemFree",
     }
 }
 

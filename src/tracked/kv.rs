@@ -7,6 +7,7 @@ use super::{take, Want};
 use crate::backend::SharedBackend;
 use crate::error::Result;
 use crate::kv::cache::{KvCache, KvParams};
+use crate::nvtx;
 use crate::track::{self, Origin};
 
 /// Makes a cache on `backend` (device `device`), boxed so that its address is its handle, and
@@ -16,6 +17,11 @@ pub fn create(backend: SharedBackend, params: KvParams, device: i32) -> Result<B
     let handle = handle(&cache);
     let held = cache.stats().committed as usize;
     track::global().on_alloc_owned(handle, held, device, 0, Origin::KvCache, handle);
+    if nvtx::active() {
+        for ((base, size), _) in cache.tensor_regions() {
+            nvtx::heap_add(base, size, nvtx::HeapKind::KvCache);
+        }
+    }
     Ok(cache)
 }
 
@@ -23,6 +29,13 @@ pub fn create(backend: SharedBackend, params: KvParams, device: i32) -> Result<B
 pub fn resized(cache: &KvCache) {
     let held = cache.stats().committed;
     track::global().update(handle(cache), |live| live.size = held);
+    // A tool sees each bound sequence's rows as a region of its tensors; the rest is off limits.
+    if nvtx::active() {
+        super::settle_for_tool(cache.device());
+        for ((base, _), rows) in cache.tensor_regions() {
+            nvtx::heap_set_regions(base, &rows);
+        }
+    }
 }
 
 /// Takes the cache off the record, then frees it. The record goes first: once the box is freed,
@@ -30,6 +43,11 @@ pub fn resized(cache: &KvCache) {
 pub fn destroy(cache: Box<KvCache>) {
     let handle = handle(&cache);
     let _ = take(handle, Want::kv_cache(handle));
+    if nvtx::active() {
+        for ((base, _), _) in cache.tensor_regions() {
+            nvtx::heap_remove(base);
+        }
+    }
     drop(cache);
 }
 

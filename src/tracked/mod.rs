@@ -13,8 +13,10 @@
 //! memory the runtime owns (`Freed::Forward`: managed, write-combined) and pointers no one here
 //! knows (`FreeError::Unknown`), which the boundary gives to the runtime's own free.
 //!
-//! Modules, one per kind of memory: `device` (`cudaMalloc*`, `hbm_device_*`, the command-line
-//! tool), `host` (pinned and managed memory), `scratch` (`hbm_pool_*` blocks), `kv` (KV cache
+//! Modules, one per kind of memory: `device` (`cudaMalloc*`, `cudaMallocPitch`, `cudaMalloc3D`,
+//! `cuMemAlloc_v2`, `hbm_device_*`, the command-line tool), `host` (pinned and managed memory),
+//! `forwarded` (what the runtime hands out and we only record: arrays, pool memory, registered
+//! host ranges), `scratch` (`hbm_pool_*` blocks), `kv` (KV cache
 //! objects). Pure Rust: callers at the C boundary own NULL checks, panics and error codes.
 //!
 //! Cost on the hot path, per pair: the pool's own fast path, one live-table insert and one
@@ -22,6 +24,7 @@
 //! the remove. No lock, no read-modify-write of a shared atomic.
 
 pub mod device;
+pub mod forwarded;
 pub mod host;
 pub mod kv;
 pub mod scratch;
@@ -47,6 +50,14 @@ pub enum Source {
     Scratch,
     /// A KV cache object; the record's `owner` is its handle.
     KvCache,
+    /// Device memory the runtime handed out from a pool of its own (`cudaMallocFromPoolAsync`,
+    /// `cudaMemPoolImportPointer`): `cudaFree` takes its record and forwards the memory.
+    RuntimeDevice,
+    /// A CUDA array, the runtime's; only `cudaFreeArray` takes it.
+    RuntimeArray,
+    /// A host range the runtime page-locked (`cudaHostRegister`); only `cudaHostUnregister`
+    /// takes it.
+    HostRegistered,
 }
 
 impl Origin {
@@ -56,7 +67,15 @@ impl Origin {
             Origin::CudaMalloc
             | Origin::CudaMallocAsync
             | Origin::HbmAlloc
-            | Origin::TorchMalloc => Source::DevicePool,
+            | Origin::TorchMalloc
+            | Origin::CudaMallocPitch
+            | Origin::CudaMalloc3D
+            | Origin::CuMemAlloc => Source::DevicePool,
+            Origin::CudaMallocFromPoolAsync | Origin::CudaMemPoolImportPointer => {
+                Source::RuntimeDevice
+            }
+            Origin::CudaMallocArray | Origin::CudaMalloc3DArray => Source::RuntimeArray,
+            Origin::CudaHostRegister => Source::HostRegistered,
             Origin::CudaMallocHost | Origin::CudaHostAlloc => Source::PinnedPool,
             Origin::CudaMallocManaged => Source::Managed,
             Origin::CudaHostAllocWriteCombined => Source::WriteCombined,
@@ -71,25 +90,32 @@ impl Origin {
 /// of every free ("this free is for a block of my kind").
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Want {
-    sources: u8,
+    /// One bit per `Source`.
+    sources: u16,
     /// 0: any owner (the process-wide pools record none).
     owner: usize,
     size: Option<u64>,
 }
 
 impl Want {
-    /// `cudaFree` / `cudaFreeAsync`: a caching-pool block, or managed memory.
-    pub const CUDA_FREE: Want = Want::of(&[Source::DevicePool, Source::Managed]);
+    /// `cudaFree` / `cudaFreeAsync` / `cuMemFree_v2`: a caching-pool block, managed memory, or
+    /// memory from a pool of the runtime's.
+    pub const CUDA_FREE: Want =
+        Want::of(&[Source::DevicePool, Source::Managed, Source::RuntimeDevice]);
+    /// `cudaFreeArray`: a CUDA array only.
+    pub const CUDA_FREE_ARRAY: Want = Want::of(&[Source::RuntimeArray]);
+    /// `cudaHostUnregister`: a registered host range only.
+    pub const CUDA_HOST_UNREGISTER: Want = Want::of(&[Source::HostRegistered]);
     /// `hbm_device_free`: a caching-pool block only.
     pub const HBM_DEVICE_FREE: Want = Want::of(&[Source::DevicePool]);
     /// `cudaFreeHost`: a pinned-pool block, or write-combined memory.
     pub const CUDA_FREE_HOST: Want = Want::of(&[Source::PinnedPool, Source::WriteCombined]);
 
     const fn of(sources: &[Source]) -> Want {
-        let mut bits = 0u8;
+        let mut bits = 0u16;
         let mut i = 0;
         while i < sources.len() {
-            bits |= 1 << sources[i] as u8;
+            bits |= 1 << sources[i] as u16;
             i += 1;
         }
         Want {
@@ -118,7 +144,7 @@ impl Want {
 
     #[inline]
     pub fn accepts(&self, live: &Live) -> bool {
-        self.sources & (1 << live.origin.source() as u8) != 0
+        self.sources & (1 << live.origin.source() as u16) != 0
             && (self.owner == 0 || live.owner == self.owner)
             && self.size.map_or(true, |size| size == live.size)
     }
@@ -222,6 +248,31 @@ pub(crate) fn free_route(stream: Option<Stream>, safety: StreamSafety) -> Route 
     }
 }
 
+/// A pool block is being freed but stays in its pool: unregisters its region with an attached
+/// tool (`nvtx`), after waiting for `device` as the runtime's own `cudaFree` does, so that the
+/// tool never sees work queued before the free touch a block that is no longer registered.
+/// Nothing, not even the wait, without a tool (nor during exit).
+#[inline]
+pub(crate) fn unregister_block(ptr: DevicePtr, device: i32) {
+    if crate::nvtx::active() {
+        unregister_block_slow(ptr, device);
+    }
+}
+
+#[cold]
+fn unregister_block_slow(ptr: DevicePtr, device: i32) {
+    settle_for_tool(device);
+    crate::nvtx::region_remove(ptr);
+}
+
+/// With a tool attached, waits for `device` before regions shrink (see `unregister_block`).
+#[cold]
+pub(crate) fn settle_for_tool(device: i32) {
+    if let Ok(backend) = crate::runtime::backend(device) {
+        let _ = backend.synchronize();
+    }
+}
+
 /// A free of a live block of another kind: refused with one line, the record untouched.
 #[cold]
 pub(crate) fn wrong_kind(call: &str, ptr: DevicePtr, origin: Origin) -> FreeError {
@@ -231,12 +282,23 @@ pub(crate) fn wrong_kind(call: &str, ptr: DevicePtr, origin: Origin) -> FreeErro
         ("cudaFree" | "hbm_device_free", Source::PinnedPool | Source::WriteCombined) => {
             "; free it with cudaFreeHost"
         }
-        ("hbm_device_free", Source::Managed) => "; free it with cudaFree",
+        ("hbm_device_free", Source::Managed | Source::RuntimeDevice) => "; free it with cudaFree",
+        ("cudaFreeArray" | "cudaHostUnregister", Source::DevicePool | Source::Managed)
+        | ("cudaFreeArray" | "cudaHostUnregister", Source::RuntimeDevice) => {
+            "; free it with cudaFree"
+        }
+        (_, Source::RuntimeArray) => "; free it with cudaFreeArray",
+        (_, Source::HostRegistered) => "; release it with cudaHostUnregister",
+        ("cudaFreeArray" | "cudaHostUnregister", Source::PinnedPool | Source::WriteCombined) => {
+            "; free it with cudaFreeHost"
+        }
         _ => "",
     };
     let not = match call {
         "cudaFreeHost" => "not pinned host memory",
         "hbm_device_free" => "not from hbm_device_alloc",
+        "cudaFreeArray" => "not a CUDA array",
+        "cudaHostUnregister" => "not a registered host range",
         _ => "not from cudaMalloc",
     };
     eprintln!(
@@ -314,20 +376,42 @@ mod tests {
             Origin::CudaHostAlloc,
             Origin::CudaHostAllocWriteCombined,
             Origin::CudaMallocManaged,
+            Origin::CudaMallocPitch,
+            Origin::CudaMalloc3D,
+            Origin::CuMemAlloc,
+            Origin::CudaMallocArray,
+            Origin::CudaMalloc3DArray,
+            Origin::CudaMallocFromPoolAsync,
+            Origin::CudaMemPoolImportPointer,
+            Origin::CudaHostRegister,
         ];
         for origin in all {
-            // (cudaFree, hbm_device_free, cudaFreeHost, hbm_pool_free of pool 1, kv destroy of 1)
+            // (cudaFree, hbm_device_free, cudaFreeHost, hbm_pool_free of pool 1, kv destroy of 1,
+            //  cudaFreeArray, cudaHostUnregister)
             let want = match origin {
                 Origin::CudaMalloc
                 | Origin::CudaMallocAsync
                 | Origin::HbmAlloc
-                | Origin::TorchMalloc => [true, true, false, false, false],
-                Origin::CudaMallocManaged => [true, false, false, false, false],
+                | Origin::TorchMalloc
+                | Origin::CudaMallocPitch
+                | Origin::CudaMalloc3D
+                | Origin::CuMemAlloc => [true, true, false, false, false, false, false],
+                Origin::CudaMallocManaged
+                | Origin::CudaMallocFromPoolAsync
+                | Origin::CudaMemPoolImportPointer => {
+                    [true, false, false, false, false, false, false]
+                }
                 Origin::CudaMallocHost
                 | Origin::CudaHostAlloc
-                | Origin::CudaHostAllocWriteCombined => [false, false, true, false, false],
-                Origin::Pool => [false, false, false, true, false],
-                Origin::KvCache => [false, false, false, false, true],
+                | Origin::CudaHostAllocWriteCombined => {
+                    [false, false, true, false, false, false, false]
+                }
+                Origin::Pool => [false, false, false, true, false, false, false],
+                Origin::KvCache => [false, false, false, false, true, false, false],
+                Origin::CudaMallocArray | Origin::CudaMalloc3DArray => {
+                    [false, false, false, false, false, true, false]
+                }
+                Origin::CudaHostRegister => [false, false, false, false, false, false, true],
             };
             let live = record(origin, 1, 4096);
             let got = [
@@ -336,6 +420,8 @@ mod tests {
                 Want::CUDA_FREE_HOST.accepts(&live),
                 Want::scratch(1, 4096).accepts(&live),
                 Want::kv_cache(1).accepts(&live),
+                Want::CUDA_FREE_ARRAY.accepts(&live),
+                Want::CUDA_HOST_UNREGISTER.accepts(&live),
             ];
             assert_eq!(got, want, "{origin:?}");
         }

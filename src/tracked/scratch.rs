@@ -5,6 +5,7 @@
 use super::{restore, take, Taken, Want};
 use crate::backend::DevicePtr;
 use crate::error::{Error, Result};
+use crate::nvtx;
 use crate::pool::ScratchPool;
 use crate::track::{self, Origin, Refused};
 
@@ -18,6 +19,7 @@ fn owner(pool: &ScratchPool) -> usize {
 pub fn alloc(pool: &ScratchPool, size: usize) -> Result<(DevicePtr, usize)> {
     let (ptr, actual) = pool.alloc(size)?;
     track::global().on_alloc_owned(ptr, actual, pool.device(), 0, Origin::Pool, owner(pool));
+    nvtx::region_add(ptr, size);
     Ok((ptr, actual))
 }
 
@@ -39,12 +41,15 @@ pub fn forget_pool(pool: &ScratchPool) {
 /// as it was. `InvalidValue` for a wrong size; a pointer error for anything else.
 pub fn free(pool: &ScratchPool, ptr: DevicePtr, actual: usize) -> Result<()> {
     match take(ptr, Want::scratch(owner(pool), actual as u64)) {
-        Ok(taken) => pool.free(ptr, actual).inspect_err(|_| {
-            // The pool disagrees with its record: keep the block on record.
-            if let Taken::Record(live) = taken {
-                restore(ptr, live);
-            }
-        }),
+        Ok(taken) => {
+            super::unregister_block(ptr, pool.device());
+            pool.free(ptr, actual).inspect_err(|_| {
+                // The pool disagrees with its record: keep the block on record.
+                if let Taken::Record(live) = taken {
+                    restore(ptr, live);
+                }
+            })
+        }
         Err(Refused::Other(live)) if live.origin == Origin::Pool && live.owner == owner(pool) => {
             Err(Error::InvalidValue("not the size hbm_pool_alloc gave"))
         }

@@ -168,6 +168,48 @@ impl CudaBackend {
         }
     }
 
+    /// The thread's current context and its device, or `None` without a driver or a context.
+    /// For the driver-API hooks, which serve only a primary context's allocations.
+    pub fn current_context() -> Option<(usize, i32)> {
+        if Self::device_count() == 0 {
+            return None;
+        }
+        let mut current: CUcontext = std::ptr::null_mut();
+        // SAFETY: `current` is a valid out-parameter; the driver is loaded (device count > 0).
+        if unsafe { sys::cuCtxGetCurrent(&mut current) } != CUresult::CUDA_SUCCESS
+            || current.is_null()
+        {
+            return None;
+        }
+        let mut device: CUdevice = 0;
+        // SAFETY: a context is current on this thread (checked above); `device` is valid.
+        match unsafe { sys::cuCtxGetDevice(&mut device) } {
+            CUresult::CUDA_SUCCESS => Some((current as usize, device)),
+            _ => None,
+        }
+    }
+
+    /// The primary context of `device` as its backend retained it; `None` while no backend for
+    /// `device` exists.
+    pub fn known_primary_context(device: i32) -> Option<usize> {
+        let ctx = PRIMARY_CONTEXTS
+            .get(device as usize)?
+            .load(Ordering::Acquire);
+        (ctx != 0).then_some(ctx)
+    }
+
+    /// Whether `device`'s primary context exists (is active) now; asking creates nothing.
+    pub fn primary_context_active(device: i32) -> bool {
+        if device < 0 || device >= Self::device_count() {
+            return false;
+        }
+        let (mut flags, mut active) = (0, 0);
+        // SAFETY: the driver is initialised (device_count > 0); valid out-parameters. A device
+        // ordinal is its `CUdevice` handle, as `cuDeviceGet` returns it.
+        let rc = unsafe { sys::cuDevicePrimaryCtxGetState(device, &mut flags, &mut active) };
+        rc == CUresult::CUDA_SUCCESS && active != 0
+    }
+
     /// A backend for `device`, using that device's primary context (the runtime's context).
     ///
     /// `Error::InvalidDevice` when there is no such device, or no driver at all.

@@ -1,0 +1,221 @@
+//! `hbmalloc replay FILE`: a recorded allocation sequence (`HBMALLOC_CONF=trace:FILE`) run again
+//! through hbmalloc's drop-in path, on whatever backend `HBMALLOC_CONF` selects (the simulated
+//! device on a machine without a GPU), reporting memory held against memory in use.
+//!
+//! Each recorded thread is replayed on a thread of its own, in the recorded global order (a
+//! thread waits for its turn), because the caching pool's behaviour depends on which thread
+//! frees what. Every event uses the default stream: a recorded stream is a handle from another
+//! process, so `cudaMallocAsync` events are counted and replayed as plain allocations.
+
+use clap::Args;
+use hbmalloc::backend::DevicePtr;
+use hbmalloc::pool::size_class::block_size;
+use hbmalloc::runtime;
+use hbmalloc::tracked::device::{self as alloc, Api};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+#[derive(Args)]
+pub struct ReplayArgs {
+    /// A trace written with HBMALLOC_CONF=trace:FILE.
+    file: PathBuf,
+    /// Replay on device N (default: each event's recorded device).
+    #[arg(long)]
+    device: Option<i32>,
+}
+
+#[derive(Clone, Copy)]
+struct Event {
+    alloc: bool,
+    ptr: usize,
+    size: usize,
+    device: i32,
+}
+
+/// What the trace itself says: its events per thread and the exact peak of requested bytes.
+struct Trace {
+    threads: Vec<Vec<(usize, Event)>>,
+    events: usize,
+    on_streams: usize,
+    /// Events on pinned host memory (device -1), which are not replayed.
+    host: usize,
+    peak_requested: usize,
+    /// The same peak counted in the pool's block sizes (what rounding adds).
+    peak_blocks: usize,
+}
+
+pub fn run(args: ReplayArgs) -> ExitCode {
+    let trace = match read(&args.file, args.device) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("hbmalloc replay: {}: {e}", args.file.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let turn = AtomicUsize::new(0);
+    let live: Mutex<HashMap<usize, DevicePtr>> = Mutex::new(HashMap::new());
+    let failed: Mutex<Option<String>> = Mutex::new(None);
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        for events in &trace.threads {
+            let (turn, live, failed) = (&turn, &live, &failed);
+            s.spawn(move || replay_thread(events, turn, live, failed));
+        }
+    });
+    let seconds = started.elapsed().as_secs_f64();
+    if let Some(e) = failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        eprintln!("hbmalloc replay: {e}");
+        return ExitCode::FAILURE;
+    }
+    let devices: Vec<i32> = {
+        let mut d: Vec<i32> = trace
+            .threads
+            .iter()
+            .flatten()
+            .map(|(_, e)| e.device)
+            .collect();
+        d.sort_unstable();
+        d.dedup();
+        d
+    };
+    let (mut peak_reserved, mut driver_calls, mut syncs) = (0u64, 0u64, 0u64);
+    for d in devices {
+        if let Ok(pool) = runtime::pool(d) {
+            let s = pool.stats();
+            peak_reserved += s.peak_reserved;
+            driver_calls += s.driver_allocs + s.driver_frees;
+            syncs += s.syncs;
+        }
+    }
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    println!(
+        "replay {} events={} threads={} stream_events_on_default={} host_events_skipped={} \
+         seconds={:.3} peak_requested_mib={:.1} peak_blocks_mib={:.1} peak_reserved_mib={:.1} \
+         reserved_over_requested={:.3} driver_calls={driver_calls} syncs={syncs}",
+        args.file.display(),
+        trace.events,
+        trace.threads.len(),
+        trace.on_streams,
+        trace.host,
+        seconds,
+        mib(trace.peak_requested as u64),
+        mib(trace.peak_blocks as u64),
+        mib(peak_reserved),
+        peak_reserved as f64 / trace.peak_requested.max(1) as f64
+    );
+    ExitCode::SUCCESS
+}
+
+fn replay_thread(
+    events: &[(usize, Event)],
+    turn: &AtomicUsize,
+    live: &Mutex<HashMap<usize, DevicePtr>>,
+    failed: &Mutex<Option<String>>,
+) {
+    for &(index, e) in events {
+        while turn.load(Ordering::Acquire) != index {
+            if failed.lock().map(|f| f.is_some()).unwrap_or(true) {
+                return;
+            }
+            std::thread::yield_now();
+        }
+        let result = if e.alloc {
+            alloc::alloc(e.device, e.size, None, Api::Runtime)
+                .map(|p| {
+                    live.lock().expect("replay map").insert(e.ptr, p);
+                })
+                .map_err(|err| format!("event {index}: allocation of {} failed: {err}", e.size))
+        } else {
+            match live.lock().expect("replay map").remove(&e.ptr) {
+                Some(p) => alloc::free(p, None, Api::Runtime)
+                    .map(|_| ())
+                    .map_err(|err| format!("event {index}: free failed: {err:?}")),
+                // A free of memory allocated before the trace began: nothing to replay.
+                None => Ok(()),
+            }
+        };
+        if let Err(msg) = result {
+            *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg);
+            turn.store(usize::MAX, Ordering::Release);
+            return;
+        }
+        turn.store(index + 1, Ordering::Release);
+    }
+}
+
+/// Parses a version-1 trace (`track::trace`): `time_ns thread a|f ptr size stream device`.
+fn read(path: &std::path::Path, device: Option<i32>) -> Result<Trace, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let mut by_thread: HashMap<u32, usize> = HashMap::new();
+    let mut threads: Vec<Vec<(usize, Event)>> = Vec::new();
+    let (mut events, mut on_streams) = (0usize, 0usize);
+    let (mut requested, mut peak_requested) = (0usize, 0usize);
+    let (mut blocks, mut peak_blocks) = (0usize, 0usize);
+    let mut host = 0usize;
+    let mut sizes: HashMap<usize, usize> = HashMap::new();
+    for (n, line) in text.lines().enumerate() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let bad = |what: &str| format!("line {}: {what}: {line:?}", n + 1);
+        let f: Vec<&str> = line.split(' ').collect();
+        if f.len() != 7 {
+            return Err(bad("expected 7 fields"));
+        }
+        let thread: u32 = f[1].parse().map_err(|_| bad("thread"))?;
+        let alloc = match f[2] {
+            "a" => true,
+            "f" => false,
+            _ => return Err(bad("op is not a or f")),
+        };
+        let ptr = usize::from_str_radix(f[3], 16).map_err(|_| bad("ptr"))?;
+        let size: usize = f[4].parse().map_err(|_| bad("size"))?;
+        let stream = usize::from_str_radix(f[5], 16).map_err(|_| bad("stream"))?;
+        let recorded_device: i32 = f[6].parse().map_err(|_| bad("device"))?;
+        if size == 0 {
+            return Err(bad("size 0"));
+        }
+        if recorded_device < 0 {
+            host += 1;
+            continue;
+        }
+        let block = block_size(size).ok_or_else(|| bad("size beyond any block"))?;
+        if alloc {
+            if sizes.insert(ptr, size).is_some() {
+                return Err(bad("allocation of a pointer that is live"));
+            }
+            requested += size;
+            blocks += block;
+            peak_requested = peak_requested.max(requested);
+            peak_blocks = peak_blocks.max(blocks);
+        } else if let Some(s) = sizes.remove(&ptr) {
+            requested -= s;
+            blocks -= block_size(s).expect("checked at its allocation");
+        }
+        on_streams += usize::from(stream != 0);
+        let slot = *by_thread.entry(thread).or_insert_with(|| {
+            threads.push(Vec::new());
+            threads.len() - 1
+        });
+        let e = Event {
+            alloc,
+            ptr,
+            size,
+            device: device.unwrap_or(recorded_device),
+        };
+        threads[slot].push((events, e));
+        events += 1;
+    }
+    Ok(Trace {
+        threads,
+        events,
+        on_streams,
+        host,
+        peak_requested,
+        peak_blocks,
+    })
+}

@@ -1,0 +1,222 @@
+//! NVTX v3's injection protocol, this side of it: what the header-only NVTX library does inside
+//! every program that includes it, done once here. A tool (compute-sanitizer, Nsight) names its
+//! injection library in `NVTX_INJECTION64_PATH`; we load it, hand its `InitializeInjectionNvtx2`
+//! our export table (so it can fill the core's function slots: we use `nvtxDomainCreateA`), then
+//! hand its `InitializeInjectionNvtxExtension` the memory extension's slot table, and keep the
+//! functions it put there. Nothing here runs unless the variable is set.
+//!
+//! The export-table callbacks below are `extern "C"` because the tool calls them; they are
+//! function pointers handed over at run time, never exported symbols (the header has none).
+
+use super::abi::*;
+use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+
+/// The memory functions a tool gave us, and our domain in it.
+#[derive(Clone, Copy)]
+pub struct Tool {
+    pub domain: Domain,
+    pub heap_register: HeapRegister,
+    pub heap_unregister: HeapUnregister,
+    pub regions_register: RegionsRegister,
+    pub regions_unregister: RegionsUnregister,
+}
+
+// SAFETY: the domain is an opaque handle the tool hands out for use from any thread.
+unsafe impl Send for Tool {}
+unsafe impl Sync for Tool {}
+
+/// The environment variable a tool sets (the 64-bit one: this crate is 64-bit only).
+pub const INJECTION_PATH_VAR: &str = "NVTX_INJECTION64_PATH";
+
+/// Loads the tool named by `NVTX_INJECTION64_PATH` and attaches to it; `None` without the
+/// variable, or (with one line on stderr) when the library cannot be loaded or offers no memory
+/// extension.
+#[cold]
+pub fn attach() -> Option<Tool> {
+    let path = std::env::var_os(INJECTION_PATH_VAR)?;
+    match attach_to(&path) {
+        Ok(tool) => Some(tool),
+        Err(why) => {
+            eprintln!(
+                "hbmalloc: {INJECTION_PATH_VAR}={}: {why}; pool blocks are not annotated for the tool",
+                path.to_string_lossy()
+            );
+            None
+        }
+    }
+}
+
+fn attach_to(path: &std::ffi::OsStr) -> Result<Tool, String> {
+    use std::os::unix::ffi::OsStrExt;
+    let cpath = CString::new(path.as_bytes()).map_err(|_| "the path holds a NUL byte")?;
+    // SAFETY: a NUL-terminated path; the handle is never closed (the tool's functions stay ours
+    // for the life of the process, as NVTX itself keeps them).
+    let lib = unsafe { libc::dlopen(cpath.as_ptr(), libc::RTLD_LAZY) };
+    if lib.is_null() {
+        // SAFETY: dlerror returns NULL or a NUL-terminated message.
+        let err = unsafe { libc::dlerror() };
+        let msg = if err.is_null() {
+            "dlopen failed".to_string()
+        } else {
+            // SAFETY: see above.
+            unsafe { CStr::from_ptr(err) }
+                .to_string_lossy()
+                .into_owned()
+        };
+        return Err(format!("cannot load it ({msg})"));
+    }
+    let domain = init_core(lib);
+    let slots = init_mem_extension(lib)?;
+    let slot = |cbid: usize| match slots[cbid].load(Ordering::Acquire) {
+        SLOT_FRESH | SLOT_DISABLED => None,
+        f => Some(f),
+    };
+    let (Some(hr), Some(hu), Some(rr), Some(ru)) = (
+        slot(CBID_MEM_HEAP_REGISTER),
+        slot(CBID_MEM_HEAP_UNREGISTER),
+        slot(CBID_MEM_REGIONS_REGISTER),
+        slot(CBID_MEM_REGIONS_UNREGISTER),
+    ) else {
+        return Err("the tool does not take NVTX heap and region registrations".into());
+    };
+    // SAFETY: each slot holds the tool's implementation of the function of that callback id,
+    // whose prototype nvToolsExtMem.h fixes.
+    unsafe {
+        Ok(Tool {
+            domain,
+            heap_register: std::mem::transmute::<usize, HeapRegister>(hr),
+            heap_unregister: std::mem::transmute::<usize, HeapUnregister>(hu),
+            regions_register: std::mem::transmute::<usize, RegionsRegister>(rr),
+            regions_unregister: std::mem::transmute::<usize, RegionsUnregister>(ru),
+        })
+    }
+}
+
+fn symbol(lib: *mut c_void, name: &CStr) -> Option<usize> {
+    // SAFETY: a live handle and a NUL-terminated name.
+    let p = unsafe { libc::dlsym(lib, name.as_ptr()) };
+    (!p.is_null()).then_some(p as usize)
+}
+
+/// The core's function slots, one array per callback module, which the tool fills through
+/// `GetModuleFunctionTable`. Only `nvtxDomainCreateA` is read back.
+#[allow(clippy::declare_interior_mutable_const)]
+const EMPTY: AtomicUsize = AtomicUsize::new(0);
+#[allow(clippy::declare_interior_mutable_const)]
+const EMPTY_MODULE: [AtomicUsize; 16] = [EMPTY; 16];
+static CORE_SLOTS: [[AtomicUsize; 16]; 6] = [EMPTY_MODULE; 6];
+
+/// Per module: [0, &slot 1, .., &slot size-1, 0], as NVTX lays out its tables.
+fn module_tables() -> &'static [Vec<usize>; 6] {
+    static TABLES: OnceLock<[Vec<usize>; 6]> = OnceLock::new();
+    TABLES.get_or_init(|| {
+        std::array::from_fn(|m| {
+            let mut t = vec![0usize];
+            t.extend((1..CORE_MODULE_SIZES[m]).map(|i| &CORE_SLOTS[m][i] as *const _ as usize));
+            t.push(0);
+            t
+        })
+    })
+}
+
+unsafe extern "C" fn get_module_function_table(
+    module: u32,
+    out_table: *mut *const usize,
+    out_size: *mut c_uint,
+) -> c_int {
+    let Some(table) = (module as usize)
+        .checked_sub(1)
+        .and_then(|m| module_tables().get(m))
+    else {
+        return 0;
+    };
+    if !out_table.is_null() {
+        // SAFETY: the tool passes a writable pointer (checked non-NULL).
+        unsafe { *out_table = table.as_ptr() };
+    }
+    if !out_size.is_null() {
+        // SAFETY: as above.
+        unsafe { *out_size = (table.len() - 1) as c_uint };
+    }
+    1
+}
+
+unsafe extern "C" fn set_injection_nvtx_version(_version: u32) {}
+
+static CALLBACKS: ExportCallbacks = ExportCallbacks {
+    struct_size: std::mem::size_of::<ExportCallbacks>(),
+    get_module_function_table,
+};
+
+static VERSION_INFO: ExportVersionInfo = ExportVersionInfo {
+    struct_size: std::mem::size_of::<ExportVersionInfo>(),
+    version: NVTX_VERSION as u32,
+    reserved0: 0,
+    set_injection_nvtx_version,
+};
+
+unsafe extern "C" fn get_export_table(id: u32) -> *const c_void {
+    match id {
+        ETID_CALLBACKS => &CALLBACKS as *const ExportCallbacks as *const c_void,
+        ETID_VERSIONINFO => &VERSION_INFO as *const ExportVersionInfo as *const c_void,
+        _ => std::ptr::null(),
+    }
+}
+
+/// Initializes the tool's core side and creates our domain; NULL (the default domain) when the
+/// tool has no core entry point or no `nvtxDomainCreateA`.
+fn init_core(lib: *mut c_void) -> Domain {
+    let Some(init) = symbol(lib, c"InitializeInjectionNvtx2") else {
+        return std::ptr::null_mut();
+    };
+    // SAFETY: the symbol NVTX's loader calls under this name, with this prototype.
+    let init = unsafe { std::mem::transmute::<usize, InitCore>(init) };
+    // SAFETY: our export table lives for the whole process.
+    if unsafe { init(get_export_table) } == 0 {
+        return std::ptr::null_mut();
+    }
+    let core2 = &CORE_SLOTS[MODULE_CORE2 as usize - 1];
+    match core2[CBID_CORE2_DOMAIN_CREATE_A].load(Ordering::Acquire) {
+        0 => std::ptr::null_mut(),
+        f => {
+            // SAFETY: the tool's nvtxDomainCreateA, called with a NUL-terminated name.
+            let create = unsafe { std::mem::transmute::<usize, DomainCreateA>(f) };
+            unsafe { create(c"hbmalloc".as_ptr() as *const c_char) }
+        }
+    }
+}
+
+/// The memory extension's slots: [module state, slot 0 .. slot 62], as the header keeps them.
+static MEM_SLOTS: [AtomicUsize; MEM_SLOT_COUNT + 1] = [EMPTY; MEM_SLOT_COUNT + 1];
+
+/// Offers the tool the memory extension; returns its function slots once it has filled them.
+fn init_mem_extension(lib: *mut c_void) -> Result<&'static [AtomicUsize], String> {
+    let init = symbol(lib, c"InitializeInjectionNvtxExtension")
+        .ok_or("no InitializeInjectionNvtxExtension (no NVTX extensions)")?;
+    // SAFETY: the symbol NVTX's extension loader calls under this name, with this prototype.
+    let init = unsafe { std::mem::transmute::<usize, InitExtension>(init) };
+    let slots = &MEM_SLOTS[1..];
+    let mut segment = ExtModuleSegment {
+        segment_id: MEM_SEGMENT_ID,
+        slot_count: MEM_SLOT_COUNT,
+        function_slots: slots.as_ptr() as *mut usize,
+    };
+    let mut module = ExtModuleInfo {
+        nvtx_ver: NVTX_VERSION,
+        struct_size: std::mem::size_of::<ExtModuleInfo>() as u16,
+        module_id: EXT_MODULEID_MEM,
+        compat_id: EXT_COMPATID_MEM,
+        segments_count: 1,
+        segments: &mut segment,
+        get_export_function: std::ptr::null(),
+        ext_info: std::ptr::null(),
+    };
+    // SAFETY: the module description and its segment outlive the call; the slots it points at
+    // are atomics the tool may write (a usize each, like the header's intptr_t).
+    if unsafe { init(&mut module) } == 0 {
+        return Err("its InitializeInjectionNvtxExtension refused the memory extension".into());
+    }
+    Ok(slots)
+}
