@@ -1242,6 +1242,22 @@ enum HbmStatus hbm_report_leaks(const char *path);
 enum HbmStatus hbm_report_json(const char *path);
 
 /**
+ * Writes the alloc/free timeline kept so far (`timeline:N` in `HBMALLOC_CONF`) as JSON, now: each
+ * event's time, kind, address, size, device and call site, and each call site's native and
+ * Python frames (the format `timeline` writes at exit). The Python package builds a snapshot's
+ * `device_traces` from it.
+ *
+ * `path`: a NUL-terminated file path, created or truncated (not NULL). Returns `HBM_STATUS_OK`,
+ * `HBM_STATUS_NULL_PARAMETER` for NULL, `HBM_STATUS_INVALID_VALUE` if `path` is not UTF-8,
+ * `HBM_STATUS_NOT_SUPPORTED` when no timeline is kept (`timeline:0`, the default; no file is
+ * written), or `HBM_STATUS_IO_ERROR` if the file could not be written.
+ *
+ * Requirements:
+ * `path` is NULL or points to a NUL-terminated string valid for the duration of the call.
+ */
+enum HbmStatus hbm_report_timeline_json(const char *path);
+
+/**
  * Starts a new checkpoint epoch and returns it as a mark for `hbm_leaks_since`: every allocation
  * made after this call returns, by this thread or by a thread that synchronized with it since
  * (a mutex, a join), is "since" the mark. Allocations by other threads while the call runs may

@@ -207,13 +207,27 @@ if want torch; then
         else
             record "pytorch fwd+bwd, pluggable allocator" FAIL "rc=$rc; $(tail -4 "$LOG/torch-pluggable.log" | tr '\n' ' ')"
         fi
-        if PYTORCH_NO_CUDA_MEMORY_CACHING=1 HBMALLOC_CONF=leak_report:summary LD_PRELOAD=$LIB \
+        # python_frames:acquire: PyTorch's operators release the GIL, and under the preload the
+        # default takes it back only on the pluggable path (docs/pytorch.md).
+        if PYTORCH_NO_CUDA_MEMORY_CACHING=1 HBMALLOC_CONF=leak_report:summary,python_frames:acquire LD_PRELOAD=$LIB \
             python3 scripts/torch_check.py leaks "$LOG/torch-leaks.txt" >"$LOG/torch-leaks.log" 2>&1; then
             record "pytorch leak tracking" PASS "$(grep -h 'after freed' "$LOG/torch-leaks.log")"
         else
             record "pytorch leak tracking" FAIL "$(tail -4 "$LOG/torch-leaks.log" | tr '\n' ' ')"
         fi
         grep -h 'report frames' "$LOG/torch-leaks.log"
+        # The pluggable allocator in depth (scripts/torch_pluggable_check.py): training and
+        # inference bit for bit with step times and peak reserved beside PyTorch's allocator, the
+        # Python line of a kept tensor, the snapshot viewer, CUDA graph capture, out of memory.
+        HBMALLOC_LIB=$LIB python3 scripts/torch_pluggable_check.py all "$LOG/torch-pluggable-check" \
+            >"$LOG/torch-pluggable-check.log" 2>&1
+        rc=$?
+        grep -h '^pluggable_check:' "$LOG/torch-pluggable-check.log"
+        if [[ $rc == 0 ]]; then
+            record "pytorch pluggable: train, infer, leak, viz, graph, oom" PASS "$(grep -h '^pluggable_check: graph' "$LOG/torch-pluggable-check.log" | cut -c1-120)"
+        else
+            record "pytorch pluggable: train, infer, leak, viz, graph, oom" FAIL "$(grep -h 'FAIL' "$LOG/torch-pluggable-check.log" | head -3 | tr '\n' ' ' | cut -c1-400)"
+        fi
     else
         record "pytorch" FAIL "torch with CUDA not importable"
     fi

@@ -2,7 +2,8 @@
 
 `python3 torch_check.py leaks REPORT.txt` (under the preload) checks the leak tracking: a training
 step whose tensors are all freed leaves no leak behind hbm_checkpoint(), and one tensor kept
-alive is reported with its size and native frames.
+alive is reported with its size and native frames, and with its Python line under
+HBMALLOC_CONF=python_frames:acquire.
 
 `python3 torch_check.py run OUT.pt` trains a few steps of a small conv+MLP model with a fixed seed
 and deterministic kernels, and saves the loss, outputs and gradients. Run it once plainly and once
@@ -119,7 +120,7 @@ def leaks(report_path):
     torch.cuda.synchronize()
     clean = since(mark)
     mark = lib.hbm_checkpoint()
-    kept = torch.empty(3 << 20, dtype=torch.uint8, device=dev)  # noqa: F841, the deliberate leak
+    kept = torch.empty(3 << 20, dtype=torch.uint8, device=dev); line = sys._getframe().f_lineno  # noqa: E702,F841 the deliberate leak
     leaked = since(mark)
     assert lib.hbm_report_leaks(report_path.encode()) == 0
     report = open(report_path).read()
@@ -128,8 +129,12 @@ def leaks(report_path):
     assert clean == (0, 0), f"a step that frees everything leaked {clean}"
     assert leaked[1] == 1 and leaked[0] == 3 << 20, leaked
     assert "LEAK SUMMARY" in report and "3145728 bytes (3.0 MiB) in 1 allocation" in report, report[:2000]
-    native = [line for line in report.splitlines() if "#0" in line and "3.0 MiB" not in line]
-    print("torch_check: report frames: " + " | ".join(line.strip() for line in native[:3]))
+    native = [ln for ln in report.splitlines() if "#0" in ln and "3.0 MiB" not in ln]
+    print("torch_check: report frames: " + " | ".join(ln.strip() for ln in native[:3]))
+    # With python_frames:acquire (gpu-check.sh sets it) the kept tensor's Python line is named.
+    if "python_frames:acquire" in os.environ.get("HBMALLOC_CONF", ""):
+        assert f"{__file__}:{line}" in report, f"no {__file__}:{line} in the report: {report[:2000]}"
+        print(f"torch_check: kept tensor reported at {__file__}:{line}")
 
 
 def compare(a, b):

@@ -46,11 +46,26 @@ pub enum StackWalk {
     Dwarf,
 }
 
+/// When an allocation records its Python stack (`python_frames`, see `track::python_frames`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PythonFrames {
+    Off,
+    /// When the allocating thread holds the GIL; for `hbm_torch_malloc` also when the main
+    /// thread released it (PyTorch releases it around every operator), by taking it back for
+    /// the walk.
+    On,
+    /// As `On`, and taking the GIL back on every entry point and every Python thread
+    /// (LD_PRELOAD under PyTorch, serving threads).
+    Acquire,
+}
+
 /// The parsed configuration. Every field has a default that a user without `HBMALLOC_CONF` gets.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
     pub backend: BackendKind,
     pub backtrace: bool,
+    /// With `backtrace`, also record the Python stack of allocations (`track::python_frames`).
+    pub python_frames: PythonFrames,
     pub leak_report: LeakReport,
     /// Paths are kept as bytes: any Linux path is accepted, UTF-8 or not.
     pub report_path: Option<PathBuf>,
@@ -80,6 +95,7 @@ impl Default for Config {
         Config {
             backend: BackendKind::Auto,
             backtrace: true,
+            python_frames: PythonFrames::On,
             leak_report: LeakReport::Full,
             report_path: None,
             report_json: None,
@@ -155,6 +171,14 @@ impl Config {
             }
             "backtrace" => self.backtrace = parse_switch(value).ok_or_else(|| bad("on or off"))?,
             "verbose" => self.verbose = parse_switch(value).ok_or_else(|| bad("on or off"))?,
+            "python_frames" => {
+                self.python_frames = match (value, parse_switch(value)) {
+                    ("acquire", _) => PythonFrames::Acquire,
+                    (_, Some(true)) => PythonFrames::On,
+                    (_, Some(false)) => PythonFrames::Off,
+                    _ => return Err(bad("on, off or acquire")),
+                }
+            }
             "leak_report" => {
                 self.leak_report = match value {
                     "off" => LeakReport::Off,
@@ -315,7 +339,8 @@ mod tests {
         let (cfg, warnings) = Config::parse(
             "backend:sim, backtrace:off,leak_report:summary,report_path:/tmp/a.txt,\
              report_json:/tmp/a.json,report_svg:/tmp/a.svg,trace:/tmp/a.trace,sim_capacity:2GiB,max_frames:8,\
-             stream_safety:eager,timeline:1000,pending_limit:64MiB,verbose:on,unwinder:dwarf",
+             stream_safety:eager,timeline:1000,pending_limit:64MiB,verbose:on,unwinder:dwarf,\
+             python_frames:off",
         );
         assert!(warnings.is_empty(), "{warnings:?}");
         assert_eq!(cfg.backend, BackendKind::Sim);
@@ -332,6 +357,14 @@ mod tests {
         assert_eq!(cfg.pending_limit, Some(64 << 20));
         assert!(cfg.verbose);
         assert_eq!(cfg.unwinder, StackWalk::Dwarf);
+        assert_eq!(cfg.python_frames, PythonFrames::Off);
+        assert_eq!(Config::default().python_frames, PythonFrames::On);
+        let (cfg, warnings) = Config::parse("python_frames:acquire");
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(cfg.python_frames, PythonFrames::Acquire);
+        let (cfg, warnings) = Config::parse("python_frames:always");
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert_eq!(cfg.python_frames, PythonFrames::On);
     }
 
     #[test]

@@ -10,7 +10,7 @@ import tempfile
 from . import _lib
 from ._lib import path as library_path
 
-__all__ = ["snapshot", "dump_snapshot", "stats", "memory_stats", "checkpoint", "leaks", "report", "report_json", "library_path"]
+__all__ = ["snapshot", "dump_snapshot", "timeline_json", "stats", "memory_stats", "checkpoint", "leaks", "report", "report_json", "library_path"]
 
 
 def stats(device=0):
@@ -80,23 +80,91 @@ def _encode(path):
     return None if path is None else os.fsencode(path)
 
 
+def _frames(python_frames, native_frames):
+    """A call site's frames as the snapshot's viewer reads them ({filename, line, name}),
+    innermost first: the Python stack, then the native one (PyTorch's own snapshots order a
+    block's frames the same way when they hold both)."""
+    frames = [
+        {"filename": f["file"], "line": f["line"], "name": f["function"]} for f in python_frames
+    ]
+    frames += [
+        {
+            "filename": f.get("file") or f.get("library") or "??",
+            "line": f.get("line") or 0,
+            "name": f.get("function") or f["ip"],
+        }
+        for f in native_frames
+    ]
+    return frames
+
+
+def timeline_json():
+    """The alloc/free timeline as a dict (`hbm_report_timeline_json`), or None when hbmalloc keeps
+    none (`timeline:N` in HBMALLOC_CONF turns it on)."""
+    tmp = tempfile.mkdtemp(prefix="hbmalloc-")
+    target = os.path.join(tmp, "timeline.json")
+    try:
+        status = _lib.lib().hbm_report_timeline_json(os.fsencode(target))
+        if status == _lib.STATUS_NOT_SUPPORTED:
+            return None
+        _lib.check(status, "hbm_report_timeline_json")
+        with open(target) as f:
+            return json.load(f)
+    finally:
+        if os.path.exists(target):
+            os.remove(target)
+        os.rmdir(tmp)
+
+
+def _device_traces(timeline, device_count):
+    """`device_traces` from the timeline: per device, its events oldest first, as PyTorch's trace
+    entries (`alloc`; a free is `free_requested` then `free_completed`, as hbmalloc reuses a
+    freed block only once the stream has passed the free). hbmalloc's events carry no stream:
+    every entry says stream 0."""
+    traces = [[] for _ in range(device_count)]
+    if timeline is None:
+        return traces
+    python_sites = timeline.get("python_sites", {})
+    frames_of = {}
+    for e in timeline["events"]:
+        device = e["device"]
+        if device < 0:  # pinned host memory: not a device's
+            continue
+        while len(traces) <= device:
+            traces.append([])
+        site = e.get("site")
+        if site is not None and site not in frames_of:
+            key = str(site)
+            frames_of[site] = _frames(python_sites.get(key, []), timeline["sites"].get(key, []))
+        entry = {
+            "addr": int(e["ptr"], 16),
+            "size": e["size"],
+            "stream": 0,
+            "time_us": e["t_ns"] // 1000,
+            "frames": frames_of.get(site, []),
+        }
+        if e["op"] == "alloc":
+            traces[device].append(dict(entry, action="alloc"))
+        else:
+            traces[device].append(dict(entry, action="free_requested"))
+            traces[device].append(dict(entry, action="free_completed"))
+    return traces
+
+
 def snapshot(device_count=1):
     """Live memory in the format of `torch.cuda.memory._snapshot()`, for PyTorch's viewer
-    (`torch.cuda._memory_viz`, the memory_viz page). Built from `report_json()`: one segment per
-    live allocation (hbmalloc does not expose its chunks; cached memory shows only in
-    `memory_stats()`), each with one active block and its call site's frames. `device_traces` is
-    one empty list per device: hbmalloc keeps no per-event trace in this format."""
+    (`python -m torch.cuda._memory_viz trace_plot|segment_plot`, the memory_viz page). Built from
+    `report_json()`: one segment per live allocation (hbmalloc does not expose its chunks; cached
+    memory shows only in `memory_stats()`), each with one active block whose `frames` are its call
+    site's Python frames (when Python allocated it) and native frames, innermost first.
+    `device_traces`: per device, the alloc/free events of hbmalloc's timeline when it keeps one
+    (`timeline:N` in HBMALLOC_CONF), else empty lists (at least `device_count` of them)."""
     segments = []
     for site in report_json()["sites"]:
-        frames = [
-            {
-                "filename": f.get("file") or f.get("library") or "??",
-                "line": f.get("line") or 0,
-                "name": f.get("function") or f["ip"],
-            }
-            for f in site["frames"]
-        ]
+        frames = _frames(site.get("python_frames", []), site["frames"])
         for a in site["allocations"]:
+            if a["device"] < 0:  # pinned host memory is no device's segment
+                continue
             address, size = int(a["ptr"], 16), a["size"]
             block = {
                 "address": address,
@@ -120,7 +188,7 @@ def snapshot(device_count=1):
                 "blocks": [block],
             })
     segments.sort(key=lambda s: (s["device"], s["address"]))
-    return {"segments": segments, "device_traces": [[] for _ in range(device_count)]}
+    return {"segments": segments, "device_traces": _device_traces(timeline_json(), device_count)}
 
 
 def dump_snapshot(path, device_count=1):

@@ -5,6 +5,9 @@ import os
 
 _LIB = None
 
+# HbmStatus values this package tells apart (include/hbmalloc.h).
+STATUS_NOT_SUPPORTED = 5
+
 
 class HbmStats(ctypes.Structure):
     """struct HbmStats of include/hbmalloc.h, field for field."""
@@ -45,6 +48,7 @@ def lib():
         ]
         l.hbm_report_leaks.argtypes = [ctypes.c_char_p]
         l.hbm_report_json.argtypes = [ctypes.c_char_p]
+        l.hbm_report_timeline_json.argtypes = [ctypes.c_char_p]
         l.hbm_backend_name.restype = ctypes.c_char_p
         l.hbm_status_str.restype = ctypes.c_char_p
         l.hbm_status_str.argtypes = [ctypes.c_int]

@@ -2,9 +2,11 @@
 
 Run by scripts/test-python.sh (HBMALLOC_LIB names the library built there)."""
 
+import ctypes
 import os
 import subprocess
 import sys
+import textwrap
 import unittest
 
 os.environ.setdefault("HBMALLOC_CONF", "backend:sim,leak_report:off")
@@ -22,6 +24,20 @@ def torch_malloc(size, stream=S1):
 
 def torch_free(ptr, size, stream=S1):
     _lib.lib().hbm_torch_free(ptr, size, 0, stream)
+
+
+def held_lib():
+    """The library through ctypes.PyDLL, which keeps the GIL during the call (ctypes.CDLL, which
+    the package uses, releases it), with the prototypes these tests call."""
+    lib = ctypes.PyDLL(hbmalloc.library_path())
+    lib.hbm_torch_malloc.restype = ctypes.c_void_p
+    lib.hbm_torch_malloc.argtypes = [ctypes.c_ssize_t, ctypes.c_int, ctypes.c_void_p]
+    return lib
+
+
+def _line():
+    """The line of the caller's call."""
+    return sys._getframe(1).f_lineno
 
 
 class PackageTest(unittest.TestCase):
@@ -114,6 +130,73 @@ class PackageTest(unittest.TestCase):
         for f in block["frames"]:
             self.assertEqual(set(f), {"filename", "line", "name"})
         torch_free(p, 3 * MiB, S2)
+
+    def test_snapshot_blocks_name_the_python_line(self):
+        p = held_lib().hbm_torch_malloc(3 * MiB, 0, S2); line = _line()  # noqa: E702
+        snap = hbmalloc.snapshot()
+        torch_free(p, 3 * MiB, S2)
+        (seg,) = [s for s in snap["segments"] if s["address"] == p]
+        (block,) = seg["blocks"]
+        # co_qualname from 3.11, co_name before.
+        name = "test_snapshot_blocks_name_the_python_line"
+        if sys.version_info >= (3, 11):
+            name = "PackageTest." + name
+        self.assertEqual(block["frames"][0], {"filename": __file__, "line": line, "name": name})
+        self.assertEqual(seg["frames"], block["frames"])
+
+    def test_snapshot_device_traces_come_from_the_timeline(self):
+        # Its own process: timeline:N is read once. Checks what torch.cuda._memory_viz reads:
+        # segments (address, total_size, allocated_size, stream, blocks of size, requested_size,
+        # state, frames) and trace entries (action, addr, size, stream, frames, time_us), and
+        # segsum's invariant that a segment's blocks add up to its size.
+        code = textwrap.dedent("""
+            import ctypes, pickle, sys, hbmalloc
+            lib = ctypes.PyDLL(hbmalloc.library_path())
+            lib.hbm_torch_malloc.restype = ctypes.c_void_p
+            lib.hbm_torch_malloc.argtypes = [ctypes.c_ssize_t, ctypes.c_int, ctypes.c_void_p]
+            lib.hbm_torch_free.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int, ctypes.c_void_p]
+            def scratch(): return lib.hbm_torch_malloc(1 << 20, 0, None)
+            def kept(): return lib.hbm_torch_malloc(2 << 20, 0, None)
+            a = scratch(); lib.hbm_torch_free(a, 1 << 20, 0, None); b = kept()
+            hbmalloc.dump_snapshot(sys.argv[1], device_count=2)
+            print(a, b)
+        """)
+        import pickle
+        import tempfile
+        env = dict(os.environ, HBMALLOC_CONF="backend:sim,leak_report:off,timeline:100")
+        # The child's working directory: the timeline it writes at exit lands there.
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "snapshot.pickle")
+            out = subprocess.run([sys.executable, "-c", code, path], env=env, cwd=tmp,
+                                 capture_output=True, text=True)
+            self.assertEqual(out.returncode, 0, out.stderr)
+            with open(path, "rb") as f:
+                snap = pickle.load(f)
+        a, b = map(int, out.stdout.split())
+        self.assertEqual(len(snap["device_traces"]), 2)
+        self.assertEqual(snap["device_traces"][1], [])
+        trace = snap["device_traces"][0]
+        self.assertEqual([(e["action"], e["addr"]) for e in trace],
+                         [("alloc", a), ("free_requested", a), ("free_completed", a), ("alloc", b)])
+        for e in trace:
+            self.assertEqual(set(e), {"action", "addr", "size", "stream", "frames", "time_us"})
+            self.assertIsInstance(e["time_us"], int)
+        self.assertEqual(trace[0]["size"], 1 << 20)
+        self.assertEqual(trace[0]["frames"][0]["name"], "scratch")
+        self.assertEqual(trace[3]["frames"][0]["name"], "kept")
+        self.assertEqual([t["time_us"] for t in trace], sorted(t["time_us"] for t in trace))
+        (seg,) = [s for s in snap["segments"] if s["address"] == b]
+        self.assertEqual(seg["blocks"][0]["frames"][0]["name"], "kept")
+        for seg in snap["segments"]:
+            self.assertEqual(sum(blk["size"] for blk in seg["blocks"]), seg["total_size"])
+            self.assertLessEqual(seg["allocated_size"], seg["total_size"])
+            for blk in seg["blocks"]:
+                self.assertLessEqual(blk["requested_size"], blk["size"])
+                self.assertIn(blk["state"], ("active_allocated", "active_pending_free", "inactive"))
+
+    def test_no_timeline_means_empty_traces(self):
+        self.assertIsNone(hbmalloc.timeline_json())
+        self.assertEqual(hbmalloc.snapshot(device_count=3)["device_traces"], [[], [], []])
 
     def test_bad_free_is_harmless(self):
         torch_free(0xDEAD0000, 4096)  # one line on stderr, nothing freed

@@ -68,6 +68,43 @@ pub unsafe extern "C" fn hbm_report_json(path: *const c_char) -> HbmStatus {
     })
 }
 
+/// Writes the alloc/free timeline kept so far (`timeline:N` in `HBMALLOC_CONF`) as JSON, now: each
+/// event's time, kind, address, size, device and call site, and each call site's native and
+/// Python frames (the format `timeline` writes at exit). The Python package builds a snapshot's
+/// `device_traces` from it.
+///
+/// `path`: a NUL-terminated file path, created or truncated (not NULL). Returns `HBM_STATUS_OK`,
+/// `HBM_STATUS_NULL_PARAMETER` for NULL, `HBM_STATUS_INVALID_VALUE` if `path` is not UTF-8,
+/// `HBM_STATUS_NOT_SUPPORTED` when no timeline is kept (`timeline:0`, the default; no file is
+/// written), or `HBM_STATUS_IO_ERROR` if the file could not be written.
+///
+/// # Safety
+/// `path` is NULL or points to a NUL-terminated string valid for the duration of the call.
+#[no_mangle]
+pub unsafe extern "C" fn hbm_report_timeline_json(path: *const c_char) -> HbmStatus {
+    ffi_guard!(HbmStatus::Panic, {
+        if path.is_null() {
+            return HbmStatus::NullParameter;
+        }
+        // SAFETY: non-NULL `path` is a NUL-terminated string valid for this call (contract).
+        let Ok(path) = (unsafe { CStr::from_ptr(path) }).to_str() else {
+            return HbmStatus::InvalidValue;
+        };
+        if track::global().timeline().is_none() {
+            return HbmStatus::NotSupported;
+        }
+        let written = std::fs::File::create(path).and_then(|f| {
+            let mut w = std::io::BufWriter::new(f);
+            track::global().write_timeline_json(&mut w)?;
+            std::io::Write::flush(&mut w)
+        });
+        match written {
+            Ok(()) => HbmStatus::Ok,
+            Err(_) => HbmStatus::IoError,
+        }
+    })
+}
+
 /// Starts a new checkpoint epoch and returns it as a mark for `hbm_leaks_since`: every allocation
 /// made after this call returns, by this thread or by a thread that synchronized with it since
 /// (a mutex, a join), is "since" the mark. Allocations by other threads while the call runs may
@@ -129,6 +166,26 @@ mod tests {
             stdout.contains("1 passed"),
             "the child ran no test: {stdout}"
         );
+    }
+
+    #[test]
+    fn timeline_json_refuses_null_and_a_tracker_without_timeline() {
+        // SAFETY: NULL is allowed; the path is a NUL-terminated literal.
+        assert_eq!(
+            unsafe { hbm_report_timeline_json(std::ptr::null()) },
+            HbmStatus::NullParameter
+        );
+        if track::global().timeline().is_some() {
+            return; // HBMALLOC_CONF of this run keeps one
+        }
+        let path = std::env::temp_dir().join(format!("hbm-tl-{}.json", std::process::id()));
+        let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: as above.
+        assert_eq!(
+            unsafe { hbm_report_timeline_json(c.as_ptr()) },
+            HbmStatus::NotSupported
+        );
+        assert!(!path.exists(), "no file written");
     }
 
     #[test]

@@ -79,10 +79,21 @@ impl BadFree {
         let _ = writeln!(out, "{headline}");
         let mut section = |label: String, stack: StackId| {
             let _ = writeln!(out, "hbmalloc:   {label}:");
-            let frames = match tracker.stacks().frames(stack) {
-                Some(raw) => sym.stack(&raw, DIAG_FRAMES),
-                None => Vec::new(),
+            let (frames, python) = match tracker.stacks().frames(stack) {
+                Some(raw) => (
+                    sym.stack(&raw, DIAG_FRAMES),
+                    super::python_frames::python_part(&raw),
+                ),
+                None => (Vec::new(), Vec::new()),
             };
+            // The allocation's Python stack, when it had one (frees record none).
+            for (i, f) in python.iter().take(DIAG_FRAMES).enumerate() {
+                let _ = writeln!(
+                    out,
+                    "      py#{i:<2} {} at {}:{}",
+                    f.function, f.file, f.line
+                );
+            }
             out.push_str(&format_frames(&frames, "      "));
         };
         section(

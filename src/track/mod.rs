@@ -11,7 +11,8 @@
 //! per alloc+free (bench/BENCHMARKS.md). `backtrace:off` skips the stack capture (entries are then
 //! site-less); `leak_report:off` only silences the report at exit.
 //!
-//! Layout: `capture` (raw return addresses), `stacks` (interning), `registry` (the `Tracker`) with
+//! Layout: `capture` (raw return addresses), `python_frames` (the Python stack beside them),
+//! `stacks` (interning), `registry` (the `Tracker`) with
 //! `live_table` (live and recently freed allocations), `freed` (bad-free diagnostics),
 //! `symbolize`, `report` (the leak report's model) with `report_text`, `report_json`,
 //! `report_svg`, `timeline` with `timeline_svg`, `exit`.
@@ -20,6 +21,7 @@ pub mod capture;
 mod exit;
 pub mod freed;
 pub mod live_table;
+pub mod python_frames;
 pub mod registry;
 pub mod report;
 mod report_json;
@@ -31,7 +33,7 @@ pub mod timeline;
 pub mod timeline_svg;
 pub mod trace;
 
-use crate::config::{self, Config, LeakReport, StackWalk};
+use crate::config::{self, Config, LeakReport, PythonFrames, StackWalk};
 use once_cell::sync::OnceCell;
 
 pub use capture::Unwinder;
@@ -118,6 +120,8 @@ pub struct LeakSummary {
 pub struct Settings {
     /// Capture a call stack per allocation and per free.
     pub backtrace: bool,
+    /// With `backtrace`, also record the Python stack of allocations (`python_frames`).
+    pub python_frames: PythonFrames,
     pub unwinder: Unwinder,
     /// Frames kept per call site in reports, after the tracker's own frames are left out.
     pub max_frames: usize,
@@ -142,6 +146,7 @@ impl Settings {
     pub fn from_config(cfg: &Config) -> Settings {
         Settings {
             backtrace: cfg.backtrace,
+            python_frames: cfg.python_frames,
             unwinder: match cfg.unwinder {
                 StackWalk::FramePointer => Unwinder::FramePointer,
                 StackWalk::Dwarf => Unwinder::Dwarf,

@@ -11,10 +11,12 @@
 use super::capture::{self, ReentryGuard};
 use super::freed::{BadFree, FreedRecord};
 use super::live_table::{FreeMark, LiveTable};
+use super::python_frames;
 use super::stacks::{StackId, StackTable};
 use super::timeline::{EventKind, Timeline};
 use super::trace::{Op, Trace, TraceEvent};
 use super::{LeakSummary, Origin, Settings};
+use crate::config::PythonFrames;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// One live allocation.
@@ -47,8 +49,18 @@ pub enum Refused {
     NotLive,
 }
 
-/// Capture buffer kept on the stack; deeper `max_frames` settings use the heap.
-const INLINE_FRAMES: usize = 72;
+/// Capture buffer kept on the stack (native frames, the Python mark and Python frames at the
+/// default `max_frames`); deeper settings use the heap.
+const INLINE_FRAMES: usize = 80;
+
+/// Whether a capture also records the Python stack: allocations do, frees do not (the free side
+/// of a pair stays as cheap as without Python).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum WithPython {
+    /// Only if the thread holds the GIL, or also taking it back (`python_frames::Acquire`).
+    Yes(python_frames::Acquire),
+    No,
+}
 /// Frames captured beyond `max_frames`, for the tracker's and the allocator's own frames that
 /// the report leaves out.
 const OWN_FRAMES_SLACK: usize = 8;
@@ -119,7 +131,7 @@ impl Tracker {
     ) {
         // Everything that can fail or take long (the stack walk) happens before the slot is
         // held: a panic while holding it would leave the address locked for good.
-        let stack = self.capture_stack();
+        let stack = self.capture_stack(self.python_for(origin));
         let thread = capture::thread_id();
         let time_ns = self.now_ns();
         // Relaxed: an allocation ordered after a `checkpoint` (same thread, or synchronized with
@@ -253,7 +265,7 @@ impl Tracker {
     /// What the freed slot keeps for a later double free's diagnostic.
     #[inline]
     fn free_mark(&self) -> FreeMark {
-        let stack = self.capture_stack();
+        let stack = self.capture_stack(WithPython::No);
         let thread = capture::thread_id();
         // Only the timeline needs the time of a free; the double-free diagnostic shows it when
         // known. Without a timeline the pair reads the clock once, on the allocation.
@@ -278,7 +290,7 @@ impl Tracker {
     #[inline(never)]
     fn bad_free(&self, ptr: usize) -> Box<BadFree> {
         self.bad_frees.fetch_add(1, Ordering::Relaxed);
-        let free_stack = self.capture_stack();
+        let free_stack = self.capture_stack(WithPython::No);
         let thread = capture::thread_id();
         let previous = self.live.freed(ptr).map(|(live, free)| FreedRecord {
             ptr,
@@ -311,31 +323,70 @@ impl Tracker {
         found
     }
 
+    /// How an allocation from `origin` records its Python stack (`config::PythonFrames`):
+    /// `hbm_torch_malloc` is called by PyTorch with the GIL released and no lock of PyTorch's
+    /// held, so taking the GIL back there cannot deadlock; `cudaMalloc` under LD_PRELOAD is called
+    /// inside PyTorch's caching allocator's lock, which a thread holding the GIL may wait for.
+    #[inline]
+    fn python_for(&self, origin: Origin) -> WithPython {
+        use python_frames::Acquire;
+        match (self.settings.python_frames, origin) {
+            (PythonFrames::Off, _) => WithPython::No,
+            (PythonFrames::On, Origin::TorchMalloc) => WithPython::Yes(Acquire::MainThread),
+            (PythonFrames::On, _) => WithPython::Yes(Acquire::Never),
+            (PythonFrames::Acquire, _) => WithPython::Yes(Acquire::AnyThread),
+        }
+    }
+
     /// `NONE` without backtraces: only this test is inlined into the hot path.
     #[inline]
-    fn capture_stack(&self) -> StackId {
+    fn capture_stack(&self, python: WithPython) -> StackId {
         if !self.settings.backtrace {
             return StackId::NONE;
         }
-        self.capture_and_intern()
+        self.capture_and_intern(python)
     }
 
     #[inline(never)]
-    fn capture_and_intern(&self) -> StackId {
+    fn capture_and_intern(&self, python: WithPython) -> StackId {
         // A re-entrant call (the tracker's own diagnostics allocating through a hooked path) is
         // recorded without a stack rather than captured again.
         let Some(_guard) = ReentryGuard::enter() else {
             return StackId::NONE;
         };
-        let want = self.settings.max_frames + OWN_FRAMES_SLACK;
+        let native = self.settings.max_frames + OWN_FRAMES_SLACK;
+        // Room for the mark and up to max_frames Python frames after the native ones.
+        let want = native
+            + match python {
+                WithPython::No => 0,
+                WithPython::Yes(_) => 1 + self.settings.max_frames,
+            };
         if want <= INLINE_FRAMES {
             let mut buf = [0usize; INLINE_FRAMES];
-            let n = capture::capture(self.settings.unwinder, &mut buf[..want]);
+            let n = self.capture_into(&mut buf[..want], native, python);
             self.stacks.intern(&buf[..n])
         } else {
             let mut buf = vec![0usize; want];
-            let n = capture::capture(self.settings.unwinder, &mut buf);
+            let n = self.capture_into(&mut buf, native, python);
             self.stacks.intern(&buf[..n])
+        }
+    }
+
+    /// Native frames (at most `native`), then, unless `python` is `No` and if the thread is
+    /// running Python,
+    /// `python_frames::MARK` and its Python frames. Returns the words written.
+    #[inline(always)]
+    fn capture_into(&self, buf: &mut [usize], native: usize, python: WithPython) -> usize {
+        let n = capture::capture(self.settings.unwinder, &mut buf[..native]);
+        let WithPython::Yes(acquire) = python else {
+            return n;
+        };
+        match python_frames::capture(&mut buf[n + 1..], acquire) {
+            0 => n,
+            m => {
+                buf[n] = python_frames::MARK;
+                n + 1 + m
+            }
         }
     }
 

@@ -5,12 +5,16 @@
 //!   "bad_frees": 0, "sites": [ { "bytes": 2097152, "count": 2, "origins": ["cudaMalloc"],
 //!   "devices": [0], "frames": [ { "ip": "0x55d0c3a1b2c3", "function": "app::load_weights",
 //!   "file": "src/model.rs", "line": 41, "library": "app", "offset": "0x1b2c3", "inlined": false } ],
+//!   "python_frames": [ { "file": "/srv/serve.py", "function": "load", "line": 41 } ],
 //!   "allocations": [ { "ptr": "0x7f3a00000000", "size": 1048576, "device": 0, "stream": "0x0",
 //!   "thread": 4242, "time_ns": 14000000, "epoch": 0, "origin": "cudaMalloc" } ] } ] }
 //! ```
 //! Addresses are hex strings (JSON numbers lose precision past 2^53). Version 2 replaced each
 //! allocation's global `seq` number with its checkpoint `epoch` (see `Tracker::checkpoint`).
+//! `python_frames` (innermost first, empty when no Python was running) was added within version 2:
+//! readers of the other fields are unaffected.
 
+use super::python_frames::PyFrame;
 use super::registry::Tracker;
 use super::report::{LeakReport, Site};
 use super::symbolize::SymFrame;
@@ -42,6 +46,24 @@ impl From<&SymFrame> for JsonFrame {
     }
 }
 
+/// A Python frame (`python_frames::PyFrame`).
+#[derive(Serialize)]
+pub(super) struct JsonPyFrame {
+    file: String,
+    function: String,
+    line: u32,
+}
+
+impl From<&PyFrame> for JsonPyFrame {
+    fn from(f: &PyFrame) -> JsonPyFrame {
+        JsonPyFrame {
+            file: f.file.to_string(),
+            function: f.function.to_string(),
+            line: f.line,
+        }
+    }
+}
+
 #[derive(Serialize)]
 struct JsonAllocation {
     ptr: String,
@@ -61,6 +83,7 @@ struct JsonSite {
     origins: Vec<&'static str>,
     devices: Vec<i32>,
     frames: Vec<JsonFrame>,
+    python_frames: Vec<JsonPyFrame>,
     allocations: Vec<JsonAllocation>,
 }
 
@@ -87,6 +110,7 @@ fn site(s: &Site) -> JsonSite {
         origins: s.origins.iter().map(|o| o.name()).collect(),
         devices: s.devices.clone(),
         frames: s.frames.iter().map(JsonFrame::from).collect(),
+        python_frames: s.python.iter().map(JsonPyFrame::from).collect(),
         allocations: s
             .allocations
             .iter()

@@ -16,16 +16,17 @@ pub fn folded_lines(report: &LeakReport) -> Vec<String> {
         .iter()
         .filter(|site| site.bytes > 0)
         .map(|site| {
-            let mut names: Vec<String> = site
-                .frames
+            // Outermost first: the Python stack, then the native frames under its innermost line.
+            let python = site
+                .python
                 .iter()
                 .rev()
+                .map(|f| format!("{} [{}:{}]", f.function, f.file, f.line));
+            let native = site.frames.iter().rev().map(|f| f.label());
+            let mut names: Vec<String> = python
+                .chain(native)
                 // ';' separates frames and the last space separates the count: keep both out.
-                .map(|f| {
-                    f.label()
-                        .replace(';', ":")
-                        .replace(char::is_whitespace, "_")
-                })
+                .map(|label| label.replace(';', ":").replace(char::is_whitespace, "_"))
                 .collect();
             if names.is_empty() {
                 names.push("(no stack)".to_string());

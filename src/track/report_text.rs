@@ -3,6 +3,7 @@
 //! ```text
 //! hbmalloc: LEAK SUMMARY: 3145728 bytes leaked in 3 allocations
 //! hbmalloc: 2097152 bytes (2.0 MiB) in 2 allocations from cudaMalloc on device 0
+//!       py#0  load at /srv/serve.py:41      (Python frames, when Python allocated)
 //!       #0  app::load_weights at src/model.rs:41 [app]
 //!       #1  app::main at src/main.rs:12 [app]
 //!       largest: 0x7f3a00000000, 1048576 bytes, thread 4242, 0.014 s after start
@@ -142,6 +143,15 @@ fn render_site(out: &mut String, site: &Site) {
             if host { " and the host" } else { "" }
         ),
     };
+    // The Python stack first: under PyTorch it is what names the tensor; the native frames
+    // under it end in the interpreter.
+    for (i, f) in site.python.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "      py#{i:<2} {} at {}:{}",
+            f.function, f.file, f.line
+        );
+    }
     out.push_str(&format_frames(&site.frames, "      "));
     if let Some((ptr, live)) = site.allocations.first() {
         let _ = writeln!(
@@ -197,6 +207,7 @@ mod tests {
             bytes: 256 * count,
             count,
             frames: Vec::new(),
+            python: Vec::new(),
             origins: vec![origin],
             devices: vec![0],
             allocations: vec![(0x1000, live)],

@@ -68,9 +68,10 @@ impl Symbolizer {
     }
 
     /// A captured stack, symbolized and trimmed to the caller's frames, at most `max` of them.
+    /// Only its native part: Python frames (`python_frames::python_part`) are not addresses.
     pub fn stack(&mut self, raw: &[usize], max: usize) -> Vec<SymFrame> {
         let mut frames: Vec<SymFrame> = Vec::new();
-        for &ip in raw {
+        for &ip in super::python_frames::native_part(raw) {
             frames.extend_from_slice(self.resolve(ip));
         }
         let start = leading_own_frames(&frames);

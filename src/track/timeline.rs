@@ -4,6 +4,7 @@
 //! Cost: one mutex per event, shared by all threads. It is off by default and meant for a run
 //! being studied, not for production; the ring keeps events in the order they were recorded.
 
+use super::python_frames;
 use super::registry::Tracker;
 use super::stacks::StackId;
 use super::symbolize::Symbolizer;
@@ -106,6 +107,8 @@ struct JsonTimeline {
     events: Vec<JsonEvent>,
     /// Site id → frames, as in the leak report's JSON.
     sites: BTreeMap<u32, Vec<super::report_json::JsonFrame>>,
+    /// Site id → its Python frames, innermost first, for sites that have them.
+    python_sites: BTreeMap<u32, Vec<super::report_json::JsonPyFrame>>,
 }
 
 impl Tracker {
@@ -117,6 +120,7 @@ impl Tracker {
         let (events, dropped) = timeline.events();
         let mut sym = Symbolizer::new();
         let mut sites = BTreeMap::new();
+        let mut python_sites = BTreeMap::new();
         let mut in_use: i64 = 0;
         let mut json_events = Vec::with_capacity(events.len());
         for e in &events {
@@ -126,6 +130,11 @@ impl Tracker {
             };
             if let (false, Some(raw)) = (e.stack.is_none(), self.stacks().frames(e.stack)) {
                 sites.entry(e.stack.0).or_insert_with(|| {
+                    let python = python_frames::python_part(&raw);
+                    if !python.is_empty() {
+                        let json = python.iter().map(super::report_json::JsonPyFrame::from);
+                        python_sites.insert(e.stack.0, json.collect());
+                    }
                     sym.stack(&raw, self.settings().max_frames)
                         .iter()
                         .map(super::report_json::JsonFrame::from)
@@ -148,6 +157,7 @@ impl Tracker {
             dropped,
             events: json_events,
             sites,
+            python_sites,
         };
         serde_json::to_writer_pretty(&mut *w, &doc).map_err(std::io::Error::other)?;
         w.write_all(b"\n")
@@ -164,6 +174,13 @@ impl Tracker {
         let backtrace = self.settings().backtrace;
         let mut label_of = |stack: StackId| {
             let raw = self.stacks().frames(stack);
+            // A Python line names a site better than the interpreter's native frames under it.
+            if let Some(py) = raw
+                .as_deref()
+                .and_then(|r| python_frames::python_part(r).first().cloned())
+            {
+                return format!("{} {}:{}", py.function, py.file, py.line);
+            }
             match raw.and_then(|raw| sym.stack(&raw, 1).into_iter().next()) {
                 Some(f) => f
                     .location()
