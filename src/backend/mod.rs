@@ -135,6 +135,141 @@ pub trait Backend: Send + Sync {
     ) -> Result<()> {
         Err(Error::NotSupported("KV dequantize on this backend"))
     }
+
+    /// Queues on `stream` every job's append (`AppendJob`); `jobs` is the host copy and
+    /// `device_jobs` the same array in device memory, which a kernel reads. All jobs read
+    /// `src_type` and write `dst_type`. Checked first; on an error nothing is queued. The
+    /// default converts row by row through `kv_append` (the simulated device's CPU reference).
+    fn kv_append_jobs(
+        &self,
+        jobs: &[AppendJob],
+        _device_jobs: DevicePtr,
+        src_type: HbmType,
+        dst_type: HbmType,
+        stream: Stream,
+    ) -> Result<()> {
+        check_append_jobs(jobs, src_type, dst_type)?;
+        for j in jobs {
+            let src_row = src_type
+                .row_bytes(j.row_elems as usize)
+                .ok_or(Error::InvalidValue("bad row"))?;
+            for (i, p) in read_i32s(self, j.positions as DevicePtr, j.n_rows as usize)?
+                .into_iter()
+                .enumerate()
+            {
+                if p < 0 {
+                    continue; // not stored, as the kernels' callers never pass
+                }
+                let dst = KvRows {
+                    ptr: j.dst as usize + p as usize * j.dst_row_stride as usize,
+                    ty: dst_type,
+                    stride: j.dst_row_stride as usize,
+                    row_elems: j.row_elems,
+                    n_rows: 1,
+                };
+                self.kv_append(j.src as usize + i * src_row, src_type, &dst, stream)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues on `stream` every job's conversion (`GatherJob`) from `src_type` tensors into
+    /// `dst_type` (F32 or F16); `jobs` and `device_jobs` as in `kv_append_jobs`. The default
+    /// goes through `kv_dequantize`, one call per job.
+    fn kv_dequantize_jobs(
+        &self,
+        jobs: &[GatherJob],
+        _device_jobs: DevicePtr,
+        src_type: HbmType,
+        dst_type: HbmType,
+        stream: Stream,
+    ) -> Result<()> {
+        check_gather_jobs(jobs, src_type, dst_type)?;
+        for j in jobs {
+            let src = KvRows {
+                ptr: j.src as usize,
+                ty: src_type,
+                stride: j.src_row_stride as usize,
+                row_elems: j.row_elems,
+                n_rows: j.n_rows,
+            };
+            self.kv_dequantize(&src, j.dst as usize, dst_type, stream)?;
+        }
+        Ok(())
+    }
+
+    /// Queues on `stream` the reference decode-attention kernel over a paged cache
+    /// (`DecodeAttention`). The default, for a backend without kernels, is `NotSupported`.
+    fn paged_decode_attention(&self, _a: &DecodeAttention, _stream: Stream) -> Result<()> {
+        Err(Error::NotSupported("paged attention on this backend"))
+    }
+}
+
+/// One tensor of a batched append (`Backend::kv_append_jobs`): `n_rows` contiguous F32/F16 rows
+/// at `src`, row `i` written to row `positions[i]` (`int32`s in device memory) of the tensor at
+/// `dst`, whose rows are `dst_row_stride` bytes apart. The layout of `hbm_append_job` in
+/// `kernels/paged_kv.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AppendJob {
+    pub src: u64,
+    pub dst: u64,
+    pub positions: u64,
+    pub dst_row_stride: u64,
+    pub row_elems: u32,
+    pub n_rows: u32,
+}
+
+/// One run of a batched gather (`Backend::kv_dequantize_jobs`): `n_rows` rows of the tensor at
+/// `src` (`src_row_stride` bytes apart) converted into contiguous rows at `dst`. The layout of
+/// `hbm_gather_job` in `kernels/paged_kv.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GatherJob {
+    pub src: u64,
+    pub src_row_stride: u64,
+    pub dst: u64,
+    pub row_elems: u32,
+    pub n_rows: u32,
+}
+
+/// Decode attention over a paged cache (`Backend::paged_decode_attention`), one query token per
+/// sequence. All pointers are device memory. `q`: `f32 [n_seqs, n_heads, head_dim_k]`; `out`:
+/// `f32 [n_seqs, n_heads, head_dim_v]`; `table_rows[i]` is the block-table row of query `i` and
+/// `lens[i]` its tokens (`int32`s); K and V rows of token `o` of block `b` at
+/// `k + (b * block_tokens + o) * k_row` (V likewise), query head `h` reading KV head
+/// `h / (n_heads / n_kv_heads)`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DecodeAttention {
+    pub q: DevicePtr,
+    pub out: DevicePtr,
+    pub k: DevicePtr,
+    pub v: DevicePtr,
+    pub kv_type: HbmType,
+    pub k_row: usize,
+    pub v_row: usize,
+    pub block_table: DevicePtr,
+    pub table_stride: u32,
+    pub table_rows: DevicePtr,
+    pub lens: DevicePtr,
+    pub max_len: u32,
+    pub n_seqs: u32,
+    pub block_tokens: u32,
+    pub n_heads: u32,
+    pub n_kv_heads: u32,
+    pub head_dim_k: u32,
+    pub head_dim_v: u32,
+    pub scale: f32,
+}
+
+/// Reads `n` `int32`s from device memory.
+fn read_i32s(b: &(impl Backend + ?Sized), ptr: DevicePtr, n: usize) -> Result<Vec<i32>> {
+    let mut bytes = vec![0u8; n * 4];
+    b.copy_to_host(&mut bytes, ptr)?;
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|w| i32::from_ne_bytes(w.try_into().expect("4 bytes")))
+        .collect())
 }
 
 /// Token rows of a KV cache tensor in device memory: `n_rows` rows of `row_elems` elements of
@@ -221,3 +356,40 @@ pub fn check_kv_io(plain: &KvRows, cache: &KvRows) -> Result<(usize, usize)> {
 
 /// A backend shared by the pools of one device.
 pub type SharedBackend = Arc<dyn Backend>;
+
+/// What every backend checks before `kv_append_jobs`: each job's source rows and destination
+/// rows as `check_kv_io` wants them (the destination checked as one row at its base: positions
+/// are device data, bounded by the caller), and a non-NULL position array.
+pub fn check_append_jobs(jobs: &[AppendJob], src_type: HbmType, dst_type: HbmType) -> Result<()> {
+    for j in jobs {
+        let plain = KvRows::contiguous(j.src as usize, src_type, j.row_elems, j.n_rows)?;
+        let cache = KvRows {
+            ptr: j.dst as usize,
+            ty: dst_type,
+            stride: j.dst_row_stride as usize,
+            row_elems: j.row_elems,
+            n_rows: j.n_rows,
+        };
+        check_kv_io(&plain, &cache)?;
+        if j.positions == 0 && j.n_rows > 0 {
+            return Err(Error::InvalidValue("NULL positions"));
+        }
+    }
+    Ok(())
+}
+
+/// What every backend checks before `kv_dequantize_jobs`: each job as `check_kv_io` wants it.
+pub fn check_gather_jobs(jobs: &[GatherJob], src_type: HbmType, dst_type: HbmType) -> Result<()> {
+    for j in jobs {
+        let plain = KvRows::contiguous(j.dst as usize, dst_type, j.row_elems, j.n_rows)?;
+        let cache = KvRows {
+            ptr: j.src as usize,
+            ty: src_type,
+            stride: j.src_row_stride as usize,
+            row_elems: j.row_elems,
+            n_rows: j.n_rows,
+        };
+        check_kv_io(&plain, &cache)?;
+    }
+    Ok(())
+}

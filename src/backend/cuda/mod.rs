@@ -13,7 +13,10 @@ mod vmm;
 
 pub use host::PinnedHostBackend;
 
-use super::{check_kv_io, Backend, DevicePtr, Event, KvRows, Stream};
+use super::{
+    check_append_jobs, check_gather_jobs, check_kv_io, AppendJob, Backend, DecodeAttention,
+    DevicePtr, Event, GatherJob, KvRows, Stream,
+};
 use crate::error::{Error, Result};
 use crate::kernels::KvKernels;
 use crate::kv::HbmType;
@@ -477,6 +480,39 @@ impl Backend for CudaBackend {
             dst_type,
             stream,
         )
+    }
+
+    fn kv_append_jobs(
+        &self,
+        jobs: &[AppendJob],
+        device_jobs: DevicePtr,
+        src_type: HbmType,
+        dst_type: HbmType,
+        stream: Stream,
+    ) -> Result<()> {
+        check_append_jobs(jobs, src_type, dst_type)?;
+        let _bound = self.bind()?;
+        self.kv_kernels()?
+            .launch_append_jobs(jobs, device_jobs, src_type, dst_type, stream)
+    }
+
+    fn kv_dequantize_jobs(
+        &self,
+        jobs: &[GatherJob],
+        device_jobs: DevicePtr,
+        src_type: HbmType,
+        dst_type: HbmType,
+        stream: Stream,
+    ) -> Result<()> {
+        check_gather_jobs(jobs, src_type, dst_type)?;
+        let _bound = self.bind()?;
+        self.kv_kernels()?
+            .launch_gather_jobs(jobs, device_jobs, src_type, dst_type, stream)
+    }
+
+    fn paged_decode_attention(&self, a: &DecodeAttention, stream: Stream) -> Result<()> {
+        let _bound = self.bind()?;
+        self.kv_kernels()?.launch_decode_attention(a, stream)
     }
 }
 
