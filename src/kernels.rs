@@ -622,28 +622,9 @@ impl KvKernels {
     /// (query head, sequence), the sequence's scores in shared memory (`max_len` of them, at
     /// most 48 KiB with the query).
     pub fn launch_decode_attention(&self, a: &DecodeAttention, stream: Stream) -> Result<()> {
-        if !matches!(a.kv_type, HbmType::F32 | HbmType::F16 | HbmType::BF16) {
-            return Err(Error::InvalidValue(
-                "paged attention reads F32, F16 or BF16 caches (gather quantized ones first)",
-            ));
-        }
-        if a.n_kv_heads == 0
-            || a.n_heads % a.n_kv_heads != 0
-            || a.head_dim_k == 0
-            || a.head_dim_v == 0
-            || a.block_tokens == 0
-            || a.n_seqs > MAX_JOBS as u32
-            || a.n_heads as u64 > i32::MAX as u64
-        {
-            return Err(Error::InvalidValue("attention shape"));
-        }
+        crate::backend::check_decode_attention(a)?;
         let shared = (a.head_dim_k as usize + a.max_len as usize) * 4;
-        if shared > 48 << 10 {
-            return Err(Error::InvalidValue(
-                "sequence too long for the reference attention kernel",
-            ));
-        }
-        if a.n_seqs == 0 || a.n_heads == 0 {
+        if a.n_seqs == 0 {
             return Ok(());
         }
         let (mut q, mut out, mut k, mut v) = (a.q as u64, a.out as u64, a.k as u64, a.v as u64);

@@ -198,10 +198,72 @@ pub trait Backend: Send + Sync {
         Ok(())
     }
 
-    /// Queues on `stream` the reference decode-attention kernel over a paged cache
-    /// (`DecodeAttention`). The default, for a backend without kernels, is `NotSupported`.
-    fn paged_decode_attention(&self, _a: &DecodeAttention, _stream: Stream) -> Result<()> {
-        Err(Error::NotSupported("paged attention on this backend"))
+    /// Queues on `stream` the reference decode attention over a paged cache
+    /// (`DecodeAttention`), checked first with `check_decode_attention`. The default computes it
+    /// on the host through `copy_to_host` / `copy_from_host` (the simulated device): per query
+    /// head, scores `q . k * scale` in f32 summed in element order, softmax (max subtracted),
+    /// then the weighted sum of V, as `kernels/paged_kv.cu` does.
+    fn paged_decode_attention(&self, a: &DecodeAttention, _stream: Stream) -> Result<()> {
+        check_decode_attention(a)?;
+        let n = a.n_seqs as usize;
+        let (rows, lens) = (
+            read_i32s(self, a.table_rows, n)?,
+            read_i32s(self, a.lens, n)?,
+        );
+        let es = if a.kv_type == HbmType::F32 { 4 } else { 2 };
+        let (dk, dv) = (a.head_dim_k as usize, a.head_dim_v as usize);
+        let group = (a.n_heads / a.n_kv_heads) as usize;
+        let bt = a.block_tokens as usize;
+        let mut q_all = vec![0u8; n * a.n_heads as usize * dk * 4];
+        self.copy_to_host(&mut q_all, a.q)?;
+        let f32s = |b: &[u8]| -> Vec<f32> {
+            b.chunks_exact(4)
+                .map(|w| f32::from_ne_bytes(w.try_into().expect("4 bytes")))
+                .collect()
+        };
+        let q_all = f32s(&q_all);
+        let mut out = Vec::with_capacity(n * a.n_heads as usize * dv);
+        for s in 0..n {
+            let len = lens[s].max(0) as usize;
+            let table = read_i32s(
+                self,
+                a.block_table + rows[s] as usize * a.table_stride as usize * 4,
+                len.div_ceil(bt),
+            )?;
+            let slot = |t: usize| table[t / bt] as usize * bt + t % bt;
+            let head = |base: DevicePtr, row: usize, kvh: usize, d: usize, t: usize| {
+                let mut bytes = vec![0u8; d * es];
+                self.copy_to_host(&mut bytes, base + slot(t) * row + kvh * d * es)?;
+                let mut x = vec![0f32; d];
+                crate::kv::quant::dequantize_row(a.kv_type, &bytes, &mut x)?;
+                Ok::<_, Error>(x)
+            };
+            for h in 0..a.n_heads as usize {
+                let kvh = h / group;
+                let q = &q_all[(s * a.n_heads as usize + h) * dk..][..dk];
+                let mut p = Vec::with_capacity(len);
+                for t in 0..len {
+                    let k = head(a.k, a.k_row, kvh, dk, t)?;
+                    let dot = q.iter().zip(&k).fold(0f32, |acc, (x, y)| acc + x * y);
+                    p.push(dot * a.scale);
+                }
+                let m = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut l = 0f32;
+                for x in &mut p {
+                    *x = (*x - m).exp();
+                    l += *x;
+                }
+                let mut acc = vec![0f32; dv];
+                for (t, &w) in p.iter().enumerate() {
+                    for (o, x) in acc.iter_mut().zip(head(a.v, a.v_row, kvh, dv, t)?) {
+                        *o += w * x;
+                    }
+                }
+                out.extend(acc.iter().map(|&x| if len > 0 { x / l } else { 0.0 }));
+            }
+        }
+        let bytes: Vec<u8> = out.iter().flat_map(|x| x.to_ne_bytes()).collect();
+        self.copy_from_host(a.out, &bytes)
     }
 }
 
@@ -390,6 +452,38 @@ pub fn check_gather_jobs(jobs: &[GatherJob], src_type: HbmType, dst_type: HbmTyp
             n_rows: j.n_rows,
         };
         check_kv_io(&plain, &cache)?;
+    }
+    Ok(())
+}
+
+/// What every backend checks before `paged_decode_attention`: an F32, F16 or BF16 cache, query
+/// heads a multiple of KV heads, non-zero head sizes and block size, at most 65535 queries and
+/// query heads, sequences short enough for the kernel's shared memory (`max_len + head_dim_k`
+/// floats in 48 KiB), and no NULL operand.
+pub fn check_decode_attention(a: &DecodeAttention) -> Result<()> {
+    if !matches!(a.kv_type, HbmType::F32 | HbmType::F16 | HbmType::BF16) {
+        return Err(Error::InvalidValue(
+            "paged attention reads F32, F16 or BF16 caches (gather quantized ones first)",
+        ));
+    }
+    if a.n_kv_heads == 0
+        || a.n_heads == 0
+        || a.n_heads % a.n_kv_heads != 0
+        || a.n_heads > 65535
+        || a.head_dim_k == 0
+        || a.head_dim_v == 0
+        || a.block_tokens == 0
+        || a.n_seqs > 65535
+    {
+        return Err(Error::InvalidValue("attention shape"));
+    }
+    if (a.head_dim_k as usize + a.max_len as usize) * 4 > 48 << 10 {
+        return Err(Error::InvalidValue(
+            "sequence too long for the reference attention kernel",
+        ));
+    }
+    if a.n_seqs > 0 && (a.q == 0 || a.out == 0 || a.table_rows == 0 || a.lens == 0) {
+        return Err(Error::InvalidValue("NULL attention operand"));
     }
     Ok(())
 }

@@ -250,3 +250,118 @@ fn staging_is_reused_only_after_its_launch_completed() {
     assert_eq!(c.lock().staging.len(), n, "completed: reused");
     println!("child checks passed");
 }
+
+/// Attention of one query over contiguous K and V rows (`[t][kv head][d]`), in f64.
+#[allow(clippy::too_many_arguments)]
+fn contiguous_attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    len: usize,
+    n_heads: usize,
+    n_kv: usize,
+    d: usize,
+    scale: f64,
+) -> Vec<f64> {
+    let mut out = Vec::new();
+    for h in 0..n_heads {
+        let kvh = h / (n_heads / n_kv);
+        let s: Vec<f64> = (0..len)
+            .map(|t| {
+                (0..d)
+                    .map(|e| q[h * d + e] as f64 * k[(t * n_kv + kvh) * d + e] as f64)
+                    .sum::<f64>()
+                    * scale
+            })
+            .collect();
+        let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let w: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+        let l: f64 = w.iter().sum();
+        for e in 0..d {
+            out.push(
+                (0..len)
+                    .map(|t| w[t] * v[(t * n_kv + kvh) * d + e] as f64)
+                    .sum::<f64>()
+                    / l,
+            );
+        }
+    }
+    out
+}
+
+#[test]
+fn decode_attention_through_block_tables_equals_a_contiguous_cache() {
+    let b = Arc::new(SimBackend::new(0, 1 << 30));
+    let mut p = PagedParams::uniform(1, 2, 32, HbmType::F16, 64, 8, 64);
+    p.block_tokens = 4;
+    let c = PagedKvCache::new(b.clone(), p).unwrap();
+    // Seq 0: 9 tokens; seq 1 forks it and adds 3 (shares two whole blocks, copies the third).
+    let mut rows: Vec<[Vec<f32>; 2]> = vec![[Vec::new(), Vec::new()]; 2];
+    let s0 = step_one_layer(&c, b.as_ref(), &[0], &[9], 1);
+    rows[0] = s0.clone();
+    c.fork(0, 1).unwrap();
+    let s1 = step_one_layer(&c, b.as_ref(), &[1, 0], &[3, 2], 2);
+    for kv in 0..2 {
+        rows[1][kv] = [&s0[kv][..], &s1[kv][..3 * ELEMS]].concat();
+        rows[0][kv].extend_from_slice(&s1[kv][3 * ELEMS..]);
+    }
+    let (n_heads, d) = (4usize, 32usize);
+    let q = floats(2 * n_heads * d, 9);
+    let qd = upload(
+        b.as_ref(),
+        &q.iter().flat_map(|f| f.to_ne_bytes()).collect::<Vec<_>>(),
+    );
+    let out = b.alloc(2 * n_heads * d * 4).unwrap();
+    let scale = 1.0 / (d as f32).sqrt();
+    c.decode_attention(0, &[0, 1], n_heads as u32, qd, out, scale, 0)
+        .unwrap();
+    let got: Vec<f32> = read(b.as_ref(), out, 2 * n_heads * d * 4)
+        .chunks_exact(4)
+        .map(|w| f32::from_ne_bytes(w.try_into().unwrap()))
+        .collect();
+    for (i, len) in [(0usize, 11usize), (1, 12)] {
+        let want = contiguous_attention(
+            &q[i * n_heads * d..][..n_heads * d],
+            &rows[i][0],
+            &rows[i][1],
+            len,
+            n_heads,
+            2,
+            d,
+            scale as f64,
+        );
+        for (e, (&g, &w)) in got[i * n_heads * d..][..n_heads * d]
+            .iter()
+            .zip(&want)
+            .enumerate()
+        {
+            assert!(
+                (g as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                "seq {i} elem {e}: {g} vs {w}"
+            );
+        }
+    }
+    // Quantized caches, windows and uneven heads are refused.
+    assert!(c.decode_attention(0, &[0], 3, qd, out, scale, 0).is_err());
+    assert!(c.decode_attention(0, &[5], 4, qd, out, scale, 0).is_err());
+}
+
+/// `step` for a one-layer cache, sources as F16-rounded floats: returns [K, V] floats.
+fn step_one_layer(
+    c: &PagedKvCache,
+    b: &dyn Backend,
+    seqs: &[u32],
+    n_new: &[u32],
+    seed: u32,
+) -> [Vec<f32>; 2] {
+    for (&s, &n) in seqs.iter().zip(n_new) {
+        c.add_tokens(s, n, 0).unwrap();
+    }
+    let n: usize = n_new.iter().map(|&n| n as usize).sum();
+    let (kb, kf) = source(n, seed, HbmType::F16);
+    let (vb, vf) = source(n, seed + 1, HbmType::F16);
+    let (k, v) = (upload(b, &kb), upload(b, &vb));
+    c.append_step(seqs, n_new, &[k], &[v], HbmType::F16, 0)
+        .unwrap();
+    [kf, vf]
+}

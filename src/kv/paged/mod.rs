@@ -10,6 +10,7 @@
 //! - `append`: the slot mapping of a step, the append of one layer through it, and gather.
 //! - `batch`: a whole step's appends (and a sequence's gathers) over every layer, as job lists
 //!   the backend runs in one launch per pair of element types.
+//! - `attention`: the reference decode attention through the block tables.
 //! - `staging`: device buffers for those job lists, reused once the device is done with them.
 //!
 //! Layers with the same window form a group: they share block ids (block `b` of every layer of the
@@ -18,6 +19,7 @@
 //! back the blocks that fell out of their window.
 
 mod append;
+mod attention;
 mod batch;
 pub mod block_pool;
 pub mod layer_spec;
