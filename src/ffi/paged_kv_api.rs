@@ -119,7 +119,7 @@ unsafe fn kv_ref<'a>(kv: *const HbmPagedKv) -> &'a PagedKvCache {
 ///
 /// # Safety
 /// `kv` is NULL or a live handle.
-unsafe fn with_kv<T>(
+pub(super) unsafe fn with_kv<T>(
     kv: *const HbmPagedKv,
     f: impl FnOnce(&PagedKvCache) -> crate::error::Result<T>,
 ) -> HbmStatus {
