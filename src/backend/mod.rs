@@ -107,6 +107,13 @@ pub trait Backend: Send + Sync {
     /// Copies host memory to the device, synchronously.
     fn copy_from_host(&self, dst: DevicePtr, src: &[u8]) -> Result<()>;
 
+    /// Copies host memory to the device ordered on `stream`, so that work queued after it on
+    /// that stream sees the bytes; `src` may be reused once the call returns (the driver stages
+    /// pageable memory before returning). The default is the synchronous `copy_from_host`.
+    fn copy_from_host_on(&self, dst: DevicePtr, src: &[u8], _stream: Stream) -> Result<()> {
+        self.copy_from_host(dst, src)
+    }
+
     /// Queues on `stream` the append of `dst.n_rows` token rows: `src` holds that many rows of
     /// `dst.row_elems` elements of `src_type` (F32 or F16), contiguous, and each is written into
     /// `dst`'s row in `dst.ty`'s encoding, byte for byte what `kv::quant::quantize_row` gives.

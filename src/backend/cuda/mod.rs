@@ -431,6 +431,25 @@ impl Backend for CudaBackend {
         check("cuMemcpyHtoD_v2", rc)
     }
 
+    fn copy_from_host_on(&self, dst: DevicePtr, src: &[u8], stream: Stream) -> Result<()> {
+        if src.is_empty() {
+            return Ok(());
+        }
+        let _bound = self.bind()?;
+        // SAFETY: this context is current; `src` is a readable host buffer of exactly the length
+        // passed. It is pageable (not registered), so the driver stages it before returning and
+        // the borrow may end with the call; the copy itself is ordered on the caller's stream.
+        let rc = unsafe {
+            sys::cuMemcpyHtoDAsync_v2(
+                dst as CUdeviceptr,
+                src.as_ptr().cast(),
+                src.len(),
+                stream as CUstream,
+            )
+        };
+        check("cuMemcpyHtoDAsync_v2", rc)
+    }
+
     fn kv_append(
         &self,
         src: DevicePtr,

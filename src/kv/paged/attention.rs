@@ -93,7 +93,7 @@ impl PagedKvCache {
             ..a
         };
         let queued = b
-            .copy_from_host(taken.ptr, &host)
+            .copy_from_host_on(taken.ptr, &host, stream)
             .and_then(|_| b.paged_decode_attention(&a, stream));
         st.staging.in_flight(b, taken, stream);
         queued

@@ -232,7 +232,7 @@ impl PagedKvCache {
             batches.count() * std::mem::size_of::<AppendJob>() + jobs_off,
             total
         );
-        let queued = b.copy_from_host(taken.ptr, &host).and_then(|_| {
+        let queued = b.copy_from_host_on(taken.ptr, &host, stream).and_then(|_| {
             for (((s, d), jobs), at) in batches.lists.iter().zip(&starts) {
                 b.kv_append_jobs(jobs, taken.ptr + at, *s, *d, stream)?;
             }
@@ -359,7 +359,7 @@ impl PagedKvCache {
             host.extend_from_slice(job_bytes(jobs));
         }
         let taken = st.staging.take(b, host.len())?;
-        let queued = b.copy_from_host(taken.ptr, &host).and_then(|_| {
+        let queued = b.copy_from_host_on(taken.ptr, &host, stream).and_then(|_| {
             for (((s, d), jobs), at) in batches.lists.iter().zip(&starts) {
                 b.kv_dequantize_jobs(jobs, taken.ptr + at, *s, *d, stream)?;
             }

@@ -1,5 +1,6 @@
 //! Device buffers for what a batched launch reads besides the rows: its job descriptors and
-//! slot mappings, copied from the host before the launch.
+//! slot mappings, copied from the host on the launch's stream just before it
+//! (`Backend::copy_from_host_on`), so the kernel sees them whatever kind of stream it runs on.
 //!
 //! A buffer is reused only once the event recorded after its last launch has completed, so a
 //! step never overwrites the descriptors a kernel queued by an earlier step may still be
