@@ -1051,8 +1051,8 @@ enum HbmStatus hbm_paged_kv_slot_mapping(const struct HbmPagedKv *kv, uint32_t l
  * - `slots`: `n_tokens` `int64_t` in device memory (NULL allowed when `n_tokens` is 0); read
  *   back to the host during the call.
  *
- * On CUDA this launches the KV conversion kernel once per run of consecutive slots in one block
- * (a single batched kernel per layer is not written yet).
+ * On CUDA this is one kernel launch for K and V together when they have the same type (two
+ * otherwise); `hbm_paged_kv_append_step` writes every layer of a step in one.
  *
  * Returns `HBM_STATUS_OK` once queued; `HBM_STATUS_NULL_PARAMETER` for a NULL cache, both sources
  * NULL, or NULL slots with `n_tokens > 0`; `HBM_STATUS_INVALID_VALUE` for `layer` out of range,
