@@ -1051,8 +1051,8 @@ enum HbmStatus hbm_paged_kv_slot_mapping(const struct HbmPagedKv *kv, uint32_t l
  * - `slots`: `n_tokens` `int64_t` in device memory (NULL allowed when `n_tokens` is 0); read
  *   back to the host during the call.
  *
- * On CUDA this launches the KV conversion kernel once per run of consecutive slots in one block
- * (a single batched kernel per layer is not written yet).
+ * On CUDA this is one kernel launch for K and V together when they have the same type (two
+ * otherwise); `hbm_paged_kv_append_step` writes every layer of a step in one.
  *
  * Returns `HBM_STATUS_OK` once queued; `HBM_STATUS_NULL_PARAMETER` for a NULL cache, both sources
  * NULL, or NULL slots with `n_tokens > 0`; `HBM_STATUS_INVALID_VALUE` for `layer` out of range,
@@ -1099,6 +1099,74 @@ enum HbmStatus hbm_paged_kv_trim(const struct HbmPagedKv *kv, uint64_t *out_rele
  * `kv` is NULL or a live handle; `out_stats` NULL or valid for one write.
  */
 enum HbmStatus hbm_paged_kv_stats(const struct HbmPagedKv *kv, struct HbmPagedKvStats *out_stats);
+
+/**
+ * Queues on `stream` one decode or prefill step's appends for every layer at once: the last
+ * `n_new[i]` tokens of each live sequence `seqs[i]` (call `hbm_paged_kv_seq_add_tokens` for
+ * them first), converted to the cache's types exactly as `hbm_paged_kv_append` does, tokens
+ * a sliding window already dropped skipped.
+ *
+ * - `seqs`, `n_new`: `n_seqs` entries each, host memory.
+ * - `k_src`, `v_src`: host arrays of one device pointer per layer (`n_layer` of the cache);
+ *   layer `l`'s pointer holds its rows of the step's tokens, sequence after sequence as
+ *   `hbm_paged_kv_slot_mapping` lists them, contiguous, `src_type`. An entry may be NULL (that
+ *   tensor is not written); `v_src` itself may be NULL (no V written).
+ * - `src_type`: `HBM_TYPE_F32` or `HBM_TYPE_F16`.
+ *
+ * On CUDA this is one kernel launch for the whole step when K and V have the same type (two
+ * when they differ), whatever the number of layers and sequences.
+ *
+ * Returns `HBM_STATUS_OK` once queued; `HBM_STATUS_NULL_PARAMETER` for a NULL cache, `k_src`,
+ * or `seqs`/`n_new` with `n_seqs > 0`; `HBM_STATUS_INVALID_VALUE` for a sequence not live,
+ * `n_new` beyond its length, a token in a block shared with another sequence, a V source on a
+ * layer without V, another `src_type` or a misaligned source: nothing is queued then.
+ * `HBM_STATUS_OUT_OF_MEMORY` when the staging buffer for the step's descriptors cannot be had.
+ *
+ * Requirements:
+ * `kv` is NULL or a live handle; `seqs`, `n_new` NULL or valid for `n_seqs` reads; `k_src`
+ * (and `v_src` unless NULL) valid for `n_layer` reads, each entry NULL or device memory of the
+ * size above.
+ */
+enum HbmStatus hbm_paged_kv_append_step(const struct HbmPagedKv *kv, const uint32_t *seqs, const uint32_t *n_new, uint32_t n_seqs, const void *const *k_src, const void *const *v_src, int32_t src_type, void *stream);
+
+/**
+ * Queues on `stream` the conversion of live sequence `seq`'s tokens `start .. start +
+ * n_tokens` of every layer into contiguous rows, as `hbm_paged_kv_gather` does one layer at a
+ * time: `k_dst` (and `v_dst`, which may be NULL) are host arrays of one device pointer per
+ * layer (`n_layer` of the cache), an entry NULL to skip that tensor. On CUDA one kernel launch
+ * per pair of element types.
+ *
+ * Returns `HBM_STATUS_OK` once queued; `HBM_STATUS_NULL_PARAMETER` for a NULL cache or `k_dst`;
+ * `HBM_STATUS_INVALID_VALUE` as `hbm_paged_kv_gather` (nothing is queued then).
+ *
+ * Requirements:
+ * `kv` is NULL or a live handle; `k_dst` (and `v_dst` unless NULL) valid for `n_layer` reads,
+ * each entry NULL or device memory of `n_tokens` rows, not overlapping the cache.
+ */
+enum HbmStatus hbm_paged_kv_gather_layers(const struct HbmPagedKv *kv, uint32_t seq, uint32_t start, uint32_t n_tokens, void *const *k_dst, void *const *v_dst, int32_t dst_type, void *stream);
+
+/**
+ * Queues on `stream` a reference decode attention of `layer` over the paged cache, reading K
+ * and V through the block table: for query `i` (sequence `seqs[i]`, every token it holds),
+ * `out[i] = softmax(q[i] . K^T * scale) V` per query head, query head `h` reading KV head
+ * `h / (n_heads / n_kv_heads)`. Correct rather than fast: for checks, and for engines without
+ * paged kernels.
+ *
+ * - `seqs`: `n_seqs` live sequence ids, host memory.
+ * - `q`: `float [n_seqs][n_heads][head_dim_k]`, `out`: `float [n_seqs][n_heads][head_dim_v]`,
+ *   device memory.
+ *
+ * Returns `HBM_STATUS_OK` once queued; `HBM_STATUS_NULL_PARAMETER` for a NULL cache, `q` or
+ * `out`, or NULL `seqs` with `n_seqs > 0`; `HBM_STATUS_INVALID_VALUE` for a sequence not live,
+ * a layer out of range, without V or with a sliding window, a Q8_0/Q4_0 cache (gather it
+ * first), K and V of different types, `n_heads` not a multiple of the layer's KV heads, or a
+ * sequence too long for the kernel's shared memory (about 12 000 tokens).
+ *
+ * Requirements:
+ * `kv` is NULL or a live handle; `seqs` NULL or valid for `n_seqs` reads; `q` and `out` device
+ * memory of the sizes above.
+ */
+enum HbmStatus hbm_paged_kv_decode_attention(const struct HbmPagedKv *kv, uint32_t layer, const uint32_t *seqs, uint32_t n_seqs, uint32_t n_heads, const float *q, float *out, float scale, void *stream);
 
 /**
  * Fills `*out_options` with the defaults: `reserve_size` 32 GiB, `release_threshold` SIZE_MAX,

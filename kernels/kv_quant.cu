@@ -372,9 +372,11 @@ __device__ __forceinline__ void hbm_append_plain_vec(const u8 *s, int src_type, 
 // Appends to an F32, F16 or BF16 tensor. Vector path (see the top of the file): rows of a
 // multiple of 8 elements and 16-byte aligned source, tensor base and stride. Otherwise one
 // element per thread and step.
-extern "C" __global__ void __launch_bounds__(HBM_THREADS, HBM_PLAIN_MIN_BLOCKS)
-hbm_kv_append_plain(const void *src, int src_type, void *dst, int dst_type, u64 dst_row_stride,
-                    int row_elems, const int *positions, i64 pos0, int n_rows) {
+// (The body of hbm_kv_append_plain, also run per job by hbm_paged_append_plain.)
+__device__ __forceinline__ void hbm_append_plain_rows(const void *src, int src_type, void *dst,
+                                                      int dst_type, u64 dst_row_stride,
+                                                      int row_elems, const int *positions,
+                                                      i64 pos0, int n_rows) {
     const u32 n = (u32)row_elems;
     const u8 *s = (const u8 *)src;
     u8 *d = (u8 *)dst;
@@ -396,6 +398,13 @@ hbm_kv_append_plain(const void *src, int src_type, void *dst, int dst_type, u64 
             hbm_store1(d + (u64)p * dst_row_stride, dst_type, e, hbm_load1(src, src_type, i));
         }
     }
+}
+
+extern "C" __global__ void __launch_bounds__(HBM_THREADS, HBM_PLAIN_MIN_BLOCKS)
+hbm_kv_append_plain(const void *src, int src_type, void *dst, int dst_type, u64 dst_row_stride,
+                    int row_elems, const int *positions, i64 pos0, int n_rows) {
+    hbm_append_plain_rows(src, src_type, dst, dst_type, dst_row_stride, row_elems, positions,
+                          pos0, n_rows);
 }
 
 // The vector path of hbm_kv_dequantize_plain, in units of E elements.
@@ -432,9 +441,11 @@ __device__ __forceinline__ void hbm_dequantize_plain_vec(const u8 *s, int src_ty
 // Dequantizes from an F32, F16 or BF16 tensor, the mirror of hbm_kv_append_plain: vector path
 // when rows are a multiple of 8 elements and source base, stride and destination are 16-byte
 // aligned; otherwise one element per thread and step.
-extern "C" __global__ void __launch_bounds__(HBM_THREADS, HBM_PLAIN_MIN_BLOCKS)
-hbm_kv_dequantize_plain(const void *src, int src_type, u64 src_row_stride, i64 row0, int n_rows,
-                        int row_elems, void *dst, int dst_type) {
+// (The body of hbm_kv_dequantize_plain, also run per job by hbm_paged_gather_plain.)
+__device__ __forceinline__ void hbm_dequantize_plain_rows(const void *src, int src_type,
+                                                          u64 src_row_stride, i64 row0,
+                                                          int n_rows, int row_elems, void *dst,
+                                                          int dst_type) {
     const u32 n = (u32)row_elems;
     const u8 *s = (const u8 *)src;
     if (n % 8 == 0 && hbm_aligned16(src) && src_row_stride % 16 == 0 && hbm_aligned16(dst)) {
@@ -455,6 +466,13 @@ hbm_kv_dequantize_plain(const void *src, int src_type, u64 src_row_stride, i64 r
             hbm_store1(dst, dst_type, i, hbm_load1(row, src_type, e));
         }
     }
+}
+
+extern "C" __global__ void __launch_bounds__(HBM_THREADS, HBM_PLAIN_MIN_BLOCKS)
+hbm_kv_dequantize_plain(const void *src, int src_type, u64 src_row_stride, i64 row0, int n_rows,
+                        int row_elems, void *dst, int dst_type) {
+    hbm_dequantize_plain_rows(src, src_type, src_row_stride, row0, n_rows, row_elems, dst,
+                              dst_type);
 }
 
 // max.NaN: NaN when either operand is; the quantizers' fast paths see "no NaN, no infinity" in

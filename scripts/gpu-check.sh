@@ -47,6 +47,17 @@ if want rust; then
             record "rust $name (GPU tests)" FAIL "see rust-$name.log: $(grep -E '^test .* FAILED' "$LOG/rust-$name.log" | head -3 | tr '\n' ' ')"
         fi
     done
+    # The paged KV cache's figures for BENCHMARKS.md (decode step, append/gather bandwidth as a
+    # fraction of copy, attention error), printed by its GPU tests: run again with their output.
+    if [[ -x $STAGE/tests/paged_kv_gpu ]]; then
+        if "$STAGE/tests/paged_kv_gpu" --ignored --nocapture --test-threads=1 figures_ paged_attention_ \
+            >"$LOG/paged-kv-figures.log" 2>&1; then
+            grep -E '^(figure|paged attention)' "$LOG/paged-kv-figures.log"
+            record "rust paged KV figures" PASS "$(grep -c '^figure' "$LOG/paged-kv-figures.log") figures in paged-kv-figures.log"
+        else
+            record "rust paged KV figures" FAIL "see paged-kv-figures.log"
+        fi
+    fi
 fi
 
 if want c; then

@@ -5,7 +5,7 @@
 //! every path here asks `is_culib_present()` first. The sources include nothing, so they compile
 //! wherever `libnvrtc.so` alone is present (the `nvidia-cuda-nvrtc` wheel is enough).
 
-use crate::backend::{DevicePtr, Stream};
+use crate::backend::{AppendJob, DecodeAttention, DevicePtr, GatherJob, Stream};
 use crate::error::{Error, Result};
 use crate::kv::HbmType;
 use crate::runtime::MAX_DEVICES;
@@ -31,8 +31,41 @@ pub const KV_ENTRIES: [&str; 8] = [
     "hbm_kv_append_q4_0_f16",
 ];
 
-/// Every kernel source, by file name.
-pub const SOURCES: &[(&str, &str)] = &[("kv_quant.cu", KV_QUANT_CU)];
+/// The paged cache's kernels (`kernels/paged_kv.cu`): batched appends and gathers, and the
+/// reference decode attention. They use `kv_quant.cu`'s bodies, so they compile after it as one
+/// module: `PAGED_MODULE`, which is what a device loads.
+pub const PAGED_KV_CU: &str = include_str!("../kernels/paged_kv.cu");
+
+/// `kv_quant.cu` then `paged_kv.cu`: the one module loaded per device.
+pub const PAGED_MODULE: &str = concat!(
+    include_str!("../kernels/kv_quant.cu"),
+    "\n",
+    include_str!("../kernels/paged_kv.cu")
+);
+
+/// The entry points of `kernels/paged_kv.cu`: batched appends (F32/F16/BF16, Q8_0, Q4_0, then
+/// Q8_0 and Q4_0 from aligned F16), batched gathers (F32/F16/BF16, Q8_0, Q4_0), attention.
+pub const PAGED_ENTRIES: [&str; 9] = [
+    "hbm_paged_append_plain",
+    "hbm_paged_append_q8_0",
+    "hbm_paged_append_q4_0",
+    "hbm_paged_append_q8_0_f16",
+    "hbm_paged_append_q4_0_f16",
+    "hbm_paged_gather_plain",
+    "hbm_paged_gather_q8_0",
+    "hbm_paged_gather_q4_0",
+    "hbm_paged_decode_attention",
+];
+
+/// Every kernel source by file name, each as NVRTC compiles it (`paged_kv.cu` after
+/// `kv_quant.cu`, whose bodies it runs).
+pub const SOURCES: &[(&str, &str)] = &[("kv_quant.cu", KV_QUANT_CU), ("paged_kv.cu", PAGED_MODULE)];
+
+/// Most jobs (`gridDim.y`) per batched launch.
+const MAX_JOBS: usize = 65535;
+
+/// Threads of the reference attention kernel: `HBM_ATTN_THREADS` in `kernels/paged_kv.cu`.
+const ATTN_THREADS: u32 = 128;
 
 /// Options every kernel is compiled with. `--fmad=false` keeps `x * id + 8.5f` two roundings, as
 /// ggml's reference computes it; precise division and no flush-to-zero for the same reason.
@@ -178,9 +211,10 @@ pub fn compile(name: &str, src: &str, arch: &str) -> std::result::Result<String,
         .map_err(|e| format!("{name} for {arch}: {e}"))
 }
 
-/// Compiles the KV cache kernels (`kernels/kv_quant.cu`) to PTX for `arch` (`compute_90`, ...).
+/// Compiles the KV cache kernels (`PAGED_MODULE`: `kernels/kv_quant.cu` and
+/// `kernels/paged_kv.cu`) to PTX for `arch` (`compute_90`, ...).
 pub fn compile_ptx(arch: &str) -> std::result::Result<String, String> {
-    compile("kv_quant.cu", KV_QUANT_CU, arch)
+    compile("paged_kv.cu", PAGED_MODULE, arch)
 }
 
 fn check(call: &'static str, rc: cu::CUresult) -> Result<()> {
@@ -203,6 +237,11 @@ pub struct KvKernels {
     /// `QUANT_WAVES` of the device's resident blocks for the Q8_0/Q4_0 kernels, `MAX_GRID` for
     /// the others.
     max_grid: [u64; 8],
+    /// `PAGED_ENTRIES`, in order.
+    paged: [cu::CUfunction; 9],
+    /// Most blocks per batched launch (all jobs together) of each `PAGED_ENTRIES` append and
+    /// gather with an F16 side, as `max_grid`.
+    paged_grid: [u64; 9],
 }
 
 // SAFETY: module and function handles are plain driver handles, valid from any thread while
@@ -246,8 +285,30 @@ impl KvKernels {
                 }
             }
         }
-        let max_grid = match quant_grid_caps(&functions) {
-            Ok(caps) => caps,
+        let mut paged = [std::ptr::null_mut(); 9];
+        let mut found = Ok(());
+        for (f, name) in paged.iter_mut().zip(PAGED_ENTRIES) {
+            let name = CString::new(name).expect("entry names hold no NUL");
+            match get(&name) {
+                Ok(g) => *f = g,
+                Err(e) => {
+                    found = Err(e);
+                    break;
+                }
+            }
+        }
+        let caps = found.and_then(|_| {
+            let max_grid = quant_grid_caps(&functions)?;
+            // The batched kernels share their per-tensor bodies' occupancy.
+            let same = [0, 1, 2, 6, 7, 3, 4, 5];
+            let mut paged_grid = [MAX_GRID; 9];
+            for (p, &f) in paged_grid.iter_mut().zip(&same) {
+                *p = max_grid[f];
+            }
+            Ok((max_grid, paged_grid))
+        });
+        let (max_grid, paged_grid) = match caps {
+            Ok(c) => c,
             Err(e) => {
                 // SAFETY: the module is ours and nothing uses it yet.
                 unsafe { cu::cuModuleUnload(module) };
@@ -258,6 +319,8 @@ impl KvKernels {
             module,
             functions,
             max_grid,
+            paged,
+            paged_grid,
         })
     }
 
@@ -411,6 +474,202 @@ impl KvKernels {
             &mut args,
             stream,
         )
+    }
+}
+
+impl KvKernels {
+    /// Launches `f` over `grid` x `n_jobs` blocks (`gridDim.y` in chunks of `MAX_JOBS`, the job
+    /// array advanced by `job_bytes` each), passing the chunk's job array, then `tail`.
+    #[allow(clippy::too_many_arguments)]
+    fn launch_jobs(
+        &self,
+        f: cu::CUfunction,
+        grid: u64,
+        block: u32,
+        jobs: DevicePtr,
+        n_jobs: usize,
+        job_bytes: usize,
+        (mut st, mut dt): (i32, i32),
+        stream: Stream,
+    ) -> Result<()> {
+        let mut first = 0;
+        while first < n_jobs {
+            let n = (n_jobs - first).min(MAX_JOBS);
+            let mut ptr = (jobs + first * job_bytes) as u64;
+            let mut args = [arg(&mut ptr), arg(&mut st), arg(&mut dt)];
+            // SAFETY: `f` belongs to this module and takes (job array, int, int); `args` points
+            // at values of those types alive for the call; the stream is the caller's.
+            check("cuLaunchKernel", unsafe {
+                cu::cuLaunchKernel(
+                    f,
+                    grid.max(1) as u32,
+                    n as u32,
+                    1,
+                    block,
+                    1,
+                    1,
+                    0,
+                    stream as cu::CUstream,
+                    args.as_mut_ptr(),
+                    std::ptr::null_mut(),
+                )
+            })?;
+            first += n;
+        }
+        Ok(())
+    }
+
+    /// The x extent of a batched launch: enough for the largest job, and for F16-side quantized
+    /// kernels at most their resident-wave cap spread over all jobs.
+    fn jobs_grid(
+        &self,
+        entry: usize,
+        f16_side: bool,
+        threads: u64,
+        block: u32,
+        n_jobs: usize,
+    ) -> u64 {
+        let most = if f16_side {
+            (self.paged_grid[entry] / n_jobs.min(MAX_JOBS) as u64).max(1)
+        } else {
+            MAX_GRID
+        };
+        threads.div_ceil(block as u64).min(most)
+    }
+
+    /// Queues on `stream` every append of `jobs` (host copy; `device_jobs` the same array in
+    /// device memory) in one launch per `MAX_JOBS` jobs. Checked by the caller
+    /// (`check_append_jobs`).
+    pub fn launch_append_jobs(
+        &self,
+        jobs: &[AppendJob],
+        device_jobs: DevicePtr,
+        src_type: HbmType,
+        dst_type: HbmType,
+        stream: Stream,
+    ) -> Result<()> {
+        if !matches!(src_type, HbmType::F32 | HbmType::F16) {
+            return Err(Error::InvalidValue("append reads F32 or F16"));
+        }
+        let (mut elems, mut rows) = (0, 0);
+        let mut aligned = true;
+        for j in jobs {
+            check_rows(dst_type, j.dst_row_stride as usize, j.row_elems)?;
+            elems = elems.max(j.row_elems);
+            rows = rows.max(j.n_rows);
+            aligned &= j.src % 16 == 0;
+        }
+        if jobs.is_empty() || rows == 0 {
+            return Ok(());
+        }
+        let entry = match kind(dst_type) {
+            k @ (1 | 2) if src_type == HbmType::F16 && aligned => k + 2,
+            k => k,
+        };
+        let block = block_threads(dst_type);
+        let threads = threads_for(dst_type, src_type, elems, rows);
+        let grid = self.jobs_grid(entry, src_type == HbmType::F16, threads, block, jobs.len());
+        self.launch_jobs(
+            self.paged[entry],
+            grid,
+            block,
+            device_jobs,
+            jobs.len(),
+            std::mem::size_of::<AppendJob>(),
+            (src_type as i32, dst_type as i32),
+            stream,
+        )
+    }
+
+    /// Queues on `stream` every gather of `jobs` (as `launch_append_jobs`).
+    pub fn launch_gather_jobs(
+        &self,
+        jobs: &[GatherJob],
+        device_jobs: DevicePtr,
+        src_type: HbmType,
+        dst_type: HbmType,
+        stream: Stream,
+    ) -> Result<()> {
+        if !matches!(dst_type, HbmType::F32 | HbmType::F16) {
+            return Err(Error::InvalidValue("dequantize writes F32 or F16"));
+        }
+        let (mut elems, mut rows) = (0, 0);
+        for j in jobs {
+            check_rows(src_type, j.src_row_stride as usize, j.row_elems)?;
+            elems = elems.max(j.row_elems);
+            rows = rows.max(j.n_rows);
+        }
+        if jobs.is_empty() || rows == 0 {
+            return Ok(());
+        }
+        let entry = 5 + kind(src_type);
+        let block = block_threads(src_type);
+        let threads = threads_for(src_type, dst_type, elems, rows);
+        let grid = self.jobs_grid(entry, dst_type == HbmType::F16, threads, block, jobs.len());
+        self.launch_jobs(
+            self.paged[entry],
+            grid,
+            block,
+            device_jobs,
+            jobs.len(),
+            std::mem::size_of::<GatherJob>(),
+            (src_type as i32, dst_type as i32),
+            stream,
+        )
+    }
+
+    /// Queues on `stream` the reference decode attention (`DecodeAttention`): one block per
+    /// (query head, sequence), the sequence's scores in shared memory (`max_len` of them, at
+    /// most 48 KiB with the query).
+    pub fn launch_decode_attention(&self, a: &DecodeAttention, stream: Stream) -> Result<()> {
+        crate::backend::check_decode_attention(a)?;
+        let shared = (a.head_dim_k as usize + a.max_len as usize) * 4;
+        if a.n_seqs == 0 {
+            return Ok(());
+        }
+        let (mut q, mut out, mut k, mut v) = (a.q as u64, a.out as u64, a.k as u64, a.v as u64);
+        let (mut ty, mut k_row, mut v_row) = (a.kv_type as i32, a.k_row as u64, a.v_row as u64);
+        let (mut table, mut stride) = (a.block_table as u64, a.table_stride as i32);
+        let (mut rows, mut lens, mut bt) =
+            (a.table_rows as u64, a.lens as u64, a.block_tokens as i32);
+        let (mut nh, mut nkv) = (a.n_heads as i32, a.n_kv_heads as i32);
+        let (mut dk, mut dv, mut scale) = (a.head_dim_k as i32, a.head_dim_v as i32, a.scale);
+        let mut args = [
+            arg(&mut q),
+            arg(&mut out),
+            arg(&mut k),
+            arg(&mut v),
+            arg(&mut ty),
+            arg(&mut k_row),
+            arg(&mut v_row),
+            arg(&mut table),
+            arg(&mut stride),
+            arg(&mut rows),
+            arg(&mut lens),
+            arg(&mut bt),
+            arg(&mut nh),
+            arg(&mut nkv),
+            arg(&mut dk),
+            arg(&mut dv),
+            arg(&mut scale),
+        ];
+        // SAFETY: the function belongs to this module; `args` match its parameters in type and
+        // order and live for the call; the stream is the caller's.
+        check("cuLaunchKernel", unsafe {
+            cu::cuLaunchKernel(
+                self.paged[8],
+                a.n_heads,
+                a.n_seqs,
+                1,
+                ATTN_THREADS,
+                1,
+                1,
+                shared as u32,
+                stream as cu::CUstream,
+                args.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        })
     }
 }
 

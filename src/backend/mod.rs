@@ -113,6 +113,13 @@ pub trait Backend: Send + Sync {
     /// Copies host memory to the device, synchronously.
     fn copy_from_host(&self, dst: DevicePtr, src: &[u8]) -> Result<()>;
 
+    /// Copies host memory to the device ordered on `stream`, so that work queued after it on
+    /// that stream sees the bytes; `src` may be reused once the call returns (the driver stages
+    /// pageable memory before returning). The default is the synchronous `copy_from_host`.
+    fn copy_from_host_on(&self, dst: DevicePtr, src: &[u8], _stream: Stream) -> Result<()> {
+        self.copy_from_host(dst, src)
+    }
+
     /// Queues on `stream` the append of `dst.n_rows` token rows: `src` holds that many rows of
     /// `dst.row_elems` elements of `src_type` (F32 or F16), contiguous, and each is written into
     /// `dst`'s row in `dst.ty`'s encoding, byte for byte what `kv::quant::quantize_row` gives.
@@ -141,6 +148,203 @@ pub trait Backend: Send + Sync {
     ) -> Result<()> {
         Err(Error::NotSupported("KV dequantize on this backend"))
     }
+
+    /// Queues on `stream` every job's append (`AppendJob`); `jobs` is the host copy and
+    /// `device_jobs` the same array in device memory, which a kernel reads. All jobs read
+    /// `src_type` and write `dst_type`. Checked first; on an error nothing is queued. The
+    /// default converts row by row through `kv_append` (the simulated device's CPU reference).
+    fn kv_append_jobs(
+        &self,
+        jobs: &[AppendJob],
+        _device_jobs: DevicePtr,
+        src_type: HbmType,
+        dst_type: HbmType,
+        stream: Stream,
+    ) -> Result<()> {
+        check_append_jobs(jobs, src_type, dst_type)?;
+        for j in jobs {
+            let src_row = src_type
+                .row_bytes(j.row_elems as usize)
+                .ok_or(Error::InvalidValue("bad row"))?;
+            for (i, p) in read_i32s(self, j.positions as DevicePtr, j.n_rows as usize)?
+                .into_iter()
+                .enumerate()
+            {
+                if p < 0 {
+                    continue; // not stored, as the kernels' callers never pass
+                }
+                let dst = KvRows {
+                    ptr: j.dst as usize + p as usize * j.dst_row_stride as usize,
+                    ty: dst_type,
+                    stride: j.dst_row_stride as usize,
+                    row_elems: j.row_elems,
+                    n_rows: 1,
+                };
+                self.kv_append(j.src as usize + i * src_row, src_type, &dst, stream)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues on `stream` every job's conversion (`GatherJob`) from `src_type` tensors into
+    /// `dst_type` (F32 or F16); `jobs` and `device_jobs` as in `kv_append_jobs`. The default
+    /// goes through `kv_dequantize`, one call per job.
+    fn kv_dequantize_jobs(
+        &self,
+        jobs: &[GatherJob],
+        _device_jobs: DevicePtr,
+        src_type: HbmType,
+        dst_type: HbmType,
+        stream: Stream,
+    ) -> Result<()> {
+        check_gather_jobs(jobs, src_type, dst_type)?;
+        for j in jobs {
+            let src = KvRows {
+                ptr: j.src as usize,
+                ty: src_type,
+                stride: j.src_row_stride as usize,
+                row_elems: j.row_elems,
+                n_rows: j.n_rows,
+            };
+            self.kv_dequantize(&src, j.dst as usize, dst_type, stream)?;
+        }
+        Ok(())
+    }
+
+    /// Queues on `stream` the reference decode attention over a paged cache
+    /// (`DecodeAttention`), checked first with `check_decode_attention`. The default computes it
+    /// on the host through `copy_to_host` / `copy_from_host` (the simulated device): per query
+    /// head, scores `q . k * scale` in f32 summed in element order, softmax (max subtracted),
+    /// then the weighted sum of V, as `kernels/paged_kv.cu` does.
+    fn paged_decode_attention(&self, a: &DecodeAttention, _stream: Stream) -> Result<()> {
+        check_decode_attention(a)?;
+        let n = a.n_seqs as usize;
+        let (rows, lens) = (
+            read_i32s(self, a.table_rows, n)?,
+            read_i32s(self, a.lens, n)?,
+        );
+        let es = if a.kv_type == HbmType::F32 { 4 } else { 2 };
+        let (dk, dv) = (a.head_dim_k as usize, a.head_dim_v as usize);
+        let group = (a.n_heads / a.n_kv_heads) as usize;
+        let bt = a.block_tokens as usize;
+        let mut q_all = vec![0u8; n * a.n_heads as usize * dk * 4];
+        self.copy_to_host(&mut q_all, a.q)?;
+        let f32s = |b: &[u8]| -> Vec<f32> {
+            b.chunks_exact(4)
+                .map(|w| f32::from_ne_bytes(w.try_into().expect("4 bytes")))
+                .collect()
+        };
+        let q_all = f32s(&q_all);
+        let mut out = Vec::with_capacity(n * a.n_heads as usize * dv);
+        for s in 0..n {
+            let len = lens[s].max(0) as usize;
+            let table = read_i32s(
+                self,
+                a.block_table + rows[s] as usize * a.table_stride as usize * 4,
+                len.div_ceil(bt),
+            )?;
+            let slot = |t: usize| table[t / bt] as usize * bt + t % bt;
+            let head = |base: DevicePtr, row: usize, kvh: usize, d: usize, t: usize| {
+                let mut bytes = vec![0u8; d * es];
+                self.copy_to_host(&mut bytes, base + slot(t) * row + kvh * d * es)?;
+                let mut x = vec![0f32; d];
+                crate::kv::quant::dequantize_row(a.kv_type, &bytes, &mut x)?;
+                Ok::<_, Error>(x)
+            };
+            for h in 0..a.n_heads as usize {
+                let kvh = h / group;
+                let q = &q_all[(s * a.n_heads as usize + h) * dk..][..dk];
+                let mut p = Vec::with_capacity(len);
+                for t in 0..len {
+                    let k = head(a.k, a.k_row, kvh, dk, t)?;
+                    let dot = q.iter().zip(&k).fold(0f32, |acc, (x, y)| acc + x * y);
+                    p.push(dot * a.scale);
+                }
+                let m = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut l = 0f32;
+                for x in &mut p {
+                    *x = (*x - m).exp();
+                    l += *x;
+                }
+                let mut acc = vec![0f32; dv];
+                for (t, &w) in p.iter().enumerate() {
+                    for (o, x) in acc.iter_mut().zip(head(a.v, a.v_row, kvh, dv, t)?) {
+                        *o += w * x;
+                    }
+                }
+                out.extend(acc.iter().map(|&x| if len > 0 { x / l } else { 0.0 }));
+            }
+        }
+        let bytes: Vec<u8> = out.iter().flat_map(|x| x.to_ne_bytes()).collect();
+        self.copy_from_host(a.out, &bytes)
+    }
+}
+
+/// One tensor of a batched append (`Backend::kv_append_jobs`): `n_rows` contiguous F32/F16 rows
+/// at `src`, row `i` written to row `positions[i]` (`int32`s in device memory) of the tensor at
+/// `dst`, whose rows are `dst_row_stride` bytes apart. The layout of `hbm_append_job` in
+/// `kernels/paged_kv.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AppendJob {
+    pub src: u64,
+    pub dst: u64,
+    pub positions: u64,
+    pub dst_row_stride: u64,
+    pub row_elems: u32,
+    pub n_rows: u32,
+}
+
+/// One run of a batched gather (`Backend::kv_dequantize_jobs`): `n_rows` rows of the tensor at
+/// `src` (`src_row_stride` bytes apart) converted into contiguous rows at `dst`. The layout of
+/// `hbm_gather_job` in `kernels/paged_kv.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GatherJob {
+    pub src: u64,
+    pub src_row_stride: u64,
+    pub dst: u64,
+    pub row_elems: u32,
+    pub n_rows: u32,
+}
+
+/// Decode attention over a paged cache (`Backend::paged_decode_attention`), one query token per
+/// sequence. All pointers are device memory. `q`: `f32 [n_seqs, n_heads, head_dim_k]`; `out`:
+/// `f32 [n_seqs, n_heads, head_dim_v]`; `table_rows[i]` is the block-table row of query `i` and
+/// `lens[i]` its tokens (`int32`s); K and V rows of token `o` of block `b` at
+/// `k + (b * block_tokens + o) * k_row` (V likewise), query head `h` reading KV head
+/// `h / (n_heads / n_kv_heads)`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DecodeAttention {
+    pub q: DevicePtr,
+    pub out: DevicePtr,
+    pub k: DevicePtr,
+    pub v: DevicePtr,
+    pub kv_type: HbmType,
+    pub k_row: usize,
+    pub v_row: usize,
+    pub block_table: DevicePtr,
+    pub table_stride: u32,
+    pub table_rows: DevicePtr,
+    pub lens: DevicePtr,
+    pub max_len: u32,
+    pub n_seqs: u32,
+    pub block_tokens: u32,
+    pub n_heads: u32,
+    pub n_kv_heads: u32,
+    pub head_dim_k: u32,
+    pub head_dim_v: u32,
+    pub scale: f32,
+}
+
+/// Reads `n` `int32`s from device memory.
+fn read_i32s(b: &(impl Backend + ?Sized), ptr: DevicePtr, n: usize) -> Result<Vec<i32>> {
+    let mut bytes = vec![0u8; n * 4];
+    b.copy_to_host(&mut bytes, ptr)?;
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|w| i32::from_ne_bytes(w.try_into().expect("4 bytes")))
+        .collect())
 }
 
 /// Token rows of a KV cache tensor in device memory: `n_rows` rows of `row_elems` elements of
@@ -227,3 +431,72 @@ pub fn check_kv_io(plain: &KvRows, cache: &KvRows) -> Result<(usize, usize)> {
 
 /// A backend shared by the pools of one device.
 pub type SharedBackend = Arc<dyn Backend>;
+
+/// What every backend checks before `kv_append_jobs`: each job's source rows and destination
+/// rows as `check_kv_io` wants them (the destination checked as one row at its base: positions
+/// are device data, bounded by the caller), and a non-NULL position array.
+pub fn check_append_jobs(jobs: &[AppendJob], src_type: HbmType, dst_type: HbmType) -> Result<()> {
+    for j in jobs {
+        let plain = KvRows::contiguous(j.src as usize, src_type, j.row_elems, j.n_rows)?;
+        let cache = KvRows {
+            ptr: j.dst as usize,
+            ty: dst_type,
+            stride: j.dst_row_stride as usize,
+            row_elems: j.row_elems,
+            n_rows: j.n_rows,
+        };
+        check_kv_io(&plain, &cache)?;
+        if j.positions == 0 && j.n_rows > 0 {
+            return Err(Error::InvalidValue("NULL positions"));
+        }
+    }
+    Ok(())
+}
+
+/// What every backend checks before `kv_dequantize_jobs`: each job as `check_kv_io` wants it.
+pub fn check_gather_jobs(jobs: &[GatherJob], src_type: HbmType, dst_type: HbmType) -> Result<()> {
+    for j in jobs {
+        let plain = KvRows::contiguous(j.dst as usize, dst_type, j.row_elems, j.n_rows)?;
+        let cache = KvRows {
+            ptr: j.src as usize,
+            ty: src_type,
+            stride: j.src_row_stride as usize,
+            row_elems: j.row_elems,
+            n_rows: j.n_rows,
+        };
+        check_kv_io(&plain, &cache)?;
+    }
+    Ok(())
+}
+
+/// What every backend checks before `paged_decode_attention`: an F32, F16 or BF16 cache, query
+/// heads a multiple of KV heads, non-zero head sizes and block size, at most 65535 queries and
+/// query heads, sequences short enough for the kernel's shared memory (`max_len + head_dim_k`
+/// floats in 48 KiB), and no NULL operand.
+pub fn check_decode_attention(a: &DecodeAttention) -> Result<()> {
+    if !matches!(a.kv_type, HbmType::F32 | HbmType::F16 | HbmType::BF16) {
+        return Err(Error::InvalidValue(
+            "paged attention reads F32, F16 or BF16 caches (gather quantized ones first)",
+        ));
+    }
+    if a.n_kv_heads == 0
+        || a.n_heads == 0
+        || a.n_heads % a.n_kv_heads != 0
+        || a.n_heads > 65535
+        || a.head_dim_k == 0
+        || a.head_dim_v == 0
+        || a.block_tokens == 0
+        || a.n_seqs > 65535
+    {
+        return Err(Error::InvalidValue("attention shape"));
+    }
+    if (a.head_dim_k as usize + a.max_len as usize) * 4 > 48 << 10 {
+        return Err(Error::InvalidValue(
+            "sequence too long for the reference attention kernel",
+        ));
+    }
+    if a.n_seqs > 0 && (a.q == 0 || a.out == 0 || a.table_rows == 0 || a.lens == 0) {
+        return Err(Error::InvalidValue("NULL attention operand"));
+    }
+    Ok(())
+}

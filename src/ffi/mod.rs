@@ -27,6 +27,7 @@ pub mod hbm_api;
 pub mod kv_api;
 pub mod kv_cache_api;
 pub mod paged_kv_api;
+pub mod paged_kv_api_batch;
 pub mod pool_api;
 mod real_cuda;
 pub(crate) mod runtime_state;

@@ -1,7 +1,8 @@
 //! The paged KV cache at the C boundary: `hbm_paged_kv_create` / `_destroy`, sequences
 //! (`_seq_add_tokens`, `_seq_fork`, `_seq_truncate`, `_seq_free`, `_seq_len`), where the blocks
 //! are (`_layer`, `_block_table`), a step's writes (`_slot_mapping`, `_append`), reads
-//! (`_gather`), and counters (`_stats`, `_trim`).
+//! (`_gather`), and counters (`_stats`, `_trim`). The batched calls (a whole step, every layer's
+//! gather, attention) are in `paged_kv_api_batch`.
 //!
 //! Device pointers throughout, as in `kv_cache_api`: `CUdeviceptr`s of the cache's device on
 //! CUDA, host memory on the simulated device (`backend:sim`), where the work is done at once and
@@ -119,7 +120,7 @@ unsafe fn kv_ref<'a>(kv: *const HbmPagedKv) -> &'a PagedKvCache {
 ///
 /// # Safety
 /// `kv` is NULL or a live handle.
-unsafe fn with_kv<T>(
+pub(super) unsafe fn with_kv<T>(
     kv: *const HbmPagedKv,
     f: impl FnOnce(&PagedKvCache) -> crate::error::Result<T>,
 ) -> HbmStatus {
@@ -476,8 +477,8 @@ pub unsafe extern "C" fn hbm_paged_kv_slot_mapping(
 /// - `slots`: `n_tokens` `int64_t` in device memory (NULL allowed when `n_tokens` is 0); read
 ///   back to the host during the call.
 ///
-/// On CUDA this launches the KV conversion kernel once per run of consecutive slots in one block
-/// (a single batched kernel per layer is not written yet).
+/// On CUDA this is one kernel launch for K and V together when they have the same type (two
+/// otherwise); `hbm_paged_kv_append_step` writes every layer of a step in one.
 ///
 /// Returns `HBM_STATUS_OK` once queued; `HBM_STATUS_NULL_PARAMETER` for a NULL cache, both sources
 /// NULL, or NULL slots with `n_tokens > 0`; `HBM_STATUS_INVALID_VALUE` for `layer` out of range,

@@ -13,7 +13,10 @@ mod vmm;
 
 pub use host::PinnedHostBackend;
 
-use super::{check_kv_io, Backend, DevicePtr, Event, KvRows, Stream};
+use super::{
+    check_append_jobs, check_gather_jobs, check_kv_io, AppendJob, Backend, DecodeAttention,
+    DevicePtr, Event, GatherJob, KvRows, Stream,
+};
 use crate::error::{Error, Result};
 use crate::kernels::KvKernels;
 use crate::kv::HbmType;
@@ -470,6 +473,25 @@ impl Backend for CudaBackend {
         check("cuMemcpyHtoD_v2", rc)
     }
 
+    fn copy_from_host_on(&self, dst: DevicePtr, src: &[u8], stream: Stream) -> Result<()> {
+        if src.is_empty() {
+            return Ok(());
+        }
+        let _bound = self.bind()?;
+        // SAFETY: this context is current; `src` is a readable host buffer of exactly the length
+        // passed. It is pageable (not registered), so the driver stages it before returning and
+        // the borrow may end with the call; the copy itself is ordered on the caller's stream.
+        let rc = unsafe {
+            sys::cuMemcpyHtoDAsync_v2(
+                dst as CUdeviceptr,
+                src.as_ptr().cast(),
+                src.len(),
+                stream as CUstream,
+            )
+        };
+        check("cuMemcpyHtoDAsync_v2", rc)
+    }
+
     fn kv_append(
         &self,
         src: DevicePtr,
@@ -519,6 +541,39 @@ impl Backend for CudaBackend {
             dst_type,
             stream,
         )
+    }
+
+    fn kv_append_jobs(
+        &self,
+        jobs: &[AppendJob],
+        device_jobs: DevicePtr,
+        src_type: HbmType,
+        dst_type: HbmType,
+        stream: Stream,
+    ) -> Result<()> {
+        check_append_jobs(jobs, src_type, dst_type)?;
+        let _bound = self.bind()?;
+        self.kv_kernels()?
+            .launch_append_jobs(jobs, device_jobs, src_type, dst_type, stream)
+    }
+
+    fn kv_dequantize_jobs(
+        &self,
+        jobs: &[GatherJob],
+        device_jobs: DevicePtr,
+        src_type: HbmType,
+        dst_type: HbmType,
+        stream: Stream,
+    ) -> Result<()> {
+        check_gather_jobs(jobs, src_type, dst_type)?;
+        let _bound = self.bind()?;
+        self.kv_kernels()?
+            .launch_gather_jobs(jobs, device_jobs, src_type, dst_type, stream)
+    }
+
+    fn paged_decode_attention(&self, a: &DecodeAttention, stream: Stream) -> Result<()> {
+        let _bound = self.bind()?;
+        self.kv_kernels()?.launch_decode_attention(a, stream)
     }
 }
 

@@ -1,50 +1,14 @@
 //! A step's writes and reads: the slot mapping (token -> `block * block_tokens + offset`, as vLLM's
-//! `reshape_and_cache` takes it), the batched append of every sequence's new rows through it, and
+//! `reshape_and_cache` takes it), the append of one layer's new rows through it, and
 //! the gather of a sequence's rows into a contiguous buffer.
 //!
-//! Both go through the backend's row conversions (`kv_append`, `kv_dequantize`), one call per run
-//! of consecutive slots in one block: on the simulated device that is the CPU reference
-//! (`kv::quant`), byte for byte; on CUDA the existing conversion kernel, launched once per run.
-//! A single batched kernel per layer is not written yet.
+//! Both are one layer's case of `batch`: one backend call per pair of element types (one kernel
+//! launch on CUDA, the CPU reference of `kv::quant` on the simulated device, byte for byte).
 
 use super::{live, PagedKvCache};
-use crate::backend::{check_kv_io, DevicePtr, KvRows, Stream};
+use crate::backend::{DevicePtr, Stream};
 use crate::error::{Error, Result};
 use crate::kv::HbmType;
-
-/// Consecutive tokens that land in consecutive rows of one block.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Run {
-    /// Index of the first token in the caller's rows.
-    token: usize,
-    block: u32,
-    offset: usize,
-    n: usize,
-}
-
-/// Splits `slots` into runs; negative slots (tokens not stored) are skipped.
-fn runs(slots: &[i64], block_tokens: u32) -> Vec<Run> {
-    let bt = block_tokens as i64;
-    let mut out: Vec<Run> = Vec::new();
-    for (i, &s) in slots.iter().enumerate() {
-        if s < 0 {
-            continue;
-        }
-        let (block, offset) = ((s / bt) as u32, (s % bt) as usize);
-        match out.last_mut() {
-            Some(r) if r.block == block && r.offset + r.n == offset && r.token + r.n == i => {
-                r.n += 1
-            }
-            _ => out.push(Run {
-                token: i,
-                block,
-                offset,
-                n: 1,
-            }),
-        }
-    }
-    out
-}
 
 impl PagedKvCache {
     /// The slots of the last `n_new[i]` tokens of each live sequence `seqs[i]`, in order, for
@@ -98,7 +62,7 @@ impl PagedKvCache {
         if k_src == 0 && v_src == 0 {
             return Err(Error::InvalidValue("append with neither K nor V"));
         }
-        let st = self.lock();
+        let mut st = self.lock();
         let grp = &st.groups[g];
         if v_src != 0 && grp.v[i].is_none() {
             return Err(Error::InvalidValue("V rows for a layer without V"));
@@ -117,52 +81,20 @@ impl PagedKvCache {
                 ));
             }
         }
-        let runs = runs(slots, self.params.block_tokens);
-        let l = layer as usize;
-        let n = u32::try_from(slots.len()).map_err(|_| Error::InvalidValue("too many slots"))?;
-        let mut jobs = Vec::new();
-        for (src, t, ty, elems, row) in [
-            (
-                k_src,
-                Some(&grp.k[i]),
-                self.params.type_k,
-                self.derived.elems_k[l],
-                self.derived.row_k[l],
-            ),
-            (
-                v_src,
-                grp.v[i].as_ref(),
-                self.params.type_v,
-                self.derived.elems_v[l],
-                self.derived.row_v[l],
-            ),
-        ] {
-            let Some(t) = t.filter(|_| src != 0) else {
-                continue;
-            };
-            // The whole source checked once, so that no run is queued before a bad one is seen.
-            let whole = KvRows::contiguous(src, src_type, elems, n)?;
-            let src_row = whole.stride;
-            for r in &runs {
-                let dst = KvRows {
-                    ptr: t.block_ptr(r.block) + r.offset * row,
-                    ty,
-                    stride: row,
-                    row_elems: elems,
-                    n_rows: r.n as u32,
-                };
-                let from = src + r.token * src_row;
-                check_kv_io(
-                    &KvRows::contiguous(from, src_type, elems, r.n as u32)?,
-                    &dst,
-                )?;
-                jobs.push((from, dst));
-            }
-        }
-        for (from, dst) in jobs {
-            self.backend.kv_append(from, src_type, &dst, stream)?;
-        }
-        Ok(())
+        let mut mapping = vec![Vec::new(); st.groups.len()];
+        mapping[g] = slots
+            .iter()
+            .map(|&s| {
+                i32::try_from(s.max(-1)).map_err(|_| Error::InvalidValue("slot beyond int32"))
+            })
+            .collect::<Result<Vec<i32>>>()?;
+        self.append_jobs(
+            &mut st,
+            std::iter::once((layer, k_src, v_src)),
+            &mapping,
+            src_type,
+            stream,
+        )
     }
 
     /// `append` with the slot mapping in device memory (`n_tokens` `int64`s at `slots`), as a
@@ -214,93 +146,18 @@ impl PagedKvCache {
         if k_dst == 0 && v_dst == 0 {
             return Err(Error::InvalidValue("gather with neither K nor V"));
         }
-        let st = self.lock();
-        let s = live(&st, seq)?;
-        let grp = &st.groups[g];
-        if v_dst != 0 && grp.v[i].is_none() {
+        let mut st = self.lock();
+        if v_dst != 0 && st.groups[g].v[i].is_none() {
             return Err(Error::InvalidValue("V rows for a layer without V"));
         }
-        let end = start
-            .checked_add(n_tokens)
-            .filter(|&e| e <= s.len)
-            .ok_or(Error::InvalidValue("tokens past the sequence's end"))?;
-        let bt = self.params.block_tokens;
-        let mut slots = Vec::with_capacity(n_tokens as usize);
-        for pos in start..end {
-            let id = s.tables[g][(pos / bt) as usize];
-            if id < 0 {
-                return Err(Error::InvalidValue(
-                    "tokens the sliding window already gave back",
-                ));
-            }
-            slots.push(id as i64 * bt as i64 + (pos % bt) as i64);
-        }
-        let runs = runs(&slots, bt);
-        let l = layer as usize;
-        let mut jobs = Vec::new();
-        for (dst, t, ty, elems, row) in [
-            (
-                k_dst,
-                Some(&grp.k[i]),
-                self.params.type_k,
-                self.derived.elems_k[l],
-                self.derived.row_k[l],
-            ),
-            (
-                v_dst,
-                grp.v[i].as_ref(),
-                self.params.type_v,
-                self.derived.elems_v[l],
-                self.derived.row_v[l],
-            ),
-        ] {
-            let Some(t) = t.filter(|_| dst != 0) else {
-                continue;
-            };
-            let whole = KvRows::contiguous(dst, dst_type, elems, n_tokens)?;
-            for r in &runs {
-                let src = KvRows {
-                    ptr: t.block_ptr(r.block) + r.offset * row,
-                    ty,
-                    stride: row,
-                    row_elems: elems,
-                    n_rows: r.n as u32,
-                };
-                let to = dst + r.token * whole.stride;
-                check_kv_io(&KvRows::contiguous(to, dst_type, elems, r.n as u32)?, &src)?;
-                jobs.push((src, to));
-            }
-        }
-        for (src, to) in jobs {
-            self.backend.kv_dequantize(&src, to, dst_type, stream)?;
-        }
-        Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn runs_split_at_blocks_gaps_and_skips() {
-        // block_tokens 4: slots 5,6,7 are block 1; 8 starts block 2; -1 skipped; 20 alone.
-        let r = runs(&[5, 6, 7, 8, -1, 20, 21, 3], 4);
-        let at = |token, block, offset, n| Run {
-            token,
-            block,
-            offset,
-            n,
-        };
-        assert_eq!(
-            r,
-            vec![
-                at(0, 1, 1, 3),
-                at(3, 2, 0, 1),
-                at(5, 5, 0, 2),
-                at(7, 0, 3, 1)
-            ]
-        );
-        assert!(runs(&[-1, -1], 4).is_empty());
+        self.gather_jobs(
+            &mut st,
+            seq,
+            start,
+            n_tokens,
+            std::iter::once((layer, k_dst, v_dst)),
+            dst_type,
+            stream,
+        )
     }
 }

@@ -7,7 +7,11 @@
 //! - `storage`: one tensor's memory, `[num_blocks, block_tokens, heads, head_dim]`, over a VMM
 //!   reservation whose granules are mapped as blocks come into use.
 //! - `sequences`: add tokens, fork, copy-on-write, truncate, free.
-//! - `append`: the slot mapping of a step, the batched append into it, and gather.
+//! - `append`: the slot mapping of a step, the append of one layer through it, and gather.
+//! - `batch`: a whole step's appends (and a sequence's gathers) over every layer, as job lists
+//!   the backend runs in one launch per pair of element types.
+//! - `attention`: the reference decode attention through the block tables.
+//! - `staging`: device buffers for those job lists, reused once the device is done with them.
 //!
 //! Layers with the same window form a group: they share block ids (block `b` of every layer of the
 //! group belongs to the same sequence positions), one pool and one block table per sequence. Full
@@ -15,9 +19,12 @@
 //! back the blocks that fell out of their window.
 
 mod append;
+mod attention;
+mod batch;
 pub mod block_pool;
 pub mod layer_spec;
 mod sequences;
+mod staging;
 mod storage;
 
 pub use layer_spec::{LayerSpec, PagedParams, DEFAULT_BLOCK_TOKENS};
@@ -26,6 +33,7 @@ use crate::backend::{DevicePtr, SharedBackend};
 use crate::error::{Error, Result};
 use block_pool::BlockPool;
 use layer_spec::Derived;
+use staging::Staging;
 use std::sync::Mutex;
 use storage::BlockStorage;
 
@@ -85,6 +93,8 @@ struct State {
     groups: Vec<Group>,
     seqs: Vec<Option<Seq>>,
     cow_copies: u64,
+    /// Job descriptors and slot mappings of batched launches, in device memory.
+    staging: Staging,
 }
 
 /// A paged KV cache on one device. Every method takes `&self` and the cache's lock.
@@ -114,6 +124,7 @@ impl PagedKvCache {
                 groups: Vec::new(),
                 seqs: Vec::new(),
                 cow_copies: 0,
+                staging: Staging::default(),
             }),
         };
         {
@@ -300,9 +311,14 @@ impl Drop for PagedKvCache {
         for g in &mut st.groups {
             release_group(b.as_ref(), g, table_bytes);
         }
+        st.staging.release(b.as_ref());
     }
 }
 
 #[cfg(test)]
 #[path = "paged_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "batch_tests.rs"]
+mod batch_tests;
