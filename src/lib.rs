@@ -5,17 +5,18 @@
 
 pub mod backend;
 pub mod config;
+pub mod dtype;
 pub mod error;
 pub mod estimate;
 pub mod ffi;
-pub mod fork;
-pub mod kernels;
 pub mod kv;
 pub mod nvtx;
 pub mod pool;
+pub mod process;
 pub mod runtime;
 pub mod sync;
 #[cfg(test)]
 mod test_child;
 pub mod track;
 pub mod tracked;
+pub mod units;

@@ -8,10 +8,10 @@
 //! at most about 17 GiB of device memory.
 
 use cudarc::driver::sys;
+use hbmalloc::backend::cuda::kernels::{nvrtc_available, KvKernels};
 use hbmalloc::backend::cuda::CudaBackend;
 use hbmalloc::backend::sim::SimBackend;
 use hbmalloc::backend::{Backend, DevicePtr, KvRows, SharedBackend};
-use hbmalloc::kernels::{nvrtc_available, KvKernels};
 use hbmalloc::kv::cache::{Growth, KvCache, KvParams};
 use hbmalloc::kv::half::{fp16_to_fp32, fp32_to_fp16};
 use hbmalloc::kv::quant::{dequantize_row, quantize_row};

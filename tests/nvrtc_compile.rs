@@ -4,7 +4,9 @@
 //! puts its library on `LD_LIBRARY_PATH`. Without NVRTC this test fails, unless `HBM_SKIP_NVRTC=1`
 //! says on purpose that this machine cannot compile kernels: CI must not skip silently.
 
-use hbmalloc::kernels::{compile, nvrtc_available, KV_ENTRIES, PAGED_ENTRIES, SOURCES};
+use hbmalloc::backend::cuda::kernels::{
+    compile, nvrtc_available, KV_ENTRIES, PAGED_ENTRIES, SOURCES,
+};
 
 fn nvrtc_or_skip() -> bool {
     if nvrtc_available() {

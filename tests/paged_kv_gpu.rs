@@ -6,10 +6,10 @@
 //!
 //! `#[ignore]`d: `scripts/gpu-check.sh` runs it with `--ignored`. Without a GPU it fails.
 
+use hbmalloc::backend::cuda::kernels::nvrtc_available;
 use hbmalloc::backend::cuda::CudaBackend;
 use hbmalloc::backend::sim::SimBackend;
 use hbmalloc::backend::{Backend, DevicePtr, SharedBackend};
-use hbmalloc::kernels::nvrtc_available;
 use hbmalloc::kv::paged::{LayerSpec, PagedKvCache, PagedParams};
 use hbmalloc::kv::HbmType;
 use std::sync::Arc;

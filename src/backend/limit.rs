@@ -12,8 +12,8 @@
 //! paths make. The count is this process's own: processes sharing a GPU each have their limit.
 
 use super::{Backend, DevicePtr, Event, Held, KvRows, SharedBackend, Stream};
+use crate::dtype::HbmType;
 use crate::error::{Error, Result};
-use crate::kv::HbmType;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 pub struct Limited {
@@ -101,7 +101,7 @@ impl Backend for Limited {
         let held = self.held();
         let ours = held.saturating_add(requested) > self.limit;
         if ours && !self.reported.swap(true, Ordering::AcqRel) {
-            use crate::track::report::human_bytes as h;
+            use crate::units::human_bytes as h;
             eprintln!(
                 "hbmalloc: device {}: memory limit reached: limit {} ({} bytes), held {}, {} more requested; allocations past the limit fail as out of memory (printed once)",
                 self.device(),

@@ -5,12 +5,15 @@
 //! pooling, tracking or interposition: pools sit above it and call it only on their slow paths.
 
 pub mod cuda;
+
+/// Devices a process may use (ordinals 0 to 63); every per-device table is this long.
+pub const MAX_DEVICES: usize = 64;
 pub mod limit;
 pub mod reclaim;
 pub mod sim;
 
+use crate::dtype::HbmType;
 use crate::error::{Error, Result};
-use crate::kv::HbmType;
 use std::sync::Arc;
 
 /// A device address (`CUdeviceptr` on CUDA, a host address on the simulated device).
@@ -83,7 +86,7 @@ pub trait Backend: Send + Sync {
     /// Gives an event back for reuse.
     fn event_release(&self, event: Event);
 
-    /// Holds the backend's own locks until dropped, for `fork` (`crate::fork`): a child must not
+    /// Holds the backend's own locks until dropped, for `fork` (`crate::runtime::fork`): a child must not
     /// inherit one held by a thread it lacks. `None` when the backend has none.
     fn lock_for_fork(&self) -> Option<Box<dyn Held + '_>> {
         None
@@ -248,7 +251,7 @@ pub trait Backend: Send + Sync {
                 let mut bytes = vec![0u8; d * es];
                 self.copy_to_host(&mut bytes, base + slot(t) * row + kvh * d * es)?;
                 let mut x = vec![0f32; d];
-                crate::kv::quant::dequantize_row(a.kv_type, &bytes, &mut x)?;
+                crate::dtype::quant::dequantize_row(a.kv_type, &bytes, &mut x)?;
                 Ok::<_, Error>(x)
             };
             for h in 0..a.n_heads as usize {

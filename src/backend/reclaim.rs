@@ -8,8 +8,8 @@
 //! and a callback into it from under its own locks would deadlock.
 
 use super::{Backend, DevicePtr, Event, KvRows, SharedBackend, Stream};
+use crate::dtype::HbmType;
 use crate::error::{Error, Result};
-use crate::kv::HbmType;
 
 /// Releases cached memory of `device` to the driver; returns how many bytes it released.
 pub type Reclaim = Box<dyn Fn(i32) -> usize + Send + Sync>;

@@ -7,9 +7,9 @@
 //! `hold_events`) and `synchronize` only counts.
 
 use super::{check_kv_io, Backend, DevicePtr, Event, KvRows, Stream};
+use crate::dtype::quant::{dequantize_row, quantize_row};
+use crate::dtype::HbmType;
 use crate::error::{Error, Result};
-use crate::kv::quant::{dequantize_row, quantize_row};
-use crate::kv::HbmType;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;

@@ -52,7 +52,7 @@ fn tool_slow() -> Option<&'static Tool> {
     // Once exit has begun the tool may be tearing down: annotate nothing more. Nor in a forked
     // child: CUDA is gone there, and a lock here (the book's, or the look-up below, never
     // finished by a thread the child lacks) may be held forever.
-    if crate::track::exiting() || crate::fork::in_child() {
+    if crate::process::exiting() || crate::process::in_child() {
         return None;
     }
     loop {
@@ -65,7 +65,7 @@ fn tool_slow() -> Option<&'static Tool> {
                     .is_ok()
                 {
                     // A fork while this thread looks must find the child handler in place.
-                    crate::fork::install();
+                    crate::process::watch_forks();
                     let on = inject::attach().is_some_and(|t| TOOL.set(t).is_ok());
                     STATE.store(if on { ON } else { OFF }, Ordering::Release);
                 }

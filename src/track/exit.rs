@@ -13,32 +13,24 @@
 
 use super::registry::Tracker;
 use crate::config::LeakReport;
+use once_cell::sync::OnceCell;
 use std::ffi::OsStr;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Once;
 
 static INSTALL: Once = Once::new();
+/// The pools' one-line summaries for `verbose:on`, given by the layer that owns the pools
+/// (`runtime`), so that the tracker never reaches up to it.
+static SUMMARIES: OnceCell<fn() -> Vec<String>> = OnceCell::new();
 
-/// Set when the exit report begins, never cleared. What runs after it (static destructors
-/// registered before our handler, the runtime's own teardown) may free memory when the driver is
-/// going or gone: from then on the allocator's frees make no driver call (`exiting`).
-static EXITING: AtomicBool = AtomicBool::new(false);
-
-/// Whether the process is exiting (the exit report has begun). Read only on the free paths that
-/// would reach the driver (an event for `cudaFreeAsync`, a synchronize under
-/// `stream_safety:eager`), never on the plain `cudaFree`.
-#[inline]
-pub fn exiting() -> bool {
-    EXITING.load(Ordering::Relaxed)
+/// Sets what `verbose:on` prints at exit after the reports (the first call wins).
+pub fn set_exit_summaries(lines: fn() -> Vec<String>) {
+    let _ = SUMMARIES.set(lines);
 }
 
-/// Marks the process as exiting; the exit handler's first act.
-pub(crate) fn begin_exit() {
-    EXITING.store(true, Ordering::Relaxed);
-}
+pub use crate::process::{begin_exit, exiting};
 
 /// Registers the exit report (idempotent). Called when the global tracker is first built.
 pub fn install_exit_report() {
@@ -54,7 +46,7 @@ pub fn install_exit_report() {
 extern "C" fn exit_handler() {
     begin_exit();
     let _ = std::panic::catch_unwind(|| {
-        if crate::fork::in_child() {
+        if crate::process::in_child() {
             return; // the parent's allocations are the parent's to report
         }
         if let Some(tracker) = super::global_if_started() {
@@ -64,12 +56,10 @@ extern "C" fn exit_handler() {
             tracker.write_exit_reports();
         }
         if crate::config::get().verbose {
-            // Pool counters are host atomics and shard locks: no CUDA call.
-            for (device, pool) in crate::runtime::pools() {
-                write_stderr(pool.stats().summary_line(device).as_bytes());
-            }
-            if let Some(pool) = crate::runtime::host_pool_if_started() {
-                write_stderr(pool.stats().summary_line_of("pinned host").as_bytes());
+            if let Some(summaries) = SUMMARIES.get() {
+                for line in summaries() {
+                    write_stderr(line.as_bytes());
+                }
             }
         }
     });

@@ -39,7 +39,7 @@ use once_cell::sync::OnceCell;
 pub use capture::Unwinder;
 #[cfg(test)]
 pub(crate) use exit::begin_exit;
-pub use exit::{exiting, install_exit_report};
+pub use exit::{exiting, install_exit_report, set_exit_summaries};
 pub use freed::BadFree;
 pub use registry::{Live, Refused, Tracker};
 pub use stacks::StackId;

@@ -16,9 +16,9 @@
 //! itself with the driver API (`cuCtxCreate`) are not seen; the runtime API never makes those.
 
 use super::{check, check_alloc, CudaBackend};
+use crate::backend::MAX_DEVICES;
 use crate::backend::{host_memory, Backend, DevicePtr, Event, Stream, HOST_DEVICE};
 use crate::error::{Error, Result};
-use crate::runtime::MAX_DEVICES;
 use cudarc::driver::sys::{self, CUdevice, CUresult};
 use once_cell::sync::OnceCell;
 use std::collections::HashMap;

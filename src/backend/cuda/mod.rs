@@ -9,6 +9,7 @@
 //! Every call here is a driver call of its own: pools call the backend only on their slow paths.
 
 mod host;
+pub mod kernels;
 mod vmm;
 
 pub use host::PinnedHostBackend;
@@ -17,10 +18,10 @@ use super::{
     check_append_jobs, check_gather_jobs, check_kv_io, AppendJob, Backend, DecodeAttention,
     DevicePtr, Event, GatherJob, KvRows, Stream,
 };
+use crate::dtype::HbmType;
 use crate::error::{Error, Result};
-use crate::kernels::KvKernels;
-use crate::kv::HbmType;
 use cudarc::driver::sys::{self, CUcontext, CUdevice, CUdeviceptr, CUevent, CUresult, CUstream};
+use kernels::KvKernels;
 use once_cell::sync::OnceCell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -60,8 +61,8 @@ static DEVICE_COUNT: OnceCell<i32> = OnceCell::new();
 
 /// Primary context of each device with a backend, as an address (0 = none yet): lets
 /// `current_device` name the thread's device without a driver call beyond `cuCtxGetCurrent`.
-static PRIMARY_CONTEXTS: [AtomicUsize; crate::runtime::MAX_DEVICES] =
-    [const { AtomicUsize::new(0) }; crate::runtime::MAX_DEVICES];
+static PRIMARY_CONTEXTS: [AtomicUsize; crate::backend::MAX_DEVICES] =
+    [const { AtomicUsize::new(0) }; crate::backend::MAX_DEVICES];
 
 /// Loads and initialises the driver and counts its devices; 0 on any failure, never a panic.
 fn probe_device_count() -> i32 {

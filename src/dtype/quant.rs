@@ -9,7 +9,7 @@
 //! truncates. Byte order is the machine's, as ggml's structs are laid out in memory.
 
 use super::half::{bf16_to_fp32, fp16_to_fp32, fp32_to_bf16, fp32_to_fp16};
-use super::types::HbmType;
+use super::HbmType;
 use crate::error::{Error, Result};
 
 /// Elements per Q8_0 / Q4_0 block (ggml's `QK8_0`, `QK4_0`).

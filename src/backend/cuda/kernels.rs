@@ -5,10 +5,10 @@
 //! every path here asks `is_culib_present()` first. The sources include nothing, so they compile
 //! wherever `libnvrtc.so` alone is present (the `nvidia-cuda-nvrtc` wheel is enough).
 
+use crate::backend::MAX_DEVICES;
 use crate::backend::{AppendJob, DecodeAttention, DevicePtr, GatherJob, Stream};
+use crate::dtype::HbmType;
 use crate::error::{Error, Result};
-use crate::kv::HbmType;
-use crate::runtime::MAX_DEVICES;
 use cudarc::driver::sys as cu;
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use once_cell::sync::OnceCell;
@@ -16,7 +16,7 @@ use std::ffi::{c_void, CString};
 
 /// KV cache kernels: `hbm_kv_append_*` and `hbm_kv_dequantize_*`, one of each per kind of cache
 /// type (`KV_ENTRIES`).
-pub const KV_QUANT_CU: &str = include_str!("../kernels/kv_quant.cu");
+pub const KV_QUANT_CU: &str = include_str!("../../../kernels/kv_quant.cu");
 
 /// The entry points of `kernels/kv_quant.cu`: appends, then dequantizes, each for F32/F16/BF16
 /// tensors, Q8_0 and Q4_0; then the Q8_0 and Q4_0 appends from a 16-byte aligned F16 source.
@@ -34,13 +34,13 @@ pub const KV_ENTRIES: [&str; 8] = [
 /// The paged cache's kernels (`kernels/paged_kv.cu`): batched appends and gathers, and the
 /// reference decode attention. They use `kv_quant.cu`'s bodies, so they compile after it as one
 /// module: `PAGED_MODULE`, which is what a device loads.
-pub const PAGED_KV_CU: &str = include_str!("../kernels/paged_kv.cu");
+pub const PAGED_KV_CU: &str = include_str!("../../../kernels/paged_kv.cu");
 
 /// `kv_quant.cu` then `paged_kv.cu`: the one module loaded per device.
 pub const PAGED_MODULE: &str = concat!(
-    include_str!("../kernels/kv_quant.cu"),
+    include_str!("../../../kernels/kv_quant.cu"),
     "\n",
-    include_str!("../kernels/paged_kv.cu")
+    include_str!("../../../kernels/paged_kv.cu")
 );
 
 /// The entry points of `kernels/paged_kv.cu`: batched appends (F32/F16/BF16, Q8_0, Q4_0, then

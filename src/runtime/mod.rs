@@ -3,6 +3,8 @@
 //! Everything above `backend` asks here for a device's backend; nothing else decides between CUDA
 //! and the simulated device.
 
+pub mod fork;
+
 use crate::backend::limit::Limited;
 use crate::backend::reclaim::Reclaiming;
 use crate::backend::sim::SimBackend;
@@ -14,7 +16,7 @@ use once_cell::sync::OnceCell;
 use std::sync::Arc;
 
 /// The most devices one process can use; device ordinals at or above it are invalid.
-pub const MAX_DEVICES: usize = 64;
+pub use crate::backend::MAX_DEVICES;
 
 /// Which kind of backend this process uses, decided on first use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,7 +117,7 @@ pub fn current_primary_device() -> Result<Option<i32>> {
 /// The backend serving `device` to the scratch pools and KV caches, created on first use: out
 /// of memory there first makes the device's caching pool give its cached memory back.
 pub fn backend(device: i32) -> Result<SharedBackend> {
-    if crate::fork::cuda_lost() {
+    if crate::process::cuda_lost() {
         return Err(cuda_lost_error());
     }
     check_device(device)?;
@@ -177,7 +179,7 @@ static POOLS: [OnceCell<CachingPool>; MAX_DEVICES] = [const { OnceCell::new() };
 pub fn pool(device: i32) -> Result<&'static CachingPool> {
     // The hot path: one load, no reference-count traffic on the shared backend.
     if let Some(pool) = POOLS.get(device as usize).and_then(OnceCell::get) {
-        if !crate::fork::cuda_lost() {
+        if !crate::process::cuda_lost() {
             return Ok(pool);
         }
     }
@@ -186,10 +188,11 @@ pub fn pool(device: i32) -> Result<&'static CachingPool> {
 
 #[cold]
 fn pool_slow(device: i32) -> Result<&'static CachingPool> {
-    if crate::fork::cuda_lost() {
+    if crate::process::cuda_lost() {
         return Err(cuda_lost_error());
     }
-    crate::fork::install();
+    fork::install();
+    crate::track::set_exit_summaries(pool_summaries);
     let backend = raw_backend(device)?;
     Ok(POOLS[device as usize]
         .get_or_init(|| CachingPool::new(backend, PoolSettings::from_config(config::get()))))
@@ -203,6 +206,18 @@ pub fn pools() -> impl Iterator<Item = (i32, &'static CachingPool)> {
         .filter_map(|(d, p)| p.get().map(|p| (d as i32, p)))
 }
 
+/// One line per pool for `verbose:on` at exit: pool counters are host atomics and shard locks,
+/// so this makes no CUDA call.
+fn pool_summaries() -> Vec<String> {
+    let mut lines: Vec<String> = pools()
+        .map(|(device, pool)| pool.stats().summary_line(device))
+        .collect();
+    if let Some(pool) = host_pool_if_started() {
+        lines.push(pool.stats().summary_line_of("pinned host"));
+    }
+    lines
+}
+
 static HOST_POOL: OnceCell<PinnedPool> = OnceCell::new();
 
 /// The pinned host pool (the one behind `cudaMallocHost`), created on first use: over the
@@ -211,7 +226,7 @@ static HOST_POOL: OnceCell<PinnedPool> = OnceCell::new();
 #[inline]
 pub fn host_pool() -> Result<&'static PinnedPool> {
     if let Some(pool) = HOST_POOL.get() {
-        if !crate::fork::cuda_lost() {
+        if !crate::process::cuda_lost() {
             return Ok(pool);
         }
     }
@@ -220,10 +235,11 @@ pub fn host_pool() -> Result<&'static PinnedPool> {
 
 #[cold]
 fn host_pool_slow() -> Result<&'static PinnedPool> {
-    if crate::fork::cuda_lost() {
+    if crate::process::cuda_lost() {
         return Err(cuda_lost_error());
     }
-    crate::fork::install();
+    fork::install();
+    crate::track::set_exit_summaries(pool_summaries);
     HOST_POOL.get_or_try_init(|| {
         let backend: SharedBackend = match active() {
             Active::Sim => Arc::new(SimBackend::new(HOST_DEVICE, host_memory().1)),

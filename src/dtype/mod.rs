@@ -1,5 +1,13 @@
-//! Element types of the KV cache, numbered as ggml numbers them (`enum ggml_type`), so values
-//! pass straight between the two.
+//! Element types of device buffers (the KV cache's, and the backend's kernels'), numbered as
+//! ggml numbers them (`enum ggml_type`), so values pass straight between the two. At the bottom
+//! of the crate: the backend's kernel interface and the KV cache both speak in these.
+//!
+//! - `half`: fp16 and bf16 conversions, rounding as ggml does.
+//! - `quant`: Q8_0 / Q4_0 quantization bit-exact with ggml's reference, and row (de)quantization
+//!   for every type (the simulated device's kernels, and the tests' reference).
+
+pub mod half;
+pub mod quant;
 
 /// Element type of a KV cache tensor (`HBM_TYPE_*` in C). The numbers are ggml's `GGML_TYPE_*`.
 ///

@@ -15,14 +15,11 @@
 use crate::pool::caching::PoolLocks;
 use crate::runtime;
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Once;
 
+pub use crate::process::{cuda_lost, in_child};
+
 static INSTALL: Once = Once::new();
-/// Set in a child after fork.
-static IN_CHILD: AtomicBool = AtomicBool::new(false);
-/// Set in a child after fork of a process that used CUDA.
-static CUDA_LOST: AtomicBool = AtomicBool::new(false);
 
 thread_local! {
     /// The locks `prepare` took, released by `parent` or `child` on the same thread.
@@ -38,18 +35,6 @@ pub fn install() {
             eprintln!("hbmalloc: could not register the fork handlers ({rc})");
         }
     });
-}
-
-/// Whether this process is a child forked after the allocator started.
-#[inline]
-pub fn in_child() -> bool {
-    IN_CHILD.load(Ordering::Relaxed)
-}
-
-/// Whether CUDA is unusable because this process is a forked child of a CUDA process.
-#[inline]
-pub fn cuda_lost() -> bool {
-    CUDA_LOST.load(Ordering::Relaxed)
 }
 
 extern "C" fn prepare() {
@@ -72,10 +57,7 @@ extern "C" fn parent() {
 
 extern "C" fn child() {
     release();
-    IN_CHILD.store(true, Ordering::Relaxed);
-    if runtime::active_if_decided() == Some(runtime::Active::Cuda) {
-        CUDA_LOST.store(true, Ordering::Relaxed);
-    }
+    crate::process::note_forked_child(runtime::active_if_decided() == Some(runtime::Active::Cuda));
     crate::pool::thread_cache::after_fork_child();
 }
 
@@ -100,7 +82,7 @@ mod tests {
             return child();
         }
         let text = crate::test_child::run(
-            "fork::tests::children_forked_while_threads_allocate_work_and_report_nothing",
+            "runtime::fork::tests::children_forked_while_threads_allocate_work_and_report_nothing",
             Some("backend:sim,backtrace:off,leak_report:full"),
         );
         assert!(text.contains("child checks passed"), "{text}");
@@ -158,7 +140,7 @@ mod tests {
             return grow_and_trim_child();
         }
         let text = crate::test_child::run(
-            "fork::tests::children_forked_while_threads_grow_and_trim_work",
+            "runtime::fork::tests::children_forked_while_threads_grow_and_trim_work",
             Some("backend:sim,backtrace:off,leak_report:full"),
         );
         assert!(text.contains("child checks passed"), "{text}");
