@@ -3,7 +3,7 @@
 //! Everything above `backend` asks here for a device's backend; nothing else decides between CUDA
 //! and the simulated device.
 
-use crate::backend::reclaim::Reclaiming;
+use crate::backend::reclaim::{Caches, Reclaiming};
 use crate::backend::sim::SimBackend;
 use crate::backend::{host_memory, SharedBackend, HOST_DEVICE};
 use crate::config::{self, BackendKind};
@@ -91,7 +91,7 @@ pub fn backend(device: i32) -> Result<SharedBackend> {
         .get_or_try_init(|| -> Result<SharedBackend> {
             Ok(Arc::new(Reclaiming::new(
                 raw_backend(device)?,
-                Box::new(release_cached),
+                Box::new(DevicePools),
             )))
         })
         .cloned()
@@ -120,11 +120,23 @@ fn raw_backend(device: i32) -> Result<SharedBackend> {
         .cloned()
 }
 
-/// Gives the memory the caching pool of `device` holds cached back to the driver.
-fn release_cached(device: i32) -> usize {
-    match POOLS.get(device as usize).and_then(OnceCell::get) {
-        Some(pool) => pool.trim().unwrap_or(0),
-        None => 0,
+/// The caching pools behind `cudaMalloc`, as the other consumers of a device's memory see them:
+/// out of memory there releases what the device's pool caches, sharing its once-per-storm gate.
+struct DevicePools;
+
+impl Caches for DevicePools {
+    fn ticket(&self, device: i32) -> u64 {
+        POOLS
+            .get(device as usize)
+            .and_then(OnceCell::get)
+            .map_or(0, CachingPool::release_ticket)
+    }
+
+    fn release_for(&self, device: i32, ticket: u64, bytes: usize) -> bool {
+        POOLS
+            .get(device as usize)
+            .and_then(OnceCell::get)
+            .is_some_and(|pool| pool.release_for(ticket, bytes).worth_retry())
     }
 }
 
