@@ -71,6 +71,8 @@ pub struct Config {
     pub timeline: usize,
     /// Print one line per pool event worth knowing (out of memory, fallbacks).
     pub verbose: bool,
+    /// `fault:PLAN`: driver calls made to fail, for testing (`backend::fault`); empty: none.
+    pub fault: crate::backend::fault::FaultPlan,
 }
 
 impl Default for Config {
@@ -90,6 +92,7 @@ impl Default for Config {
             pending_limit: None,
             timeline: 0,
             verbose: false,
+            fault: Default::default(),
         }
     }
 }
@@ -110,7 +113,7 @@ impl Config {
             if entry.is_empty() {
                 continue;
             }
-            let shown = String::from_utf8_lossy(entry);
+            let shown = printable(entry);
             let Some(colon) = entry.iter().position(|b| *b == b':') else {
                 warnings.push(format!(
                     "hbmalloc: HBMALLOC_CONF entry '{shown}' has no ':value'; ignored"
@@ -126,7 +129,8 @@ impl Config {
             };
             if let Err(why) = cfg.set(key, value) {
                 warnings.push(format!(
-                    "hbmalloc: HBMALLOC_CONF key '{key}': {why}; ignored"
+                    "hbmalloc: HBMALLOC_CONF key '{}': {why}; ignored",
+                    printable(key.as_bytes())
                 ));
             }
         }
@@ -135,7 +139,7 @@ impl Config {
 
     fn set(&mut self, key: &str, raw: &[u8]) -> Result<(), String> {
         let path = || (!raw.is_empty()).then(|| PathBuf::from(OsStr::from_bytes(raw)));
-        let shown = String::from_utf8_lossy(raw);
+        let shown = printable(raw);
         let bad = |expected: &str| format!("bad value '{shown}' (expected {expected})");
         let value = match key {
             "report_path" | "report_json" | "report_svg" | "trace" => "",
@@ -204,10 +208,26 @@ impl Config {
                     _ => Some(parse_size(value).ok_or_else(|| bad("auto or a size, e.g. 256MiB"))?),
                 }
             }
+            "fault" => {
+                self.fault = crate::backend::fault::FaultPlan::parse(value)
+                    .map_err(|why| bad(&format!("OP[@N[..[M]]] joined by '+': {why}")))?
+            }
             _ => return Err("unknown key".to_string()),
         }
         Ok(())
     }
+}
+
+/// `bytes` as text for a warning: not UTF-8 shown as U+FFFD, control characters (a newline, a
+/// terminal escape) escaped, so that a warning is always one line.
+fn printable(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes)
+        .chars()
+        .flat_map(|c| match c.is_control() {
+            true => c.escape_default().collect::<Vec<_>>(),
+            false => vec![c],
+        })
+        .collect()
 }
 
 fn parse_switch(value: &str) -> Option<bool> {
@@ -318,6 +338,32 @@ mod tests {
         assert!(!cfg.backtrace && cfg.verbose);
         assert_eq!(cfg.backend, BackendKind::Auto);
         assert_eq!(cfg.leak_report, LeakReport::Full);
+    }
+
+    #[test]
+    fn a_warning_is_one_line_whatever_the_entry_holds() {
+        let (_, warnings) = Config::parse_bytes(b"evil\nhbmalloc: fake line,verbose:o\x1b[2Jn");
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(
+            warnings[0].contains("key 'evil\\nhbmalloc'"),
+            "{warnings:?}"
+        );
+        assert!(warnings[1].contains("'o\\u{1b}[2Jn'"), "{warnings:?}");
+        assert!(warnings.iter().all(|w| !w.chars().any(char::is_control)));
+    }
+
+    #[test]
+    fn fault_plans_are_read_and_bad_ones_warned_about() {
+        let (cfg, warnings) = Config::parse("fault:alloc@2+sync");
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(cfg.fault.rules.len(), 2);
+        let (cfg, warnings) = Config::parse("fault:malloc@2");
+        assert_eq!(warnings.len(), 1);
+        assert!(
+            warnings[0].contains("unknown operation 'malloc'"),
+            "{warnings:?}"
+        );
+        assert!(cfg.fault.rules.is_empty());
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! Everything above `backend` asks here for a device's backend; nothing else decides between CUDA
 //! and the simulated device.
 
+use crate::backend::fault::Faulty;
 use crate::backend::reclaim::{Caches, Reclaiming};
 use crate::backend::sim::SimBackend;
 use crate::backend::{host_memory, SharedBackend, HOST_DEVICE};
@@ -112,9 +113,14 @@ fn raw_backend(device: i32) -> Result<SharedBackend> {
     check_device(device)?;
     BACKENDS[device as usize]
         .get_or_try_init(|| -> Result<SharedBackend> {
-            Ok(match active() {
+            let backend: SharedBackend = match active() {
                 Active::Sim => Arc::new(SimBackend::new(device, config::get().sim_capacity)),
                 Active::Cuda => Arc::new(crate::backend::cuda::CudaBackend::new(device)?),
+            };
+            let faults = &config::get().fault;
+            Ok(match faults.rules.is_empty() {
+                true => backend,
+                false => Arc::new(Faulty::new(backend, faults.clone())),
             })
         })
         .cloned()

@@ -5,6 +5,7 @@
 //! pooling, tracking or interposition: pools sit above it and call it only on their slow paths.
 
 pub mod cuda;
+pub mod fault;
 pub mod reclaim;
 pub mod sim;
 
