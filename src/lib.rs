@@ -9,6 +9,7 @@ pub mod error;
 pub mod estimate;
 pub mod ffi;
 pub mod fork;
+pub mod harness;
 pub mod kernels;
 pub mod kv;
 pub mod pool;

@@ -169,7 +169,16 @@ pub fn open(path: &Path) -> Result<Model, String> {
 
 fn open_gguf(path: &Path) -> Result<Model, String> {
     let files = gguf::open_all(path)?;
-    let hparams = Hparams::from_gguf(&files[0]).map_err(|e| format!("{}: {e}", path.display()))?;
+    from_gguf(&files, &path.display().to_string()).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The model the parts of one GGUF file describe (`files[0]` holds the metadata); `source`
+/// names it in reports.
+pub fn from_gguf(files: &[gguf::GgufFile], source: &str) -> Result<Model, String> {
+    let Some(f) = files.first() else {
+        return Err("no GGUF file".to_string());
+    };
+    let hparams = Hparams::from_gguf(f)?;
     let weights: Vec<Weight> = files
         .iter()
         .flat_map(|f| f.tensors.iter())
@@ -178,7 +187,6 @@ fn open_gguf(path: &Path) -> Result<Model, String> {
             bytes: t.bytes,
         })
         .collect();
-    let f = &files[0];
     let arch = &hparams.arch;
     let num = |k: &str| f.get(&format!("{arch}.{k}")).and_then(gguf::Value::as_u64);
     let n_vocab = num("vocab_size")
@@ -209,7 +217,7 @@ fn open_gguf(path: &Path) -> Result<Model, String> {
         n_ff,
         n_head,
         n_expert_used,
-        source: path.display().to_string(),
+        source: source.to_string(),
     })
 }
 
@@ -232,11 +240,22 @@ fn open_safetensors(path: &Path) -> Result<Model, String> {
     let config_path = dir.join("config.json");
     let json = safetensors::read_json(&config_path)
         .map_err(|e| format!("{e} (the architecture comes from config.json beside the weights)"))?;
-    let config = HfConfig::from_json(&json)?;
+    let shards: Vec<safetensors::SafetensorsFile> = shards.into_iter().map(|(_, f)| f).collect();
+    from_safetensors(&shards, &json, &path.display().to_string())
+}
+
+/// The model that safetensors shards and their `config.json` (parsed) describe; `source` names
+/// it in reports.
+pub fn from_safetensors(
+    shards: &[safetensors::SafetensorsFile],
+    json: &serde_json::Value,
+    source: &str,
+) -> Result<Model, String> {
+    let config = HfConfig::from_json(json)?;
     let hparams = config.hparams()?;
     let weights = shards
         .iter()
-        .flat_map(|(_, f)| f.tensors.iter())
+        .flat_map(|f| f.tensors.iter())
         .map(|t| Weight {
             name: t.name.clone(),
             bytes: t.bytes,
@@ -260,7 +279,7 @@ fn open_safetensors(path: &Path) -> Result<Model, String> {
         n_expert_used,
         hparams,
         weights,
-        source: path.display().to_string(),
+        source: source.to_string(),
     })
 }
 
