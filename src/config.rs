@@ -128,9 +128,11 @@ impl Config {
                 continue;
             };
             if let Err(why) = cfg.set(key, value) {
+                // `why` may quote the value again (a value parser's own message): escaped too.
                 warnings.push(format!(
-                    "hbmalloc: HBMALLOC_CONF key '{}': {why}; ignored",
-                    printable(key.as_bytes())
+                    "hbmalloc: HBMALLOC_CONF key '{}': {}; ignored",
+                    printable(key.as_bytes()),
+                    printable(why.as_bytes())
                 ));
             }
         }
