@@ -59,16 +59,20 @@ fn model_files_corpus_reaches_the_planner() {
 }
 
 /// The regression inputs fail without their fixes: a scratch-pool free whose synchronize failed
-/// was reported as a failed free (and its buffer lost), and a warning could span lines.
+/// was reported as a failed free (and its buffer lost), a warning could span lines, and a GGUF
+/// header's expert sizes overflowed a multiplication (a panic with overflow checks, a wrong
+/// estimate without).
 #[test]
 fn regressions_are_in_the_corpus() {
-    let names: Vec<String> = ["pool_ops", "conf"]
+    let names: Vec<String> = ["pool_ops", "conf", "model_files"]
         .iter()
         .flat_map(|t| corpus(t).into_iter().map(|(n, _)| n))
         .collect();
     for want in [
         "regress-scratch-free-sync-fails-a",
         "regress-warning-newline",
+        "regress-fault-plan-newline",
+        "regress-expert-ffn-overflow",
     ] {
         assert!(names.iter().any(|n| n == want), "{want}");
     }

@@ -204,7 +204,10 @@ pub fn from_gguf(files: &[gguf::GgufFile], source: &str) -> Result<Model, String
         .unwrap_or(0);
     let n_expert_used = num("expert_used_count").unwrap_or(0);
     let n_ff = if n_expert_used > 0 {
-        num("expert_feed_forward_length").unwrap_or(0) * n_expert_used
+        // Saturating: a header may claim anything, and the estimate saturates its terms too.
+        num("expert_feed_forward_length")
+            .unwrap_or(0)
+            .saturating_mul(n_expert_used)
     } else {
         0
     }
@@ -274,7 +277,7 @@ pub fn from_safetensors(
         n_ff: config
             .intermediate_size
             .unwrap_or(0)
-            .max(n_ff_exp * n_expert_used),
+            .max(n_ff_exp.saturating_mul(n_expert_used)),
         n_head: config.num_attention_heads.unwrap_or(0),
         n_expert_used,
         hparams,
