@@ -307,7 +307,9 @@ typedef struct HbmStats {
     uint64_t pool_hits;
     uint64_t pool_misses;
     /**
-     * Times the driver said out of memory and the cache was released before one retry.
+     * Times the driver said out of memory and the cache was released before one retry: once
+     * for threads that run out together, and not when releasing could not make room (the
+     * request is larger than free plus cached memory) or found nothing to give back.
      */
     uint64_t oom_retries;
     /**

@@ -88,6 +88,8 @@ pub struct Config {
     pub verbose: bool,
     /// `limit:`: the most device memory the process may hold on each device (`None`: no cap).
     pub limit: Option<MemLimit>,
+    /// `fault:PLAN`: driver calls made to fail, for testing (`backend::fault`); empty: none.
+    pub fault: crate::fault_plan::FaultPlan,
 }
 
 impl Default for Config {
@@ -109,6 +111,7 @@ impl Default for Config {
             timeline: 0,
             verbose: false,
             limit: None,
+            fault: Default::default(),
         }
     }
 }
@@ -129,7 +132,7 @@ impl Config {
             if entry.is_empty() {
                 continue;
             }
-            let shown = String::from_utf8_lossy(entry);
+            let shown = printable(entry);
             let Some(colon) = entry.iter().position(|b| *b == b':') else {
                 warnings.push(format!(
                     "hbmalloc: HBMALLOC_CONF entry '{shown}' has no ':value'; ignored"
@@ -144,8 +147,11 @@ impl Config {
                 continue;
             };
             if let Err(why) = cfg.set(key, value) {
+                // `why` may quote the value again (a value parser's own message): escaped too.
                 warnings.push(format!(
-                    "hbmalloc: HBMALLOC_CONF key '{key}': {why}; ignored"
+                    "hbmalloc: HBMALLOC_CONF key '{}': {}; ignored",
+                    printable(key.as_bytes()),
+                    printable(why.as_bytes())
                 ));
             }
         }
@@ -154,7 +160,7 @@ impl Config {
 
     fn set(&mut self, key: &str, raw: &[u8]) -> Result<(), String> {
         let path = || (!raw.is_empty()).then(|| PathBuf::from(OsStr::from_bytes(raw)));
-        let shown = String::from_utf8_lossy(raw);
+        let shown = printable(raw);
         let bad = |expected: &str| format!("bad value '{shown}' (expected {expected})");
         let value = match key {
             "report_path" | "report_json" | "report_svg" | "trace" => "",
@@ -232,6 +238,10 @@ impl Config {
                 }
             }
             "limit" => self.limit = Some(MemLimit::parse(value).map_err(bad)?),
+            "fault" => {
+                self.fault = crate::fault_plan::FaultPlan::parse(value)
+                    .map_err(|why| bad(&format!("OP[@N[..[M]]] joined by '+': {why}")))?
+            }
             _ => return Err("unknown key".to_string()),
         }
         Ok(())
@@ -279,6 +289,18 @@ impl MemLimit {
             MemLimit::Fraction(f) => (total as f64 * f) as usize,
         }
     }
+}
+
+/// `bytes` as text for a warning: not UTF-8 shown as U+FFFD, control characters (a newline, a
+/// terminal escape) escaped, so that a warning is always one line.
+fn printable(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes)
+        .chars()
+        .flat_map(|c| match c.is_control() {
+            true => c.escape_default().collect::<Vec<_>>(),
+            false => vec![c],
+        })
+        .collect()
 }
 
 fn parse_switch(value: &str) -> Option<bool> {
@@ -398,6 +420,32 @@ mod tests {
         assert!(!cfg.backtrace && cfg.verbose);
         assert_eq!(cfg.backend, BackendKind::Auto);
         assert_eq!(cfg.leak_report, LeakReport::Full);
+    }
+
+    #[test]
+    fn a_warning_is_one_line_whatever_the_entry_holds() {
+        let (_, warnings) = Config::parse_bytes(b"evil\nhbmalloc: fake line,verbose:o\x1b[2Jn");
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(
+            warnings[0].contains("key 'evil\\nhbmalloc'"),
+            "{warnings:?}"
+        );
+        assert!(warnings[1].contains("'o\\u{1b}[2Jn'"), "{warnings:?}");
+        assert!(warnings.iter().all(|w| !w.chars().any(char::is_control)));
+    }
+
+    #[test]
+    fn fault_plans_are_read_and_bad_ones_warned_about() {
+        let (cfg, warnings) = Config::parse("fault:alloc@2+sync");
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(cfg.fault.rules.len(), 2);
+        let (cfg, warnings) = Config::parse("fault:malloc@2");
+        assert_eq!(warnings.len(), 1);
+        assert!(
+            warnings[0].contains("unknown operation 'malloc'"),
+            "{warnings:?}"
+        );
+        assert!(cfg.fault.rules.is_empty());
     }
 
     #[test]

@@ -99,7 +99,8 @@ class PackageTest(unittest.TestCase):
             "import hbmalloc; from hbmalloc import _lib; l = _lib.lib();"
             "assert l.hbm_torch_malloc(1 << 30, 0, 0) is None;"
             "assert hbmalloc.memory_stats()['num_ooms'] == 1;"
-            "assert hbmalloc.memory_stats()['num_alloc_retries'] == 1"
+            # Nothing cached, and 1 GiB cannot fit a 64 MiB device: no release, no retry.
+            "assert hbmalloc.memory_stats()['num_alloc_retries'] == 0"
         )
         env = dict(os.environ, HBMALLOC_CONF="backend:sim,sim_capacity:64MiB,leak_report:off")
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)

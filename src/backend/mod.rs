@@ -8,6 +8,7 @@ pub mod cuda;
 
 /// Devices a process may use (ordinals 0 to 63); every per-device table is this long.
 pub const MAX_DEVICES: usize = 64;
+pub mod fault;
 pub mod limit;
 pub mod reclaim;
 pub mod sim;

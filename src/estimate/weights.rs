@@ -169,7 +169,16 @@ pub fn open(path: &Path) -> Result<Model, String> {
 
 fn open_gguf(path: &Path) -> Result<Model, String> {
     let files = gguf::open_all(path)?;
-    let hparams = Hparams::from_gguf(&files[0]).map_err(|e| format!("{}: {e}", path.display()))?;
+    from_gguf(&files, &path.display().to_string()).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The model the parts of one GGUF file describe (`files[0]` holds the metadata); `source`
+/// names it in reports.
+pub fn from_gguf(files: &[gguf::GgufFile], source: &str) -> Result<Model, String> {
+    let Some(f) = files.first() else {
+        return Err("no GGUF file".to_string());
+    };
+    let hparams = Hparams::from_gguf(f)?;
     let weights: Vec<Weight> = files
         .iter()
         .flat_map(|f| f.tensors.iter())
@@ -178,7 +187,6 @@ fn open_gguf(path: &Path) -> Result<Model, String> {
             bytes: t.bytes,
         })
         .collect();
-    let f = &files[0];
     let arch = &hparams.arch;
     let num = |k: &str| f.get(&format!("{arch}.{k}")).and_then(gguf::Value::as_u64);
     let n_vocab = num("vocab_size")
@@ -196,7 +204,10 @@ fn open_gguf(path: &Path) -> Result<Model, String> {
         .unwrap_or(0);
     let n_expert_used = num("expert_used_count").unwrap_or(0);
     let n_ff = if n_expert_used > 0 {
-        num("expert_feed_forward_length").unwrap_or(0) * n_expert_used
+        // Saturating: a header may claim anything, and the estimate saturates its terms too.
+        num("expert_feed_forward_length")
+            .unwrap_or(0)
+            .saturating_mul(n_expert_used)
     } else {
         0
     }
@@ -209,7 +220,7 @@ fn open_gguf(path: &Path) -> Result<Model, String> {
         n_ff,
         n_head,
         n_expert_used,
-        source: path.display().to_string(),
+        source: source.to_string(),
     })
 }
 
@@ -232,11 +243,22 @@ fn open_safetensors(path: &Path) -> Result<Model, String> {
     let config_path = dir.join("config.json");
     let json = safetensors::read_json(&config_path)
         .map_err(|e| format!("{e} (the architecture comes from config.json beside the weights)"))?;
-    let config = HfConfig::from_json(&json)?;
+    let shards: Vec<safetensors::SafetensorsFile> = shards.into_iter().map(|(_, f)| f).collect();
+    from_safetensors(&shards, &json, &path.display().to_string())
+}
+
+/// The model that safetensors shards and their `config.json` (parsed) describe; `source` names
+/// it in reports.
+pub fn from_safetensors(
+    shards: &[safetensors::SafetensorsFile],
+    json: &serde_json::Value,
+    source: &str,
+) -> Result<Model, String> {
+    let config = HfConfig::from_json(json)?;
     let hparams = config.hparams()?;
     let weights = shards
         .iter()
-        .flat_map(|(_, f)| f.tensors.iter())
+        .flat_map(|f| f.tensors.iter())
         .map(|t| Weight {
             name: t.name.clone(),
             bytes: t.bytes,
@@ -255,12 +277,12 @@ fn open_safetensors(path: &Path) -> Result<Model, String> {
         n_ff: config
             .intermediate_size
             .unwrap_or(0)
-            .max(n_ff_exp * n_expert_used),
+            .max(n_ff_exp.saturating_mul(n_expert_used)),
         n_head: config.num_attention_heads.unwrap_or(0),
         n_expert_used,
         hparams,
         weights,
-        source: path.display().to_string(),
+        source: source.to_string(),
     })
 }
 

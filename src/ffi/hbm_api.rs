@@ -27,7 +27,9 @@ pub struct HbmStats {
     /// Allocations served from cached memory, and those that needed the driver.
     pub pool_hits: u64,
     pub pool_misses: u64,
-    /// Times the driver said out of memory and the cache was released before one retry.
+    /// Times the driver said out of memory and the cache was released before one retry: once
+    /// for threads that run out together, and not when releasing could not make room (the
+    /// request is larger than free plus cached memory) or found nothing to give back.
     pub oom_retries: u64,
     /// Device synchronizations made to reuse freed blocks safely.
     pub syncs: u64,

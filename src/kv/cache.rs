@@ -545,8 +545,12 @@ impl KvCache {
         if free.is_empty() {
             return 0;
         }
-        // Work queued on the freed sequences' pages must be done before they go.
-        let _ = self.backend.synchronize();
+        // Work queued on the freed sequences' pages must be done before they go; if the device
+        // cannot say it is, the pages stay (on the free list) for a later trim.
+        if self.backend.synchronize().is_err() {
+            st.free_list = free;
+            return 0;
+        }
         let mut given = 0u64;
         for slot in free {
             let s = &mut st.slots[slot as usize];

@@ -4,7 +4,8 @@
 //! does the reverse. The pool keeps no map of live blocks: its caller's tracker does. No global lock, no driver call.
 //! Slow path (`*_slow`): best fit from the arena (`arena`), refilling the shard in batches; else a
 //! device synchronize if enough freed memory waits for one; else a new chunk from the driver; on
-//! out-of-memory, release every cached byte and retry once.
+//! out-of-memory, release every cached byte and retry once (one release per storm of threads
+//! running out together: `backend::reclaim::ReleaseGate`).
 //!
 //! Stream safety. The runtime's `cudaFree` synchronizes the device, so work queued before the
 //! free can never see the block reused. This pool gets the same guarantee without paying a
@@ -25,6 +26,7 @@ use super::thread_cache::{
     exits, is_cached_class, is_orphan, my_shard, note_owner, owner_of, thread_tag, Evicted,
     PaddedShard, N_SHARDS, UNSYNCED,
 };
+use crate::backend::reclaim::{ReleaseGate, Released};
 use crate::backend::{DevicePtr, SharedBackend, Stream};
 use crate::config::{Config, StreamSafety};
 use crate::error::{Error, Result};
@@ -157,6 +159,8 @@ pub struct CachingPool {
     /// `thread_cache::exits()` when this pool last adopted the shards of exited threads.
     seen_exits: AtomicU64,
     slow: SlowCounters,
+    /// Out-of-memory releases of the cache, one per storm; counted as `oom_retries`.
+    releases: ReleaseGate,
 }
 
 impl CachingPool {
@@ -185,6 +189,7 @@ impl CachingPool {
             sync_lock: Mutex::new(()),
             seen_exits: AtomicU64::new(0),
             slow: SlowCounters::default(),
+            releases: ReleaseGate::default(),
         }
     }
 
@@ -356,7 +361,7 @@ impl CachingPool {
         s.driver_allocs = self.slow.driver_allocs.load(Ordering::Relaxed);
         s.driver_frees = self.slow.driver_frees.load(Ordering::Relaxed);
         s.pool_misses = self.slow.misses.load(Ordering::Relaxed);
-        s.oom_retries = self.slow.oom_retries.load(Ordering::Relaxed);
+        s.oom_retries = self.releases.releases();
         s.syncs = self.slow.syncs.load(Ordering::Relaxed);
         s
     }
@@ -366,11 +371,13 @@ impl CachingPool {
     /// shard lock while it waits for another, and the backend calls nothing above it), for
     /// `fork`: the child then finds none held by a thread it lacks.
     pub fn lock_all(&self) -> PoolLocks<'_> {
+        let release = self.releases.lock_for_fork();
         let sync = lock(&self.sync_lock);
         let small = lock(&self.small);
         let large = lock(&self.large);
         let shards = self.shards.iter().map(PaddedShard::lock_all).collect();
         PoolLocks {
+            _release: release,
             _sync: sync,
             _arenas: [small, large],
             _shards: shards,
@@ -494,21 +501,10 @@ impl CachingPool {
         if let Some(ptr) = self.reclaim_before_grow(block, own_waiting, ordered)? {
             return Ok((ptr, true));
         }
+        let ticket = self.releases.ticket();
         match self.grow(block) {
             Ok(ptr) => Ok((ptr, false)),
-            Err(Error::OutOfMemory { .. }) => {
-                SlowCounters::bump(&self.slow.oom_retries);
-                // Release everything cached (after a synchronize), then try once more.
-                let _ = self.trim();
-                if let Some(ptr) = self.take_from_arena(block) {
-                    return Ok((ptr, true));
-                }
-                self.grow(block).map(|p| (p, false)).inspect_err(|e| {
-                    if matches!(e, Error::OutOfMemory { .. }) {
-                        self.report_oom(block);
-                    }
-                })
-            }
+            Err(e @ Error::OutOfMemory { .. }) => self.retry_after_oom_slow(block, ticket, e),
             Err(e) => Err(e),
         }
     }
@@ -542,6 +538,15 @@ impl CachingPool {
         // batch rule above (a pair loop synchronizes once per batch, not once per pair).
         let slack = reserved.saturating_sub(in_use).saturating_sub(own_waiting);
         if grown <= bound || slack < block {
+            return Ok(None);
+        }
+        // A device that cannot give the chunk is out of memory: the release there is the
+        // out-of-memory path's, once per storm (`ReleaseGate`), not one per thread here.
+        if self
+            .backend
+            .mem_info()
+            .is_ok_and(|(free, _)| free < chunk_size(block))
+        {
             return Ok(None);
         }
         for shard in self.shards.iter() {
@@ -595,6 +600,50 @@ impl CachingPool {
             }
         }
         released
+    }
+
+    /// The driver is out of memory: release everything cached (once per storm), then try once
+    /// more. `ticket` was taken before the failed attempt.
+    #[cold]
+    #[inline(never)]
+    fn retry_after_oom_slow(
+        &self,
+        block: usize,
+        ticket: u64,
+        oom: Error,
+    ) -> Result<(DevicePtr, bool)> {
+        let retried = if self.release_for(ticket, block).worth_retry() {
+            match self.take_from_arena(block) {
+                Some(ptr) => return Ok((ptr, true)),
+                None => self.grow(block).map(|p| (p, false)),
+            }
+        } else {
+            Err(oom)
+        };
+        retried.inspect_err(|e| {
+            if matches!(e, Error::OutOfMemory { .. }) {
+                self.report_oom(block);
+            }
+        })
+    }
+
+    /// After an attempt that took `ticket` (`release_ticket`) ran out of memory wanting
+    /// `bytes`: gives every cached byte back to the driver, unless another thread's release did
+    /// since or releasing cannot make room (free device memory plus the cache fall short).
+    pub fn release_for(&self, ticket: u64, bytes: usize) -> Released {
+        let room = || {
+            let s = self.stats();
+            let cached = s.reserved.saturating_sub(s.in_use) as usize;
+            let free = self.backend.mem_info().map_or(usize::MAX, |(free, _)| free);
+            cached > 0 && free.saturating_add(cached) >= bytes
+        };
+        self.releases
+            .release_after(ticket, room, || self.trim().unwrap_or(0))
+    }
+
+    /// A ticket for `release_for`, taken before an attempt that may run out of memory.
+    pub fn release_ticket(&self) -> u64 {
+        self.releases.ticket()
     }
 
     /// Best fit from the arena; for cached classes, also moves a batch into this thread's shard.
@@ -801,6 +850,7 @@ fn stream_key(stream: Stream) -> Stream {
 
 /// Every lock of one pool, held until dropped (`CachingPool::lock_all`).
 pub struct PoolLocks<'a> {
+    _release: MutexGuard<'a, ()>,
     _sync: MutexGuard<'a, ()>,
     _arenas: [MutexGuard<'a, Arena>; 2],
     _shards: Vec<super::thread_cache::ShardLocks<'a>>,

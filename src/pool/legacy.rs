@@ -155,23 +155,36 @@ impl LegacyPool {
         };
         st.live.remove(&ptr);
         st.counters.on_free(actual);
-        if st.cached.len() >= self.options.max_cached_buffers as usize {
-            // ggml gives the freed buffer itself back when its slots are full; so do we.
-            self.backend.synchronize()?;
-            crate::nvtx::heap_remove(buf.raw);
-            self.backend.free(buf.raw, buf.raw_size)?;
-            st.counters.on_release(buf.raw_size);
-            st.counters.on_trim();
-        } else {
+        // The free is done from here on: giving memory back to the driver is housekeeping, and
+        // if the device cannot do it now (a failed synchronize) the buffer stays cached, over
+        // the limit, rather than being lost or the free reported as failed.
+        let full = st.cached.len() >= self.options.max_cached_buffers as usize;
+        // ggml gives the freed buffer itself back when its slots are full; so do we.
+        if !(full && self.release_now(&mut st, buf)) {
             let at = st
                 .cached
                 .partition_point(|b| (b.size, b.ptr) < (buf.size, ptr));
             st.cached.insert(at, buf);
         }
         if st.counters.committed() > self.options.release_threshold {
-            self.release_cached(&mut st, self.options.release_threshold)?;
+            let _ = self.release_cached(&mut st, self.options.release_threshold);
         }
         Ok(())
+    }
+
+    /// Gives a freed buffer back to the driver after a synchronize; whether it went.
+    fn release_now(&self, st: &mut State, buf: Buffer) -> bool {
+        if self.backend.synchronize().is_err() {
+            return false;
+        }
+        crate::nvtx::heap_remove(buf.raw);
+        if self.backend.free(buf.raw, buf.raw_size).is_err() {
+            crate::nvtx::heap_add(buf.raw, buf.raw_size, crate::nvtx::HeapKind::ScratchPool);
+            return false;
+        }
+        st.counters.on_release(buf.raw_size);
+        st.counters.on_trim();
+        true
     }
 
     /// Frees cached buffers, largest first, until the pool holds at most `keep` bytes or nothing

@@ -20,7 +20,8 @@ pub struct PoolStats {
     /// Allocations served from cached memory / that needed the driver.
     pub pool_hits: u64,
     pub pool_misses: u64,
-    /// Out-of-memory answers from the driver that led to releasing the cache and retrying.
+    /// Out-of-memory answers from the driver that led to releasing the cache and retrying: once
+    /// per storm of threads running out together, not once per failed allocation.
     pub oom_retries: u64,
     /// Device synchronizations done to make freed blocks reusable.
     pub syncs: u64,
@@ -66,7 +67,6 @@ pub struct SlowCounters {
     pub driver_allocs: AtomicU64,
     pub driver_frees: AtomicU64,
     pub misses: AtomicU64,
-    pub oom_retries: AtomicU64,
     pub syncs: AtomicU64,
 }
 

@@ -5,8 +5,9 @@
 
 pub mod fork;
 
+use crate::backend::fault::Faulty;
 use crate::backend::limit::Limited;
-use crate::backend::reclaim::Reclaiming;
+use crate::backend::reclaim::{Caches, Reclaiming};
 use crate::backend::sim::SimBackend;
 use crate::backend::{host_memory, SharedBackend, HOST_DEVICE};
 use crate::config::{self, BackendKind, MemLimit};
@@ -125,7 +126,7 @@ pub fn backend(device: i32) -> Result<SharedBackend> {
         .get_or_try_init(|| -> Result<SharedBackend> {
             Ok(Arc::new(Reclaiming::new(
                 raw_backend(device)?,
-                Box::new(release_cached),
+                Box::new(DevicePools),
             )))
         })
         .cloned()
@@ -151,6 +152,11 @@ fn raw_backend(device: i32) -> Result<SharedBackend> {
                 Active::Sim => Arc::new(SimBackend::new(device, config::get().sim_capacity)),
                 Active::Cuda => Arc::new(crate::backend::cuda::CudaBackend::new(device)?),
             };
+            let faults = &config::get().fault;
+            let device_backend: SharedBackend = match faults.rules.is_empty() {
+                true => device_backend,
+                false => Arc::new(Faulty::new(device_backend, faults.clone())),
+            };
             let Some(limit) = config::get().limit else {
                 return Ok(device_backend);
             };
@@ -164,11 +170,23 @@ fn raw_backend(device: i32) -> Result<SharedBackend> {
         .cloned()
 }
 
-/// Gives the memory the caching pool of `device` holds cached back to the driver.
-fn release_cached(device: i32) -> usize {
-    match POOLS.get(device as usize).and_then(OnceCell::get) {
-        Some(pool) => pool.trim().unwrap_or(0),
-        None => 0,
+/// The caching pools behind `cudaMalloc`, as the other consumers of a device's memory see them:
+/// out of memory there releases what the device's pool caches, sharing its once-per-storm gate.
+struct DevicePools;
+
+impl Caches for DevicePools {
+    fn ticket(&self, device: i32) -> u64 {
+        POOLS
+            .get(device as usize)
+            .and_then(OnceCell::get)
+            .map_or(0, CachingPool::release_ticket)
+    }
+
+    fn release_for(&self, device: i32, ticket: u64, bytes: usize) -> bool {
+        POOLS
+            .get(device as usize)
+            .and_then(OnceCell::get)
+            .is_some_and(|pool| pool.release_for(ticket, bytes).worth_retry())
     }
 }
 
