@@ -165,7 +165,7 @@ if want sanitizer; then
             pre=(env OOB_EXPECT=$how)
             targets=cudaMalloc
             if [[ $how == hbmalloc ]]; then
-                pre+=(HBMALLOC_CONF=backtrace:off,leak_report:off LD_PRELOAD=$LIB)
+                pre+=(HBMALLOC_CONF=backtrace:off,leak_report:off,nvtx:on LD_PRELOAD=$LIB)
                 targets="cudaMalloc pool-legacy pool-vmm kv-prealloc kv-vmm"
             fi
             for target in $targets; do

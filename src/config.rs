@@ -66,6 +66,10 @@ pub struct Config {
     pub backtrace: bool,
     /// With `backtrace`, also record the Python stack of allocations (`track::python_frames`).
     pub python_frames: PythonFrames,
+    /// `nvtx:on`: annotate pool chunks and blocks for a tool that loads through NVTX
+    /// (compute-sanitizer). Off by default: on the first H200 run the tool refused a heap
+    /// unregister and the annotated program crashed (issue 14), so it is opt-in until it passes.
+    pub nvtx: bool,
     pub leak_report: LeakReport,
     /// Paths are kept as bytes: any Linux path is accepted, UTF-8 or not.
     pub report_path: Option<PathBuf>,
@@ -98,6 +102,7 @@ impl Default for Config {
             backend: BackendKind::Auto,
             backtrace: true,
             python_frames: PythonFrames::On,
+            nvtx: false,
             leak_report: LeakReport::Full,
             report_path: None,
             report_json: None,
@@ -177,6 +182,7 @@ impl Config {
             }
             "backtrace" => self.backtrace = parse_switch(value).ok_or_else(|| bad("on or off"))?,
             "verbose" => self.verbose = parse_switch(value).ok_or_else(|| bad("on or off"))?,
+            "nvtx" => self.nvtx = parse_switch(value).ok_or_else(|| bad("on or off"))?,
             "python_frames" => {
                 self.python_frames = match (value, parse_switch(value)) {
                     ("acquire", _) => PythonFrames::Acquire,

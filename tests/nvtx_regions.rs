@@ -11,7 +11,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 const CHILD: &str = "HBM_NVTX_TEST_CHILD";
-const CONF: &str = "backend:sim,backtrace:off,leak_report:off";
+const CONF: &str = "backend:sim,backtrace:off,leak_report:off,nvtx:on";
 
 fn fake_tool() -> &'static Path {
     static LIB: OnceLock<PathBuf> = OnceLock::new();
@@ -423,4 +423,32 @@ fn no_tool_no_calls_and_bad_tools_are_one_line() {
         .collect();
     assert_eq!(lines.len(), 1, "{}", missing.stderr);
     assert!(lines[0].contains("cannot load it"), "{}", lines[0]);
+}
+
+/// Annotations are opt-in (`nvtx:on`): with a tool named but the switch off, nothing is loaded
+/// and nothing is called.
+#[test]
+fn without_the_switch_a_named_tool_is_not_loaded() {
+    if is_child() {
+        use hbmalloc::ffi::cuda_api::{cudaFree, cudaMalloc};
+        let mut p = std::ptr::null_mut();
+        // SAFETY: a valid out-pointer; freed below.
+        unsafe {
+            assert_eq!(cudaMalloc(&mut p, 4000), 0);
+            assert_eq!(cudaFree(p), 0);
+        }
+        assert!(!hbmalloc::nvtx::active());
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        assert!(
+            !maps.contains("libnvtx_fake_injection"),
+            "the tool was loaded"
+        );
+        return;
+    }
+    let off = run_child(
+        "without_the_switch_a_named_tool_is_not_loaded",
+        true,
+        &[("HBMALLOC_CONF", "backend:sim,backtrace:off,leak_report:off")],
+    );
+    assert!(off.log.is_empty(), "{:#?}", off.log);
 }

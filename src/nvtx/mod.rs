@@ -66,7 +66,8 @@ fn tool_slow() -> Option<&'static Tool> {
                 {
                     // A fork while this thread looks must find the child handler in place.
                     crate::process::watch_forks();
-                    let on = inject::attach().is_some_and(|t| TOOL.set(t).is_ok());
+                    let on = crate::config::get().nvtx
+                        && inject::attach().is_some_and(|t| TOOL.set(t).is_ok());
                     STATE.store(if on { ON } else { OFF }, Ordering::Release);
                 }
             }
