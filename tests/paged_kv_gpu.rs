@@ -316,9 +316,9 @@ fn contiguous_attention(
 
 /// Tolerance of the paged attention against the f64 contiguous reference: f32 dot products of
 /// 128 terms and softmax sums of up to ~1000 terms, on inputs of magnitude <= 0.5.
-/// Relative to 1 + |want|. f32 softmax and sums over up to 681 tokens against f64: the first H200
-/// run (2026-12-04) measured 1.04e-4 on an F16 cache, past the 1e-4 first chosen.
-const ATTN_TOL: f64 = 1e-3;
+/// Relative to 1 + |want|. Two H200 runs (2026-12-04) failed it on F16 with different values at
+/// the same sequence (1.0e-4, then 1.1e-3): not rounding but a defect still open (issue 12).
+const ATTN_TOL: f64 = 1e-4;
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
