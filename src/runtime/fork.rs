@@ -9,8 +9,8 @@
 //! pools of a CUDA process answer as the runtime does in a forked child. The simulated device,
 //! host memory, keeps working.
 //!
-//! Not covered here: the tracker's live-table entries, which a thread may hold for the length of
-//! one insert or remove; the tracker must quiesce those itself.
+//! The tracker's live-table keys, which a thread holds for the length of one insert or remove,
+//! are not locked at fork: the child drops those held (`track::after_fork_child`).
 
 use crate::pool::caching::PoolLocks;
 use crate::runtime;
@@ -59,6 +59,7 @@ extern "C" fn child() {
     release();
     crate::process::note_forked_child(runtime::active_if_decided() == Some(runtime::Active::Cuda));
     crate::pool::thread_cache::after_fork_child();
+    crate::track::after_fork_child();
 }
 
 fn release() {

@@ -80,6 +80,23 @@ pub struct LiveTable {
     overflow_len: AtomicUsize,
 }
 
+impl LiveTable {
+    /// In a child after `fork`: every key another thread held at the fork is dropped. Its
+    /// holder does not exist here, so it would never be released, and the next thread to probe
+    /// that bucket would spin forever; the entry was being written or removed, so its record is
+    /// not to be trusted either (the child reports none of the parent's allocations). Only the
+    /// forking thread runs, so plain stores suffice.
+    pub fn after_fork_child(&self) {
+        for bucket in self.buckets.iter() {
+            for key in &bucket.keys {
+                if key.load(Ordering::Relaxed) & HELD != 0 {
+                    key.store(0, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}
+
 // SAFETY: a slot is read or written only by the thread holding its key word (see the module
 // doc), whose acquire/release operations order those accesses; `Slot` is plain data.
 unsafe impl Sync for LiveTable {}
@@ -471,6 +488,39 @@ mod tests {
             stack: StackId::NONE,
             origin: Origin::CudaMalloc,
         }
+    }
+
+    /// A key held by a thread that is gone (a child after `fork`) is dropped by
+    /// `after_fork_child`, so the next look-up of its bucket does not spin forever.
+    #[test]
+    fn a_key_held_at_fork_is_dropped_in_the_child() {
+        let t = Arc::new(LiveTable::default());
+        t.insert(0x1000, live(64));
+        let held = t
+            .buckets
+            .iter()
+            .flat_map(|b| b.keys.iter())
+            .find(|k| k.load(Ordering::Relaxed) == 0x1000)
+            .expect("the key is in its bucket");
+        held.store(0x1000 | HELD, Ordering::Relaxed); // its holder "forked away"
+        t.after_fork_child();
+        let t2 = t.clone();
+        let done = std::thread::spawn(move || (t2.get(0x1000), t2.remove_if(0x1000, |_| true)));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !done.is_finished() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a look-up spun on the held key"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let (got, removed) = done.join().unwrap();
+        assert!(
+            got.is_none() && removed.is_none(),
+            "the half-written entry is gone"
+        );
+        t.insert(0x1000, live(128));
+        assert_eq!(t.get(0x1000).map(|l| l.size), Some(128));
     }
 
     fn all(t: &LiveTable) -> Vec<(usize, u64)> {

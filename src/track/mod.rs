@@ -189,6 +189,13 @@ pub(crate) fn global_if_started() -> Option<&'static Tracker> {
     GLOBAL.get()
 }
 
+/// In a child after `fork`: drops the table keys threads the child lacks were holding.
+pub fn after_fork_child() {
+    if let Some(t) = GLOBAL.get() {
+        t.after_fork_child();
+    }
+}
+
 /// Records a new live allocation in the global tracker (and its stack, if `backtrace:on`).
 #[inline]
 pub fn on_alloc(ptr: usize, size: usize, device: i32, stream: usize, origin: Origin) {

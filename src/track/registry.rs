@@ -80,6 +80,11 @@ pub struct Tracker {
 }
 
 impl Tracker {
+    /// In a child after `fork` (see `LiveTable::after_fork_child`).
+    pub fn after_fork_child(&self) {
+        self.live.after_fork_child();
+    }
+
     pub fn new(settings: Settings) -> Tracker {
         Tracker {
             live: LiveTable::default(),
