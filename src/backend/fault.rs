@@ -7,8 +7,7 @@
 //! surfaces). Every injection prints one line on stderr saying which call failed. Calls are
 //! counted per operation and per device, from 1, so a plan picks the Nth call exactly.
 
-use super::{Backend, DevicePtr, Event, Held, KvRows, SharedBackend, Stream};
-use crate::dtype::HbmType;
+use super::{Backend, DevicePtr, Event, SharedBackend, Stream};
 use crate::error::{Error, Result};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -102,21 +101,9 @@ impl Faulty {
 }
 
 impl Backend for Faulty {
-    fn name(&self) -> &'static str {
-        self.upstream.name()
-    }
-    fn device(&self) -> i32 {
-        self.upstream.device()
-    }
     fn alloc(&self, size: usize) -> Result<DevicePtr> {
         self.check(FaultOp::Alloc, size)?;
         self.upstream.alloc(size)
-    }
-    fn free(&self, ptr: DevicePtr, size: usize) -> Result<()> {
-        self.upstream.free(ptr, size)
-    }
-    fn mem_info(&self) -> Result<(usize, usize)> {
-        self.upstream.mem_info()
     }
     fn synchronize(&self) -> Result<()> {
         self.check(FaultOp::Sync, 0)?;
@@ -126,24 +113,9 @@ impl Backend for Faulty {
         self.check(FaultOp::Event, 0)?;
         self.upstream.event_record(stream)
     }
-    fn event_done(&self, event: Event) -> Result<bool> {
-        self.upstream.event_done(event)
-    }
-    fn event_release(&self, event: Event) {
-        self.upstream.event_release(event)
-    }
-    fn lock_for_fork(&self) -> Option<Box<dyn Held + '_>> {
-        self.upstream.lock_for_fork()
-    }
-    fn vmm_granularity(&self) -> Option<usize> {
-        self.upstream.vmm_granularity()
-    }
     fn vmm_reserve(&self, size: usize) -> Result<DevicePtr> {
         self.check(FaultOp::Reserve, size)?;
         self.upstream.vmm_reserve(size)
-    }
-    fn vmm_release(&self, base: DevicePtr, size: usize) -> Result<()> {
-        self.upstream.vmm_release(base, size)
     }
     fn vmm_map(&self, ptr: DevicePtr, size: usize) -> Result<()> {
         self.check(FaultOp::Map, size)?;
@@ -156,24 +128,7 @@ impl Backend for Faulty {
         }
         Ok(())
     }
-    fn vmm_unmap(&self, ptr: DevicePtr, size: usize) -> Result<()> {
-        self.upstream.vmm_unmap(ptr, size)
-    }
-    fn copy_d2d(&self, dst: DevicePtr, src: DevicePtr, size: usize, stream: Stream) -> Result<()> {
-        self.upstream.copy_d2d(dst, src, size, stream)
-    }
-    fn copy_to_host(&self, dst: &mut [u8], src: DevicePtr) -> Result<()> {
-        self.upstream.copy_to_host(dst, src)
-    }
-    fn copy_from_host(&self, dst: DevicePtr, src: &[u8]) -> Result<()> {
-        self.upstream.copy_from_host(dst, src)
-    }
-    fn kv_append(&self, src: DevicePtr, ty: HbmType, dst: &KvRows, stream: Stream) -> Result<()> {
-        self.upstream.kv_append(src, ty, dst, stream)
-    }
-    fn kv_dequantize(&self, src: &KvRows, dst: DevicePtr, ty: HbmType, s: Stream) -> Result<()> {
-        self.upstream.kv_dequantize(src, dst, ty, s)
-    }
+    forward_backend!(upstream; name, device, free, mem_info, report_out_of_memory, event_done, event_release, lock_for_fork, vmm_granularity, vmm_release, vmm_unmap, copy_d2d, copy_to_host, copy_from_host, copy_from_host_on, kv_append, kv_dequantize, kv_append_jobs, kv_dequantize_jobs, paged_decode_attention);
 }
 
 #[cfg(test)]

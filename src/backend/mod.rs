@@ -4,6 +4,181 @@
 //! `cudaMallocHost` comes from a backend whose device is `HOST_DEVICE`). It knows nothing of
 //! pooling, tracking or interposition: pools sit above it and call it only on their slow paths.
 
+/// Forwards the named `Backend` methods to `self.$up` unchanged. The adaptors over a backend
+/// (`Limited`, `Reclaiming`, `Faulty`) change a few calls and must pass every other one through,
+/// those with a default body too: a default would run in place of the upstream's own (the CUDA
+/// backend's batched paged-KV kernels fell back to one launch per row through an adaptor).
+macro_rules! forward_backend {
+    ($up:ident; $($m:ident),* $(,)?) => { $( forward_backend!(@ $up $m); )* };
+    (@ $up:ident name) => { fn name(&self) -> &'static str { self.$up.name() } };
+    (@ $up:ident device) => { fn device(&self) -> i32 { self.$up.device() } };
+    (@ $up:ident alloc) => {
+        fn alloc(&self, size: usize) -> $crate::error::Result<$crate::backend::DevicePtr> {
+            self.$up.alloc(size)
+        }
+    };
+    (@ $up:ident free) => {
+        fn free(&self, ptr: $crate::backend::DevicePtr, size: usize) -> $crate::error::Result<()> {
+            self.$up.free(ptr, size)
+        }
+    };
+    (@ $up:ident mem_info) => {
+        fn mem_info(&self) -> $crate::error::Result<(usize, usize)> { self.$up.mem_info() }
+    };
+    (@ $up:ident report_out_of_memory) => {
+        fn report_out_of_memory(&self, requested: usize) { self.$up.report_out_of_memory(requested) }
+    };
+    (@ $up:ident synchronize) => {
+        fn synchronize(&self) -> $crate::error::Result<()> { self.$up.synchronize() }
+    };
+    (@ $up:ident event_record) => {
+        fn event_record(
+            &self,
+            stream: $crate::backend::Stream,
+        ) -> $crate::error::Result<$crate::backend::Event> {
+            self.$up.event_record(stream)
+        }
+    };
+    (@ $up:ident event_done) => {
+        fn event_done(&self, event: $crate::backend::Event) -> $crate::error::Result<bool> {
+            self.$up.event_done(event)
+        }
+    };
+    (@ $up:ident event_release) => {
+        fn event_release(&self, event: $crate::backend::Event) { self.$up.event_release(event) }
+    };
+    (@ $up:ident lock_for_fork) => {
+        fn lock_for_fork(&self) -> Option<Box<dyn $crate::backend::Held + '_>> {
+            self.$up.lock_for_fork()
+        }
+    };
+    (@ $up:ident vmm_granularity) => {
+        fn vmm_granularity(&self) -> Option<usize> { self.$up.vmm_granularity() }
+    };
+    (@ $up:ident vmm_reserve) => {
+        fn vmm_reserve(&self, size: usize) -> $crate::error::Result<$crate::backend::DevicePtr> {
+            self.$up.vmm_reserve(size)
+        }
+    };
+    (@ $up:ident vmm_release) => {
+        fn vmm_release(
+            &self,
+            base: $crate::backend::DevicePtr,
+            size: usize,
+        ) -> $crate::error::Result<()> {
+            self.$up.vmm_release(base, size)
+        }
+    };
+    (@ $up:ident vmm_map) => {
+        fn vmm_map(&self, ptr: $crate::backend::DevicePtr, size: usize) -> $crate::error::Result<()> {
+            self.$up.vmm_map(ptr, size)
+        }
+    };
+    (@ $up:ident vmm_unmap) => {
+        fn vmm_unmap(
+            &self,
+            ptr: $crate::backend::DevicePtr,
+            size: usize,
+        ) -> $crate::error::Result<()> {
+            self.$up.vmm_unmap(ptr, size)
+        }
+    };
+    (@ $up:ident copy_d2d) => {
+        fn copy_d2d(
+            &self,
+            dst: $crate::backend::DevicePtr,
+            src: $crate::backend::DevicePtr,
+            size: usize,
+            stream: $crate::backend::Stream,
+        ) -> $crate::error::Result<()> {
+            self.$up.copy_d2d(dst, src, size, stream)
+        }
+    };
+    (@ $up:ident copy_to_host) => {
+        fn copy_to_host(
+            &self,
+            dst: &mut [u8],
+            src: $crate::backend::DevicePtr,
+        ) -> $crate::error::Result<()> {
+            self.$up.copy_to_host(dst, src)
+        }
+    };
+    (@ $up:ident copy_from_host) => {
+        fn copy_from_host(
+            &self,
+            dst: $crate::backend::DevicePtr,
+            src: &[u8],
+        ) -> $crate::error::Result<()> {
+            self.$up.copy_from_host(dst, src)
+        }
+    };
+    (@ $up:ident copy_from_host_on) => {
+        fn copy_from_host_on(
+            &self,
+            dst: $crate::backend::DevicePtr,
+            src: &[u8],
+            stream: $crate::backend::Stream,
+        ) -> $crate::error::Result<()> {
+            self.$up.copy_from_host_on(dst, src, stream)
+        }
+    };
+    (@ $up:ident kv_append) => {
+        fn kv_append(
+            &self,
+            src: $crate::backend::DevicePtr,
+            ty: $crate::dtype::HbmType,
+            dst: &$crate::backend::KvRows,
+            stream: $crate::backend::Stream,
+        ) -> $crate::error::Result<()> {
+            self.$up.kv_append(src, ty, dst, stream)
+        }
+    };
+    (@ $up:ident kv_dequantize) => {
+        fn kv_dequantize(
+            &self,
+            src: &$crate::backend::KvRows,
+            dst: $crate::backend::DevicePtr,
+            ty: $crate::dtype::HbmType,
+            stream: $crate::backend::Stream,
+        ) -> $crate::error::Result<()> {
+            self.$up.kv_dequantize(src, dst, ty, stream)
+        }
+    };
+    (@ $up:ident kv_append_jobs) => {
+        fn kv_append_jobs(
+            &self,
+            jobs: &[$crate::backend::AppendJob],
+            device_jobs: $crate::backend::DevicePtr,
+            src_type: $crate::dtype::HbmType,
+            dst_type: $crate::dtype::HbmType,
+            stream: $crate::backend::Stream,
+        ) -> $crate::error::Result<()> {
+            self.$up.kv_append_jobs(jobs, device_jobs, src_type, dst_type, stream)
+        }
+    };
+    (@ $up:ident kv_dequantize_jobs) => {
+        fn kv_dequantize_jobs(
+            &self,
+            jobs: &[$crate::backend::GatherJob],
+            device_jobs: $crate::backend::DevicePtr,
+            src_type: $crate::dtype::HbmType,
+            dst_type: $crate::dtype::HbmType,
+            stream: $crate::backend::Stream,
+        ) -> $crate::error::Result<()> {
+            self.$up.kv_dequantize_jobs(jobs, device_jobs, src_type, dst_type, stream)
+        }
+    };
+    (@ $up:ident paged_decode_attention) => {
+        fn paged_decode_attention(
+            &self,
+            a: &$crate::backend::DecodeAttention,
+            stream: $crate::backend::Stream,
+        ) -> $crate::error::Result<()> {
+            self.$up.paged_decode_attention(a, stream)
+        }
+    };
+}
+
 pub mod cuda;
 
 /// Devices a process may use (ordinals 0 to 63); every per-device table is this long.
@@ -12,6 +187,9 @@ pub mod fault;
 pub mod limit;
 pub mod reclaim;
 pub mod sim;
+
+#[cfg(test)]
+mod forward_tests;
 
 use crate::dtype::HbmType;
 use crate::error::{Error, Result};

@@ -13,8 +13,7 @@
 //! once: a release drains every thread's cache, synchronizes and frees chunks, so one release
 //! serves every attempt that failed before it; and a release is skipped when it cannot make room.
 
-use super::{Backend, DevicePtr, Event, KvRows, SharedBackend, Stream};
-use crate::dtype::HbmType;
+use super::{Backend, DevicePtr, SharedBackend};
 use crate::error::{Error, Result};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -140,66 +139,13 @@ impl Reclaiming {
 }
 
 impl Backend for Reclaiming {
-    fn name(&self) -> &'static str {
-        self.upstream.name()
-    }
-    fn device(&self) -> i32 {
-        self.upstream.device()
-    }
     fn alloc(&self, size: usize) -> Result<DevicePtr> {
         self.retry(size, || self.upstream.alloc(size))
-    }
-    fn free(&self, ptr: DevicePtr, size: usize) -> Result<()> {
-        self.upstream.free(ptr, size)
-    }
-    fn mem_info(&self) -> Result<(usize, usize)> {
-        self.upstream.mem_info()
-    }
-    fn report_out_of_memory(&self, requested: usize) {
-        self.upstream.report_out_of_memory(requested)
-    }
-    fn synchronize(&self) -> Result<()> {
-        self.upstream.synchronize()
-    }
-    fn event_record(&self, stream: Stream) -> Result<Event> {
-        self.upstream.event_record(stream)
-    }
-    fn event_done(&self, event: Event) -> Result<bool> {
-        self.upstream.event_done(event)
-    }
-    fn event_release(&self, event: Event) {
-        self.upstream.event_release(event)
-    }
-    fn vmm_granularity(&self) -> Option<usize> {
-        self.upstream.vmm_granularity()
-    }
-    fn vmm_reserve(&self, size: usize) -> Result<DevicePtr> {
-        self.upstream.vmm_reserve(size)
-    }
-    fn vmm_release(&self, base: DevicePtr, size: usize) -> Result<()> {
-        self.upstream.vmm_release(base, size)
     }
     fn vmm_map(&self, ptr: DevicePtr, size: usize) -> Result<()> {
         self.retry(size, || self.upstream.vmm_map(ptr, size))
     }
-    fn vmm_unmap(&self, ptr: DevicePtr, size: usize) -> Result<()> {
-        self.upstream.vmm_unmap(ptr, size)
-    }
-    fn copy_d2d(&self, dst: DevicePtr, src: DevicePtr, size: usize, stream: Stream) -> Result<()> {
-        self.upstream.copy_d2d(dst, src, size, stream)
-    }
-    fn copy_to_host(&self, dst: &mut [u8], src: DevicePtr) -> Result<()> {
-        self.upstream.copy_to_host(dst, src)
-    }
-    fn copy_from_host(&self, dst: DevicePtr, src: &[u8]) -> Result<()> {
-        self.upstream.copy_from_host(dst, src)
-    }
-    fn kv_append(&self, src: DevicePtr, ty: HbmType, dst: &KvRows, stream: Stream) -> Result<()> {
-        self.upstream.kv_append(src, ty, dst, stream)
-    }
-    fn kv_dequantize(&self, src: &KvRows, dst: DevicePtr, ty: HbmType, s: Stream) -> Result<()> {
-        self.upstream.kv_dequantize(src, dst, ty, s)
-    }
+    forward_backend!(upstream; name, device, free, mem_info, report_out_of_memory, synchronize, event_record, event_done, event_release, lock_for_fork, vmm_granularity, vmm_reserve, vmm_release, vmm_unmap, copy_d2d, copy_to_host, copy_from_host, copy_from_host_on, kv_append, kv_dequantize, kv_append_jobs, kv_dequantize_jobs, paged_decode_attention);
 }
 
 #[cfg(test)]
