@@ -68,6 +68,42 @@ fn i32_bytes(v: &[i32]) -> impl Iterator<Item = u8> + '_ {
 }
 
 impl PagedKvCache {
+    /// K and V of `layer` (index `i` of its group `grp`), each with the device pointer the
+    /// caller gave for it (`k`, `v`; 0: none), its stored type, elements and bytes per row.
+    fn tensors_with_sources<'a>(
+        &self,
+        grp: &'a super::Group,
+        i: usize,
+        layer: u32,
+        k: DevicePtr,
+        v: DevicePtr,
+    ) -> [(
+        DevicePtr,
+        Option<&'a super::BlockStorage>,
+        HbmType,
+        u32,
+        usize,
+    ); 2] {
+        let l = layer as usize;
+        let d = &self.derived;
+        [
+            (
+                k,
+                Some(&grp.k[i]),
+                self.params.type_k,
+                d.elems_k[l],
+                d.row_k[l],
+            ),
+            (
+                v,
+                grp.v[i].as_ref(),
+                self.params.type_v,
+                d.elems_v[l],
+                d.row_v[l],
+            ),
+        ]
+    }
+
     /// The slots of a step for group `g` as `int32`s (`slot_mapping`'s order), each checked to
     /// lie in a block held by exactly one sequence.
     fn step_slots(&self, st: &State, g: usize, seqs: &[u32], n_new: &[u32]) -> Result<Vec<i32>> {
@@ -165,23 +201,7 @@ impl PagedKvCache {
             if v != 0 && grp.v[i].is_none() {
                 return Err(Error::InvalidValue("V rows for a layer without V"));
             }
-            let l = layer as usize;
-            let tensors = [
-                (
-                    k,
-                    Some(&grp.k[i]),
-                    self.params.type_k,
-                    self.derived.elems_k[l],
-                    self.derived.row_k[l],
-                ),
-                (
-                    v,
-                    grp.v[i].as_ref(),
-                    self.params.type_v,
-                    self.derived.elems_v[l],
-                    self.derived.row_v[l],
-                ),
-            ];
+            let tensors = self.tensors_with_sources(grp, i, layer, k, v);
             for (src, t, ty, elems, row) in tensors {
                 let Some(t) = t.filter(|_| src != 0) else {
                     continue;
@@ -300,23 +320,7 @@ impl PagedKvCache {
                     .filter(|_| matches!(dst_type, HbmType::F32 | HbmType::F16))
                     .ok_or(Error::InvalidValue("gather writes F32 or F16 rows"))
             };
-            let l = layer as usize;
-            let tensors = [
-                (
-                    k,
-                    Some(&grp.k[i]),
-                    self.params.type_k,
-                    self.derived.elems_k[l],
-                    self.derived.row_k[l],
-                ),
-                (
-                    v,
-                    grp.v[i].as_ref(),
-                    self.params.type_v,
-                    self.derived.elems_v[l],
-                    self.derived.row_v[l],
-                ),
-            ];
+            let tensors = self.tensors_with_sources(grp, i, layer, k, v);
             for (dst, t, ty, elems, row) in tensors {
                 let Some(t) = t.filter(|_| dst != 0) else {
                     continue;
