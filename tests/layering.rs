@@ -43,6 +43,11 @@ fn crate_refs(code: &str) -> Vec<String> {
     let mut rest = code;
     while let Some(i) = rest.find("crate::") {
         let after = &rest[i + "crate::".len()..];
+        // `$crate::name!` in a macro names the exported macro at the crate root, not a module.
+        if rest[..i].ends_with('$') {
+            rest = after;
+            continue;
+        }
         let name: String = after
             .chars()
             .take_while(|c| c.is_ascii_lowercase() || *c == '_' || c.is_ascii_digit())

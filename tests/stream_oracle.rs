@@ -15,10 +15,9 @@
 //! `started + 2`; and `cudaFreeAsync` stamping its block one epoch early.
 
 use hbmalloc::backend::sim::SimBackend;
-use hbmalloc::backend::{Backend, DevicePtr, Event, KvRows, Stream};
+use hbmalloc::backend::{Backend, DevicePtr, Event, Stream};
 use hbmalloc::config::StreamSafety;
 use hbmalloc::error::Result;
-use hbmalloc::kv::HbmType;
 use hbmalloc::pool::{CachingPool, PoolSettings};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -78,20 +77,12 @@ impl Oracle {
 }
 
 impl Backend for Oracle {
+    hbmalloc::forward_backend!(sim; alloc, free, mem_info, vmm_reserve, vmm_release, vmm_map, vmm_unmap, copy_d2d, copy_to_host, copy_from_host, kv_append, kv_dequantize);
     fn name(&self) -> &'static str {
         "oracle"
     }
     fn device(&self) -> i32 {
         0
-    }
-    fn alloc(&self, size: usize) -> Result<DevicePtr> {
-        self.sim.alloc(size)
-    }
-    fn free(&self, ptr: DevicePtr, size: usize) -> Result<()> {
-        self.sim.free(ptr, size)
-    }
-    fn mem_info(&self) -> Result<(usize, usize)> {
-        self.sim.mem_info()
     }
     fn synchronize(&self) -> Result<()> {
         let start = self.tick();
@@ -144,33 +135,6 @@ impl Backend for Oracle {
     }
     fn vmm_granularity(&self) -> Option<usize> {
         None
-    }
-    fn vmm_reserve(&self, size: usize) -> Result<DevicePtr> {
-        self.sim.vmm_reserve(size)
-    }
-    fn vmm_release(&self, base: DevicePtr, size: usize) -> Result<()> {
-        self.sim.vmm_release(base, size)
-    }
-    fn vmm_map(&self, ptr: DevicePtr, size: usize) -> Result<()> {
-        self.sim.vmm_map(ptr, size)
-    }
-    fn vmm_unmap(&self, ptr: DevicePtr, size: usize) -> Result<()> {
-        self.sim.vmm_unmap(ptr, size)
-    }
-    fn copy_d2d(&self, dst: DevicePtr, src: DevicePtr, size: usize, stream: Stream) -> Result<()> {
-        self.sim.copy_d2d(dst, src, size, stream)
-    }
-    fn copy_to_host(&self, dst: &mut [u8], src: DevicePtr) -> Result<()> {
-        self.sim.copy_to_host(dst, src)
-    }
-    fn copy_from_host(&self, dst: DevicePtr, src: &[u8]) -> Result<()> {
-        self.sim.copy_from_host(dst, src)
-    }
-    fn kv_append(&self, src: DevicePtr, ty: HbmType, dst: &KvRows, stream: Stream) -> Result<()> {
-        self.sim.kv_append(src, ty, dst, stream)
-    }
-    fn kv_dequantize(&self, src: &KvRows, dst: DevicePtr, ty: HbmType, s: Stream) -> Result<()> {
-        self.sim.kv_dequantize(src, dst, ty, s)
     }
 }
 

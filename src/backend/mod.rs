@@ -8,8 +8,11 @@
 /// (`Limited`, `Reclaiming`, `Faulty`) change a few calls and must pass every other one through,
 /// those with a default body too: a default would run in place of the upstream's own (the CUDA
 /// backend's batched paged-KV kernels fell back to one launch per row through an adaptor).
+/// Exported (hidden) for test backends in `tests/`.
+#[doc(hidden)]
+#[macro_export]
 macro_rules! forward_backend {
-    ($up:ident; $($m:ident),* $(,)?) => { $( forward_backend!(@ $up $m); )* };
+    ($up:ident; $($m:ident),* $(,)?) => { $( $crate::forward_backend!(@ $up $m); )* };
     (@ $up:ident name) => { fn name(&self) -> &'static str { self.$up.name() } };
     (@ $up:ident device) => { fn device(&self) -> i32 { self.$up.device() } };
     (@ $up:ident alloc) => {

@@ -6,7 +6,7 @@
 #![allow(dead_code)]
 
 use hbmalloc::backend::sim::{SimBackend, SIM_GRANULARITY};
-use hbmalloc::backend::{Backend, DevicePtr, Event, Stream};
+use hbmalloc::backend::{Backend, DevicePtr};
 use hbmalloc::error::{Error, Result};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -53,32 +53,12 @@ impl Strict {
 }
 
 impl Backend for Strict {
+    hbmalloc::forward_backend!(sim; alloc, free, mem_info, synchronize, event_record, event_done, event_release, copy_d2d, copy_to_host, copy_from_host);
     fn name(&self) -> &'static str {
         "strict-sim"
     }
     fn device(&self) -> i32 {
         0
-    }
-    fn alloc(&self, size: usize) -> Result<DevicePtr> {
-        self.sim.alloc(size)
-    }
-    fn free(&self, ptr: DevicePtr, size: usize) -> Result<()> {
-        self.sim.free(ptr, size)
-    }
-    fn mem_info(&self) -> Result<(usize, usize)> {
-        self.sim.mem_info()
-    }
-    fn synchronize(&self) -> Result<()> {
-        self.sim.synchronize()
-    }
-    fn event_record(&self, stream: Stream) -> Result<Event> {
-        self.sim.event_record(stream)
-    }
-    fn event_done(&self, event: Event) -> Result<bool> {
-        self.sim.event_done(event)
-    }
-    fn event_release(&self, event: Event) {
-        self.sim.event_release(event)
     }
     fn vmm_granularity(&self) -> Option<usize> {
         (!self.no_vmm).then_some(G)
@@ -120,14 +100,5 @@ impl Backend for Strict {
             maps.remove(&s);
         }
         self.sim.vmm_unmap(ptr, size)
-    }
-    fn copy_d2d(&self, dst: DevicePtr, src: DevicePtr, size: usize, stream: Stream) -> Result<()> {
-        self.sim.copy_d2d(dst, src, size, stream)
-    }
-    fn copy_to_host(&self, dst: &mut [u8], src: DevicePtr) -> Result<()> {
-        self.sim.copy_to_host(dst, src)
-    }
-    fn copy_from_host(&self, dst: DevicePtr, src: &[u8]) -> Result<()> {
-        self.sim.copy_from_host(dst, src)
     }
 }
