@@ -4,7 +4,8 @@
 # then, from the repository root on the GPU machine (CUDA toolkit, driver, python3 + torch):
 #   bash scripts/gpu-check.sh [section ...]   sections: rust c limit stream reliability sanitizer torch bench demo examples
 #   (bench also runs PyTorch's and RMM's allocators and the hbm_* C API: bench/peer_bench.cpp)
-#   (not run by default: `replay`, real workloads and their traces replayed against every peer,
+#   (not run by default: `llama`, llama.cpp built with CUDA and run with and without hbmalloc
+#   (scripts/gpu-llama.sh); `replay`, real workloads and their traces replayed against every peer,
 #   after `bench`; `profile`, perf of the drop-in path, after `bench`)
 # Logs go to gpu-out/ (and, packed with the summary, to $OUT where the device tool runs it); a
 # table of what ran is printed last. Exits 1 if anything failed.
@@ -31,6 +32,13 @@ record() { # name status detail
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 
 [[ -f $LIB ]] || { echo "gpu-check: $LIB missing: run scripts/gpu-stage.sh on the build machine"; exit 2; }
+# llama.cpp's CUDA build takes minutes of every core: beside correctness sections it runs in the
+# background from the start; beside a timing section (bench, replay, profile) it runs alone, last.
+LLAMA_BUILD_PID=
+if want llama && ! want bench && ! want replay && ! want profile; then
+    bash scripts/gpu-llama.sh build "$LOG" >"$LOG/llama-build.out" 2>&1 &
+    LLAMA_BUILD_PID=$!
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$LOG/gpu.txt"
 CARD=$(head -1 "$LOG/gpu.txt")
 # The host's cores matter to the thread-scaling figures (hyperthreads are not cores).
@@ -40,7 +48,9 @@ if want rust; then
     for t in "$STAGE"/tests/*; do
         name=$(basename "$t")
         # Only binaries with GPU tests (marked #[ignore = "needs a CUDA GPU"]) run here.
-        "$t" --list --ignored 2>/dev/null | grep -q ': test' || continue
+        # (Read whole: `grep -q` in a pipe under pipefail can SIGPIPE the binary and skip it.)
+        listing=$("$t" --list --ignored 2>/dev/null || true)
+        [[ $listing == *': test'* ]] || continue
         if "$t" --ignored --test-threads=1 >"$LOG/rust-$name.log" 2>&1; then
             record "rust $name (GPU tests)" PASS "$(grep -o '[0-9]* passed' "$LOG/rust-$name.log" | tail -1)"
         else
@@ -412,6 +422,13 @@ if want examples; then
         fi
         cat "$LOG/example-$name.log"
     done
+fi
+
+if want llama; then
+    if [[ -n $LLAMA_BUILD_PID ]]; then wait "$LLAMA_BUILD_PID"; else bash scripts/gpu-llama.sh build "$LOG" >"$LOG/llama-build.out" 2>&1; fi
+    while IFS='|' read -r _ name status detail; do
+        record "$name" "$status" "$detail"
+    done < <(bash scripts/gpu-llama.sh check "$LOG" "$LIB" 2>"$LOG/llama-check.err" | tee "$LOG/llama-check.out" | grep '^RESULT|')
 fi
 
 if [[ -n ${OUT:-} ]]; then

@@ -23,8 +23,11 @@ for line in sys.stdin:
 '
 # Only test binaries with GPU tests (#[ignore = "needs a CUDA GPU"]) run there; the rest, and the
 # CLI's debug info, would take the stage past the device tool's 64 MiB carry limit.
+# (The listing is read whole first: `grep -q` in a pipeline under pipefail can stop the binary
+# with SIGPIPE and drop a binary that has GPU tests, as paged_kv_gpu once was.)
 for t in gpu-stage/tests/*; do
-    "$t" --list --ignored 2>/dev/null | grep -q ': test' || rm -f "$t"
+    listing=$("$t" --list --ignored 2>/dev/null || true)
+    [[ $listing == *': test'* ]] || rm -f "$t"
 done
 strip --strip-debug gpu-stage/hbmalloc gpu-stage/tests/* gpu-stage/examples/* 2>/dev/null || true
 # RMM, a peer in gpu-check's benchmark: its wheels carry headers and libraries (the GPU machine
@@ -32,6 +35,27 @@ strip --strip-debug gpu-stage/hbmalloc gpu-stage/tests/* gpu-stage/examples/* 2>
 mkdir -p gpu-stage/peers
 pip download --quiet --no-deps --dest gpu-stage/peers librmm-cu13==26.10.0 rapids-logger==0.3.0 \
     || echo "gpu-stage: could not download the RMM wheels; the benchmark will run without RMM"
+# llama.cpp, for gpu-check's `llama` section (built there with CUDA, the runtime linked shared so
+# LD_PRELOAD reaches it): its source ships in the llama-cpp-python source distribution. Only what
+# a CUDA build needs travels (models, docs, other backends left out: 5 MiB instead of 176).
+# Cached in target/ (keyed by version); skipped, with a line, where PyPI cannot be reached.
+LLAMA_CPP_PY=${LLAMA_CPP_PY:-0.3.36}
+llama_tar=target/llama-src-$LLAMA_CPP_PY.tar.xz
+if [[ ! -f $llama_tar ]]; then
+    sdist=$(mktemp -d)
+    if pip download --quiet --no-deps --no-binary :all: --dest "$sdist" "llama-cpp-python==$LLAMA_CPP_PY" 2>/dev/null; then
+        tar xzf "$sdist"/llama_cpp_python-*.tar.gz -C "$sdist"
+        tar cJf "$llama_tar" -C "$sdist"/llama_cpp_python-*/vendor \
+            --exclude=llama.cpp/models --exclude=llama.cpp/docs --exclude=llama.cpp/media \
+            --exclude=llama.cpp/tools/ui --exclude='llama.cpp/.git*' \
+            $(for b in sycl vulkan opencl metal cann musa webgpu hexagon; do echo "--exclude=llama.cpp/ggml/src/ggml-$b"; done) \
+            llama.cpp
+    else
+        echo "gpu-stage: could not download llama-cpp-python $LLAMA_CPP_PY; gpu-check's llama section will skip"
+    fi
+    rm -rf "$sdist"
+fi
+[[ -f $llama_tar ]] && cp "$llama_tar" gpu-stage/llama-src.tar.xz
 # HBM_REF="name=commit ...": those commits' libraries too, as gpu-stage/ref/<name>/libhbmalloc.so,
 # for gpu-check's benchmark to run beside the current one (before/after from the same run).
 for ref in ${HBM_REF:-}; do
