@@ -52,7 +52,7 @@ fi
 
 # llama-bench on a 150 M-parameter random model: prompt processing and generation, plain and
 # preloaded in interleaved rounds (the preloaded rounds' allocations traced for `replay`).
-model=$LOG/bench-model.gguf
+model=$BLD/bench-model.gguf  # not in LOG: the logs travel back, 300 MiB would not
 python3 scripts/write_test_gguf.py "$model" --layers 8 --embd 1024 --heads 16 --kv-heads 4 --ff 2816 --vocab 32000
 : >"$LOG/llama-bench.txt"
 for round in 1 2 3; do
