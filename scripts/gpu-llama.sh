@@ -43,23 +43,24 @@ fi
 export PYTHONPATH="$SRC/llama.cpp/gguf-py${PYTHONPATH:+:$PYTHONPATH}"
 # estimate-vs-llamacpp.sh runs target/release/hbmalloc; the GPU machine has the staged CLI.
 mkdir -p target/release && [[ -x target/release/hbmalloc ]] || cp gpu-stage/hbmalloc target/release/hbmalloc
-if LLAMA_CPP_BIN=$BIN timeout 240 bash scripts/estimate-vs-llamacpp.sh "$LOG/estimate-vs-llamacpp.md" \
+if LLAMA_CPP_BIN=$BIN LLAMA_LOG_DIR=$LOG/estimate-llama-logs timeout 240 bash scripts/estimate-vs-llamacpp.sh "$LOG/estimate-vs-llamacpp.md" \
     >"$LOG/estimate-vs-llamacpp.log" 2>&1; then
     result "estimate vs llama.cpp" PASS "$(grep -c '^| ' "$LOG/estimate-vs-llamacpp.md") rows in estimate-vs-llamacpp.md"
 else
     result "estimate vs llama.cpp" FAIL "$(tail -3 "$LOG/estimate-vs-llamacpp.log" | tr '\n' ' ' | cut -c1-300)"
 fi
 
-# llama-bench on a 150 M-parameter random model: prompt processing and generation, plain and
+# llama-bench on a 0.85 B-parameter random model (large enough that a 512-token prompt takes tens
+# of milliseconds: a 150 M one ran in 3 ms, all noise): prompt processing and generation, plain and
 # preloaded in interleaved rounds (the preloaded rounds' allocations traced for `replay`).
 model=$BLD/bench-model.gguf  # not in LOG: the logs travel back, 300 MiB would not
-python3 scripts/write_test_gguf.py "$model" --layers 8 --embd 1024 --heads 16 --kv-heads 4 --ff 2816 --vocab 32000
+python3 scripts/write_test_gguf.py "$model" --layers 16 --embd 2048 --heads 16 --kv-heads 4 --ff 5632 --vocab 32000
 : >"$LOG/llama-bench.txt"
 for round in 1 2 3; do
-    "$BIN/llama-bench" -m "$model" -ngl 99 -p 512 -n 128 -r 3 -o csv 2>>"$LOG/llama-bench.err" \
+    "$BIN/llama-bench" -m "$model" -ngl 99 -p 512 -n 128 -r 5 -o csv 2>>"$LOG/llama-bench.err" \
         | sed "s/^/plain,$round,/" >>"$LOG/llama-bench.txt"
     HBMALLOC_CONF=backtrace:off,trace:$LOG/llama-bench.trace LD_PRELOAD=$LIB \
-        "$BIN/llama-bench" -m "$model" -ngl 99 -p 512 -n 128 -r 3 -o csv 2>>"$LOG/llama-bench.err" \
+        "$BIN/llama-bench" -m "$model" -ngl 99 -p 512 -n 128 -r 5 -o csv 2>>"$LOG/llama-bench.err" \
         | sed "s/^/hbmalloc,$round,/" >>"$LOG/llama-bench.txt"
 done
 # The csv's avg_ts column, per configuration and test (pp512, tg128).
@@ -95,9 +96,11 @@ fi
 
 # test-backend-ops, CUDA0 against the CPU, under LD_PRELOAD; its trace proves hbmalloc served it
 # (a clean run prints nothing of ours).
-ops=MUL_MAT,GET_ROWS,CPY,ADD,MUL,SOFT_MAX,ROPE,RMS_NORM,FLASH_ATTN_EXT,SET_ROWS
+# FLASH_ATTN_EXT is left out: its 10^4 cases alone outlast the time box (6765 cases of the others
+# passed in 200 s while it ran).
+ops=MUL_MAT,GET_ROWS,CPY,ADD,MUL,SOFT_MAX,ROPE,RMS_NORM,SET_ROWS
 rm -f "$LOG/test-backend-ops.trace"
-HBMALLOC_CONF=backtrace:off,trace:$LOG/test-backend-ops.trace LD_PRELOAD=$LIB timeout 200 \
+HBMALLOC_CONF=backtrace:off,trace:$LOG/test-backend-ops.trace LD_PRELOAD=$LIB timeout 240 \
     "$BIN/test-backend-ops" test -b CUDA0 -o "$ops" >"$LOG/test-backend-ops.log" 2>&1
 rc=$?
 traced=$(wc -l <"$LOG/test-backend-ops.trace" 2>/dev/null || echo 0)
