@@ -86,16 +86,18 @@ class Results:
         self.units = {}
         self.memory = defaultdict(list)  # (who, trace) -> [(reserved MiB, in use MiB)]
         self.workloads = defaultdict(list)  # (who, workload) -> [{field: value}]
-        self.commands = []
+        self.commands = {}  # file -> the command its "# command:" line names
 
     def read(self, path):
-        for line in open(path):
-            self.parse(line)
+        with open(path) as f:
+            lines = f.readlines()
+        for line in lines:
+            if line.startswith("# command:"):
+                self.commands.setdefault(path, line.split(":", 1)[1].strip())
+            else:
+                self.parse(line)
 
     def parse(self, line):
-        if line.startswith("# command:"):
-            self.commands.append(line.split(":", 1)[1].strip())
-            return
         f = line.split()
         if len(f) == 9 and f[1] == "raw" and f[2].startswith("memory:") and f[8] == "MiB":
             self.memory[(f[0], trace_name(f[2][7:]))].append((float(f[6]), float(f[7])))
@@ -136,7 +138,7 @@ def cell(values, digits=None):
     """Median, and the spread over rounds when there was more than one."""
     fmt = (lambda v: f"{v:.{digits}f}") if digits is not None else num
     m = statistics.median(values)
-    return fmt(m) if len(values) == 1 else f"{fmt(m)} ({fmt(min(values))}-{fmt(max(values))})"
+    return fmt(m) if min(values) == max(values) else f"{fmt(m)} ({fmt(min(values))}-{fmt(max(values))})"
 
 
 def faster(ours, theirs, higher_is_better=False):
@@ -245,10 +247,25 @@ def workload_table(res):
     return out
 
 
-def targets(res):
-    """Issue 13's targets against these results: [(target, measured, verdict)]."""
+def torch_memory(res, trace):
+    """PyTorch's allocator's (reserved, in use) peaks on `trace`, and where they come from: its
+    replay of the trace, else its own run of the program the trace was recorded from."""
+    if ("pytorch", trace) in res.memory:
+        return ratio_of(res.memory[("pytorch", trace)]), "PyTorch's"
+    runs = res.workloads.get(("pytorch", trace))
+    if runs:
+        mem = [(r["peak_reserved_mib"], r["peak_in_use_mib"]) for r in runs]
+        return ratio_of(mem), "PyTorch's own run"
+    return None, None
+
+
+def targets(res, tables):
+    """Issue 13's targets against these results, those of the chosen tables:
+    [(target, measured, verdict)]."""
     rows = []
     pair_cases = [c for c in CASES if c.startswith("pair:") and ("hbmalloc", "malloc", c) in res.values]
+    if "pairs" not in tables:
+        pair_cases = []
 
     def pair_target(who, want, label):
         if not pair_cases:
@@ -268,7 +285,7 @@ def targets(res):
 
     pair_target("hbmalloc", 7, "pair at least 7x faster than the fastest peer, backtraces off")
     pair_target("hbmalloc+bt", 1, "pair no slower than the fastest peer, backtraces on")
-    if ("hbmalloc", "malloc", "threads:16") in res.values:
+    if "pairs" in tables and ("hbmalloc", "malloc", "threads:16") in res.values:
         peer, peer_v = best_peer(res, "threads:16")
         ours = res.median(("hbmalloc", "malloc", "threads:16"))
         if peer_v:
@@ -277,22 +294,21 @@ def targets(res):
                          f"{num(ours)} against {num(peer_v)} M pairs/s ({peer}): {r:.1f}x", verdict(r >= 20, f"{r:.1f}x", "20x")))
     for w in ("hbmalloc-dropin", "hbmalloc", "hbmalloc-replay", "hbmalloc-sim"):
         traces = sorted(t for who, t in res.memory if who == w)
-        if not traces:
+        if not traces or "replay" not in tables:
             continue
         parts, worst, worse_than_torch = [], 0.0, []
         for t in traces:
             r = ratio_of(res.memory[(w, t)])
             worst = max(worst, r)
-            torch = res.memory.get(("pytorch", t))
-            tr = ratio_of(torch) if torch else None
-            parts.append(f"{t} {r:.3f}" + (f" (PyTorch's {tr:.3f})" if tr else ""))
+            tr, whose = torch_memory(res, t)
+            parts.append(f"{t} {r:.3f}" + (f" ({whose} {tr:.3f})" if tr else ""))
             if tr is not None and r > tr:
                 worse_than_torch.append(t)
         ok = worst <= 1.10 and not worse_than_torch
         why = f"{worst:.3f} at worst" + (f", worse than PyTorch's on {', '.join(worse_than_torch)}" if worse_than_torch else "")
         rows.append((f"peak reserved / peak in use at most 1.10 on every trace, never worse than PyTorch's ({NAMES.get(w, w)})",
                      "; ".join(parts), verdict(ok, why, "1.10")))
-    for n in sorted({n for _, n in res.workloads}):
+    for n in sorted({n for _, n in res.workloads} if "workloads" in tables else ()):
         torch_runs = res.workloads.get(("pytorch", n))
         ours = [(w, statistics.median(r["seconds"] for r in res.workloads[(w, n)]))
                 for w in ("hbmalloc", "hbmalloc-pluggable") if (w, n) in res.workloads]
@@ -315,8 +331,8 @@ def verdict(ok, measured, target):
     return "met" if ok else f"**missed**: {measured} against {target}"
 
 
-def targets_table(res):
-    rows = targets(res)
+def targets_table(res, tables):
+    rows = targets(res, tables)
     if not rows:
         return []
     return ["| target (issue 13) | measured (medians) | |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
@@ -332,7 +348,9 @@ def read_series(directory):
             continue
         trace, _, who = name[:-len(".series")].partition(".")
         points = []
-        for line in open(os.path.join(directory, name)):
+        with open(os.path.join(directory, name)) as f:
+            lines = f.readlines()
+        for line in lines:
             if line.startswith("#") or not line.strip():
                 continue
             op, in_use, reserved = (int(v) for v in line.split())
@@ -383,15 +401,15 @@ def plots(res, series, directory, source):
         by_who = series[trace]
         # The trace's own live bytes: from hbmalloc's replay in recorded order when present.
         live_from = next((w for w in ("hbmalloc-sim", "hbmalloc-replay") if w in by_who), sorted(by_who)[0])
-        lines = [("in use (the trace's live bytes)", [(p[0], p[1]) for p in by_who[live_from]], True)]
+        lines = [("in use (the trace's live bytes)", [(p[0], p[1]) for p in by_who[live_from]], True, "in use")]
         sources = sorted(by_who)
-        lines += [(f"{NAMES.get(w, w)}, reserved", [(p[0], p[2]) for p in pts], False)
+        lines += [(f"{NAMES.get(w, w)}, reserved", [(p[0], p[2]) for p in pts], False, w)
                   for w, pts in sorted(by_who.items())]
         hlines = []
         torch_runs = res.workloads.get(("pytorch", trace))
         if torch_runs and ("pytorch", trace) not in res.memory:
             hlines.append(("PyTorch, peak reserved (its own run)",
-                           statistics.median(r["peak_reserved_mib"] for r in torch_runs)))
+                           statistics.median(r["peak_reserved_mib"] for r in torch_runs), "pytorch"))
         bench_svg.line_chart(os.path.join(directory, f"memory-{trace}.svg"),
                              f"memory reserved over the {trace} replay", "operations replayed", "MiB", lines,
                              hlines=hlines, note=f"series: {', '.join(sources)}; {source}")
@@ -406,6 +424,8 @@ def main(argv):
     ap.add_argument("--command", help="the command that made them (else the files' '# command:' lines)")
     ap.add_argument("--series", help="a directory of <trace>.<allocator>.series files")
     ap.add_argument("--plots", help="write the SVG plots into this directory")
+    ap.add_argument("--tables", default="pairs,replay,workloads,targets",
+                    help="which tables, comma-separated (default all; 'none' for the plots alone)")
     ap.add_argument("--update", metavar="FILE:NAME", help="write into FILE's block NAME instead of printing")
     args = ap.parse_args(argv)
     text = report(args)
@@ -414,7 +434,8 @@ def main(argv):
         return
     path, _, name = args.update.rpartition(":")
     begin, end = f"<!-- bench-table {name} -->", f"<!-- bench-table {name} end -->"
-    doc = open(path).read()
+    with open(path) as f:
+        doc = f.read()
     if doc.count(begin) != 1 or doc.count(end) != 1 or doc.index(begin) > doc.index(end):
         sys.exit(f"bench-table.py: {path} needs one '{begin}' line and one '{end}' line after it")
     head, rest = doc.split(begin, 1)
@@ -430,14 +451,26 @@ def report(args):
         res.read(path)
     card = None
     if args.card:
-        card = open(args.card).readline().strip() if os.path.isfile(args.card) else args.card
-    command = args.command or "; ".join(dict.fromkeys(res.commands)) or None
+        if os.path.isfile(args.card):
+            with open(args.card) as f:
+                card = f.readline().strip()
+        else:
+            card = args.card
+    if args.command:
+        command = f"command: `{args.command}`"
+    elif res.commands:
+        command = "; ".join(f"`{os.path.basename(p)}` from `{c}`" for p, c in res.commands.items())
+    else:
+        command = None
     rounds = max((len(v) for v in list(res.values.values()) + list(res.workloads.values())), default=0)
     out.append(f"Raw lines: {', '.join(f'`{p}`' for p in args.results)}"
-               + (f"; card: {card}" if card else "") + (f"; command: `{command}`" if command else "")
+               + (f"; card: {card}" if card else "") + (f"; {command}" if command else "")
                + f"; up to {rounds} interleaved round(s): median (min-max).")
-    for title, table in (("Pairs, step, threads", pair_table(res)), ("Trace replay", replay_table(res)),
-                         ("Workloads end to end", workload_table(res)), ("Targets", targets_table(res))):
+    tables = args.tables.split(",")
+    for name, title, make in (("pairs", "Pairs, step, threads", pair_table), ("replay", "Trace replay", replay_table),
+                              ("workloads", "Workloads end to end", workload_table),
+                              ("targets", "Targets", lambda r: targets_table(r, tables))):
+        table = make(res) if name in tables else []
         if table:
             out += ["", f"**{title}**", ""] + table
     if args.plots:

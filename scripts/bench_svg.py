@@ -8,7 +8,7 @@ WIDTH, HEIGHT = 900, 460
 LEFT, RIGHT, TOP, BOTTOM = 80, 290, 40, 70  # margins: the legend sits in the right one
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
            "#17becf", "#7f7f7f", "#bcbd22", "#393b79", "#637939"]
-_assigned = {}
+_assigned = {"in use": "#444444"}
 
 
 def colour(name):
@@ -40,14 +40,15 @@ def _label(v):
 
 def line_chart(path, title, x_label, y_label, lines, log_x=False, log_y=False, x_format=_label,
                hlines=(), note=""):
-    """Writes one chart to `path`. `lines`: [(name, [(x, y), ...], dashed)], drawn in order;
-    `hlines`: [(name, y)] drawn as dotted horizontal references; `note`, a small line at the
+    """Writes one chart to `path`. `lines`: [(name, [(x, y), ...], dashed[, colour key])], drawn
+    in order; `hlines`: [(name, y[, colour key])] drawn as dotted horizontal references (the
+    colour key, default the name, gives lines of one allocator one colour); `note`, a small line at the
     bottom (where the figures come from). Points with a non-positive
     coordinate on a log axis are left out."""
     def usable(x, y):
         return (x > 0 or not log_x) and (y > 0 or not log_y)
-    points = [(x, y) for _, pts, _ in lines for x, y in pts if usable(x, y)]
-    points += [(points[0][0], y) for _, y in hlines if points and usable(points[0][0], y)]
+    points = [(x, y) for _, pts, *_ in lines for x, y in pts if usable(x, y)]
+    points += [(points[0][0], h[1]) for h in hlines if points and usable(points[0][0], h[1])]
     if not points:
         raise ValueError(f"{path}: nothing to plot")
     xs, ys = [p[0] for p in points], [p[1] for p in points]
@@ -91,19 +92,19 @@ def line_chart(path, title, x_label, y_label, lines, log_x=False, log_y=False, x
     out.append(f'<text transform="translate(18 {TOP + plot_h / 2:.0f}) rotate(-90)" text-anchor="middle">'
                f'{escape(y_label)}</text>')
     legend_y = TOP + 8
-    for name, y in hlines:
+    for name, y, *key in hlines:
         if not usable(points[0][0], y):
             continue
-        c = colour(name)
+        c = colour(key[0] if key else name)
         out.append(f'<line class="reference" x1="{LEFT}" x2="{LEFT + plot_w}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" '
                    f'stroke="{c}" stroke-dasharray="2 3"/>')
         out.append(_legend(legend_y, c, "2 3", name))
         legend_y += 18
-    for name, pts, dashed in lines:
+    for name, pts, dashed, *key in lines:
         pts = [(x, y) for x, y in pts if usable(x, y)]
         if not pts:
             continue
-        c, dash = colour(name), "6 4" if dashed else ""
+        c, dash = colour(key[0] if key else name), "6 4" if dashed else ""
         coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
         dash_attr = f' stroke-dasharray="{dash}"' if dash else ""
         out.append(f'<polyline data-name="{escape(name)}" points="{coords}" fill="none" stroke="{c}" '

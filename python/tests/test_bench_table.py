@@ -40,6 +40,11 @@ def run(*args):
     return out.stdout
 
 
+def read(path):
+    with open(path) as f:
+        return f.read()
+
+
 def row(text, *starts):
     """The table row whose first cells are `starts`."""
     prefix = "| " + " | ".join(starts) + " |"
@@ -89,7 +94,7 @@ class ReplayAndWorkloads(unittest.TestCase):
 
     def test_replay_table_per_allocator_per_trace(self):
         text = run(self.replay)
-        self.assertIn("command: `bash scripts/gpu-check.sh replay-peers`", text)
+        self.assertIn("`replay-peers.txt` from `bash scripts/gpu-check.sh replay-peers`", text)
         ours = row(text, "infer", "hbmalloc drop-in (LD_PRELOAD)")
         # time (median, spread), vs fastest peer (PyTorch at 500), vs PyTorch, reserved, in use, ratio
         self.assertEqual(ours[2:], ["125.0 (100.0-150.0)", "4.00x faster (pytorch)", "4.00x faster",
@@ -120,7 +125,7 @@ class Update(unittest.TestCase):
             with open(doc, "w") as f:
                 f.write("# B\nkept\n<!-- bench-table peers -->\nold table\n<!-- bench-table peers end -->\nafter\n")
             self.assertEqual(run(PEERS, "--update", doc + ":peers"), "")
-            text = open(doc).read()
+            text = read(doc)
             self.assertTrue(text.startswith("# B\nkept\n<!-- bench-table peers -->\nRaw lines:"), text)
             self.assertTrue(text.endswith("<!-- bench-table peers end -->\nafter\n"), text)
             self.assertNotIn("old table", text)
@@ -129,7 +134,7 @@ class Update(unittest.TestCase):
                                  capture_output=True, text=True)
             self.assertNotEqual(out.returncode, 0)
             self.assertIn("needs one '<!-- bench-table other -->' line", out.stderr)
-            self.assertEqual(open(doc).read(), text, "a failed update changed the file")
+            self.assertEqual(read(doc), text, "a failed update changed the file")
 
 
 class Plots(unittest.TestCase):
