@@ -136,89 +136,11 @@ struct RuntimePeer : Peer {
 
 static Peer *peer;
 
-static double now_s() {
-    timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec + t.tv_nsec * 1e-9;
-}
+static void *bench_alloc(size_t n, cudaStream_t s) { return peer->alloc(n, s); }
+static void bench_free(void *p, size_t n, cudaStream_t s) { peer->release(p, n, s); }
 
-/* Alloc+free pairs for about `budget` seconds; returns ns per pair. */
-static double pairs(size_t size, cudaStream_t s, double budget) {
-    for (int i = 0; i < 100; i++) peer->release(peer->alloc(size, s), size, s);
-    long n = 0, batch = 64;
-    double t0 = now_s(), t;
-    do {
-        for (long i = 0; i < batch; i++) peer->release(peer->alloc(size, s), size, s);
-        n += batch;
-        t = now_s();
-    } while (t - t0 < budget);
-    return (t - t0) * 1e9 / n;
-}
-
-/* One inference step, the same sizes as alloc_bench.c: 100 allocations of 1-16 MiB, then their frees. */
-static double step(cudaStream_t s, double budget) {
-    size_t sizes[100];
-    uint64_t x = 42;
-    for (int i = 0; i < 100; i++) {
-        x = x * 6364136223846793005ULL + 1442695040888963407ULL;
-        sizes[i] = (1u << 20) + (size_t)((x >> 33) % (15u << 20));
-    }
-    void *ptrs[100];
-    long n = 0;
-    double t0 = 0, t;
-    for (int round = 0;; round++) {
-        if (round == 3) t0 = now_s();
-        for (int i = 0; i < 100; i++) ptrs[i] = peer->alloc(sizes[i], s);
-        for (int i = 0; i < 100; i++) peer->release(ptrs[i], sizes[i], s);
-        if (round >= 3) n++;
-        t = now_s();
-        if (round >= 3 && t - t0 >= budget) break;
-    }
-    return (t - t0) * 1e6 / n;
-}
-
-struct Worker {
-    pthread_t tid;
-    pthread_barrier_t *start;
-    double seconds;
-    long pairs;
-};
-
-static void *worker_main(void *arg) {
-    Worker *w = static_cast<Worker *>(arg);
-    cudaStream_t s = cudaStreamPerThread;
-    const size_t size = 64 << 10;
-    for (int i = 0; i < 100; i++) peer->release(peer->alloc(size, s), size, s);
-    pthread_barrier_wait(w->start);
-    double t0 = now_s();
-    long n = 0;
-    while (now_s() - t0 < w->seconds) {
-        for (int i = 0; i < 64; i++) peer->release(peer->alloc(size, s), size, s);
-        n += 64;
-    }
-    w->pairs = n;
-    return nullptr;
-}
-
-/* n threads of 64 KiB pairs for `budget` seconds; returns million pairs per second. */
-static double threads(int n, double budget) {
-    Worker *w = new Worker[n]();
-    pthread_barrier_t start;
-    pthread_barrier_init(&start, nullptr, n);
-    for (int i = 0; i < n; i++) {
-        w[i].start = &start;
-        w[i].seconds = budget;
-        pthread_create(&w[i].tid, nullptr, worker_main, &w[i]);
-    }
-    long total = 0;
-    for (int i = 0; i < n; i++) {
-        pthread_join(w[i].tid, nullptr);
-        total += w[i].pairs;
-    }
-    delete[] w;
-    return total / budget / 1e6;
-}
-
+/* pairs, step, threads: the same loops as alloc_bench.c's. */
+#include "bench_cases.h"
 
 /* ---- Trace replay ---- */
 

@@ -409,7 +409,7 @@ fi
 # ns per operation). The runtime's cudaMalloc, at ~60 us a call, times one replay instead of 3.
 # hbmalloc's own `hbmalloc replay` (recorded order, pool statistics) runs once per trace on the
 # GPU and on the simulated device. A round starts only while the time spent plus the last round's
-# stays within REPLAY_BUDGET_S (default 240); REPLAY_ROUNDS (default 3).
+# stays within REPLAY_BUDGET_S (default 240): REPLAY_ROUNDS (default 5) is a ceiling.
 if want replay-peers; then
     build_peers
     started=$SECONDS
@@ -436,7 +436,7 @@ if want replay-peers; then
             2>>"$LOG/replay-errors.log" | sed 's/^replay/replay-sim/' >>"$LOG/replay-peers.txt"
     done
     last=0 rounds=0 failures=0
-    for round in $(seq "${REPLAY_ROUNDS:-3}"); do
+    for round in $(seq "${REPLAY_ROUNDS:-5}"); do
         (( SECONDS - started + last <= ${REPLAY_BUDGET_S:-240} )) || break
         round_start=$SECONDS
         for t in $traces; do
