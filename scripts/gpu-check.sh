@@ -401,8 +401,9 @@ if want workloads; then
 fi
 
 # The committed traces (bench/traces/*.trace.gz, decompressed into gpu-out/traces), the seed's
-# 100-allocation step (recorded here with alloc_bench) and llama-bench's (gpu-out/llama-bench.trace, left by the
-# llama section, when present) replayed against every peer in interleaved rounds, into
+# 100-allocation step (recorded here with alloc_bench) and llama-bench's
+# (gpu-out/llama-bench.trace, left by the llama section when it ran earlier in this call or in an
+# earlier call on the same machine) replayed against every peer in interleaved rounds, into
 # replay-peers.txt: for each, one process replays the trace untimed reading the device's memory
 # after every allocation (memory:, peak reserved / peak in use, and in round 1 the series for the
 # plots, gpu-out/series/<trace>.<allocator>.series), then times BENCH_REPLAYS replays (replay:,
