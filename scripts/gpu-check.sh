@@ -6,7 +6,8 @@
 #   (bench also runs PyTorch's and RMM's allocators and the hbm_* C API: bench/peer_bench.cpp)
 #   (not run by default: `workloads`, real PyTorch programs end to end, ~7 min; `replay-peers`, the
 #   recorded traces replayed against every peer, ~4 min; `replay`, both; `profile`, perf of the
-#   drop-in path, after `bench`)
+#   drop-in path, after `bench`; `replay` takes longer than one 10-minute call: run the two in
+#   separate calls)
 # Logs go to gpu-out/ (and, packed with the summary, to $OUT where the device tool runs it); a
 # table of what ran is printed last. Exits 1 if anything failed.
 set -uo pipefail
@@ -366,6 +367,7 @@ if want workloads; then
             (( SECONDS - started + last <= ${WORKLOADS_BUDGET_S:-420} )) || break
             round_start=$SECONDS
             for w in ${WORKLOADS:-train infer generate}; do
+                w_start=$SECONDS
                 python3 scripts/workloads.py "$w" 2>>"$LOG/workloads.log" | sed 's/^workload/pytorch workload/' >>"$LOG/workloads.txt"
                 if [[ $round == 1 ]]; then
                     PYTORCH_NO_CUDA_MEMORY_CACHING=1 HBMALLOC_CONF=backtrace:off,leak_report:off,trace:$LOG/recorded/$w.trace LD_PRELOAD=$LIB \
@@ -385,6 +387,7 @@ if want workloads; then
                     PYTORCH_NO_CUDA_MEMORY_CACHING=1 HBMALLOC_CONF=backtrace:off,leak_report:off LD_PRELOAD=$PWD/$ref \
                         python3 scripts/workloads.py "$w" 2>>"$LOG/workloads.log" | sed "s/^workload/hbmalloc-$name workload/" >>"$LOG/workloads.txt"
                 done
+                echo "workloads: $w, every allocator once: $((SECONDS - w_start)) s"
             done
             last=$((SECONDS - round_start)) rounds=$round
             echo "workloads: round $round took $last s"
