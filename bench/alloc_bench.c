@@ -34,13 +34,7 @@ static int use_async;
         }                                                                        \
     } while (0)
 
-static double now_s(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec + t.tv_nsec * 1e-9;
-}
-
-static void *alloc_on(size_t n, cudaStream_t s) {
+static void *bench_alloc(size_t n, cudaStream_t s) {
     void *p = NULL;
     if (use_async)
         CHECK(cudaMallocAsync(&p, n, s));
@@ -49,25 +43,16 @@ static void *alloc_on(size_t n, cudaStream_t s) {
     return p;
 }
 
-static void free_on(void *p, cudaStream_t s) {
+static void bench_free(void *p, size_t n, cudaStream_t s) {
+    (void)n;
     if (use_async)
         CHECK(cudaFreeAsync(p, s));
     else
         CHECK(cudaFree(p));
 }
 
-/* Alloc+free pairs for about `budget` seconds; returns ns per pair. */
-static double pairs(size_t size, cudaStream_t s, double budget) {
-    for (int i = 0; i < 100; i++) free_on(alloc_on(size, s), s);
-    long n = 0, batch = 64;
-    double t0 = now_s(), t;
-    do {
-        for (long i = 0; i < batch; i++) free_on(alloc_on(size, s), s);
-        n += batch;
-        t = now_s();
-    } while (t - t0 < budget);
-    return (t - t0) * 1e9 / n;
-}
+/* pairs, step, threads: the same loops as peer_bench.cpp's. */
+#include "bench_cases.h"
 
 /* Pinned host alloc+free pairs for about `budget` seconds; returns ns per pair. */
 static double host_pairs(size_t size, double budget) {
@@ -87,69 +72,6 @@ static double host_pairs(size_t size, double budget) {
         t = now_s();
     } while (t - t0 < budget);
     return (t - t0) * 1e9 / n;
-}
-
-/* One inference step: 100 allocations of 1-16 MiB, then their frees; returns us per step. */
-static double step(cudaStream_t s, double budget) {
-    size_t sizes[100];
-    uint64_t x = 42;
-    for (int i = 0; i < 100; i++) {
-        x = x * 6364136223846793005ULL + 1442695040888963407ULL;
-        sizes[i] = (1u << 20) + (size_t)((x >> 33) % (15u << 20));
-    }
-    void *ptrs[100];
-    long n = 0;
-    double t0 = 0, t;
-    for (int round = 0;; round++) {
-        if (round == 3) t0 = now_s(); /* three warm-up steps fill the caches */
-        for (int i = 0; i < 100; i++) ptrs[i] = alloc_on(sizes[i], s);
-        for (int i = 0; i < 100; i++) free_on(ptrs[i], s);
-        if (round >= 3) n++;
-        t = now_s();
-        if (round >= 3 && t - t0 >= budget) break;
-    }
-    return (t - t0) * 1e6 / n;
-}
-
-struct worker {
-    pthread_t tid;
-    pthread_barrier_t *start;
-    double seconds;
-    long pairs;
-};
-
-static void *worker_main(void *arg) {
-    struct worker *w = arg;
-    cudaStream_t s = cudaStreamPerThread;
-    for (int i = 0; i < 100; i++) free_on(alloc_on(64 << 10, s), s);
-    pthread_barrier_wait(w->start);
-    double t0 = now_s();
-    long n = 0;
-    while (now_s() - t0 < w->seconds) {
-        for (int i = 0; i < 64; i++) free_on(alloc_on(64 << 10, s), s);
-        n += 64;
-    }
-    w->pairs = n;
-    return NULL;
-}
-
-/* n threads of 64 KiB pairs for `budget` seconds; returns million pairs per second. */
-static double threads(int n, double budget) {
-    struct worker *w = calloc(n, sizeof *w);
-    pthread_barrier_t start;
-    pthread_barrier_init(&start, NULL, n);
-    for (int i = 0; i < n; i++) {
-        w[i].start = &start;
-        w[i].seconds = budget;
-        pthread_create(&w[i].tid, NULL, worker_main, &w[i]);
-    }
-    long total = 0;
-    for (int i = 0; i < n; i++) {
-        pthread_join(w[i].tid, NULL);
-        total += w[i].pairs;
-    }
-    free(w);
-    return total / budget / 1e6;
 }
 
 int main(int argc, char **argv) {

@@ -13,14 +13,21 @@
  * Each allocation is stream-ordered on the calling thread's per-thread default stream where the
  * allocator takes a stream, as PyTorch and RMM are used in practice.
  *
- * Usage: peer_bench <allocator> <case>
+ * Usage: peer_bench <allocator> <case>...   (the cases run in order, in one process)
  *   case: pair:<bytes> | step | threads:<n>
  *         replay:<file>   replays a trace written with HBMALLOC_CONF=trace:FILE: one thread per
  *                         traced thread, each traced stream a stream of its own, a free that
- *                         another thread made waits for its allocation; ns per operation
+ *                         another thread made waits for its allocation; ns per operation, the
+ *                         best of BENCH_REPLAYS (default 3) timed replays after one untimed
+ *                         warm-up (none when a memory: case replayed the same trace just before)
  *         memory:<file>   the same replay, untimed, reading the device's memory in use after every
- *                         allocation: peak reserved over peak in use (the trace's live bytes)
- * Prints one line: "<allocator> raw <case> <value> <unit>" (memory: also the two peaks in MiB).
+ *                         allocation: peak reserved over peak in use (the trace's live bytes).
+ *                         Run it first: it measures from the process's fresh pools.
+ *                         BENCH_SERIES=FILE also writes memory over the replay to FILE: at most
+ *                         1000 points "<ops done> <in use bytes> <reserved bytes>", each the
+ *                         highest of its stretch of operations, so no peak is lost
+ * Prints one line per case: "<allocator> raw <case> <value> <unit>" (memory: also the two peaks
+ * in MiB).
  */
 #include <cuda_runtime.h>
 #include <pthread.h>
@@ -34,6 +41,7 @@
 #include <sched.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <map>
 #include <memory>
@@ -128,89 +136,11 @@ struct RuntimePeer : Peer {
 
 static Peer *peer;
 
-static double now_s() {
-    timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec + t.tv_nsec * 1e-9;
-}
+static void *bench_alloc(size_t n, cudaStream_t s) { return peer->alloc(n, s); }
+static void bench_free(void *p, size_t n, cudaStream_t s) { peer->release(p, n, s); }
 
-/* Alloc+free pairs for about `budget` seconds; returns ns per pair. */
-static double pairs(size_t size, cudaStream_t s, double budget) {
-    for (int i = 0; i < 100; i++) peer->release(peer->alloc(size, s), size, s);
-    long n = 0, batch = 64;
-    double t0 = now_s(), t;
-    do {
-        for (long i = 0; i < batch; i++) peer->release(peer->alloc(size, s), size, s);
-        n += batch;
-        t = now_s();
-    } while (t - t0 < budget);
-    return (t - t0) * 1e9 / n;
-}
-
-/* One inference step, the same sizes as alloc_bench.c: 100 allocations of 1-16 MiB, then their frees. */
-static double step(cudaStream_t s, double budget) {
-    size_t sizes[100];
-    uint64_t x = 42;
-    for (int i = 0; i < 100; i++) {
-        x = x * 6364136223846793005ULL + 1442695040888963407ULL;
-        sizes[i] = (1u << 20) + (size_t)((x >> 33) % (15u << 20));
-    }
-    void *ptrs[100];
-    long n = 0;
-    double t0 = 0, t;
-    for (int round = 0;; round++) {
-        if (round == 3) t0 = now_s();
-        for (int i = 0; i < 100; i++) ptrs[i] = peer->alloc(sizes[i], s);
-        for (int i = 0; i < 100; i++) peer->release(ptrs[i], sizes[i], s);
-        if (round >= 3) n++;
-        t = now_s();
-        if (round >= 3 && t - t0 >= budget) break;
-    }
-    return (t - t0) * 1e6 / n;
-}
-
-struct Worker {
-    pthread_t tid;
-    pthread_barrier_t *start;
-    double seconds;
-    long pairs;
-};
-
-static void *worker_main(void *arg) {
-    Worker *w = static_cast<Worker *>(arg);
-    cudaStream_t s = cudaStreamPerThread;
-    const size_t size = 64 << 10;
-    for (int i = 0; i < 100; i++) peer->release(peer->alloc(size, s), size, s);
-    pthread_barrier_wait(w->start);
-    double t0 = now_s();
-    long n = 0;
-    while (now_s() - t0 < w->seconds) {
-        for (int i = 0; i < 64; i++) peer->release(peer->alloc(size, s), size, s);
-        n += 64;
-    }
-    w->pairs = n;
-    return nullptr;
-}
-
-/* n threads of 64 KiB pairs for `budget` seconds; returns million pairs per second. */
-static double threads(int n, double budget) {
-    Worker *w = new Worker[n]();
-    pthread_barrier_t start;
-    pthread_barrier_init(&start, nullptr, n);
-    for (int i = 0; i < n; i++) {
-        w[i].start = &start;
-        w[i].seconds = budget;
-        pthread_create(&w[i].tid, nullptr, worker_main, &w[i]);
-    }
-    long total = 0;
-    for (int i = 0; i < n; i++) {
-        pthread_join(w[i].tid, nullptr);
-        total += w[i].pairs;
-    }
-    delete[] w;
-    return total / budget / 1e6;
-}
-
+/* pairs, step, threads: the same loops as alloc_bench.c's. */
+#include "bench_cases.h"
 
 /* ---- Trace replay ---- */
 
@@ -307,11 +237,22 @@ static size_t device_used() {
     return total - free_b;
 }
 
+/* One point of a memory: replay, taken after an allocation. */
+struct Sample {
+    size_t op;   /* operations done, every thread's */
+    size_t live; /* bytes the replay has allocated and not freed */
+    size_t used; /* the device's memory in use above the process's baseline */
+};
+
 struct ReplayRun {
     Replay *r;
     std::vector<std::atomic<void *>> *slots;
     bool sample;
+    size_t baseline;
     std::atomic<size_t> *peak_used;
+    /* Only while sampling: the timed replays touch no shared counter. */
+    std::atomic<size_t> *ops_done, *live;
+    std::vector<std::vector<Sample>> *samples; /* one vector per replay thread */
 };
 
 static void replay_thread(ReplayRun *run, size_t t) {
@@ -321,23 +262,57 @@ static void replay_thread(ReplayRun *run, size_t t) {
         if (o.alloc) {
             slots[o.id].store(peer->alloc(o.size, s), std::memory_order_release);
             if (run->sample) {
+                size_t op = run->ops_done->fetch_add(1) + 1;
+                size_t live = run->live->fetch_add(o.size) + o.size;
                 size_t used = device_used(), seen = run->peak_used->load();
                 while (used > seen && !run->peak_used->compare_exchange_weak(seen, used)) {
                 }
+                (*run->samples)[t].push_back({op, live, used > run->baseline ? used - run->baseline : 0});
             }
         } else {
             void *p;
             while (!(p = slots[o.id].load(std::memory_order_acquire))) sched_yield(); /* another thread's allocation */
             peer->release(p, o.size, s);
+            if (run->sample) {
+                run->ops_done->fetch_add(1);
+                run->live->fetch_sub(o.size);
+            }
         }
     }
 }
 
-/* Replays the trace once; returns seconds. With `sample`, records the peak of device memory used. */
-static double replay(Replay &r, bool sample, size_t *peak_used) {
+/* Writes a memory: replay's samples as at most 1000 points, each the highest in-use and reserved
+   figures of its stretch of operations (so the plot keeps every peak). */
+static void write_series(const char *path, std::vector<std::vector<Sample>> &samples, size_t ops) {
+    std::vector<Sample> all;
+    for (auto &v : samples) all.insert(all.end(), v.begin(), v.end());
+    std::sort(all.begin(), all.end(), [](const Sample &a, const Sample &b) { return a.op < b.op; });
+    FILE *f = fopen(path, "w");
+    if (!f) {
+        fprintf(stderr, "peer_bench: cannot write series %s\n", path);
+        exit(2);
+    }
+    fprintf(f, "# hbmalloc series v1: op in_use_bytes reserved_bytes\n");
+    size_t stretch = ops / 1000 + 1;
+    for (size_t i = 0; i < all.size();) {
+        size_t end_op = (all[i].op / stretch + 1) * stretch, live = 0, used = 0, op = 0;
+        for (; i < all.size() && all[i].op < end_op; i++) {
+            live = std::max(live, all[i].live);
+            used = std::max(used, all[i].used);
+            op = all[i].op;
+        }
+        fprintf(f, "%zu %zu %zu\n", op, live, used);
+    }
+    fclose(f);
+}
+
+/* Replays the trace once; returns seconds. With `sample`, records the peak of device memory used
+   above `baseline` and, given `series`, writes memory over the replay there. */
+static double replay(Replay &r, bool sample, size_t baseline, size_t *peak_used, const char *series) {
     std::vector<std::atomic<void *>> slots(r.allocations);
-    std::atomic<size_t> peak{0};
-    ReplayRun run{&r, &slots, sample, &peak};
+    std::atomic<size_t> peak{0}, ops_done{0}, live{0};
+    std::vector<std::vector<Sample>> samples(r.threads.size());
+    ReplayRun run{&r, &slots, sample, baseline, &peak, &ops_done, &live, &samples};
     std::vector<pthread_t> tids(r.threads.size());
     struct Arg {
         ReplayRun *run;
@@ -358,7 +333,8 @@ static double replay(Replay &r, bool sample, size_t *peak_used) {
     /* What the trace never freed is freed now, untimed, so a second replay starts alike. */
     for (auto [id, size] : r.unfreed) peer->release(slots[id].load(), size, cudaStreamPerThread);
     CHECK(cudaDeviceSynchronize());
-    if (peak_used) *peak_used = peak.load();
+    if (peak_used) *peak_used = peak.load() > baseline ? peak.load() - baseline : 0;
+    if (sample && series) write_series(series, samples, r.ops);
     return seconds;
 }
 
@@ -383,14 +359,61 @@ static Peer *make_peer(const std::string &name) {
     return nullptr;
 }
 
+static const char *base_name(const char *path) {
+    const char *slash = strrchr(path, '/');
+    return slash ? slash + 1 : path;
+}
+
+/* Runs one case and prints its line; false for a case this program does not know. */
+static bool run_case(const std::string &who, const char *c, double budget, size_t baseline) {
+    cudaStream_t s = cudaStreamPerThread;
+    /* The trace last replayed in this process: a replay: after a memory: of the same trace
+       starts with the pools as the memory: replay left them, so it needs no warm-up. */
+    static std::string warmed;
+    if (strncmp(c, "replay:", 7) == 0) {
+        Replay r = read_trace(c + 7);
+        if (warmed != c + 7) replay(r, false, 0, nullptr, nullptr); /* the pools fill as a running program's would have */
+        int reps = getenv("BENCH_REPLAYS") ? atoi(getenv("BENCH_REPLAYS")) : 3;
+        double best = 1e30;
+        for (int i = 0; i < (reps > 0 ? reps : 1); i++) {
+            double t = replay(r, false, 0, nullptr, nullptr);
+            best = t < best ? t : best;
+        }
+        warmed = c + 7;
+        printf("%s raw replay:%s %.1f ns/op\n", who.c_str(), base_name(c + 7), best * 1e9 / r.ops);
+    } else if (strncmp(c, "memory:", 7) == 0) {
+        Replay r = read_trace(c + 7);
+        size_t used = 0;
+        replay(r, true, baseline, &used, getenv("BENCH_SERIES"));
+        warmed = c + 7;
+        printf("%s raw memory:%s %.3f reserved/in-use peak %.1f %.1f MiB\n", who.c_str(), base_name(c + 7),
+               r.peak_live ? (double)used / r.peak_live : 0.0, used / 1048576.0, r.peak_live / 1048576.0);
+    } else if (strncmp(c, "pair:", 5) == 0) {
+        printf("%s raw %s %.1f ns/pair\n", who.c_str(), c, pairs(strtoull(c + 5, nullptr, 10), s, budget));
+    } else if (strcmp(c, "step") == 0) {
+        printf("%s raw %s %.2f us/step\n", who.c_str(), c, step(s, budget));
+    } else if (strncmp(c, "threads:", 8) == 0) {
+        printf("%s raw %s %.3f Mpairs/s\n", who.c_str(), c, threads(atoi(c + 8), budget));
+    } else {
+        fprintf(stderr, "peer_bench: unknown case %s\n", c);
+        return false;
+    }
+    fflush(stdout);
+    return true;
+}
+
 int main(int argc, char **argv) {
-    if (argc != 3) {
-        fprintf(stderr, "usage: %s <allocator> pair:<bytes>|step|threads:<n>\n", argv[0]);
+    if (argc < 3) {
+        fprintf(stderr, "usage: %s <allocator> <case>...   case: pair:<bytes>|step|threads:<n>|replay:<trace>|memory:<trace>\n",
+                argv[0]);
         return 2;
     }
     double budget = getenv("BENCH_SECONDS") ? atof(getenv("BENCH_SECONDS")) : 1.0;
     CHECK(cudaFree(0));
-    size_t baseline = strncmp(argv[2], "memory:", 7) == 0 ? device_used() : 0;
+    /* What the device has in use before the allocator under test exists: memory: counts above it. */
+    size_t baseline = 0;
+    for (int i = 2; i < argc; i++)
+        if (strncmp(argv[i], "memory:", 7) == 0) baseline = device_used();
     peer = make_peer(argv[1]);
     if (!peer) {
         fprintf(stderr, "peer_bench: allocator '%s' was not built into this binary\n", argv[1]);
@@ -400,39 +423,10 @@ int main(int argc, char **argv) {
     std::string who = argv[1];
     if ((who == "cudaMalloc" || who == "cudaMallocAsync") && dlsym(RTLD_DEFAULT, "hbm_version"))
         who = who == "cudaMalloc" ? "hbmalloc-dropin" : "hbmalloc-dropin-async";
-    cudaStream_t s = cudaStreamPerThread;
-    const char *c = argv[2];
-    if (strncmp(c, "replay:", 7) == 0) {
-        Replay r = read_trace(c + 7);
-        replay(r, false, nullptr); /* warm-up: the pools fill as a running program's would have */
-        double best = 1e30;
-        for (int i = 0; i < 3; i++) {
-            double t = replay(r, false, nullptr);
-            best = t < best ? t : best;
-        }
-        const char *name = strrchr(c + 7, '/') ? strrchr(c + 7, '/') + 1 : c + 7;
-        printf("%s raw replay:%s %.1f ns/op\n", who.c_str(), name, best * 1e9 / r.ops);
-    } else if (strncmp(c, "memory:", 7) == 0) {
-        Replay r = read_trace(c + 7);
-        size_t used = 0;
-        replay(r, true, &used);
-        used = used > baseline ? used - baseline : 0;
-        const char *name = strrchr(c + 7, '/') ? strrchr(c + 7, '/') + 1 : c + 7;
-        printf("%s raw memory:%s %.3f reserved/in-use peak %.1f %.1f MiB\n", who.c_str(), name,
-               r.peak_live ? (double)used / r.peak_live : 0.0, used / 1048576.0, r.peak_live / 1048576.0);
-    } else if (strncmp(c, "pair:", 5) == 0) {
-        printf("%s raw %s %.1f ns/pair\n", who.c_str(), c, pairs(strtoull(c + 5, nullptr, 10), s, budget));
-    } else if (strcmp(c, "step") == 0) {
-        printf("%s raw %s %.2f us/step\n", who.c_str(), c, step(s, budget));
-    } else if (strncmp(c, "threads:", 8) == 0) {
-        printf("%s raw %s %.3f Mpairs/s\n", who.c_str(), c, threads(atoi(c + 8), budget));
-    } else {
-        fprintf(stderr, "unknown case %s\n", c);
-        return 2;
-    }
-    fflush(stdout);
+    for (int i = 2; i < argc; i++)
+        if (!run_case(who, argv[i], budget, baseline)) return 2;
     CHECK(cudaDeviceSynchronize());
     /* RMM's and PyTorch's pools tear down in static destructors that may race the runtime's own;
-       the figure is printed, so leave without running them. */
+       the figures are printed, so leave without running them. */
     _exit(0);
 }

@@ -5,8 +5,11 @@
 #   bash scripts/gpu-check.sh [section ...]   sections: rust c limit stream reliability sanitizer torch bench demo examples
 #   (bench also runs PyTorch's and RMM's allocators and the hbm_* C API: bench/peer_bench.cpp)
 #   (not run by default: `llama`, llama.cpp built with CUDA and run with and without hbmalloc
-#   (scripts/gpu-llama.sh); `replay`, real workloads and their traces replayed against every peer,
-#   after `bench`; `profile`, perf of the drop-in path, after `bench`)
+#   (scripts/gpu-llama.sh), ~8 min, before `replay-peers` so that its trace is replayed too;
+#   `distributed`, torch.distributed with NCCL, one rank per GPU (scripts/torch_distributed_check.py);
+#   `workloads`, real PyTorch programs end to end, ~7 min; `replay-peers`, the recorded traces
+#   replayed against every peer, ~4 min; `replay`, both; `profile`, perf of the drop-in path, after
+#   `bench`; `replay` takes longer than one 10-minute call: run the two in separate calls)
 # Logs go to gpu-out/ (and, packed with the summary, to $OUT where the device tool runs it); a
 # table of what ran is printed last. Exits 1 if anything failed.
 set -uo pipefail
@@ -33,9 +36,10 @@ want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 
 [[ -f $LIB ]] || { echo "gpu-check: $LIB missing: run scripts/gpu-stage.sh on the build machine"; exit 2; }
 # llama.cpp's CUDA build takes minutes of every core: beside correctness sections it runs in the
-# background from the start; beside a timing section (bench, replay, profile) it runs alone, last.
+# background from the start; beside a timing section (bench, replay, replay-peers, workloads,
+# profile) it runs alone, after bench and before the replays.
 LLAMA_BUILD_PID=
-if want llama && ! want bench && ! want replay && ! want profile; then
+if want llama && ! want bench && ! want replay && ! want replay-peers && ! want workloads && ! want profile; then
     bash scripts/gpu-llama.sh build "$LOG" >"$LOG/llama-build.out" 2>&1 &
     LLAMA_BUILD_PID=$!
 fi
@@ -254,29 +258,33 @@ if want torch; then
     fi
 fi
 
-# Builds bench/peer_bench.cpp once per peer library into build/gpu/peer_bench_<lib> and lists
-# what built in PEERS as "<lib>:<allocator>". A peer that does not build is a SKIP row, not a failure.
+# Builds bench/peer_bench.cpp once per peer library into build/gpu/peer_bench_<lib>, the
+# compiles in parallel (RMM's and PyTorch's headers take most of the time), once per call, and
+# lists what built in PEERS as "<lib>:<allocator>". peer_bench_rt (the runtime's own entry points,
+# and hbmalloc's drop-in under LD_PRELOAD) is always built. A peer that does not build is a FAIL
+# or SKIP row of its own; the others still run.
 declare -a PEERS=()
+PEERS_BUILT=0
 build_peers() {
-    local cxx="g++ -O2 -std=c++17 -I$CUDA/include bench/peer_bench.cpp -lpthread"
+    [[ $PEERS_BUILT == 1 ]] && return
+    PEERS_BUILT=1
+    local started=$SECONDS cxx="g++ -O2 -std=c++17 -I$CUDA/include bench/peer_bench.cpp -lpthread -ldl"
+    local cudart="-L$CUDA/lib64 -lcudart -Wl,-rpath,$CUDA/lib64"
+    local -A pid=() label=()
+    # The runtime only: under LD_PRELOAD its cudaMalloc is hbmalloc's drop-in path.
+    $cxx -o build/gpu/peer_bench_rt $cudart 2>"$LOG/peer-rt-build.log" &
+    pid[rt]=$!
     # hbmalloc through its C API: linked, not preloaded, so its cudaMalloc serves nobody else.
-    if $cxx -DPEER_HBM -Iinclude -o build/gpu/peer_bench_hbm -L"$STAGE" -lhbmalloc -Wl,-rpath,"$PWD/$STAGE" \
-        -L"$CUDA/lib64" -lcudart -Wl,-rpath,"$CUDA/lib64" 2>"$LOG/peer-hbm-build.log"; then
-        PEERS+=("hbm:hbmalloc")
-    else
-        record "peer hbmalloc C API build" FAIL "$(head -3 "$LOG/peer-hbm-build.log" | tr '\n' ' ')"
-    fi
+    $cxx -DPEER_HBM -Iinclude -o build/gpu/peer_bench_hbm -L"$STAGE" -lhbmalloc -Wl,-rpath,"$PWD/$STAGE" \
+        $cudart 2>"$LOG/peer-hbm-build.log" &
+    pid[hbm]=$! label[hbm]="hbm:hbmalloc"
     local torch_lib torch_inc abi
     if torch_lib=$(python3 -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib"))' 2>/dev/null); then
         torch_inc=$(dirname "$torch_lib")/include
         abi=$(python3 -c 'import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))')
-        if $cxx -DPEER_TORCH -D_GLIBCXX_USE_CXX11_ABI="$abi" -I"$torch_inc" -o build/gpu/peer_bench_torch \
-            -L"$torch_lib" -lc10_cuda -lc10 -Wl,-rpath,"$torch_lib" -L"$CUDA/lib64" -lcudart -Wl,-rpath,"$CUDA/lib64" \
-            2>"$LOG/peer-torch-build.log"; then
-            PEERS+=("torch:pytorch")
-        else
-            record "peer PyTorch build" FAIL "$(grep -m2 error "$LOG/peer-torch-build.log" | tr '\n' ' ')"
-        fi
+        $cxx -DPEER_TORCH -D_GLIBCXX_USE_CXX11_ABI="$abi" -I"$torch_inc" -o build/gpu/peer_bench_torch \
+            -L"$torch_lib" -lc10_cuda -lc10 -Wl,-rpath,"$torch_lib" $cudart 2>"$LOG/peer-torch-build.log" &
+        pid[torch]=$! label[torch]="torch:pytorch"
     else
         record "peer PyTorch" SKIP "torch not importable"
     fi
@@ -284,17 +292,28 @@ build_peers() {
     if ls "$STAGE"/peers/librmm*.whl >/dev/null 2>&1; then
         mkdir -p "$rmm"
         for whl in "$STAGE"/peers/*.whl; do python3 -m zipfile -e "$whl" "$rmm"; done
-        if $cxx -DPEER_RMM -I"$rmm/librmm/include" -I"$rmm/librmm/include/rapids" -I"$rmm/rapids_logger/include" \
+        $cxx -DPEER_RMM -I"$rmm/librmm/include" -I"$rmm/librmm/include/rapids" -I"$rmm/rapids_logger/include" \
             -o build/gpu/peer_bench_rmm -L"$rmm/librmm/lib64" -L"$rmm/rapids_logger/lib64" -lrmm -lrapids_logger \
-            -Wl,-rpath,"$PWD/$rmm/librmm/lib64:$PWD/$rmm/rapids_logger/lib64" -L"$CUDA/lib64" -lcudart -Wl,-rpath,"$CUDA/lib64" \
-            2>"$LOG/peer-rmm-build.log"; then
-            PEERS+=("rmm:rmm-pool" "rmm:rmm-arena")
-        else
-            record "peer RMM build" FAIL "$(grep -m2 error "$LOG/peer-rmm-build.log" | tr '\n' ' ')"
-        fi
+            -Wl,-rpath,"$PWD/$rmm/librmm/lib64:$PWD/$rmm/rapids_logger/lib64" $cudart 2>"$LOG/peer-rmm-build.log" &
+        pid[rmm]=$! label[rmm]="rmm:rmm-pool rmm:rmm-arena"
     else
         record "peer RMM" SKIP "no wheels in $STAGE/peers (gpu-stage.sh downloads them)"
     fi
+    local lib built="" more
+    for lib in rt hbm torch rmm; do
+        [[ -n ${pid[$lib]:-} ]] || continue
+        if wait "${pid[$lib]}"; then
+            # rt is not in PEERS: the sections that use it name its allocators themselves.
+            if [[ $lib != rt ]]; then
+                read -r -a more <<<"${label[$lib]}"
+                PEERS+=("${more[@]}")
+            fi
+            built+="$lib "
+        else
+            record "peer_bench $lib build" FAIL "$(grep -m2 error "$LOG/peer-$lib-build.log" | tr '\n' ' ')"
+        fi
+    done
+    record "peer_bench builds" PASS "built ${built}in $((SECONDS - started)) s (in parallel)"
 }
 
 if want bench; then
@@ -304,7 +323,7 @@ if want bench; then
         : >"$LOG/bench.txt"
         export BENCH_SECONDS=${BENCH_SECONDS:-1}
         # Several rounds, every configuration once per round, so that a noisy neighbour on the
-        # host hits them all alike; bench-table.py keeps each configuration's best round.
+        # host hits them all alike; bench-table.py gives each configuration's median and spread.
         # Each $STAGE/ref/<name>/libhbmalloc.so (scripts/gpu-stage.sh with HBM_REF="name=commit")
         # runs beside the current library as hbmalloc-<name>: before/after from the same run.
         for round in $(seq "${BENCH_ROUNDS:-3}"); do
@@ -339,50 +358,137 @@ if want bench; then
     fi
 fi
 
-# Real workloads (scripts/workloads.py) on PyTorch's allocator and on hbmalloc, in interleaved
-# rounds: time and peak memory. hbmalloc's runs leave traces, replayed against every peer
-# (bench/peer_bench.cpp replay: and memory:). Needs the bench section's peers: run with bench.
+# `replay` is both sections below, in this order.
+# Before the replays: the llama-bench trace it writes is one of theirs.
+if want llama; then
+    if [[ -n $LLAMA_BUILD_PID ]]; then wait "$LLAMA_BUILD_PID"; else bash scripts/gpu-llama.sh build "$LOG" >"$LOG/llama-build.out" 2>&1; fi
+    while IFS='|' read -r _ name status detail; do
+        record "$name" "$status" "$detail"
+    done < <(bash scripts/gpu-llama.sh check "$LOG" "$LIB" 2>"$LOG/llama-check.err" | tee "$LOG/llama-check.out" | grep '^RESULT|')
+fi
+
 if want replay; then
+    SECTIONS+=" workloads replay-peers"
+fi
+
+# Real workloads (scripts/workloads.py) end to end on PyTorch's allocator and on hbmalloc (drop-in
+# with backtraces off and on, and the pluggable allocator), in interleaved rounds: time and peak
+# memory, into workloads.txt. Round 1's drop-in run records each workload's trace
+# (gpu-out/recorded/<name>.trace, to refresh bench/traces/) and is labelled hbmalloc+trace, so
+# tracing's cost stays out of hbmalloc's own figures. A round starts only while the time spent
+# plus the last round's stays within WORKLOADS_BUDGET_S (default 420: generate alone takes about
+# 30 s a run); WORKLOADS (default "train infer generate"), WORKLOAD_ROUNDS (default 3).
+if want workloads; then
     if python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
-        : >"$LOG/replay.txt"
-        [[ ${#PEERS[@]} -gt 0 ]] || build_peers
-        g++ -O2 -std=c++17 -I"$CUDA/include" bench/peer_bench.cpp -lpthread -ldl -o build/gpu/peer_bench_rt \
-            -L"$CUDA/lib64" -lcudart -Wl,-rpath,"$CUDA/lib64" 2>"$LOG/peer-rt-build.log" || record "peer runtime build" FAIL "see peer-rt-build.log"
-        for round in $(seq "${BENCH_ROUNDS:-3}"); do
+        : >"$LOG/workloads.txt"
+        mkdir -p "$LOG/recorded"
+        started=$SECONDS last=0 rounds=0
+        for round in $(seq "${WORKLOAD_ROUNDS:-3}"); do
+            (( SECONDS - started + last <= ${WORKLOADS_BUDGET_S:-420} )) || break
+            round_start=$SECONDS
             for w in ${WORKLOADS:-train infer generate}; do
-                python3 scripts/workloads.py "$w" 2>>"$LOG/workloads.log" | sed 's/^workload/pytorch workload/' >>"$LOG/replay.txt"
-                PYTORCH_NO_CUDA_MEMORY_CACHING=1 HBMALLOC_CONF=backtrace:off,leak_report:off,trace:$LOG/$w.trace LD_PRELOAD=$LIB \
-                    python3 scripts/workloads.py "$w" 2>>"$LOG/workloads.log" | sed 's/^workload/hbmalloc workload/' >>"$LOG/replay.txt"
+                w_start=$SECONDS
+                python3 scripts/workloads.py "$w" 2>>"$LOG/workloads.log" | sed 's/^workload/pytorch workload/' >>"$LOG/workloads.txt"
+                if [[ $round == 1 ]]; then
+                    PYTORCH_NO_CUDA_MEMORY_CACHING=1 HBMALLOC_CONF=backtrace:off,leak_report:off,trace:$LOG/recorded/$w.trace LD_PRELOAD=$LIB \
+                        python3 scripts/workloads.py "$w" 2>>"$LOG/workloads.log" | sed 's/^workload/hbmalloc+trace workload/' >>"$LOG/workloads.txt"
+                else
+                    PYTORCH_NO_CUDA_MEMORY_CACHING=1 HBMALLOC_CONF=backtrace:off,leak_report:off LD_PRELOAD=$LIB \
+                        python3 scripts/workloads.py "$w" 2>>"$LOG/workloads.log" | sed 's/^workload/hbmalloc workload/' >>"$LOG/workloads.txt"
+                fi
                 PYTORCH_NO_CUDA_MEMORY_CACHING=1 HBMALLOC_CONF=leak_report:off LD_PRELOAD=$LIB \
-                    python3 scripts/workloads.py "$w" 2>>"$LOG/workloads.log" | sed 's/^workload/hbmalloc+bt workload/' >>"$LOG/replay.txt"
+                    python3 scripts/workloads.py "$w" 2>>"$LOG/workloads.log" | sed 's/^workload/hbmalloc+bt workload/' >>"$LOG/workloads.txt"
                 HBM_PLUGGABLE=1 HBMALLOC_LIB=$LIB HBMALLOC_CONF=backtrace:off,leak_report:off \
-                    python3 scripts/workloads.py "$w" 2>>"$LOG/workloads.log" | sed 's/^workload/hbmalloc-pluggable workload/' >>"$LOG/replay.txt"
+                    python3 scripts/workloads.py "$w" 2>>"$LOG/workloads.log" | sed 's/^workload/hbmalloc-pluggable workload/' >>"$LOG/workloads.txt"
                 # Reference builds (gpu-stage.sh HBM_REF=...): before/after in the same rounds.
                 for ref in "$STAGE"/ref/*/libhbmalloc.so; do
                     [[ -f $ref ]] || continue
                     name=$(basename "$(dirname "$ref")")
                     PYTORCH_NO_CUDA_MEMORY_CACHING=1 HBMALLOC_CONF=backtrace:off,leak_report:off LD_PRELOAD=$PWD/$ref \
-                        python3 scripts/workloads.py "$w" 2>>"$LOG/workloads.log" | sed "s/^workload/hbmalloc-$name workload/" >>"$LOG/replay.txt"
+                        python3 scripts/workloads.py "$w" 2>>"$LOG/workloads.log" | sed "s/^workload/hbmalloc-$name workload/" >>"$LOG/workloads.txt"
                 done
+                echo "workloads: $w, every allocator once: $((SECONDS - w_start)) s"
             done
+            last=$((SECONDS - round_start)) rounds=$round
+            echo "workloads: round $round took $last s"
         done
-        # The seed's 100-allocation step, as a trace too.
-        HBMALLOC_CONF=backtrace:off,leak_report:off,trace:$LOG/step.trace BENCH_SECONDS=0.05 LD_PRELOAD=$LIB build/gpu/alloc_bench malloc step >/dev/null 2>&1
-        for trace in "$LOG"/*.trace; do
-            [[ -s $trace ]] || continue
-            for round in $(seq "${BENCH_ROUNDS:-3}"); do
-                for mode in replay memory; do
-                    for peer in rt:cudaMalloc rt:cudaMallocAsync "${PEERS[@]}"; do
-                        HBMALLOC_CONF=backtrace:off,leak_report:off "build/gpu/peer_bench_${peer%%:*}" "${peer#*:}" "$mode:$trace" >>"$LOG/replay.txt" 2>>"$LOG/replay-errors.log"
-                    done
-                    HBMALLOC_CONF=backtrace:off,leak_report:off LD_PRELOAD=$LIB build/gpu/peer_bench_rt cudaMalloc "$mode:$trace" >>"$LOG/replay.txt" 2>>"$LOG/replay-errors.log"
-                done
-            done
-        done
-        record "workloads and trace replay" PASS "$(grep -c . "$LOG/replay.txt") figures in replay.txt; traces: $(ls "$LOG"/*.trace 2>/dev/null | xargs -n1 basename | tr '\n' ' ')"
-        cat "$LOG/replay.txt"
+        cat "$LOG/workloads.txt"
+        if [[ $rounds -gt 0 ]] && grep -q '^pytorch workload' "$LOG/workloads.txt"; then
+            record "workloads end to end" PASS "$rounds round(s) in $((SECONDS - started)) s, $(grep -c . "$LOG/workloads.txt") lines in workloads.txt"
+        else
+            record "workloads end to end" FAIL "no figures: see workloads.log: $(tail -2 "$LOG/workloads.log" | tr '\n' ' ')"
+        fi
     else
-        record "workloads and trace replay" FAIL "torch with CUDA not importable"
+        record "workloads end to end" FAIL "torch with CUDA not importable"
+    fi
+fi
+
+# The committed traces (bench/traces/*.trace.gz, decompressed into gpu-out/traces), the seed's
+# 100-allocation step (recorded here with alloc_bench) and llama-bench's
+# (gpu-out/llama-bench.trace, left by the llama section when it ran earlier in this call or in an
+# earlier call on the same machine) replayed against every peer in interleaved rounds, into
+# replay-peers.txt: for each, one process replays the trace untimed reading the device's memory
+# after every allocation (memory:, peak reserved / peak in use, and in round 1 the series for the
+# plots, gpu-out/series/<trace>.<allocator>.series), then times BENCH_REPLAYS replays (replay:,
+# ns per operation). The runtime's cudaMalloc, at ~60 us a call, times one replay instead of 3.
+# hbmalloc's own `hbmalloc replay` (recorded order, pool statistics) runs once per trace on the
+# GPU and on the simulated device. A round starts only while the time spent plus the last round's
+# stays within REPLAY_BUDGET_S (default 240): REPLAY_ROUNDS (default 5) is a ceiling.
+if want replay-peers; then
+    build_peers
+    started=$SECONDS
+    : >"$LOG/replay-peers.txt"
+    mkdir -p "$LOG/traces" "$LOG/series"
+    conf=${REPLAY_CONF:-backtrace:off,leak_report:off}
+    for gz in bench/traces/*.trace.gz; do gunzip -c "$gz" >"$LOG/traces/$(basename "$gz" .gz)"; done
+    # The seed's step through alloc_bench, which exits normally (peer_bench's _exit would lose the
+    # trace's buffer): four steps (three warm-up, one timed), 800 events.
+    if [[ -x build/gpu/alloc_bench ]] || gcc -O2 -I"$CUDA/include" bench/alloc_bench.c -o build/gpu/alloc_bench \
+        -L"$CUDA/lib64" -lcudart -lpthread -ldl -Wl,-rpath,"$CUDA/lib64" 2>"$LOG/bench-build.log"; then
+        BENCH_SECONDS=0 HBMALLOC_CONF=$conf,trace:$LOG/traces/step.trace LD_PRELOAD=$LIB \
+            build/gpu/alloc_bench malloc step >/dev/null 2>>"$LOG/replay-errors.log"
+    else
+        record "alloc_bench build (the step trace)" FAIL "$(head -3 "$LOG/bench-build.log" | tr '\n' ' ')"
+    fi
+    [[ -s $LOG/llama-bench.trace ]] && cp "$LOG/llama-bench.trace" "$LOG/traces/llama-bench.trace"
+    traces=$(ls "$LOG"/traces/*.trace)
+    for t in $traces; do
+        name=$(basename "$t" .trace)
+        HBMALLOC_CONF=$conf "$STAGE/hbmalloc" replay "$t" --series "$LOG/series/$name.hbmalloc-replay.series" \
+            >>"$LOG/replay-peers.txt" 2>>"$LOG/replay-errors.log"
+        HBMALLOC_CONF=backend:sim,sim_capacity:140GiB,$conf "$STAGE/hbmalloc" replay "$t" --series "$LOG/series/$name.hbmalloc-sim.series" \
+            2>>"$LOG/replay-errors.log" | sed 's/^replay/replay-sim/' >>"$LOG/replay-peers.txt"
+    done
+    last=0 rounds=0 failures=0
+    for round in $(seq "${REPLAY_ROUNDS:-5}"); do
+        (( SECONDS - started + last <= ${REPLAY_BUDGET_S:-240} )) || break
+        round_start=$SECONDS
+        for t in $traces; do
+            name=$(basename "$t" .trace)
+            # Every allocator on one trace, then the next trace: a noisy moment hits all alike.
+            for peer in rt:cudaMalloc rt:cudaMallocAsync "${PEERS[@]}" dropin:cudaMalloc; do
+                exe=build/gpu/peer_bench_${peer%%:*} who=${peer#*:} pre=() reps=${BENCH_REPLAYS:-3}
+                if [[ $peer == dropin:* ]]; then
+                    exe=build/gpu/peer_bench_rt pre=(LD_PRELOAD=$LIB) who=hbmalloc-dropin
+                fi
+                [[ $peer == rt:cudaMalloc ]] && reps=1
+                [[ -x $exe ]] || continue
+                series=/dev/null
+                [[ $round == 1 ]] && series=$LOG/series/$name.$who.series
+                env "${pre[@]}" HBMALLOC_CONF=$conf BENCH_REPLAYS=$reps BENCH_SERIES=$series \
+                    "$exe" "${peer#*:}" "memory:$t" "replay:$t" >>"$LOG/replay-peers.txt" 2>>"$LOG/replay-errors.log" ||
+                    failures=$((failures + 1))
+            done
+        done
+        last=$((SECONDS - round_start)) rounds=$round
+        echo "replay-peers: round $round took $last s"
+    done
+    cat "$LOG/replay-peers.txt"
+    detail="$rounds round(s) of $(wc -w <<<"$traces") traces in $((SECONDS - started)) s (builds apart); $(grep -c ' raw ' "$LOG/replay-peers.txt") figures in replay-peers.txt"
+    if [[ $rounds -gt 0 && $failures == 0 ]]; then
+        record "trace replay against every peer" PASS "$detail"
+    else
+        record "trace replay against every peer" FAIL "$failures peer runs failed (replay-errors.log: $(tail -2 "$LOG/replay-errors.log" | tr '\n' ' ')); $detail"
     fi
 fi
 
@@ -424,18 +530,12 @@ if want examples; then
     done
 fi
 
-if want llama; then
-    if [[ -n $LLAMA_BUILD_PID ]]; then wait "$LLAMA_BUILD_PID"; else bash scripts/gpu-llama.sh build "$LOG" >"$LOG/llama-build.out" 2>&1; fi
-    while IFS='|' read -r _ name status detail; do
-        record "$name" "$status" "$detail"
-    done < <(bash scripts/gpu-llama.sh check "$LOG" "$LIB" 2>"$LOG/llama-check.err" | tee "$LOG/llama-check.out" | grep '^RESULT|')
-fi
-
 if [[ -n ${OUT:-} ]]; then
     # Without the tensors the PyTorch checks save (60 MiB: past what comes back from $OUT).
     tar czf "$OUT/gpu-logs.tgz" -C "$LOG" --exclude='*.pt' --exclude='*.gguf' .
     cp "$LOG/bench.txt" "$OUT/" 2>/dev/null
-    cp "$LOG/replay.txt" "$OUT/" 2>/dev/null
+    cp "$LOG/workloads.txt" "$LOG/replay-peers.txt" "$OUT/" 2>/dev/null
+    [[ -d $LOG/series ]] && tar czf "$OUT/series.tgz" -C "$LOG" series
     cp "$LOG/profile.txt" "$OUT/" 2>/dev/null
 fi
 echo

@@ -6,6 +6,11 @@
 //! thread waits for its turn), because the caching pool's behaviour depends on which thread
 //! frees what. Every event uses the default stream: a recorded stream is a handle from another
 //! process, so `cudaMallocAsync` events are counted and replayed as plain allocations.
+//!
+//! `--series FILE` also writes memory over the replay, in the format `bench/peer_bench.cpp`
+//! writes for the other allocators (`# hbmalloc series v1`): at most 1000 lines
+//! `<events done> <requested bytes live> <reserved bytes>`, each the highest figures of its
+//! stretch of events, so the plots of `scripts/bench-table.py` keep every peak.
 
 use clap::Args;
 use hbmalloc::backend::DevicePtr;
@@ -26,6 +31,20 @@ pub struct ReplayArgs {
     /// Replay on device N (default: each event's recorded device).
     #[arg(long)]
     device: Option<i32>,
+    /// Also write memory in use and reserved over the replay to this file.
+    #[arg(long, value_name = "FILE")]
+    series: Option<PathBuf>,
+}
+
+/// The most points a series file holds.
+const SERIES_POINTS: usize = 1000;
+
+/// One point of `--series`: after event `event`, what the trace has live and the pool reserved.
+#[derive(Clone, Copy)]
+struct Sample {
+    event: usize,
+    requested: usize,
+    reserved: u64,
 }
 
 #[derive(Clone, Copy)]
@@ -34,6 +53,8 @@ struct Event {
     ptr: usize,
     size: usize,
     device: i32,
+    /// Bytes the trace has live once this event is done (its requested sizes).
+    requested_after: usize,
 }
 
 /// What the trace itself says: its events per thread and the exact peak of requested bytes.
@@ -59,17 +80,25 @@ pub fn run(args: ReplayArgs) -> ExitCode {
     let turn = AtomicUsize::new(0);
     let live: Mutex<HashMap<usize, DevicePtr>> = Mutex::new(HashMap::new());
     let failed: Mutex<Option<String>> = Mutex::new(None);
+    let samples: Option<Mutex<Vec<Sample>>> = args.series.as_ref().map(|_| Mutex::new(Vec::new()));
     let started = Instant::now();
     std::thread::scope(|s| {
         for events in &trace.threads {
-            let (turn, live, failed) = (&turn, &live, &failed);
-            s.spawn(move || replay_thread(events, turn, live, failed));
+            let (turn, live, failed, samples) = (&turn, &live, &failed, samples.as_ref());
+            s.spawn(move || replay_thread(events, turn, live, failed, samples));
         }
     });
     let seconds = started.elapsed().as_secs_f64();
     if let Some(e) = failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
         eprintln!("hbmalloc replay: {e}");
         return ExitCode::FAILURE;
+    }
+    if let (Some(path), Some(samples)) = (&args.series, samples) {
+        let samples = samples.into_inner().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = std::fs::write(path, series_text(samples, trace.events)) {
+            eprintln!("hbmalloc replay: {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
     }
     let devices: Vec<i32> = {
         let mut d: Vec<i32> = trace
@@ -115,6 +144,7 @@ fn replay_thread(
     turn: &AtomicUsize,
     live: &Mutex<HashMap<usize, DevicePtr>>,
     failed: &Mutex<Option<String>>,
+    samples: Option<&Mutex<Vec<Sample>>>,
 ) {
     for &(index, e) in events {
         while turn.load(Ordering::Acquire) != index {
@@ -143,8 +173,47 @@ fn replay_thread(
             turn.store(usize::MAX, Ordering::Release);
             return;
         }
+        // Taken before the next event's turn, so the samples come in the trace's order. The
+        // device's memory in use, as peer_bench reads it for the other allocators: not the
+        // pool's statistics, whose reading samples the peak in use that the pool's reclaim
+        // bound depends on (reading them every event changed the replay's own figures).
+        if let Some(samples) = samples {
+            let reserved = device_used(e.device) as u64;
+            samples.lock().expect("replay samples").push(Sample {
+                event: index + 1,
+                requested: e.requested_after,
+                reserved,
+            });
+        }
         turn.store(index + 1, Ordering::Release);
     }
+}
+
+/// Memory in use on `device` by what its backend says (free against total): what the pool holds
+/// from the driver, as a read-only atomic load on the simulated device.
+fn device_used(device: i32) -> usize {
+    runtime::pool(device)
+        .and_then(|p| p.backend().mem_info())
+        .map_or(0, |(free, total)| total - free)
+}
+
+/// The series file: the samples in stretches of events, each stretch's highest figures.
+fn series_text(samples: Vec<Sample>, events: usize) -> String {
+    let stretch = events / SERIES_POINTS + 1;
+    let mut text = String::from("# hbmalloc series v1: op in_use_bytes reserved_bytes\n");
+    let mut i = 0;
+    while i < samples.len() {
+        let end = (samples[i].event / stretch + 1) * stretch;
+        let (mut requested, mut reserved, mut last) = (0, 0, 0);
+        while i < samples.len() && samples[i].event < end {
+            requested = requested.max(samples[i].requested);
+            reserved = reserved.max(samples[i].reserved);
+            last = samples[i].event;
+            i += 1;
+        }
+        text.push_str(&format!("{last} {requested} {reserved}\n"));
+    }
+    text
 }
 
 /// Parses a version-1 trace (`track::trace`): `time_ns thread a|f ptr size stream device`.
@@ -206,6 +275,7 @@ fn read(path: &std::path::Path, device: Option<i32>) -> Result<Trace, String> {
             ptr,
             size,
             device: device.unwrap_or(recorded_device),
+            requested_after: requested,
         };
         threads[slot].push((events, e));
         events += 1;
