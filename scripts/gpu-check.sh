@@ -358,7 +358,16 @@ if want bench; then
     fi
 fi
 
-# `replay` is both sections below, in this order.
+if want distributed; then
+    # One rank per visible GPU (one on a one-GPU machine: NCCL and DDP under the preload, not the
+    # cross-device paths). NCCL_NVLS_ENABLE=0 is set in every rank's environment by the script.
+    if python3 scripts/torch_distributed_check.py "$LIB" "$LOG/distributed" >"$LOG/distributed.log" 2>&1; then
+        record "torch.distributed NCCL+DDP" PASS "$(tail -1 "$LOG/distributed.log")"
+    else
+        record "torch.distributed NCCL+DDP" FAIL "$(tail -3 "$LOG/distributed.log" | tr '\n' ' ' | cut -c1-400)"
+    fi
+fi
+
 # Before the replays: the llama-bench trace it writes is one of theirs.
 if want llama; then
     if [[ -n $LLAMA_BUILD_PID ]]; then wait "$LLAMA_BUILD_PID"; else bash scripts/gpu-llama.sh build "$LOG" >"$LOG/llama-build.out" 2>&1; fi
@@ -367,6 +376,7 @@ if want llama; then
     done < <(bash scripts/gpu-llama.sh check "$LOG" "$LIB" 2>"$LOG/llama-check.err" | tee "$LOG/llama-check.out" | grep '^RESULT|')
 fi
 
+# `replay` is both sections below, in this order.
 if want replay; then
     SECTIONS+=" workloads replay-peers"
 fi
