@@ -3,7 +3,7 @@
 //! Skips, saying so, only when python3 or the package is unavailable
 //! (scripts/install-test-deps.sh installs it into .whl/py-gguf).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use hbmalloc::estimate::ggml_type::GgmlType;
@@ -116,7 +116,7 @@ fn write_gguf(py_path: &str, name: &str, arch: &str, script: &str) -> PathBuf {
     file
 }
 
-fn kv_of(file: &PathBuf, n_ctx: u64, n_seq: u64, swa_full: bool) -> (Vec<u64>, Hparams) {
+fn kv_of(file: &Path, n_ctx: u64, n_seq: u64, swa_full: bool) -> (Vec<u64>, Hparams) {
     let f = gguf::open(file).unwrap();
     let h = Hparams::from_gguf(&f).unwrap();
     let p = KvParams {
