@@ -150,7 +150,9 @@ pub fn estimate(m: &Model, p: &Params) -> Result<Estimate, String> {
         return Err("tensor split fractions must be finite and non-negative".into());
     }
     let h = &m.hparams;
-    let n_ubatch = p.n_ubatch.min(p.n_batch);
+    // llama.cpp caps the batch at the context (as given, before padding), the micro-batch at the
+    // batch: a 256-token context reserves for 256-token micro-batches.
+    let n_ubatch = p.n_ubatch.min(p.n_batch).min(p.n_ctx);
     let kvp = KvParams {
         n_ctx: p.n_ctx,
         n_ubatch,
@@ -294,6 +296,21 @@ mod tests {
         )
         .unwrap();
         assert_eq!(fa.devices[1].compute_bytes, 32 * MIB + 4 * 3 * 512 * 11008);
+    }
+
+    #[test]
+    fn a_short_context_caps_the_micro_batch() {
+        // llama.cpp: n_batch = min(n_ctx, 2048), n_ubatch = min(n_batch, 512) = 256 here; the
+        // FFN (3 x 256 x 11008 f32) beside the hidden state is the peak (512 would double it).
+        let e = estimate(
+            &llama7b(),
+            &Params {
+                n_ctx: 256,
+                ..Params::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(e.devices[1].compute_bytes, 16 * MIB + 4 * 3 * 256 * 11008);
     }
 
     #[test]
