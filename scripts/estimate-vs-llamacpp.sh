@@ -9,8 +9,9 @@
 # (llama-completion, else llama-cli, in LLAMA_CPP_BIN), and the hbmalloc CLI ($HBMALLOC_CLI, else
 # gpu-stage/hbmalloc, else target/release/hbmalloc, built with cargo where cargo exists).
 #
-# For each case it writes a small random-weight GGUF (a GQA llama; a Gemma-2 model whose even
-# layers slide over a 256-token window), runs llama.cpp for one token with every layer on GPU 0,
+# For each case it writes a small random-weight GGUF (a GQA llama; a Gemma-2 model, whose even
+# layers slide over the default 4096-token window; a Gemma-3 model, five of whose seven layers
+# slide over 256 tokens), runs llama.cpp for one token with every layer on GPU 0,
 # and reads, from the last model load in its log:
 #   load_tensors:   <buf> model buffer size = X MiB     (weights, per buffer)
 #   llama_kv_cache: <buf> KV buffer size = X MiB        (per buffer; one per cache, two with SWA)
@@ -79,7 +80,7 @@ w.add_token_types([2, 3, 3] + [6] * 256 + [1] * (n_vocab - 259))
 w.add_bos_token_id(1); w.add_eos_token_id(2)
 f16 = lambda *s: (rng.standard_normal(s) * 0.02).astype(np.float16)
 f32 = lambda n: np.ones(n, dtype=np.float32)
-gemma = arch == "gemma2"
+gemma = arch in ("gemma2", "gemma3")
 w.add_tensor("token_embd.weight", f16(n_vocab, n_embd))
 for i in range(n_layer):
     w.add_tensor(f"blk.{i}.attn_norm.weight", f32(n_embd))
@@ -87,6 +88,9 @@ for i in range(n_layer):
     w.add_tensor(f"blk.{i}.attn_k.weight", f16(n_kv * hd, n_embd))
     w.add_tensor(f"blk.{i}.attn_v.weight", f16(n_kv * hd, n_embd))
     w.add_tensor(f"blk.{i}.attn_output.weight", f16(n_embd, n_head * hd))
+    if arch == "gemma3":
+        w.add_tensor(f"blk.{i}.attn_q_norm.weight", f32(hd))
+        w.add_tensor(f"blk.{i}.attn_k_norm.weight", f32(hd))
     if gemma:
         w.add_tensor(f"blk.{i}.post_attention_norm.weight", f32(n_embd))
     w.add_tensor(f"blk.{i}.ffn_norm.weight", f32(n_embd))
@@ -200,17 +204,25 @@ PY
 cat "$out_md"
 
 write_model "$work/gqa.gguf" llama 4 512 8 2 64 1408 2000 0
-# Gemma-2: layers 0 and 2 slide over 256 tokens, 1 and 3 keep every cell; 128-wide heads.
-write_model "$work/gemma2.gguf" gemma2 4 512 4 2 128 1408 2000 256
+# Gemma-2: no sliding_window key, so llama.cpp's default 4096; layers 0 and 2 slide, 1 and 3
+# keep every cell; 128-wide heads; the output tied to the token embeddings. Flash attention
+# only off: Gemma-2's attention soft-capping may turn it off in some builds.
+write_model "$work/gemma2.gguf" gemma2 4 512 4 2 128 1408 2000 0
+# Gemma-3: period 6, so layers 0-4 and 6 slide over 256 tokens and layer 5 keeps every cell.
+write_model "$work/gemma3.gguf" gemma3 7 512 4 2 128 1408 2000 256
 for ctx in 512 4096; do
     compare "gqa-c$ctx-f16" "$work/gqa.gguf" "$ctx" off f16 f16
     compare "gqa-c$ctx-f16-fa" "$work/gqa.gguf" "$ctx" on f16 f16
     compare "gqa-c$ctx-q8_0-fa" "$work/gqa.gguf" "$ctx" on q8_0 q8_0
     compare "gqa-c$ctx-q4_0-fa" "$work/gqa.gguf" "$ctx" on q4_0 q4_0
 done
-for ctx in 1024 8192; do
+for ctx in 2048 8192; do
     compare "gemma2-swa-c$ctx-f16" "$work/gemma2.gguf" "$ctx" off f16 f16
-    compare "gemma2-swa-c$ctx-q8_0-fa" "$work/gemma2.gguf" "$ctx" on q8_0 q8_0
+done
+for ctx in 1024 8192; do
+    compare "gemma3-swa-c$ctx-f16" "$work/gemma3.gguf" "$ctx" off f16 f16
+    compare "gemma3-swa-c$ctx-f16-fa" "$work/gemma3.gguf" "$ctx" on f16 f16
+    compare "gemma3-swa-c$ctx-q8_0-fa" "$work/gemma3.gguf" "$ctx" on q8_0 q8_0
 done
 echo
 echo "written: $out_md"
