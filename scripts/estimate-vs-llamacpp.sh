@@ -4,8 +4,9 @@
 #
 #   LLAMA_CPP_BIN=build/llama/bin bash scripts/estimate-vs-llamacpp.sh [OUT.md]
 #
-# Needs: python3 with numpy and the gguf package (PYTHONPATH gets gpu-stage/py-gguf and
-# .whl/py-gguf; scripts/install-test-deps.sh puts gguf in .whl/py-gguf), a llama.cpp build
+# Needs: python3 with numpy and the gguf package (llama.cpp's gguf-py on PYTHONPATH, as
+# scripts/gpu-llama.sh sets it; gpu-stage/py-gguf and .whl/py-gguf are tried first, where
+# scripts/install-test-deps.sh puts it), a llama.cpp build
 # (llama-completion, else llama-cli, in LLAMA_CPP_BIN), and the hbmalloc CLI ($HBMALLOC_CLI, else
 # gpu-stage/hbmalloc, else target/release/hbmalloc, built with cargo where cargo exists).
 #
@@ -38,8 +39,11 @@ for c in llama-completion llama-cli; do
 done
 [[ -n "$cli" ]] || { echo "estimate-vs-llamacpp: no llama-completion or llama-cli in $bin_dir" >&2; exit 2; }
 export PYTHONPATH="$PWD/gpu-stage/py-gguf:$PWD/.whl/py-gguf${PYTHONPATH:+:$PYTHONPATH}"
-python3 -c "import gguf, numpy" 2>/dev/null || {
-    echo "estimate-vs-llamacpp: python3 needs numpy and gguf (PYTHONPATH=$PYTHONPATH)" >&2; exit 2; }
+if ! py_err=$(python3 -c "import gguf, numpy" 2>&1); then
+    echo "estimate-vs-llamacpp: python3 needs numpy and gguf (with PyYAML), PYTHONPATH=$PYTHONPATH:" >&2
+    echo "$py_err" | tail -3 >&2
+    exit 2
+fi
 hbm="${HBMALLOC_CLI:-}"
 for c in gpu-stage/hbmalloc target/release/hbmalloc; do
     [[ -z "$hbm" && -x $c ]] && hbm="$PWD/$c"

@@ -5,8 +5,7 @@
 #   bash scripts/gpu-check.sh [section ...]   sections: rust c limit stream reliability sanitizer torch bench demo examples
 #   (bench also runs PyTorch's and RMM's allocators and the hbm_* C API: bench/peer_bench.cpp)
 #   (not run by default: `replay`, real workloads and their traces replayed against every peer,
-#   after `bench`; `profile`, perf of the drop-in path, after `bench`; `estimate`, the memory
-#   estimate against a CUDA build of llama.cpp in build/llama/bin)
+#   after `bench`; `profile`, perf of the drop-in path, after `bench`)
 # Logs go to gpu-out/ (and, packed with the summary, to $OUT where the device tool runs it); a
 # table of what ran is printed last. Exits 1 if anything failed.
 set -uo pipefail
@@ -415,26 +414,8 @@ if want examples; then
     done
 fi
 
-# The memory estimate against llama.cpp's own buffer sizes (scripts/estimate-vs-llamacpp.sh): not
-# run by default; needs a CUDA build of llama.cpp (LLAMA_CPP_BIN, default build/llama/bin) and the
-# gguf package (gpu-stage/py-gguf). Exits non-zero past its tolerances.
-if want estimate; then
-    llama_bin=${LLAMA_CPP_BIN:-$PWD/build/llama/bin}
-    if [[ ! -x $llama_bin/llama-completion && ! -x $llama_bin/llama-cli ]]; then
-        record "estimate vs llama.cpp" SKIP "no llama-completion or llama-cli in $llama_bin"
-    elif HBMALLOC_CLI=$PWD/$STAGE/hbmalloc LLAMA_CPP_BIN=$llama_bin timeout 300 \
-        bash scripts/estimate-vs-llamacpp.sh "$LOG/estimate-vs-llamacpp.md" >"$LOG/estimate.log" 2>&1; then
-        record "estimate vs llama.cpp" PASS "$(grep -c '| ok |' "$LOG/estimate-vs-llamacpp.md") rows within tolerance"
-    else
-        record "estimate vs llama.cpp" FAIL "$(grep -c 'FAIL' "$LOG/estimate-vs-llamacpp.md" 2>/dev/null) FAIL rows: see estimate-vs-llamacpp.md, estimate.log"
-    fi
-    cat "$LOG/estimate-vs-llamacpp.md" 2>/dev/null
-    grep -v '^|' "$LOG/estimate.log" | tail -20
-fi
-
 if [[ -n ${OUT:-} ]]; then
     tar czf "$OUT/gpu-logs.tgz" -C "$LOG" .
-    cp "$LOG/estimate-vs-llamacpp.md" "$OUT/" 2>/dev/null
     cp "$LOG/bench.txt" "$OUT/" 2>/dev/null
     cp "$LOG/replay.txt" "$OUT/" 2>/dev/null
     cp "$LOG/profile.txt" "$OUT/" 2>/dev/null
