@@ -120,11 +120,12 @@ pub fn kv_layout(h: &Hparams, p: &KvParams) -> Result<KvLayout, String> {
     let cells_swa = if h.n_swa == 0 || p.swa_full {
         cells_full
     } else {
+        // Saturating: a window wider than any context (a header may claim anything) is capped
+        // at the full cache below, as llama.cpp's min() caps it.
         let window = h
             .n_swa
-            .checked_mul(if p.kv_unified { n_seq } else { 1 })
-            .and_then(|c| c.checked_add(p.n_ubatch))
-            .ok_or("SWA size overflows")?;
+            .saturating_mul(if p.kv_unified { n_seq } else { 1 })
+            .saturating_add(p.n_ubatch);
         padded_ctx(cells_full.min(window))
     };
     let overflow = || "KV size overflows 64 bits".to_string();
@@ -271,9 +272,11 @@ mod tests {
             kv_bytes_per_layer(&h, &f16(1024)).unwrap(),
             vec![cell * 1024, cell * 1024]
         );
-        // An odd window pads up: 100 + 512 -> 768.
+        // An odd window pads up: 100 + 512 -> 768; a window past any context is the context.
         h.n_swa = 100;
         assert_eq!(kv_bytes_per_layer(&h, &p).unwrap()[0], cell * 768);
+        h.n_swa = u64::MAX;
+        assert_eq!(kv_bytes_per_layer(&h, &p).unwrap()[0], cell * 32768);
         let mut ds = Hparams::dense("deepseek2", 61, 7168, 128, 128);
         ds.kv_lora_rank = 512;
         ds.rope_dim = 64;
