@@ -57,6 +57,17 @@ const ARCHS: &[ArchSwa] = &[
     },
 ];
 
+/// llama.cpp's period for a Hugging Face `model_type` whose GGUF architecture has SWA layers
+/// (`gemma2`, `gemma3`, `cohere2`, `gpt_oss`), or `None`: llama.cpp gives that model no SWA.
+pub fn hf_period(model_type: &str) -> Option<u32> {
+    let arch = match model_type {
+        "gemma3_text" => "gemma3",
+        "gpt_oss" => "gpt-oss",
+        t => t,
+    };
+    ARCHS.iter().find(|a| a.arch == arch).map(|a| a.period)
+}
+
 /// The sliding layers of a period-`n` pattern (llama.cpp `set_swa_pattern(n)`, dense last).
 pub fn pattern(n_layer: u32, period: u32) -> Vec<bool> {
     (0..n_layer)
@@ -187,6 +198,14 @@ mod tests {
         assert!(from_gguf(&short, "gemma4", 2)
             .unwrap_err()
             .contains("must hold 2"));
+    }
+
+    #[test]
+    fn hugging_face_model_types_map_to_llama_cpp_periods() {
+        assert_eq!(hf_period("gemma2"), Some(2));
+        assert_eq!(hf_period("gemma3_text"), Some(6));
+        assert_eq!(hf_period("gpt_oss"), Some(2));
+        assert_eq!(hf_period("mistral"), None);
     }
 
     #[test]
