@@ -222,6 +222,16 @@ typedef struct HbmEstimateParams {
      * Bytes added to each GPU for the CUDA context and workspaces.
      */
     uint64_t overhead_bytes;
+    /**
+     * llama.cpp `--swa-full`: 1 gives sliding-window layers a full-size cache; 0 (the default,
+     * as llama.cpp's) keeps only the window plus a micro-batch of cells.
+     */
+    int32_t swa_full;
+    /**
+     * llama.cpp `--kv-unified`: 1 shares one KV stream among all sequences; 0 (the default, as
+     * llama.cpp's) gives each sequence its own stream of n_ctx / n_seq cells.
+     */
+    int32_t kv_unified;
 } HbmEstimateParams;
 
 /**

@@ -141,6 +141,82 @@ fn estimate_json_contract() {
 }
 
 #[test]
+fn sliding_window_split_and_assumption_are_shown() {
+    // Gemma-2-9B at 32768: 21 full-attention layers keep 32768 cells, 21 sliding ones
+    // pad256(4096 + 512) = 4608; a cell of a layer is 8 KV heads of 256, K and V, f16.
+    let cell = 2 * 8 * 256 * 2u64;
+    let v = json(&[
+        "estimate",
+        "--preset",
+        "gemma-2-9b",
+        "--ctx",
+        "32768",
+        "--json",
+    ]);
+    assert_eq!(v["swa_full"], false);
+    let kv = &v["kv"];
+    assert_eq!(
+        (kv["n_swa"].as_u64(), kv["cells_swa"].as_u64()),
+        (Some(4096), Some(4608))
+    );
+    assert_eq!(
+        (kv["full_layers"].as_u64(), kv["swa_layers"].as_u64()),
+        (Some(21), Some(21))
+    );
+    assert_eq!(kv["swa_bytes"].as_u64(), Some(21 * cell * 4608));
+    assert_eq!(kv["layer_bytes"][0].as_u64(), Some(cell * 4608));
+    assert_eq!(kv["layer_bytes"][1].as_u64(), Some(cell * 32768));
+    assert_eq!(v["kv_bytes"].as_u64(), Some(21 * cell * (32768 + 4608)));
+    let full = json(&[
+        "estimate",
+        "--preset",
+        "gemma-2-9b",
+        "--ctx",
+        "32768",
+        "--swa-full",
+        "--json",
+    ]);
+    assert_eq!(full["swa_full"], true);
+    assert_eq!(full["kv_bytes"].as_u64(), Some(42 * cell * 32768));
+    let text = stdout(&hbm(&[
+        "estimate",
+        "--preset",
+        "gemma-2-9b",
+        "--ctx",
+        "32768",
+    ]));
+    assert!(
+        text.contains("21 sliding-window layers (window 4096) x 4608 cells"),
+        "{text}"
+    );
+    assert!(text.contains("swa_full off"), "{text}");
+    // Four sequences: a stream each of 1024 cells, unless --kv-unified.
+    let per_seq = json(&[
+        "estimate",
+        "--preset",
+        "llama-7b",
+        "--parallel",
+        "4",
+        "--json",
+    ]);
+    assert_eq!(per_seq["kv"]["n_stream"].as_u64(), Some(4));
+    let unified = json(&[
+        "estimate",
+        "--preset",
+        "llama-7b",
+        "--parallel",
+        "4",
+        "--kv-unified",
+        "--json",
+    ]);
+    assert_eq!(unified["kv"]["n_stream"].as_u64(), Some(1));
+    assert_eq!(
+        per_seq["kv_bytes"], unified["kv_bytes"],
+        "a full cache is the same size"
+    );
+}
+
+#[test]
 fn fit_walks_the_ladder() {
     let v = json(&["fit", "--preset", "llama-7b", "--mem", "24GiB", "--json"]);
     assert_eq!(v["rung"], "gpu-f16");

@@ -94,6 +94,16 @@ pub fn row_bytes(ty: HbmType, n: usize) -> Option<usize> {
     ty.row_bytes(n)
 }
 
+/// Bytes of one K or V tensor of a KV cache: `rows` token rows of `elems` elements each
+/// (`ggml_row_size(ty, elems) * rows`, as llama.cpp sizes its cache tensors). The one size
+/// function of KV bytes: the paged cache sizes its block tensors with it and the memory
+/// estimate its per-layer cache, so the two cannot disagree. `None` when `elems` is not whole
+/// blocks of `ty` or the size overflows 64 bits.
+pub fn kv_rows_bytes(ty: HbmType, elems: u64, rows: u64) -> Option<u64> {
+    let row = ty.row_bytes(usize::try_from(elems).ok()?)?;
+    (row as u64).checked_mul(rows)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,5 +141,24 @@ mod tests {
         assert_eq!(row_bytes(HbmType::Q4_0, 33), None);
         assert_eq!(row_bytes(HbmType::F32, usize::MAX), None, "overflow");
         assert!(HbmType::Q4_0.is_quantized() && !HbmType::BF16.is_quantized());
+    }
+
+    #[test]
+    fn kv_tensor_bytes_are_rows_times_row_bytes() {
+        // LLaMA-7B, one layer's K at 2048 cells in F16: 4096 * 2 * 2048 = 16 MiB.
+        assert_eq!(kv_rows_bytes(HbmType::F16, 4096, 2048), Some(16 << 20));
+        assert_eq!(kv_rows_bytes(HbmType::Q8_0, 512, 100), Some(16 * 34 * 100));
+        assert_eq!(kv_rows_bytes(HbmType::Q4_0, 576, 3), Some(18 * 18 * 3));
+        assert_eq!(
+            kv_rows_bytes(HbmType::Q4_0, 40, 1),
+            None,
+            "40 is not whole blocks"
+        );
+        assert_eq!(
+            kv_rows_bytes(HbmType::F32, 1 << 40, 1 << 30),
+            None,
+            "overflow"
+        );
+        assert_eq!(kv_rows_bytes(HbmType::BF16, 8, 0), Some(0));
     }
 }

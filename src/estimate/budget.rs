@@ -16,8 +16,8 @@
 //! compute  = 4 * max(layers, hidden + logits)      (the output comes after the last layer)
 //! ```
 //!
-//! with `n_kv` the KV cells of the widest layer (the full padded n_ctx; a sliding-window model
-//! whose every layer slides uses the smaller SWA size). The CPU's host compute buffer holds the
+//! with `n_kv` the KV cells per stream of the widest layer (`estimate::kv`: the padded n_ctx, or
+//! each sequence's share of it; a model whose every layer slides uses the smaller SWA size). The CPU's host compute buffer holds the
 //! input embeddings (`4 * n_ubatch * n_embd`) plus the layers/logits above for whatever part of
 //! the model runs on it. This is where the estimate is least exact; scripts/estimate-vs-llamacpp.sh
 //! measures it against llama.cpp's `compute buffer size` lines.
@@ -26,7 +26,7 @@
 //! no file describes; it is a stated, configurable figure ([`DEFAULT_OVERHEAD`]).
 
 use super::ggml_type::GgmlType;
-use super::kv::{kv_bytes_per_layer, padded_ctx, KvParams};
+use super::kv::{kv_layout, KvLayout, KvParams};
 use super::weights::{slot_devices, weights_per_device, Model};
 
 /// Per-GPU overhead assumed when none is given: 300 MiB (CUDA context with kernels loaded and
@@ -48,6 +48,10 @@ pub struct Params {
     pub type_k: GgmlType,
     pub type_v: GgmlType,
     pub flash_attn: bool,
+    /// llama.cpp `--swa-full` (sliding-window layers keep every cell); off, as llama.cpp's default.
+    pub swa_full: bool,
+    /// llama.cpp `--kv-unified` (one KV stream for every sequence); off, as llama.cpp's default.
+    pub kv_unified: bool,
     /// Layers on the GPUs (llama.cpp `-ngl`); more than n_layer also puts the output there.
     pub n_gpu_layers: u32,
     /// One fraction per GPU (`--tensor-split`); its length is the number of GPUs.
@@ -66,6 +70,8 @@ impl Default for Params {
             type_k: GgmlType::F16,
             type_v: GgmlType::F16,
             flash_attn: false,
+            swa_full: false,
+            kv_unified: false,
             n_gpu_layers: 999,
             tensor_split: vec![1.0],
             overhead: DEFAULT_OVERHEAD,
@@ -94,6 +100,12 @@ pub struct Estimate {
     pub flash_attn: bool,
     /// `-ngl` as given, capped at n_layer + 1.
     pub n_gpu_layers: u32,
+    /// The KV cache's cells and per-layer bytes (with the `swa_full` and `kv_unified` assumed).
+    pub kv: KvLayout,
+    pub swa_full: bool,
+    pub kv_unified: bool,
+    /// The model's sliding window (0: none).
+    pub n_swa: u64,
     pub devices: Vec<DeviceEstimate>,
 }
 
@@ -138,7 +150,9 @@ pub fn estimate(m: &Model, p: &Params) -> Result<Estimate, String> {
         return Err("tensor split fractions must be finite and non-negative".into());
     }
     let h = &m.hparams;
-    let n_ubatch = p.n_ubatch.min(p.n_batch);
+    // llama.cpp caps the batch at the context (as given, before padding), the micro-batch at the
+    // batch: a 256-token context reserves for 256-token micro-batches.
+    let n_ubatch = p.n_ubatch.min(p.n_batch).min(p.n_ctx);
     let kvp = KvParams {
         n_ctx: p.n_ctx,
         n_ubatch,
@@ -146,17 +160,19 @@ pub fn estimate(m: &Model, p: &Params) -> Result<Estimate, String> {
         type_k: p.type_k,
         type_v: p.type_v,
         flash_attn: p.flash_attn,
+        swa_full: p.swa_full,
+        kv_unified: p.kv_unified,
     };
-    let kv_layers = kv_bytes_per_layer(h, &kvp)?;
+    let layout = kv_layout(h, &kvp)?;
     let ngl = p.n_gpu_layers.min(h.n_layer.saturating_add(1));
     let slots = slot_devices(h.n_layer, ngl, &p.tensor_split);
     let weights = weights_per_device(m, ngl, &p.tensor_split);
     let n_dev = p.tensor_split.len() + 1;
     let mut kv = vec![0u64; n_dev];
-    for (il, b) in kv_layers.iter().enumerate() {
-        kv[slots[il]] = kv[slots[il]].saturating_add(*b);
+    for (il, l) in layout.layers.iter().enumerate() {
+        kv[slots[il]] = kv[slots[il]].saturating_add(l.bytes());
     }
-    let c = ComputeShape::new(m, p, n_ubatch);
+    let c = ComputeShape::new(m, p, n_ubatch, &layout);
     let out_dev = slots[h.n_layer as usize];
     let devices = (0..n_dev)
         .map(|d| {
@@ -184,11 +200,15 @@ pub fn estimate(m: &Model, p: &Params) -> Result<Estimate, String> {
         })
         .collect();
     Ok(Estimate {
-        n_ctx: padded_ctx(p.n_ctx),
+        n_ctx: layout.n_ctx,
         type_k: p.type_k,
         type_v: p.type_v,
         flash_attn: p.flash_attn,
         n_gpu_layers: ngl,
+        kv: layout,
+        swa_full: p.swa_full,
+        kv_unified: p.kv_unified,
+        n_swa: h.n_swa,
         devices,
     })
 }
@@ -202,15 +222,10 @@ struct ComputeShape {
 }
 
 impl ComputeShape {
-    fn new(m: &Model, p: &Params, n_ubatch: u64) -> ComputeShape {
+    fn new(m: &Model, p: &Params, n_ubatch: u64, kv: &KvLayout) -> ComputeShape {
         let h = &m.hparams;
-        let kv_size = padded_ctx(p.n_ctx);
-        let all_swa = h.n_swa > 0 && h.swa_layers.iter().all(|&s| s);
-        let n_kv = if all_swa {
-            kv_size.min(padded_ctx(h.n_swa * p.n_seq + n_ubatch))
-        } else {
-            kv_size
-        };
+        let all_swa = kv.layers.iter().all(|l| l.swa || l.cells == 0);
+        let n_kv = if all_swa { kv.cells_swa } else { kv.cells_full };
         let n_head = m.n_head.max(1);
         // Saturating: the sizes come from a file header, which may lie.
         let mul = |xs: &[u64]| xs.iter().fold(1u64, |a, &x| a.saturating_mul(x));
@@ -281,6 +296,21 @@ mod tests {
         )
         .unwrap();
         assert_eq!(fa.devices[1].compute_bytes, 32 * MIB + 4 * 3 * 512 * 11008);
+    }
+
+    #[test]
+    fn a_short_context_caps_the_micro_batch() {
+        // llama.cpp: n_batch = min(n_ctx, 2048), n_ubatch = min(n_batch, 512) = 256 here; the
+        // FFN (3 x 256 x 11008 f32) beside the hidden state is the peak (512 would double it).
+        let e = estimate(
+            &llama7b(),
+            &Params {
+                n_ctx: 256,
+                ..Params::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(e.devices[1].compute_bytes, 16 * MIB + 4 * 3 * 256 * 11008);
     }
 
     #[test]

@@ -200,6 +200,18 @@ mod tests {
     }
 
     #[test]
+    fn kv_cache_types_are_the_caches_own() {
+        // The KV cache sizes rows with dtype::HbmType; the table must agree with it type for type.
+        use crate::dtype::HbmType;
+        for t in ALL.iter().filter(|t| t.is_kv_cache_type()) {
+            let h = HbmType::from_i32(t.id as i32).expect("a KV cache type");
+            assert_eq!((h.name(), h.block_size() as u64), (t.name, t.block_size));
+            assert_eq!(h.block_bytes() as u64, t.type_size, "{t}");
+        }
+        assert_eq!(ALL.iter().filter(|t| t.is_kv_cache_type()).count(), 5);
+    }
+
+    #[test]
     fn removed_and_unknown_ids_are_rejected() {
         for id in [4, 5, 31, 32, 33, 36, 37, 38, 42, 1000, u32::MAX] {
             assert_eq!(GgmlType::from_id(id), None, "id {id}");

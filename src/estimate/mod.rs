@@ -10,4 +10,5 @@ pub mod model;
 pub mod plan;
 pub mod presets;
 pub mod safetensors;
+pub mod swa;
 pub mod weights;

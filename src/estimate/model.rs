@@ -16,7 +16,7 @@ pub struct Hparams {
     /// Per-head K and V widths (`{arch}.attention.key_length` / `.value_length`).
     pub head_dim_k: u64,
     pub head_dim_v: u64,
-    /// Sliding window (0: none) and which layers use it.
+    /// Sliding window (0: none) and which layers use it (`estimate::swa`).
     pub n_swa: u64,
     pub swa_layers: Vec<bool>,
     /// MLA (DeepSeek-2/3): compressed KV rank and rope dims (0: not MLA).
@@ -93,7 +93,7 @@ impl Hparams {
         }
         let head_dim_k = num("attention.key_length").unwrap_or(n_embd / n_head0);
         let head_dim_v = num("attention.value_length").unwrap_or(n_embd / n_head0);
-        let n_swa = num("attention.sliding_window").unwrap_or(0);
+        let (n_swa, swa_layers) = super::swa::from_gguf(f, &arch, n_layer)?;
         Ok(Hparams {
             n_layer,
             n_embd,
@@ -101,9 +101,7 @@ impl Hparams {
             head_dim_k,
             head_dim_v,
             n_swa,
-            // Which layers slide is architecture-specific (llama.cpp sets the pattern per arch);
-            // until that table exists, a window applies to every layer when the metadata gives one.
-            swa_layers: vec![n_swa > 0; n_layer as usize],
+            swa_layers,
             kv_lora_rank: num("attention.kv_lora_rank").unwrap_or(0),
             rope_dim: num("rope.dimension_count").unwrap_or(0),
             n_ctx_train: num("context_length").unwrap_or(0),

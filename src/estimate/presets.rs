@@ -38,7 +38,8 @@ pub struct Preset {
     pub n_ff_exp: u64,
     pub n_expert_shared: u64,
     pub n_dense_lead: u32,
-    /// Sliding window, and every how-many-th layer uses it (1: all, 2: even layers).
+    /// Sliding window, and llama.cpp's SWA period for the architecture (`swa::pattern`: 2 makes
+    /// the even layers slide, 0 every layer).
     pub n_swa: u64,
     pub swa_every: u32,
     pub mla: Option<Mla>,
@@ -138,8 +139,8 @@ pub const PRESETS: &[Preset] = &[
         n_head_kv: 8,
         n_ff: 14336,
         n_ctx_train: 32768,
-        n_swa: 4096,
-        swa_every: 1,
+        // v0.1's 4096-token window is not kept: llama.cpp loads Mistral-7B as the llama
+        // architecture, whose window it never reads, and allocates a full cache.
         published_b: 7.24,
         ..BASE
     },
@@ -397,8 +398,7 @@ impl Preset {
         }
         if self.n_swa > 0 {
             h.n_swa = self.n_swa;
-            let every = self.swa_every.max(1);
-            h.swa_layers = (0..self.n_layer).map(|il| il % every == 0).collect();
+            h.swa_layers = super::swa::pattern(self.n_layer, self.swa_every);
         }
         h.n_ctx_train = self.n_ctx_train;
         h.n_expert = self.n_expert;
@@ -443,6 +443,8 @@ mod tests {
             type_k: GgmlType::F16,
             type_v: GgmlType::F16,
             flash_attn: false,
+            swa_full: false,
+            kv_unified: false,
         };
         let h = |n| find(n).unwrap().model(GgmlType::F16).unwrap().hparams;
         assert_eq!(kv_bytes(&h("llama-7b"), &f16(2048)), Ok(1 << 30));

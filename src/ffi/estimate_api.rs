@@ -45,6 +45,12 @@ pub struct HbmEstimateParams {
     pub tensor_split: [f32; HBM_ESTIMATE_MAX_GPUS],
     /// Bytes added to each GPU for the CUDA context and workspaces.
     pub overhead_bytes: u64,
+    /// llama.cpp `--swa-full`: 1 gives sliding-window layers a full-size cache; 0 (the default,
+    /// as llama.cpp's) keeps only the window plus a micro-batch of cells.
+    pub swa_full: i32,
+    /// llama.cpp `--kv-unified`: 1 shares one KV stream among all sequences; 0 (the default, as
+    /// llama.cpp's) gives each sequence its own stream of n_ctx / n_seq cells.
+    pub kv_unified: i32,
 }
 
 /// One device's share of an estimate.
@@ -116,7 +122,10 @@ fn params_from(p: &HbmEstimateParams) -> Option<Params> {
         return None;
     }
     let split: Vec<f64> = p.tensor_split[..n].iter().map(|&f| f as f64).collect();
-    if split.iter().any(|f| !f.is_finite() || *f < 0.0) || !(0..=1).contains(&p.flash_attn) {
+    let flags = [p.flash_attn, p.swa_full, p.kv_unified];
+    if split.iter().any(|f| !f.is_finite() || *f < 0.0)
+        || flags.iter().any(|f| !(0..=1).contains(f))
+    {
         return None;
     }
     Some(Params {
@@ -127,6 +136,8 @@ fn params_from(p: &HbmEstimateParams) -> Option<Params> {
         type_k: type_ok(p.type_k)?,
         type_v: type_ok(p.type_v)?,
         flash_attn: p.flash_attn == 1,
+        swa_full: p.swa_full == 1,
+        kv_unified: p.kv_unified == 1,
         n_gpu_layers: p.n_gpu_layers,
         tensor_split: split,
         overhead: p.overhead_bytes,
@@ -220,6 +231,8 @@ pub unsafe extern "C" fn hbm_estimate_params_default(
             n_gpus: 1,
             tensor_split: split,
             overhead_bytes: DEFAULT_OVERHEAD,
+            swa_full: 0,
+            kv_unified: 0,
         };
         HbmStatus::Ok
     })
@@ -433,6 +446,37 @@ mod tests {
                 hbm_estimate_model(name.as_ptr(), 1, &q5, &mut e),
                 HbmStatus::InvalidValue
             );
+            // Gemma-2-9B: 21 of 42 layers slide (window 4096); a cell of a layer is 8 KV heads
+            // of 256, K and V, f16. The SWA layers keep pad(4096 + 512) cells unless swa_full.
+            let gemma = CString::new("gemma-2-9b").unwrap();
+            let long = HbmEstimateParams { n_ctx: 32768, ..p };
+            let cell = 2 * 8 * 256 * 2;
+            assert_eq!(
+                hbm_estimate_model(gemma.as_ptr(), 1, &long, &mut e),
+                HbmStatus::Ok
+            );
+            assert_eq!(e.total.kv_bytes, 21 * cell * 32768 + 21 * cell * 4608);
+            let full = HbmEstimateParams {
+                swa_full: 1,
+                ..long
+            };
+            assert_eq!(
+                hbm_estimate_model(gemma.as_ptr(), 1, &full, &mut e),
+                HbmStatus::Ok
+            );
+            assert_eq!(e.total.kv_bytes, 42 * cell * 32768);
+            for bad in [
+                HbmEstimateParams { swa_full: 2, ..p },
+                HbmEstimateParams {
+                    kv_unified: -1,
+                    ..p
+                },
+            ] {
+                assert_eq!(
+                    hbm_estimate_model(gemma.as_ptr(), 1, &bad, &mut e),
+                    HbmStatus::InvalidValue
+                );
+            }
             let small = HbmEstimateParams { size: 8, ..p };
             assert_eq!(
                 hbm_estimate_model(name.as_ptr(), 1, &small, &mut e),

@@ -41,6 +41,14 @@ pub struct RunArgs {
     /// Parallel sequences (llama.cpp -np).
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     parallel: u64,
+    /// Full-size cache for sliding-window layers (llama.cpp --swa-full); off by default, as in
+    /// llama.cpp: a sliding layer keeps its window plus one micro-batch of cells.
+    #[arg(long)]
+    swa_full: bool,
+    /// One KV stream shared by all sequences (llama.cpp --kv-unified); off by default, as in
+    /// llama.cpp: each sequence has its own n_ctx / parallel cells.
+    #[arg(long)]
+    kv_unified: bool,
     /// Per-GPU overhead for the CUDA context and workspaces (e.g. 300MiB).
     #[arg(long, value_name = "SIZE", default_value = "300MiB", value_parser = size)]
     overhead: u64,
@@ -201,8 +209,26 @@ fn device_json(e: &Estimate) -> Value {
             })
         })
         .collect();
+    let (full_layers, full_bytes) = e.kv.group(false);
+    let (swa_layers, swa_bytes) = e.kv.group(true);
+    let kv = json!({
+        "swa_full": e.swa_full,
+        "kv_unified": e.kv_unified,
+        "n_swa": e.n_swa,
+        "n_stream": e.kv.n_stream,
+        "cells_full": e.kv.cells_full,
+        "cells_swa": if swa_layers > 0 { e.kv.cells_swa } else { 0 },
+        "full_layers": full_layers,
+        "full_bytes": full_bytes,
+        "swa_layers": swa_layers,
+        "swa_bytes": swa_bytes,
+        "layer_bytes": e.kv.layers.iter().map(|l| l.bytes()).collect::<Vec<u64>>(),
+    });
     json!({
         "n_ctx": e.n_ctx,
+        "swa_full": e.swa_full,
+        "kv_unified": e.kv_unified,
+        "kv": kv,
         "type_k": e.type_k.name,
         "type_v": e.type_v.name,
         "flash_attn": e.flash_attn,
@@ -225,6 +251,7 @@ fn print_table(e: &Estimate) {
         if e.flash_attn { "on" } else { "off" },
         e.n_gpu_layers
     );
+    print_kv(e);
     println!(
         "  {:<6} {:>12} {:>12} {:>12} {:>12} {:>12}",
         "device", "weights", "KV cache", "compute", "overhead", "total"
@@ -254,11 +281,50 @@ fn print_table(e: &Estimate) {
     );
 }
 
+/// The KV cache's split into full-attention and sliding-window layers, and what was assumed.
+fn print_kv(e: &Estimate) {
+    let (n_full, full) = e.kv.group(false);
+    let (n_swa, swa) = e.kv.group(true);
+    let streams = if e.kv.n_stream > 1 {
+        format!(
+            " in each of {} streams (one per sequence; --kv-unified shares one)",
+            e.kv.n_stream
+        )
+    } else {
+        String::new()
+    };
+    println!(
+        "  KV cache: {n_full} full-attention layers x {} cells{streams} = {}",
+        e.kv.cells_full,
+        human(full)
+    );
+    if n_swa > 0 {
+        println!(
+            "            {n_swa} sliding-window layers (window {}) x {} cells = {}",
+            e.n_swa,
+            e.kv.cells_swa,
+            human(swa)
+        );
+    }
+    if e.n_swa > 0 {
+        if e.swa_full {
+            println!("            swa_full on: sliding-window layers keep every cell");
+        } else {
+            println!(
+                "            swa_full off (llama.cpp's default): a sliding-window layer keeps its \
+                 window plus one micro-batch, padded to 256; --swa-full keeps every cell"
+            );
+        }
+    }
+}
+
 fn params(r: &RunArgs) -> Params {
     Params {
         n_batch: r.batch,
         n_ubatch: r.ubatch,
         n_seq: r.parallel,
+        swa_full: r.swa_full,
+        kv_unified: r.kv_unified,
         overhead: r.overhead,
         ..Params::default()
     }

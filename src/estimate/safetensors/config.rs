@@ -69,10 +69,9 @@ impl HfConfig {
             .filter(|_| self.use_sliding_window != Some(false))
             .unwrap_or(0);
         if window > 0 {
-            h.n_swa = window;
-            h.swa_layers = match &self.layer_types {
+            let layers = match &self.layer_types {
                 Some(t) if t.len() == n_layer as usize => {
-                    t.iter().map(|s| s == "sliding_attention").collect()
+                    Some(t.iter().map(|s| s == "sliding_attention").collect())
                 }
                 Some(t) => {
                     return Err(format!(
@@ -80,10 +79,15 @@ impl HfConfig {
                         t.len()
                     ))
                 }
-                // Gemma-2 alternates, sliding on even layers; others slide everywhere.
-                None if arch == "gemma2" => (0..n_layer).map(|i| i % 2 == 0).collect(),
-                None => vec![true; n_layer as usize],
+                // As llama.cpp would load the converted model: its architecture's period, or
+                // no SWA at all where llama.cpp ignores the window (Mistral-7B v0.1).
+                None => crate::estimate::swa::hf_period(&arch)
+                    .map(|period| crate::estimate::swa::pattern(n_layer, period)),
             };
+            if let Some(layers) = layers {
+                h.n_swa = window;
+                h.swa_layers = layers;
+            }
         }
         if let Some(r) = self.kv_lora_rank.filter(|&r| r > 0) {
             h.kv_lora_rank = r;

@@ -1,9 +1,9 @@
 //! The shape of a paged KV cache: per layer its KV heads, K and V head sizes and attention window;
 //! for the whole cache the element types, the block size and how many blocks, sequences and tokens
-//! it holds. Row bytes come from `HbmType::row_bytes`, the one source of KV sizes.
+//! it holds. Row bytes come from `dtype::kv_rows_bytes`, the one source of KV sizes.
 
 use crate::error::{Error, Result};
-use crate::kv::types::row_bytes;
+use crate::kv::types::kv_rows_bytes;
 use crate::kv::HbmType;
 
 /// Tokens per block when the caller does not choose (vLLM's default).
@@ -132,13 +132,13 @@ impl PagedParams {
             if ek > i32::MAX as u32 || ev > i32::MAX as u32 {
                 return Err(too_long);
             }
-            let rk = row_bytes(self.type_k, ek as usize).ok_or(not_blocks.clone())?;
-            let rv = row_bytes(self.type_v, ev as usize).ok_or(not_blocks.clone())?;
-            // Every tensor must fit the address space: num_blocks * block_tokens * row.
-            for row in [rk, rv] {
-                (row as u64)
-                    .checked_mul(self.block_tokens as u64)
-                    .and_then(|b| b.checked_mul(self.num_blocks as u64))
+            // Sized by the KV size function the memory estimate uses too (one source of truth).
+            let rk = kv_rows_bytes(self.type_k, ek.into(), 1).ok_or(not_blocks.clone())? as usize;
+            let rv = kv_rows_bytes(self.type_v, ev.into(), 1).ok_or(not_blocks.clone())? as usize;
+            // Every tensor must fit the address space: num_blocks * block_tokens rows.
+            let rows = self.num_blocks as u64 * self.block_tokens as u64;
+            for (ty, elems) in [(self.type_k, ek), (self.type_v, ev)] {
+                kv_rows_bytes(ty, elems.into(), rows)
                     .filter(|&b| b <= isize::MAX as u64 / 4)
                     .ok_or(Error::InvalidValue("paged KV size overflows"))?;
             }
