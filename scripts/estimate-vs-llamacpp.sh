@@ -63,7 +63,9 @@ extra=()
 grep -q -- '--fit ' <<<"$help_text" && extra+=(-fit off)
 grep -q -- '-no-cnv' <<<"$help_text" && extra+=(-no-cnv)
 work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
+# LLAMA_LOG_DIR: keep llama.cpp's logs there (gpu-check brings them back with its own).
+keep_logs() { [[ -n ${LLAMA_LOG_DIR:-} ]] && mkdir -p "$LLAMA_LOG_DIR" && cp "$work"/*.log "$LLAMA_LOG_DIR"/ 2>/dev/null; rm -rf "$work"; }
+trap keep_logs EXIT
 
 # write_model FILE ARCH N_LAYER N_EMBD N_HEAD N_HEAD_KV HEAD_DIM N_FF N_VOCAB SLIDING_WINDOW
 write_model() {
