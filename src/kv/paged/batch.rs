@@ -258,7 +258,7 @@ impl PagedKvCache {
             }
             Ok(())
         });
-        st.staging.in_flight(b, taken, stream);
+        st.staging.in_flight(b, taken, stream, host);
         queued
     }
 
@@ -369,7 +369,7 @@ impl PagedKvCache {
             }
             Ok(())
         });
-        st.staging.in_flight(b, taken, stream);
+        st.staging.in_flight(b, taken, stream, host);
         queued
     }
 }

@@ -244,10 +244,16 @@ fn staging_is_reused_only_after_its_launch_completed() {
         first + 1,
         "a buffer a queued launch may read is not overwritten"
     );
+    let held = c.lock().staging.held_host_bytes();
+    assert!(held > 0, "the host source of a queued copy is kept");
     sim::complete_held_events();
     let n = c.lock().staging.len();
     step(&c, b.as_ref(), &[0, 1], &[1, 1], HbmType::F32, 22);
     assert_eq!(c.lock().staging.len(), n, "completed: reused");
+    assert!(
+        c.lock().staging.held_host_bytes() < held,
+        "completed copies give their host source back"
+    );
     println!("child checks passed");
 }
 
