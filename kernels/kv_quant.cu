@@ -407,12 +407,19 @@ hbm_kv_append_plain(const void *src, int src_type, void *dst, int dst_type, u64 
                           pos0, n_rows);
 }
 
+// The tensor row of output row r of a dequantize: rows[r] for a gather through a row list (the
+// paged cache's slots), row0 + r for consecutive rows (rows NULL: a constant in the per-tensor
+// kernels, so the test folds away there).
+__device__ __forceinline__ i64 hbm_row_at(const int *rows, i64 row0, u64 r) {
+    return rows ? (i64)rows[r] : row0 + (i64)r;
+}
+
 // The vector path of hbm_kv_dequantize_plain, in units of E elements.
 template <int E>
 __device__ __forceinline__ void hbm_dequantize_plain_vec(const u8 *s, int src_type,
                                                          u64 src_row_stride, i64 row0,
-                                                         u64 n_rows, u32 n, u8 *d,
-                                                         int dst_type) {
+                                                         const int *rows, u64 n_rows, u32 n,
+                                                         u8 *d, int dst_type) {
     const u32 ss = hbm_esize(src_type), ds = hbm_esize(dst_type);
     const u32 units_per_row = n / E;
     const u64 total = n_rows * units_per_row;
@@ -426,7 +433,7 @@ __device__ __forceinline__ void hbm_dequantize_plain_vec(const u8 *s, int src_ty
             const u64 u = u0 + (u64)j * blockDim.x;
             if (j > 0) at.next();
             if (u < total) {
-                const u8 *row = s + (u64)(row0 + (i64)at.r) * src_row_stride;
+                const u8 *row = s + (u64)hbm_row_at(rows, row0, at.r) * src_row_stride;
                 v[j] = hbm_load_unit<E>(row + (u64)at.k * E * ss, src_type);
             }
         }
@@ -440,21 +447,23 @@ __device__ __forceinline__ void hbm_dequantize_plain_vec(const u8 *s, int src_ty
 
 // Dequantizes from an F32, F16 or BF16 tensor, the mirror of hbm_kv_append_plain: vector path
 // when rows are a multiple of 8 elements and source base, stride and destination are 16-byte
-// aligned; otherwise one element per thread and step.
+// aligned; otherwise one element per thread and step. Output row i is tensor row rows[i], or
+// row0 + i when rows is NULL (hbm_row_at).
 // (The body of hbm_kv_dequantize_plain, also run per job by hbm_paged_gather_plain.)
 __device__ __forceinline__ void hbm_dequantize_plain_rows(const void *src, int src_type,
                                                           u64 src_row_stride, i64 row0,
-                                                          int n_rows, int row_elems, void *dst,
+                                                          const int *rows, int n_rows,
+                                                          int row_elems, void *dst,
                                                           int dst_type) {
     const u32 n = (u32)row_elems;
     const u8 *s = (const u8 *)src;
     if (n % 8 == 0 && hbm_aligned16(src) && src_row_stride % 16 == 0 && hbm_aligned16(dst)) {
         if (src_type != HBM_F32 && dst_type != HBM_F32)
-            hbm_dequantize_plain_vec<8>(s, src_type, src_row_stride, row0, (u64)n_rows, n,
-                                        (u8 *)dst, dst_type);
+            hbm_dequantize_plain_vec<8>(s, src_type, src_row_stride, row0, rows, (u64)n_rows,
+                                        n, (u8 *)dst, dst_type);
         else
-            hbm_dequantize_plain_vec<4>(s, src_type, src_row_stride, row0, (u64)n_rows, n,
-                                        (u8 *)dst, dst_type);
+            hbm_dequantize_plain_vec<4>(s, src_type, src_row_stride, row0, rows, (u64)n_rows,
+                                        n, (u8 *)dst, dst_type);
     } else {
         const u64 total = (u64)n_rows * n;
         for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total;
@@ -462,7 +471,7 @@ __device__ __forceinline__ void hbm_dequantize_plain_rows(const void *src, int s
             u64 r;
             u32 e;
             hbm_divmod(i, n, &r, &e);
-            const u8 *row = s + (u64)(row0 + (i64)r) * src_row_stride;
+            const u8 *row = s + (u64)hbm_row_at(rows, row0, r) * src_row_stride;
             hbm_store1(dst, dst_type, i, hbm_load1(row, src_type, e));
         }
     }
@@ -471,7 +480,7 @@ __device__ __forceinline__ void hbm_dequantize_plain_rows(const void *src, int s
 extern "C" __global__ void __launch_bounds__(HBM_THREADS, HBM_PLAIN_MIN_BLOCKS)
 hbm_kv_dequantize_plain(const void *src, int src_type, u64 src_row_stride, i64 row0, int n_rows,
                         int row_elems, void *dst, int dst_type) {
-    hbm_dequantize_plain_rows(src, src_type, src_row_stride, row0, n_rows, row_elems, dst,
+    hbm_dequantize_plain_rows(src, src_type, src_row_stride, row0, 0, n_rows, row_elems, dst,
                               dst_type);
 }
 
@@ -1155,11 +1164,12 @@ __device__ __forceinline__ void hbm_append_quant_f16(const void *src, u8 *dst,
 // stage byte bytes * i, which hbm_segments also gives); any other goes by segments.
 template <int QT>
 __device__ __forceinline__ u32 hbm_dequantize_fetch(const u8 *src, u64 src_row_stride, i64 row0,
-                                                    u64 r, u32 k, u32 nb, int lane,
-                                                    float4 *stage) {
+                                                    const int *rows, u64 r, u32 k, u32 nb,
+                                                    int lane, float4 *stage) {
     const u32 bytes = hbm_quant<QT>::bytes;
     u64 addr = 0;
-    if ((u32)lane < nb) addr = (u64)src + (u64)(row0 + (i64)r) * src_row_stride + (u64)k * bytes;
+    if ((u32)lane < nb)
+        addr = (u64)src + (u64)hbm_row_at(rows, row0, r) * src_row_stride + (u64)k * bytes;
     u32 starts;
     const u32 off = hbm_segments(bytes, addr, k, lane, nb, &starts);
     const u64 a0 = __shfl_sync(FULL_MASK, addr, 0);
@@ -1330,7 +1340,8 @@ __device__ __forceinline__ void hbm_dequantize_tile(u64 b0, u32 nb, u32 off, int
 // stages per warp: the next tile's bytes load (cp.async) while the warp expands the current one.
 template <int QT>
 __device__ __forceinline__ void hbm_dequantize_quant(const u8 *src, u64 src_row_stride, i64 row0,
-                                                     u64 n_rows, u32 row_elems, void *dst,
+                                                     const int *rows, u64 n_rows,
+                                                     u32 row_elems, void *dst,
                                                      int dst_type, float4 *stage0,
                                                      float4 *stage1) {
     const int lane = threadIdx.x & 31;
@@ -1346,7 +1357,7 @@ __device__ __forceinline__ void hbm_dequantize_quant(const u8 *src, u64 src_row_
     u32 off = 0;
     if (warp < ntiles) {
         const u64 b0 = warp * 32;
-        off = hbm_dequantize_fetch<QT>(src, src_row_stride, row0, at.r, at.k,
+        off = hbm_dequantize_fetch<QT>(src, src_row_stride, row0, rows, at.r, at.k,
                                        (u32)(nblocks - b0 < 32 ? nblocks - b0 : 32), lane,
                                        stage0);
     }
@@ -1358,7 +1369,7 @@ __device__ __forceinline__ void hbm_dequantize_quant(const u8 *src, u64 src_row_
         u32 off1 = 0;
         at.next();
         if (b1 < nblocks)
-            off1 = hbm_dequantize_fetch<QT>(src, src_row_stride, row0, at.r, at.k,
+            off1 = hbm_dequantize_fetch<QT>(src, src_row_stride, row0, rows, at.r, at.k,
                                             (u32)(nblocks - b1 < 32 ? nblocks - b1 : 32), lane,
                                             stage0 + HBM_STAGE * (parity ^ 1));
         hbm_cp_async_commit();  // possibly empty: one group per step either way
@@ -1420,7 +1431,7 @@ HBM_APPEND_QUANT_F16(hbm_kv_append_q4_0_f16, HBM_Q4_0, HBM_APPEND_Q4_0_F16_MIN_B
          int row_elems, void *dst, int dst_type) {                                               \
         __shared__ float4 stage[HBM_QUANT_THREADS / 32][2][HBM_STAGE];                           \
         if (src_type != QT) return;                                                              \
-        hbm_dequantize_quant<QT>((const u8 *)src, src_row_stride, row0, (u64)n_rows,            \
+        hbm_dequantize_quant<QT>((const u8 *)src, src_row_stride, row0, 0, (u64)n_rows,         \
                                  (u32)row_elems, dst, dst_type, stage[threadIdx.x / 32][0],     \
                                  stage[threadIdx.x / 32][1]);                                   \
     }

@@ -21,12 +21,15 @@ struct hbm_append_job {
     u32 n_rows;
 };
 
-// One run of a batched gather: n_rows rows of the tensor at src into contiguous rows at dst.
+// One tensor of a batched gather: n_rows rows of the tensor at src into contiguous rows at dst,
+// output row i from tensor row rows[i] (a device array of n_rows ints: the slots of the tokens,
+// so one job covers a sequence's tokens across all its blocks), or from row i when rows is 0.
 // The layout of GatherJob in src/backend/mod.rs.
 struct hbm_gather_job {
     u64 src;
     u64 src_row_stride;
     u64 dst;
+    u64 rows;
     u32 row_elems;
     u32 n_rows;
 };
@@ -71,7 +74,8 @@ extern "C" __global__ void __launch_bounds__(HBM_THREADS, HBM_PLAIN_MIN_BLOCKS)
 hbm_paged_gather_plain(const hbm_gather_job *jobs, int src_type, int dst_type) {
     const hbm_gather_job j = jobs[blockIdx.y];
     hbm_dequantize_plain_rows((const void *)j.src, src_type, j.src_row_stride, 0,
-                              (int)j.n_rows, (int)j.row_elems, (void *)j.dst, dst_type);
+                              (const int *)j.rows, (int)j.n_rows, (int)j.row_elems,
+                              (void *)j.dst, dst_type);
 }
 
 #define HBM_PAGED_GATHER_QUANT(name, QT)                                                     \
@@ -81,7 +85,8 @@ hbm_paged_gather_plain(const hbm_gather_job *jobs, int src_type, int dst_type) {
         __shared__ float4 stage[HBM_QUANT_THREADS / 32][2][HBM_STAGE];                     \
         if (src_type != QT) return;                                                        \
         const hbm_gather_job j = jobs[blockIdx.y];                                          \
-        hbm_dequantize_quant<QT>((const u8 *)j.src, j.src_row_stride, 0, (u64)j.n_rows,     \
+        hbm_dequantize_quant<QT>((const u8 *)j.src, j.src_row_stride, 0,                   \
+                                 (const int *)j.rows, (u64)j.n_rows,                       \
                                  j.row_elems, (void *)j.dst, dst_type,                     \
                                  stage[threadIdx.x / 32][0], stage[threadIdx.x / 32][1]);  \
     }

@@ -2,7 +2,7 @@
 # Everything hbmalloc checks on a real GPU, in one run. Build first on a machine with Rust:
 #   bash scripts/gpu-stage.sh          (fills gpu-stage/)
 # then, from the repository root on the GPU machine (CUDA toolkit, driver, python3 + torch):
-#   bash scripts/gpu-check.sh [section ...]   sections: rust c limit stream reliability sanitizer torch bench demo examples
+#   bash scripts/gpu-check.sh [section ...]   sections: rust c limit stream reliability sanitizer torch paged-torch bench demo examples
 #   (bench also runs PyTorch's and RMM's allocators and the hbm_* C API: bench/peer_bench.cpp)
 #   (not run by default: `llama`, llama.cpp built with CUDA and run with and without hbmalloc
 #   (scripts/gpu-llama.sh), ~8 min, before `replay-peers` so that its trace is replayed too;
@@ -22,7 +22,7 @@ export PATH="$CUDA/bin:$PATH"
 # NVRTC (the KV kernels are compiled at run time) and the runtime come from the toolkit here.
 export LD_LIBRARY_PATH="$CUDA/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 LIB=$PWD/$STAGE/libhbmalloc.so
-SECTIONS=${*:-rust c limit stream reliability sanitizer torch bench demo examples}
+SECTIONS=${*:-rust c limit stream reliability sanitizer torch paged-torch bench demo examples}
 declare -a ROWS=()
 FAILED=0
 
@@ -315,6 +315,22 @@ build_peers() {
     done
     record "peer_bench builds" PASS "built ${built}in $((SECONDS - started)) s (in parallel)"
 }
+
+if want paged-torch; then
+    # hbmalloc.paged's torch views (python/tests/test_paged.py, class PagedTorch): the block
+    # pool and block tables as tensors over the paged cache's own memory, an append read back.
+    if python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
+        if HBMALLOC_LIB=$LIB PYTHONPATH=$PWD/python HBMALLOC_CONF=backend:cuda,leak_report:off \
+            python3 -m unittest -v python/tests/test_paged.py >"$LOG/paged-torch.log" 2>&1 \
+            && grep -q '^paged-torch: ' "$LOG/paged-torch.log"; then
+            record "python paged KV torch views" PASS "$(grep -h '^paged-torch: ' "$LOG/paged-torch.log")"
+        else
+            record "python paged KV torch views" FAIL "see paged-torch.log: $(tail -3 "$LOG/paged-torch.log" | tr '\n' ' ')"
+        fi
+    else
+        record "python paged KV torch views" FAIL "torch with CUDA not importable"
+    fi
+fi
 
 if want bench; then
     exe=build/gpu/alloc_bench

@@ -391,7 +391,26 @@ pub trait Backend: Send + Sync {
                 row_elems: j.row_elems,
                 n_rows: j.n_rows,
             };
-            self.kv_dequantize(&src, j.dst as usize, dst_type, stream)?;
+            if j.rows == 0 {
+                self.kv_dequantize(&src, j.dst as usize, dst_type, stream)?;
+                continue;
+            }
+            let dst_row = dst_type
+                .row_bytes(j.row_elems as usize)
+                .ok_or(Error::InvalidValue("bad row"))?;
+            for (i, r) in read_i32s(self, j.rows as DevicePtr, j.n_rows as usize)?
+                .into_iter()
+                .enumerate()
+            {
+                let r = usize::try_from(r)
+                    .map_err(|_| Error::InvalidValue("negative row in a gather"))?;
+                let one = KvRows {
+                    ptr: src.ptr + r * src.stride,
+                    n_rows: 1,
+                    ..src
+                };
+                self.kv_dequantize(&one, j.dst as usize + i * dst_row, dst_type, stream)?;
+            }
         }
         Ok(())
     }
@@ -480,15 +499,18 @@ pub struct AppendJob {
     pub n_rows: u32,
 }
 
-/// One run of a batched gather (`Backend::kv_dequantize_jobs`): `n_rows` rows of the tensor at
-/// `src` (`src_row_stride` bytes apart) converted into contiguous rows at `dst`. The layout of
-/// `hbm_gather_job` in `kernels/paged_kv.cu`.
+/// One tensor of a batched gather (`Backend::kv_dequantize_jobs`): `n_rows` rows of the tensor
+/// at `src` (`src_row_stride` bytes apart) converted into contiguous rows at `dst`, output row
+/// `i` from tensor row `rows[i]` (`int32`s in device memory, each non-negative: a paged cache's
+/// slots), or from row `i` when `rows` is 0. The layout of `hbm_gather_job` in
+/// `kernels/paged_kv.cu`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GatherJob {
     pub src: u64,
     pub src_row_stride: u64,
     pub dst: u64,
+    pub rows: u64,
     pub row_elems: u32,
     pub n_rows: u32,
 }
@@ -638,7 +660,8 @@ pub fn check_append_jobs(jobs: &[AppendJob], src_type: HbmType, dst_type: HbmTyp
     Ok(())
 }
 
-/// What every backend checks before `kv_dequantize_jobs`: each job as `check_kv_io` wants it.
+/// What every backend checks before `kv_dequantize_jobs`: each job as `check_kv_io` wants it
+/// (its row list is device data, bounded by the caller).
 pub fn check_gather_jobs(jobs: &[GatherJob], src_type: HbmType, dst_type: HbmType) -> Result<()> {
     for j in jobs {
         let plain = KvRows::contiguous(j.dst as usize, dst_type, j.row_elems, j.n_rows)?;

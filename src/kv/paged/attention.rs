@@ -95,7 +95,7 @@ impl PagedKvCache {
         let queued = b
             .copy_from_host_on(taken.ptr, &host, stream)
             .and_then(|_| b.paged_decode_attention(&a, stream));
-        st.staging.in_flight(b, taken, stream);
+        st.staging.in_flight(b, taken, stream, host);
         queued
     }
 }

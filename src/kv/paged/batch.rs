@@ -258,7 +258,7 @@ impl PagedKvCache {
             }
             Ok(())
         });
-        st.staging.in_flight(b, taken, stream);
+        st.staging.in_flight(b, taken, stream, host);
         queued
     }
 
@@ -307,69 +307,99 @@ impl PagedKvCache {
             .filter(|&e| e <= s.len)
             .ok_or(Error::InvalidValue("tokens past the sequence's end"))?;
         let bt = self.params.block_tokens;
-        let mut batches: Batches<GatherJob> = Batches::default();
+        let layers: Vec<(u32, DevicePtr, DevicePtr)> = layers.collect();
+        let mut used = vec![false; st.groups.len()];
+        for &(layer, k, v) in &layers {
+            let g = self.layer_group(layer)?.0;
+            used[g] |= k != 0 || v != 0;
+        }
+        // The tokens' slots in each window group read, the gather's row lists: one job per
+        // tensor then covers all of the sequence's blocks (a job per block left a gather bound
+        // by building and uploading thousands of descriptors).
+        let mut slots: Vec<Vec<i32>> = Vec::with_capacity(st.groups.len());
+        for (table, &used) in s.tables.iter().zip(&used) {
+            let mut rows = Vec::with_capacity(if used { n_tokens as usize } else { 0 });
+            for pos in (start..end).filter(|_| used) {
+                let id = table[(pos / bt) as usize];
+                if id < 0 {
+                    return Err(Error::InvalidValue(
+                        "tokens the sliding window already gave back",
+                    ));
+                }
+                let slot = id as i64 * bt as i64 + (pos % bt) as i64;
+                rows.push(
+                    i32::try_from(slot).map_err(|_| Error::InvalidValue("slot beyond int32"))?,
+                );
+            }
+            slots.push(rows);
+        }
+        let mut slot_off = Vec::with_capacity(slots.len());
+        let mut bytes = 0usize;
+        for rows in &slots {
+            slot_off.push(bytes);
+            bytes += rows.len() * 4;
+        }
+        let jobs_off = bytes.next_multiple_of(16);
+        let mut plan = Vec::new();
         for (layer, k, v) in layers {
             let (g, i) = self.layer_group(layer)?;
             let grp = &st.groups[g];
             if v != 0 && grp.v[i].is_none() {
                 return Err(Error::InvalidValue("V rows for a layer without V"));
             }
-            let dst_row_of = |elems: u32| {
-                dst_type
-                    .row_bytes(elems as usize)
-                    .filter(|_| matches!(dst_type, HbmType::F32 | HbmType::F16))
-                    .ok_or(Error::InvalidValue("gather writes F32 or F16 rows"))
-            };
             let tensors = self.tensors_with_sources(grp, i, layer, k, v);
             for (dst, t, ty, elems, row) in tensors {
                 let Some(t) = t.filter(|_| dst != 0) else {
                     continue;
                 };
-                let dst_row = dst_row_of(elems)?;
-                // One job per block the tokens touch: rows are consecutive within a block.
-                let mut pos = start;
-                while pos < end {
-                    let id = s.tables[g][(pos / bt) as usize];
-                    if id < 0 {
-                        return Err(Error::InvalidValue(
-                            "tokens the sliding window already gave back",
-                        ));
-                    }
-                    let n = (bt - pos % bt).min(end - pos);
-                    batches.push(
-                        (ty, dst_type),
-                        GatherJob {
-                            src: (t.block_ptr(id as u32) + (pos % bt) as usize * row) as u64,
-                            src_row_stride: row as u64,
-                            dst: (dst + (pos - start) as usize * dst_row) as u64,
-                            row_elems: elems,
-                            n_rows: n,
-                        },
-                    );
-                    pos += n;
-                }
+                dst_type
+                    .row_bytes(elems as usize)
+                    .filter(|_| matches!(dst_type, HbmType::F32 | HbmType::F16))
+                    .ok_or(Error::InvalidValue("gather writes F32 or F16 rows"))?;
+                plan.push((
+                    (ty, dst_type),
+                    GatherJob {
+                        src: t.base() as u64,
+                        src_row_stride: row as u64,
+                        dst: dst as u64,
+                        rows: slot_off[g] as u64, // rebased below
+                        row_elems: elems,
+                        n_rows: n_tokens,
+                    },
+                ));
             }
+        }
+        if plan.is_empty() || n_tokens == 0 {
+            return Ok(());
+        }
+        let total = jobs_off + plan.len() * std::mem::size_of::<GatherJob>();
+        let taken = st.staging.take(b, total)?;
+        let mut batches: Batches<GatherJob> = Batches::default();
+        for (types, mut job) in plan {
+            job.rows += taken.ptr as u64;
+            batches.push(types, job);
         }
         for ((s, d), jobs) in &batches.lists {
             check_gather_jobs(jobs, *s, *d)?;
         }
-        if batches.count() == 0 {
-            return Ok(());
+        let mut host = Vec::with_capacity(total);
+        for rows in &slots {
+            host.extend(i32_bytes(rows));
         }
-        let mut host = Vec::new();
+        host.resize(jobs_off, 0);
         let mut starts = Vec::new();
         for (_, jobs) in &batches.lists {
             starts.push(host.len());
             host.extend_from_slice(job_bytes(jobs));
         }
-        let taken = st.staging.take(b, host.len())?;
+        debug_assert_eq!(host.len(), total);
         let queued = b.copy_from_host_on(taken.ptr, &host, stream).and_then(|_| {
             for (((s, d), jobs), at) in batches.lists.iter().zip(&starts) {
                 b.kv_dequantize_jobs(jobs, taken.ptr + at, *s, *d, stream)?;
             }
             Ok(())
         });
-        st.staging.in_flight(b, taken, stream);
+        st.staging.in_flight(b, taken, stream, host);
         queued
     }
 }
@@ -390,10 +420,11 @@ mod tests {
 
     #[test]
     fn job_layouts_match_the_kernels() {
-        // kernels/paged_kv.cu: hbm_append_job is 4 u64 + 2 u32, hbm_gather_job 3 u64 + 2 u32.
+        // kernels/paged_kv.cu: hbm_append_job and hbm_gather_job are 4 u64 + 2 u32.
         assert_eq!(std::mem::size_of::<AppendJob>(), 40);
-        assert_eq!(std::mem::size_of::<GatherJob>(), 32);
+        assert_eq!(std::mem::size_of::<GatherJob>(), 40);
         assert_eq!(std::mem::offset_of!(AppendJob, row_elems), 32);
-        assert_eq!(std::mem::offset_of!(GatherJob, row_elems), 24);
+        assert_eq!(std::mem::offset_of!(GatherJob, rows), 24);
+        assert_eq!(std::mem::offset_of!(GatherJob, row_elems), 32);
     }
 }

@@ -244,10 +244,16 @@ fn staging_is_reused_only_after_its_launch_completed() {
         first + 1,
         "a buffer a queued launch may read is not overwritten"
     );
+    let held = c.lock().staging.held_host_bytes();
+    assert!(held > 0, "the host source of a queued copy is kept");
     sim::complete_held_events();
     let n = c.lock().staging.len();
     step(&c, b.as_ref(), &[0, 1], &[1, 1], HbmType::F32, 22);
     assert_eq!(c.lock().staging.len(), n, "completed: reused");
+    assert!(
+        c.lock().staging.held_host_bytes() < held,
+        "completed copies give their host source back"
+    );
     println!("child checks passed");
 }
 
@@ -364,4 +370,66 @@ fn step_one_layer(
     c.append_step(seqs, n_new, &[k], &[v], HbmType::F16, 0)
         .unwrap();
     [kf, vf]
+}
+
+/// The gathers a backend was asked for: (jobs per call, rows per job).
+struct GatherRecorder {
+    sim: SimBackend,
+    calls: std::sync::Mutex<Vec<Vec<u32>>>,
+}
+
+impl Backend for GatherRecorder {
+    crate::forward_backend!(sim; name, device, alloc, free, mem_info, report_out_of_memory,
+        synchronize, event_record, event_done, event_release, lock_for_fork, vmm_granularity,
+        vmm_reserve, vmm_release, vmm_map, vmm_unmap, copy_d2d, copy_to_host, copy_from_host,
+        copy_from_host_on, kv_append, kv_dequantize, kv_append_jobs, paged_decode_attention);
+    fn kv_dequantize_jobs(
+        &self,
+        jobs: &[crate::backend::GatherJob],
+        device_jobs: DevicePtr,
+        src_type: HbmType,
+        dst_type: HbmType,
+        stream: crate::backend::Stream,
+    ) -> crate::error::Result<()> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(jobs.iter().map(|j| j.n_rows).collect());
+        self.sim
+            .kv_dequantize_jobs(jobs, device_jobs, src_type, dst_type, stream)
+    }
+}
+
+/// A gather is one job per (layer, K/V) over all the sequence's blocks, rows found through the
+/// slots on the device: a job per block made a long sequence's gather thousands of descriptors
+/// to build and upload, which bounded it far below the kernel's bandwidth.
+#[test]
+fn a_gather_is_one_job_per_tensor_whatever_the_blocks() {
+    let b = Arc::new(GatherRecorder {
+        sim: SimBackend::new(0, 1 << 30),
+        calls: Default::default(),
+    });
+    let c = PagedKvCache::new(b.clone(), params(HbmType::Q8_0, HbmType::Q8_0)).unwrap();
+    // Another sequence first, so that seq 1's blocks are not the lowest ids.
+    step(&c, b.as_ref(), &[0], &[3], HbmType::F32, 1);
+    let srcs = step(&c, b.as_ref(), &[1], &[21], HbmType::F32, 2); // 6 blocks of 4
+    step(&c, b.as_ref(), &[0], &[5], HbmType::F32, 3); // interleaves the pools' blocks
+    let row = HbmType::F32.row_bytes(ELEMS).unwrap();
+    let dst: Vec<DevicePtr> = (0..4).map(|_| b.alloc(19 * row).unwrap()).collect();
+    let (k, v) = ([dst[0], dst[1], 0], [dst[2], dst[3], 0]);
+    c.gather_layers(1, 2, 19, &k, &v, HbmType::F32, 0).unwrap();
+    assert_eq!(*b.calls.lock().unwrap(), vec![vec![19; 4]]);
+    for l in 0..2 {
+        for (kv, ptr) in [k[l], v[l]].into_iter().enumerate() {
+            let mut want = Vec::new();
+            for t in 2..21 {
+                let mut q = vec![0u8; HbmType::Q8_0.row_bytes(ELEMS).unwrap()];
+                quantize_row(HbmType::Q8_0, &srcs[l][kv][t * ELEMS..][..ELEMS], &mut q).unwrap();
+                let mut back = vec![0f32; ELEMS];
+                dequantize_row(HbmType::Q8_0, &q, &mut back).unwrap();
+                want.extend(back.iter().flat_map(|x| x.to_ne_bytes()));
+            }
+            assert_eq!(read(b.as_ref(), ptr, 19 * row), want, "layer {l} kv {kv}");
+        }
+    }
 }

@@ -11,7 +11,8 @@
 //! - `batch`: a whole step's appends (and a sequence's gathers) over every layer, as job lists
 //!   the backend runs in one launch per pair of element types.
 //! - `attention`: the reference decode attention through the block tables.
-//! - `staging`: device buffers for those job lists, reused once the device is done with them.
+//! - `staging`: device buffers for those job lists (and the host bytes copied into them),
+//!   reused once the device is done with them.
 //!
 //! Layers with the same window form a group: they share block ids (block `b` of every layer of the
 //! group belongs to the same sequence positions), one pool and one block table per sequence. Full

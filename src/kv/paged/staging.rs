@@ -6,6 +6,10 @@
 //! step never overwrites the descriptors a kernel queued by an earlier step may still be
 //! reading, and no call waits for the device: while earlier buffers are in flight a new one is
 //! allocated (a few at most, as a stream runs a step's launches in order).
+//!
+//! The host bytes of the copy are held as long as the device buffer: the driver documents a
+//! pageable asynchronous copy only as one that "might be synchronous" with the host, so the
+//! source stays alive and unchanged until the event says the copy, too, is done.
 
 use crate::backend::{Backend, DevicePtr, Event, Stream};
 use crate::error::Result;
@@ -19,6 +23,8 @@ struct Buf {
     size: usize,
     /// Recorded after the last launch that reads the buffer; `None`: idle.
     event: Option<Event>,
+    /// The host source of the copy into the buffer, kept until `event` completes.
+    host: Vec<u8>,
 }
 
 #[derive(Debug, Default)]
@@ -41,6 +47,7 @@ impl Staging {
                 if b.event_done(e).unwrap_or(false) {
                     b.event_release(e);
                     buf.event = None;
+                    buf.host = Vec::new();
                 }
             }
         }
@@ -63,6 +70,7 @@ impl Staging {
             ptr,
             size,
             event: None,
+            host: Vec::new(),
         });
         Ok(Taken {
             index: self.bufs.len() - 1,
@@ -70,12 +78,16 @@ impl Staging {
         })
     }
 
-    /// Marks `t` busy until `stream` passes this point. Without an event the device is
-    /// synchronized instead, so the buffer is idle either way.
-    pub fn in_flight(&mut self, b: &dyn Backend, t: Taken, stream: Stream) {
+    /// Marks `t` busy until `stream` passes this point, holding `host` (the bytes copied into
+    /// it) as long. Without an event the device is synchronized instead, so the buffer is idle
+    /// either way.
+    pub fn in_flight(&mut self, b: &dyn Backend, t: Taken, stream: Stream, host: Vec<u8>) {
         let buf = &mut self.bufs[t.index];
         match b.event_record(stream) {
-            Ok(e) => buf.event = Some(e),
+            Ok(e) => {
+                buf.event = Some(e);
+                buf.host = host;
+            }
             Err(_) => {
                 let _ = b.synchronize();
             }
@@ -86,6 +98,12 @@ impl Staging {
     #[cfg(test)]
     pub fn len(&self) -> usize {
         self.bufs.len()
+    }
+
+    /// Host bytes held for copies whose buffers are in flight.
+    #[cfg(test)]
+    pub fn held_host_bytes(&self) -> usize {
+        self.bufs.iter().map(|buf| buf.host.len()).sum()
     }
 
     /// Gives every buffer back; the caller synchronized first.
