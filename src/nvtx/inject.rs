@@ -36,8 +36,8 @@ unsafe impl Sync for Tool {}
 pub const INJECTION_PATH_VAR: &str = "NVTX_INJECTION64_PATH";
 
 /// Loads the tool named by `NVTX_INJECTION64_PATH` and attaches to it; `None` without the
-/// variable, or (with one line on stderr) when the library cannot be loaded or offers no memory
-/// extension.
+/// variable, or (with one line on stderr) when the library cannot be loaded, gives no domain or
+/// offers no memory extension.
 #[cold]
 pub fn attach() -> Option<Tool> {
     let path = std::env::var_os(INJECTION_PATH_VAR)?;
@@ -56,7 +56,6 @@ pub fn attach() -> Option<Tool> {
 fn attach_to(path: &std::ffi::OsStr) -> Result<Tool, String> {
     use std::os::unix::ffi::OsStrExt;
     let cpath = CString::new(path.as_bytes()).map_err(|_| "the path holds a NUL byte")?;
-    init_cuda_runtime();
     // SAFETY: a NUL-terminated path; the handle is never closed (the tool's functions stay ours
     // for the life of the process, as NVTX itself keeps them).
     let lib = unsafe { libc::dlopen(cpath.as_ptr(), libc::RTLD_LAZY) };
@@ -73,6 +72,8 @@ fn attach_to(path: &std::ffi::OsStr) -> Result<Tool, String> {
         };
         return Err(format!("cannot load it ({msg})"));
     }
+    // Before the tool's first NVTX call, its initialization included.
+    init_cuda_runtime();
     let domain = init_core(lib);
     if domain.is_null() {
         return Err(
