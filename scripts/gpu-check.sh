@@ -172,8 +172,24 @@ if want sanitizer; then
     # regions, src/nvtx/, docs/tools.md): one float written past a 1000-float block is 1 invalid
     # write and the clean twin 0 errors under memcheck and initcheck, for a cudaMalloc block plain
     # (the baseline) and under hbmalloc, and for scratch-pool and KV cache blocks under hbmalloc.
+    # Any "Call to nvtx... failed" from the tool fails a run under hbmalloc, and each FAIL names
+    # the tool's first complaint. First a probe (clean block, verbose): hbmalloc's attach line says
+    # which slot layout the tool used (docs/tools.md); `--print-level info` shows the tool's notes.
+    first_complaint() { grep -m1 -E '(Warning|Error):' "$1" | sed 's/^=* *//'; }
     if nvcc -O2 -cudart shared -Iinclude -o build/gpu/oob c_tests/gpu/oob.cu 2>"$LOG/oob-build.log" &&
         nvcc -O2 -cudart shared -Iinclude -DOOB_CLEAN -o build/gpu/oob_clean c_tests/gpu/oob.cu 2>>"$LOG/oob-build.log"; then
+        log=$LOG/sanitizer-probe.log
+        OOB_EXPECT=hbmalloc HBMALLOC_CONF=backtrace:off,leak_report:off,nvtx:on,verbose:on LD_PRELOAD=$LIB \
+            compute-sanitizer --tool memcheck --print-level info --show-backtrace device \
+            build/gpu/oob_clean cudaMalloc >"$log" 2>&1
+        rc=$?
+        attach=$(grep -m1 'NVTX tool attached' "$log")
+        complaints=$(grep -c 'Call to nvtx' "$log")
+        if [[ $rc == 0 && -n $attach && $complaints == 0 ]]; then
+            record "sanitizer NVTX attach" PASS "$attach"
+        else
+            record "sanitizer NVTX attach" FAIL "rc=$rc, ${attach:-no attach line (see sanitizer-probe.log)}; $complaints NVTX call(s) refused; first complaint: $(first_complaint "$log"); $(grep -m1 '^hbmalloc:' "$log")"
+        fi
         declare -A baseline=()
         for how in plain hbmalloc; do
             pre=(env OOB_EXPECT=$how)
@@ -190,8 +206,11 @@ if want sanitizer; then
                     rc=$?
                     errors=$(grep -o 'ERROR SUMMARY: [0-9]*' "$log" | grep -o '[0-9]*$')
                     writes=$(grep -c 'Invalid __global__ write of size 4' "$log")
+                    refused=$(grep -c 'Call to nvtx' "$log")
                     ok=0
-                    if [[ $want == 0 ]]; then
+                    if [[ $refused != 0 ]]; then
+                        ok=0
+                    elif [[ $want == 0 ]]; then
                         [[ $rc == 0 && $errors == 0 ]] && ok=1
                     elif [[ $how == plain ]]; then
                         # The baseline: the stray write, and whatever memcheck adds after it
@@ -202,10 +221,22 @@ if want sanitizer; then
                     fi
                     detail="$writes invalid write(s); $(grep -o 'ERROR SUMMARY: .*' "$log"); $(grep '^oob:' "$log" | head -1)"
                     [[ $ok == 1 ]] && record "$tool $exe $target ($how)" PASS "$detail" ||
-                        record "$tool $exe $target ($how)" FAIL "rc=$rc, want $want invalid write(s) and the plain run's error count (${baseline[$tool]:-none}): $detail (see $(basename "$log"))"
+                        record "$tool $exe $target ($how)" FAIL "rc=$rc, want $want invalid write(s) and the plain run's error count (${baseline[$tool]:-none}): $detail; $refused NVTX call(s) refused; first complaint: $(first_complaint "$log") (see $(basename "$log"))"
                 done
             done
         done
+        # Many threads, chunks taken and given back, every block annotated: no error, no refused
+        # NVTX call (the churn of the reliability section, with annotations on).
+        if [[ -x build/gpu/churn ]] || nvcc -O2 -cudart shared -o build/gpu/churn c_tests/gpu/churn.cu 2>"$LOG/churn-build.log"; then
+            log=$LOG/sanitizer-churn-nvtx.log
+            CHURN_OPS=2000 CHURN_THREADS=4 HBMALLOC_CONF=backtrace:off,leak_report:off,nvtx:on LD_PRELOAD=$LIB \
+                compute-sanitizer --tool memcheck --error-exitcode 3 build/gpu/churn >"$log" 2>&1
+            rc=$?
+            refused=$(grep -c 'Call to nvtx' "$log")
+            summary=$(grep -E 'ERROR SUMMARY|ops=' "$log" | tr '\n' ' ')
+            [[ $rc == 0 && $refused == 0 ]] && record "memcheck churn (nvtx:on)" PASS "$summary" ||
+                record "memcheck churn (nvtx:on)" FAIL "rc=$rc, $refused NVTX call(s) refused; $summary; first complaint: $(first_complaint "$log")"
+        fi
     else
         record "sanitizer oob build" FAIL "$(head -3 "$LOG/oob-build.log" | tr '\n' ' ')"
     fi

@@ -1,8 +1,10 @@
 //! NVTX memory annotations (`hbmalloc::nvtx`) seen by a tool: a fake injection library
 //! (c_tests/nvtx_fake_injection.c, built here with the system C compiler) is named in
-//! `NVTX_INJECTION64_PATH` and logs every heap and region call. Each test runs its scenario in a
-//! child process (the variable is read once per process) on the simulated device, then checks
-//! the log against the pointers the child printed.
+//! `NVTX_INJECTION64_PATH`, checks each call as compute-sanitizer does and logs it. By default it
+//! lays its functions out as CUDA 13.0's compute-sanitizer did on an H200 (callback id c in slot
+//! c-1); `FAKE_NVTX_LAYOUT=published` as the NVTX header reads them (slot c). Each test runs its
+//! scenario in a child process (the variable is read once per process) on the simulated device,
+//! then checks the log against the pointers the child printed.
 
 use hbmalloc::backend::DevicePtr;
 use std::collections::HashMap;
@@ -44,7 +46,10 @@ struct Run {
 /// Runs test `name` of this binary alone in a child, with the fake tool attached when `tool`,
 /// and `extra` in its environment.
 fn run_child(name: &str, tool: bool, extra: &[(&str, &str)]) -> Run {
-    let log = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("nvtx-{name}.log"));
+    // One log per run: several tests run the same child at once, with different tools.
+    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let log = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("nvtx-{name}-{n}.log"));
     let _ = std::fs::remove_file(&log);
     let mut cmd = Command::new(std::env::current_exe().unwrap());
     cmd.args(["--exact", name, "--nocapture", "--test-threads=1"])
@@ -59,7 +64,7 @@ fn run_child(name: &str, tool: bool, extra: &[(&str, &str)]) -> Run {
     for (k, v) in extra {
         cmd.env(k, v);
     }
-    let out = cmd.output().unwrap();
+    let out = output_within(cmd, std::time::Duration::from_secs(60));
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{stdout}{stderr}");
@@ -77,6 +82,31 @@ fn run_child(name: &str, tool: bool, extra: &[(&str, &str)]) -> Run {
         .map(|s| s.lines().map(str::to_string).collect())
         .unwrap_or_default();
     Run { log, vars, stderr }
+}
+
+/// Runs `cmd` to completion, killing it after `limit`: a child that deadlocks fails its test
+/// (with what it printed) instead of hanging the suite.
+fn output_within(mut cmd: Command, limit: std::time::Duration) -> std::process::Output {
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "the child ran past {limit:?} (deadlocked?): {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
 }
 
 fn is_child() -> bool {
@@ -139,8 +169,12 @@ impl Run {
             "the tool saw a malformed call: {:#?}",
             self.log
         );
+        // The first call, the tool's own call-backs (FAKE_NVTX_REENTER) aside, creates our domain.
         assert_eq!(
-            self.log.first().map(String::as_str),
+            self.log
+                .iter()
+                .find(|l| !l.starts_with("reenter"))
+                .map(String::as_str),
             Some("domain hbmalloc")
         );
         assert_eq!(self.count("attached"), 1, "{:#?}", self.log);
@@ -187,7 +221,27 @@ fn cuda_malloc_blocks_are_regions_of_their_chunk() {
         hbmalloc::runtime::pool(0).unwrap().trim().unwrap();
         return;
     }
+    // Before the layout was read from the tool, the calls reached the wrong functions here:
+    // "bad heap_unregister: ... is no heap" and "bad unexpected nvtxMemRegionsResize", where the
+    // real tool printed "Call to nvtxMemHeapUnregister failed" and crashed.
     let run = run_child("cuda_malloc_blocks_are_regions_of_their_chunk", true, &[]);
+    assert_cuda_malloc_run(&run);
+}
+
+/// A tool that puts its functions where the NVTX header reads them (callback id c in slot c) is
+/// read there: the same calls, the same log.
+#[test]
+fn tools_of_the_published_slot_layout_are_read_at_theirs() {
+    let run = run_child(
+        "cuda_malloc_blocks_are_regions_of_their_chunk",
+        true,
+        &[("FAKE_NVTX_LAYOUT", "published")],
+    );
+    assert_cuda_malloc_run(&run);
+}
+
+/// What the `cudaMalloc` scenario must have told the tool.
+fn assert_cuda_malloc_run(run: &Run) {
     run.assert_clean();
     let (p, q) = (run.var("p"), run.var("q"));
     let hp = run.heap_holding(p);
@@ -207,6 +261,103 @@ fn cuda_malloc_blocks_are_regions_of_their_chunk() {
     assert!(at(&region(&hp, p, 4000)) < at(&unregion(p)));
     assert!(at(&unregion(p)) < at(&format!("heap_unregister {}", hp.id)));
     run.assert_all_heaps_gone();
+}
+
+/// A heap the tool refuses (NULL back from `nvtxMemHeapRegister`) is not booked: no region is
+/// registered in it (NULL would be the process-wide heap) and it is never unregistered (the real
+/// tool refuses `nvtxMemHeapUnregister(NULL)`); one line on stderr says so.
+#[test]
+fn heaps_the_tool_refuses_get_no_regions_and_no_unregister() {
+    let run = run_child(
+        "cuda_malloc_blocks_are_regions_of_their_chunk",
+        true,
+        // The published layout, so that this checks the refused handle alone.
+        &[
+            ("FAKE_NVTX_REJECT_HEAPS", "1"),
+            ("FAKE_NVTX_LAYOUT", "published"),
+        ],
+    );
+    assert!(
+        run.log.iter().all(|l| !l.starts_with("bad")),
+        "{:#?}",
+        run.log
+    );
+    assert!(
+        run.log.iter().any(|l| l.starts_with("heap_refused")),
+        "{:#?}",
+        run.log
+    );
+    assert!(
+        run.log
+            .iter()
+            .all(|l| !l.starts_with("region_") && !l.starts_with("heap_unregister")),
+        "{:#?}",
+        run.log
+    );
+    let lines: Vec<_> = run
+        .stderr
+        .lines()
+        .filter(|l| l.contains("refused the heap"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{}", run.stderr);
+}
+
+/// The tool calls back into CUDA from its initialization and from a heap registration (as one
+/// that allocates device memory there would, reaching our hooks): the nested calls are served,
+/// unannotated, and nothing deadlocks (the look-up in progress, the book's lock). Their blocks
+/// (8 MiB: a chunk of their own, apart from the program's 4000 bytes) are no regions.
+#[test]
+fn a_tool_calling_back_into_cuda_neither_deadlocks_nor_recurses() {
+    use hbmalloc::ffi::cuda_api::{cudaFree, cudaMalloc};
+    const NESTED: usize = 8 << 20;
+    extern "C" fn reenter() {
+        let mut p = std::ptr::null_mut();
+        // SAFETY: a valid out-pointer; freed right away.
+        unsafe {
+            assert_eq!(cudaMalloc(&mut p, NESTED), 0);
+            assert_eq!(cudaFree(p), 0);
+        }
+    }
+    if is_child() {
+        std::env::set_var(
+            "FAKE_NVTX_REENTER",
+            format!("{:#x}", reenter as *const () as usize),
+        );
+        let mut p = std::ptr::null_mut();
+        // SAFETY: a valid out-pointer; freed below.
+        unsafe {
+            assert_eq!(cudaMalloc(&mut p, 4000), 0);
+            assert_eq!(cudaFree(p), 0);
+        }
+        show("p", p as usize);
+        return;
+    }
+    let run = run_child(
+        "a_tool_calling_back_into_cuda_neither_deadlocks_nor_recurses",
+        true,
+        &[],
+    );
+    run.assert_clean();
+    for at in ["InitializeInjectionNvtx2", "heap_register"] {
+        assert!(
+            run.count(&format!("reentered {at}")) >= 1,
+            "{at}: {:#?}",
+            run.log
+        );
+    }
+    let p = run.var("p");
+    assert_eq!(
+        run.count(&region(&run.heap_holding(p), p, 4000)),
+        1,
+        "{:#?}",
+        run.log
+    );
+    assert_eq!(run.count(&unregion(p)), 1, "{:#?}", run.log);
+    assert!(
+        run.log.iter().all(|l| !l.ends_with(&format!(" {NESTED}"))),
+        "the tool's own blocks are not annotated: {:#?}",
+        run.log
+    );
 }
 
 /// Scratch-pool blocks (both kinds) are regions of the size asked for, not the `actual` size the
@@ -423,6 +574,32 @@ fn no_tool_no_calls_and_bad_tools_are_one_line() {
         .collect();
     assert_eq!(lines.len(), 1, "{}", missing.stderr);
     assert!(lines[0].contains("cannot load it"), "{}", lines[0]);
+
+    // compute-sanitizer takes no memory call without a domain from nvtxDomainCreateA: a tool
+    // that gives none is not used (before, every call went out with a NULL domain).
+    let no_domain = run_child(
+        name,
+        true,
+        &[
+            ("FAKE_NVTX_NO_DOMAIN", "1"),
+            ("FAKE_NVTX_LAYOUT", "published"),
+        ],
+    );
+    assert!(
+        no_domain
+            .log
+            .iter()
+            .all(|l| !l.starts_with("heap") && !l.starts_with("region") && !l.starts_with("bad")),
+        "{:#?}",
+        no_domain.log
+    );
+    let lines: Vec<_> = no_domain
+        .stderr
+        .lines()
+        .filter(|l| l.contains("NVTX_INJECTION64_PATH"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{}", no_domain.stderr);
+    assert!(lines[0].contains("no NVTX domain"), "{}", lines[0]);
 }
 
 /// Annotations are opt-in (`nvtx:on`): with a tool named but the switch off, nothing is loaded

@@ -26,11 +26,53 @@ pub const EXT_COMPATID_MEM: u16 = 0x0102;
 pub const MEM_SEGMENT_ID: usize = 1;
 pub const MEM_SLOT_COUNT: usize = 63;
 
-/// `NvtxExtMemCallbackId`: the slots of the memory segment this crate calls.
+/// `NvtxExtMemCallbackId`: the callback ids of the memory functions this crate calls (0 is
+/// invalid). Which segment slot holds each depends on the tool: see `SlotLayout`.
 pub const CBID_MEM_HEAP_REGISTER: usize = 1;
 pub const CBID_MEM_HEAP_UNREGISTER: usize = 2;
 pub const CBID_MEM_REGIONS_REGISTER: usize = 4;
 pub const CBID_MEM_REGIONS_UNREGISTER: usize = 6;
+
+/// Where a tool put the function of callback id `c` in the memory segment's slots. The two
+/// header generations disagree: `nvtxDetail/nvtxExtImplMem_v1.h` (NVTX 3.1 on) reads slot `c`,
+/// slot 0 unused; the first memory-extension headers (`nvtxExtDetail/nvtxExtImplMem1.h`, 2021)
+/// read slot `c - 1`. compute-sanitizer of CUDA 13.0 fills slot `c - 1` for a module described
+/// exactly as the newer header describes it (seen on an H200: our call to slot 1, meant for
+/// `nvtxMemHeapRegister`, reached its `nvtxMemHeapUnregister`, and the call to slot 4 its
+/// `nvtxMemRegionsResize`, which crashed on our register batch). Slot 0 tells them apart: only a
+/// tool counting from 0 puts a function there, callback id 0 being invalid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlotLayout {
+    /// Callback id `c` in slot `c` (the published header's reading).
+    ById,
+    /// Callback id `c` in slot `c - 1` (the older headers', and CUDA 13.0 compute-sanitizer's).
+    FromZero,
+}
+
+impl SlotLayout {
+    /// The layout a tool used, from the slots it filled.
+    pub fn of(slot0: usize) -> SlotLayout {
+        match slot0 {
+            SLOT_FRESH | SLOT_DISABLED => SlotLayout::ById,
+            _ => SlotLayout::FromZero,
+        }
+    }
+
+    /// The slot holding callback id `cbid` (at least 1).
+    pub fn slot(self, cbid: usize) -> usize {
+        match self {
+            SlotLayout::ById => cbid,
+            SlotLayout::FromZero => cbid - 1,
+        }
+    }
+}
+
+/// What `nvtxMemHeapRegister` returns when it registered nothing: NULL (a failed registration,
+/// and the value of `NVTX_MEM_HEAP_HANDLE_PROCESS_WIDE`, which `nvtxMemHeapUnregister` refuses)
+/// or `NVTX_MEM_HEAP_HANDLE_NO_TOOL`.
+pub fn heap_refused(handle: Heap) -> bool {
+    handle.is_null() || handle as isize == -1
+}
 
 /// A slot the tool left alone (`NVTX_EXTENSION_FRESH`) or turned off (`NVTX_EXTENSION_DISABLED`).
 pub const SLOT_FRESH: usize = 0;

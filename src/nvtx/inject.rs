@@ -1,9 +1,12 @@
 //! NVTX v3's injection protocol, this side of it: what the header-only NVTX library does inside
 //! every program that includes it, done once here. A tool (compute-sanitizer, Nsight) names its
-//! injection library in `NVTX_INJECTION64_PATH`; we load it, hand its `InitializeInjectionNvtx2`
-//! our export table (so it can fill the core's function slots: we use `nvtxDomainCreateA`), then
-//! hand its `InitializeInjectionNvtxExtension` the memory extension's slot table, and keep the
-//! functions it put there. Nothing here runs unless the variable is set.
+//! injection library in `NVTX_INJECTION64_PATH`; we make sure the CUDA runtime is initialized
+//! (compute-sanitizer takes no NVTX call before), load the library, hand its
+//! `InitializeInjectionNvtx2` our export table (so it can fill the core's function slots),
+//! create our domain with `nvtxDomainCreateA` (the tool takes no memory call without one), hand
+//! its `InitializeInjectionNvtxExtension` the memory extension's slot table, and keep the
+//! functions it put there, read at the slots its layout says (`SlotLayout`). Nothing here runs
+//! unless the variable is set.
 //!
 //! The export-table callbacks below are `extern "C"` because the tool calls them; they are
 //! function pointers handed over at run time, never exported symbols (the header has none).
@@ -17,6 +20,8 @@ use std::sync::OnceLock;
 #[derive(Clone, Copy)]
 pub struct Tool {
     pub domain: Domain,
+    /// Where the tool put its memory functions (reported with `verbose:on`).
+    pub layout: SlotLayout,
     pub heap_register: HeapRegister,
     pub heap_unregister: HeapUnregister,
     pub regions_register: RegionsRegister,
@@ -31,8 +36,8 @@ unsafe impl Sync for Tool {}
 pub const INJECTION_PATH_VAR: &str = "NVTX_INJECTION64_PATH";
 
 /// Loads the tool named by `NVTX_INJECTION64_PATH` and attaches to it; `None` without the
-/// variable, or (with one line on stderr) when the library cannot be loaded or offers no memory
-/// extension.
+/// variable, or (with one line on stderr) when the library cannot be loaded, gives no domain or
+/// offers no memory extension.
 #[cold]
 pub fn attach() -> Option<Tool> {
     let path = std::env::var_os(INJECTION_PATH_VAR)?;
@@ -67,9 +72,18 @@ fn attach_to(path: &std::ffi::OsStr) -> Result<Tool, String> {
         };
         return Err(format!("cannot load it ({msg})"));
     }
+    // Before the tool's first NVTX call, its initialization included.
+    init_cuda_runtime();
     let domain = init_core(lib);
+    if domain.is_null() {
+        return Err(
+            "the tool created no NVTX domain (nvtxDomainCreateA), which its memory calls need"
+                .into(),
+        );
+    }
     let slots = init_mem_extension(lib)?;
-    let slot = |cbid: usize| match slots[cbid].load(Ordering::Acquire) {
+    let layout = SlotLayout::of(slots[0].load(Ordering::Acquire));
+    let slot = |cbid: usize| match slots[layout.slot(cbid)].load(Ordering::Acquire) {
         SLOT_FRESH | SLOT_DISABLED => None,
         f => Some(f),
     };
@@ -81,16 +95,54 @@ fn attach_to(path: &std::ffi::OsStr) -> Result<Tool, String> {
     ) else {
         return Err("the tool does not take NVTX heap and region registrations".into());
     };
-    // SAFETY: each slot holds the tool's implementation of the function of that callback id,
-    // whose prototype nvToolsExtMem.h fixes.
+    // SAFETY: each slot, read at the tool's layout, holds its implementation of the function of
+    // that callback id, whose prototype nvToolsExtMem.h fixes.
     unsafe {
         Ok(Tool {
             domain,
+            layout,
             heap_register: std::mem::transmute::<usize, HeapRegister>(hr),
             heap_unregister: std::mem::transmute::<usize, HeapUnregister>(hu),
             regions_register: std::mem::transmute::<usize, RegionsRegister>(rr),
             regions_unregister: std::mem::transmute::<usize, RegionsUnregister>(ru),
         })
+    }
+}
+
+/// The runtime libraries a program may have loaded, newest first.
+const CUDART_SONAMES: [&CStr; 4] = [
+    c"libcudart.so.13",
+    c"libcudart.so.12",
+    c"libcudart.so.11.0",
+    c"libcudart.so",
+];
+
+/// compute-sanitizer takes no NVTX call before the CUDA runtime is initialized, and documents
+/// `cudaFree(0)` as the way to make sure. Under `LD_PRELOAD` the program's first `cudaMalloc`
+/// is served by our pool through the driver, so the runtime may not have run yet: call the
+/// loaded runtime's own `cudaFree(NULL)` (found on its handle, never our hook). No runtime
+/// loaded (a program using only the `hbm_*` API): nothing to do.
+fn init_cuda_runtime() {
+    type CudaFree = unsafe extern "C" fn(*mut c_void) -> c_int;
+    for soname in CUDART_SONAMES {
+        // SAFETY: a NUL-terminated name; RTLD_NOLOAD loads nothing, it finds a loaded library.
+        let handle = unsafe { libc::dlopen(soname.as_ptr(), libc::RTLD_NOLOAD | libc::RTLD_LAZY) };
+        if handle.is_null() {
+            continue;
+        }
+        let free = symbol(handle, c"cudaFree");
+        if let Some(free) = free {
+            // SAFETY: the runtime's cudaFree, whose prototype is fixed; NULL frees nothing and
+            // initializes the runtime.
+            let free = unsafe { std::mem::transmute::<usize, CudaFree>(free) };
+            // SAFETY: see above.
+            let _ = unsafe { free(std::ptr::null_mut()) };
+        }
+        // SAFETY: balances the dlopen above; the library stays loaded by its other references.
+        unsafe { libc::dlclose(handle) };
+        if free.is_some() {
+            return;
+        }
     }
 }
 
@@ -165,8 +217,9 @@ unsafe extern "C" fn get_export_table(id: u32) -> *const c_void {
     }
 }
 
-/// Initializes the tool's core side and creates our domain; NULL (the default domain) when the
-/// tool has no core entry point or no `nvtxDomainCreateA`.
+/// Initializes the tool's core side and creates our domain; NULL when the tool has no core entry
+/// point or no `nvtxDomainCreateA` (the default domain, which compute-sanitizer's memory calls
+/// do not take).
 fn init_core(lib: *mut c_void) -> Domain {
     let Some(init) = symbol(lib, c"InitializeInjectionNvtx2") else {
         return std::ptr::null_mut();

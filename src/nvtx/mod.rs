@@ -12,18 +12,24 @@
 //! after the first, which reads the variable once. With a tool, a mutex-guarded map per call and
 //! the tool's own work: the tool is the slow part.
 //!
-//! Modules: `abi` (the layouts shared with the tool), `inject` (loading and attaching to it).
+//! A tool may call back into CUDA from inside a call we make to it (its own allocations reach our
+//! hooks under `LD_PRELOAD`): nested calls on that thread annotate nothing (`reentry`).
+//!
+//! Modules: `abi` (the layouts shared with the tool), `inject` (loading and attaching to it),
+//! `reentry` (the per-thread guard around calls into the tool).
 
 mod abi;
 mod inject;
+mod reentry;
 
 pub use inject::INJECTION_PATH_VAR;
 
 use abi::*;
 use inject::Tool;
+use reentry::Inside;
 use std::collections::BTreeMap;
 use std::ffi::{c_char, c_void};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
 const UNKNOWN: u8 = 0;
@@ -37,9 +43,16 @@ static STATE: AtomicU8 = AtomicU8::new(UNKNOWN);
 /// Set once, before `STATE` becomes `ON`.
 static TOOL: OnceLock<Tool> = OnceLock::new();
 
-/// The attached tool, if any. One relaxed load once the answer is known.
+/// A call into the attached tool: this thread is inside it while this lives.
+struct Call {
+    tool: &'static Tool,
+    _inside: Inside,
+}
+
+/// The attached tool, if any, and this thread is not already inside a call to it. One relaxed
+/// load once the answer is known and no tool is attached.
 #[inline]
-fn tool() -> Option<&'static Tool> {
+fn tool() -> Option<Call> {
     match STATE.load(Ordering::Relaxed) {
         OFF => None,
         _ => tool_slow(),
@@ -48,16 +61,23 @@ fn tool() -> Option<&'static Tool> {
 
 #[cold]
 #[inline(never)]
-fn tool_slow() -> Option<&'static Tool> {
+fn tool_slow() -> Option<Call> {
     // Once exit has begun the tool may be tearing down: annotate nothing more. Nor in a forked
     // child: CUDA is gone there, and a lock here (the book's, or the look-up below, never
     // finished by a thread the child lacks) may be held forever.
     if crate::process::exiting() || crate::process::in_child() {
         return None;
     }
+    // The tool called back into CUDA from inside our call (while attaching too): not again.
+    let inside = Inside::enter()?;
     loop {
         match STATE.load(Ordering::Acquire) {
-            ON => return TOOL.get(),
+            ON => {
+                return TOOL.get().map(|tool| Call {
+                    tool,
+                    _inside: inside,
+                })
+            }
             OFF => return None,
             UNKNOWN => {
                 if STATE
@@ -69,6 +89,14 @@ fn tool_slow() -> Option<&'static Tool> {
                     let on = crate::config::get().nvtx
                         && inject::attach().is_some_and(|t| TOOL.set(t).is_ok());
                     STATE.store(if on { ON } else { OFF }, Ordering::Release);
+                    if on && crate::config::get().verbose {
+                        if let Some(t) = TOOL.get() {
+                            eprintln!(
+                                "hbmalloc: NVTX tool attached: domain hbmalloc, memory functions in the {:?} slot layout",
+                                t.layout
+                            );
+                        }
+                    }
                 }
             }
             // Another thread is loading the tool (once per process, microseconds without one).
@@ -77,7 +105,8 @@ fn tool_slow() -> Option<&'static Tool> {
     }
 }
 
-/// Whether a tool takes annotations (loads it on the first call).
+/// Whether a tool takes annotations (loads it on the first call). False on a thread that is
+/// inside a call to the tool.
 #[inline]
 pub fn active() -> bool {
     tool().is_some()
@@ -141,8 +170,8 @@ impl HeapKind {
 /// A pool took `[base, base + size)` from the driver: registers it as a sub-allocator heap.
 #[inline]
 pub fn heap_add(base: usize, size: usize, kind: HeapKind) {
-    if let Some(tool) = tool() {
-        heap_add_slow(tool, base, size, kind);
+    if let Some(call) = tool() {
+        heap_add_slow(call.tool, base, size, kind);
     }
 }
 
@@ -171,6 +200,13 @@ fn heap_add_slow(tool: &Tool, base: usize, size: usize, kind: HeapKind) {
     };
     // SAFETY: a descriptor laid out as nvtxMemHeapDesc_t, valid for the call.
     let handle = unsafe { (tool.heap_register)(tool.domain, &desc) };
+    if heap_refused(handle) {
+        // Not booked: no region is registered in it, and it is never unregistered (NULL is the
+        // process-wide heap, which nvtxMemHeapUnregister refuses). The tool sees the chunk as the
+        // plain allocation it is.
+        note_refused_heap(base, size, kind);
+        return;
+    }
     book.heaps.insert(
         base,
         HeapEntry {
@@ -181,12 +217,24 @@ fn heap_add_slow(tool: &Tool, base: usize, size: usize, kind: HeapKind) {
     );
 }
 
+/// One line on stderr, the first time the tool refuses a heap.
+#[cold]
+fn note_refused_heap(base: usize, size: usize, kind: HeapKind) {
+    static SAID: AtomicBool = AtomicBool::new(false);
+    if !SAID.swap(true, Ordering::Relaxed) {
+        eprintln!(
+            "hbmalloc: the NVTX tool refused the heap {:?} at {base:#x} ({size} bytes); blocks in heaps it refuses are not annotated",
+            kind.name()
+        );
+    }
+}
+
 /// The heap at `base` goes back to the driver (call before giving it back): unregisters it and,
 /// with it, its regions.
 #[inline]
 pub fn heap_remove(base: usize) {
-    if let Some(tool) = tool() {
-        heap_remove_slow(tool, base);
+    if let Some(call) = tool() {
+        heap_remove_slow(call.tool, base);
     }
 }
 
@@ -202,8 +250,8 @@ fn heap_remove_slow(tool: &Tool, base: usize) {
 /// no registered heap (the runtime's own, a whole driver allocation) is left to the tool.
 #[inline]
 pub fn region_add(ptr: usize, size: usize) {
-    if let Some(tool) = tool() {
-        region_add_slow(tool, ptr, size);
+    if let Some(call) = tool() {
+        region_add_slow(call.tool, ptr, size);
     }
 }
 
@@ -223,8 +271,8 @@ fn region_add_slow(tool: &Tool, ptr: usize, size: usize) {
 /// The block at `ptr` was freed: unregisters its region, if it has one.
 #[inline]
 pub fn region_remove(ptr: usize) {
-    if let Some(tool) = tool() {
-        region_remove_slow(tool, ptr);
+    if let Some(call) = tool() {
+        region_remove_slow(call.tool, ptr);
     }
 }
 
@@ -243,9 +291,10 @@ fn region_remove_slow(tool: &Tool, ptr: usize) {
 /// gone or resized, registers those new. For objects that know their live ranges but not each
 /// change (a KV cache's sequence slots).
 pub fn heap_set_regions(base: usize, regions: &[(usize, usize)]) {
-    let Some(tool) = tool() else {
+    let Some(call) = tool() else {
         return;
     };
+    let tool = call.tool;
     let mut book = book();
     let Some(heap) = book.heaps.get_mut(&base) else {
         return;
