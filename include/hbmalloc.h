@@ -1268,6 +1268,15 @@ void hbm_pool_destroy(struct HbmPool *pool);
 void *hbm_torch_malloc(ptrdiff_t size, int device, void *stream);
 
 /**
+ * `hbm_torch_malloc` for segments of PyTorch's own caching allocator
+ * (`torch.cuda.MemPool(...)`, `hbmalloc.torch.pool()`), which keeps a CUDA graph's memory out of
+ * other work itself: during a capture the block is served without a call the capture forbids,
+ * and is an ordinary block once freed. Otherwise as `hbm_torch_malloc` (NULL on out of memory:
+ * PyTorch's allocator checks it and raises).
+ */
+void *hbm_torch_segment_malloc(ptrdiff_t size, int device, void *stream);
+
+/**
  * `hbm_torch_malloc` with a status, for callers that turn a refusal into an exception (the
  * C++ shim of `hbmalloc.torch`, which raises `torch.OutOfMemoryError`): writes the block (NULL
  * for `size` 0) to `*out_ptr` and returns `HBM_STATUS_OK`, or returns

@@ -44,7 +44,32 @@ pub extern "C" fn hbm_torch_malloc(size: isize, device: c_int, stream: *mut c_vo
             }
             return std::ptr::null_mut();
         }
-        match serve(size as usize, device, stream as Stream) {
+        match serve(size as usize, device, stream as Stream, Keep::Unhooked) {
+            Ok(ptr) => ptr as *mut c_void,
+            Err(e) => {
+                malloc_failed(size, device, &e);
+                std::ptr::null_mut()
+            }
+        }
+    })
+}
+
+/// `hbm_torch_malloc` for segments of PyTorch's own caching allocator
+/// (`torch.cuda.MemPool(...)`, `hbmalloc.torch.pool()`), which keeps a CUDA graph's memory out of
+/// other work itself: during a capture the block is served without a call the capture forbids,
+/// and is an ordinary block once freed. Otherwise as `hbm_torch_malloc` (NULL on out of memory:
+/// PyTorch's allocator checks it and raises).
+#[no_mangle]
+pub extern "C" fn hbm_torch_segment_malloc(
+    size: isize,
+    device: c_int,
+    stream: *mut c_void,
+) -> *mut c_void {
+    ffi_guard!(std::ptr::null_mut(), {
+        if size <= 0 {
+            return std::ptr::null_mut();
+        }
+        match serve(size as usize, device, stream as Stream, Keep::Caller) {
             Ok(ptr) => ptr as *mut c_void,
             Err(e) => {
                 malloc_failed(size, device, &e);
@@ -80,7 +105,7 @@ pub unsafe extern "C" fn hbm_torch_try_malloc(
         let served = match size {
             ..0 => Err(Error::InvalidValue("negative size")),
             0 => return HbmStatus::Ok,
-            _ => serve(size as usize, device, stream as Stream),
+            _ => serve(size as usize, device, stream as Stream, Keep::Unhooked),
         };
         finish(served, size, device, out_ptr)
     })
@@ -172,14 +197,26 @@ pub extern "C" fn hbm_torch_graph_release(device: c_int, pool_hi: u64, pool_lo: 
     })
 }
 
-/// Serves one PyTorch allocation. A stream that captures a graph no hook announced (PyTorch
-/// did not call `hbm_torch_graph_begin`, or the allocation is not the graph's) gets memory that
-/// is never reused (`capture::UNHOOKED`): nothing says when the graph dies.
-fn serve(size: usize, device: c_int, stream: Stream) -> Result<usize> {
+/// Who keeps memory allocated during a capture out of other work while the graph lives.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Keep {
+    /// The caller (PyTorch's caching allocator, over `hbm_torch_segment_malloc`).
+    Caller,
+    /// Nobody told hbmalloc when the graph dies: the block is never reused
+    /// (`capture::UNHOOKED`).
+    Unhooked,
+}
+
+/// Serves one PyTorch allocation. On a stream that captures a graph (one no hook announced:
+/// the announced ones come through `hbm_torch_graph_malloc`), no call the capture forbids.
+fn serve(size: usize, device: c_int, stream: Stream, keep: Keep) -> Result<usize> {
     if !stream_captures(device, stream) {
         return device_alloc::alloc(device, size, Some(stream), Api::Torch);
     }
     let _here = CapturingHere::new();
+    if keep == Keep::Caller {
+        return device_alloc::alloc(device, size, Some(stream), Api::Torch);
+    }
     warn_unhooked_once();
     device_alloc::alloc_graph(device, size, stream, UNHOOKED as GraphId)
 }
@@ -471,9 +508,17 @@ mod tests {
         assert!(!x.is_null(), "allocating during a capture works");
         assert_ne!(x, a);
         hbm_torch_free(x, size, 0, S1);
+        // A segment of PyTorch's own allocator: served quietly too, its owner keeps it.
+        let seg = hbm_torch_segment_malloc(size, 0, S1);
+        assert!(!seg.is_null());
         sim::end_capture(S1 as Stream).expect("the capture stayed valid");
+        hbm_torch_free(seg, size, 0, S1);
         sim::complete_held_events();
         let after: Vec<_> = (0..3).map(|_| hbm_torch_malloc(size, 0, S3)).collect();
+        assert!(
+            after.contains(&seg),
+            "a segment is an ordinary block once freed"
+        );
         assert!(
             after.contains(&a),
             "the block freed before the capture is reused"
