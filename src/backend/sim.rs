@@ -49,6 +49,9 @@ struct Captures {
     captured_events: Vec<Event>,
 }
 
+/// Streams in `CAPTURES` plus captured events: the calls skip the lock while it is 0.
+static CAPTURE_ITEMS: AtomicUsize = AtomicUsize::new(0);
+
 static CAPTURES: Mutex<Captures> = Mutex::new(Captures {
     streams: Vec::new(),
     captured_events: Vec::new(),
@@ -66,6 +69,7 @@ fn captures() -> std::sync::MutexGuard<'static, Captures> {
 /// For tests: `stream` begins a capture in the global mode (`cuStreamBeginCapture`).
 pub fn begin_capture(stream: Stream) {
     captures().streams.push((stream, false));
+    CAPTURE_ITEMS.fetch_add(1, Ordering::SeqCst);
 }
 
 /// Ends `stream`'s capture (`cuStreamEndCapture`): `CUDA_ERROR_STREAM_CAPTURE_INVALIDATED`
@@ -76,6 +80,7 @@ pub fn end_capture(stream: Stream) -> Result<()> {
         return Err(Error::InvalidValue("stream is not capturing"));
     };
     let (_, invalidated) = c.streams.remove(i);
+    CAPTURE_ITEMS.fetch_sub(1, Ordering::SeqCst);
     if invalidated {
         return Err(Error::Driver {
             call: "cuStreamEndCapture",
@@ -89,7 +94,9 @@ pub fn end_capture(stream: Stream) -> Result<()> {
 /// thread's mode is relaxed: it invalidates every capture and fails with
 /// `CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED` (900).
 fn unsafe_during_capture(call: &'static str) -> Result<()> {
-    if MODE.with(|m| m.get()) == CaptureMode::Relaxed as u32 {
+    if CAPTURE_ITEMS.load(Ordering::SeqCst) == 0
+        || MODE.with(|m| m.get()) == CaptureMode::Relaxed as u32
+    {
         return Ok(());
     }
     let mut c = captures();
@@ -223,9 +230,8 @@ impl Backend for SimBackend {
     }
 
     fn lock_for_fork(&self) -> Option<Box<dyn super::Held + '_>> {
-        Some(Box::new(
-            self.mappings.lock().unwrap_or_else(|e| e.into_inner()),
-        ))
+        let mappings = self.mappings.lock().unwrap_or_else(|e| e.into_inner());
+        Some(Box::new((mappings, captures())))
     }
 
     fn alloc(&self, size: usize) -> Result<DevicePtr> {
@@ -276,11 +282,12 @@ impl Backend for SimBackend {
 
     fn event_record(&self, stream: Stream) -> Result<Event> {
         let event = NEXT_EVENT.fetch_add(1, Ordering::Relaxed) + 1;
-        {
+        if CAPTURE_ITEMS.load(Ordering::SeqCst) > 0 {
             // Recorded into the graph: legal, but the event then says nothing about the stream.
             let mut c = captures();
             if c.streams.iter().any(|&(s, _)| s == stream) {
                 c.captured_events.push(event);
+                CAPTURE_ITEMS.fetch_add(1, Ordering::SeqCst);
             }
         }
         if HOLD_EVENTS.load(Ordering::Relaxed) {
@@ -291,7 +298,7 @@ impl Backend for SimBackend {
 
     fn event_done(&self, event: Event) -> Result<bool> {
         unsafe_during_capture("cuEventQuery")?;
-        if captures().captured_events.contains(&event) {
+        if CAPTURE_ITEMS.load(Ordering::SeqCst) > 0 && captures().captured_events.contains(&event) {
             return Err(Error::Driver {
                 call: "cuEventQuery",
                 code: 900,
@@ -303,10 +310,20 @@ impl Backend for SimBackend {
     }
 
     fn event_release(&self, event: Event) {
-        captures().captured_events.retain(|&e| e != event);
+        if CAPTURE_ITEMS.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        let mut c = captures();
+        if let Some(i) = c.captured_events.iter().position(|&e| e == event) {
+            c.captured_events.swap_remove(i);
+            CAPTURE_ITEMS.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 
     fn stream_capture(&self, stream: Stream) -> Result<Capture> {
+        if CAPTURE_ITEMS.load(Ordering::SeqCst) == 0 {
+            return Ok(Capture::None);
+        }
         Ok(
             match captures().streams.iter().find(|&&(s, _)| s == stream) {
                 None => Capture::None,

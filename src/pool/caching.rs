@@ -428,8 +428,9 @@ impl CachingPool {
     }
 
     /// Takes every lock of the pool, in the one order no other path can deadlock against (the
-    /// synchronize lock, the arenas, each shard's two locks, then the backend's; no path holds a
-    /// shard lock while it waits for another, and the backend calls nothing above it), for
+    /// synchronize lock, the arenas, each shard's two locks, the graph pools', then the
+    /// backend's; no path holds a shard lock while it waits for another, the graph pools' lock
+    /// is held over no other, and the backend calls nothing above it), for
     /// `fork`: the child then finds none held by a thread it lacks.
     pub fn lock_all(&self) -> PoolLocks<'_> {
         let release = self.releases.lock_for_fork();
@@ -437,7 +438,9 @@ impl CachingPool {
         let small = lock(&self.small);
         let large = lock(&self.large);
         let shards = self.shards.iter().map(PaddedShard::lock_all).collect();
+        let graphs = self.graphs.lock_for_fork();
         PoolLocks {
+            _graphs: graphs,
             _release: release,
             _sync: sync,
             _arenas: [small, large],
@@ -930,6 +933,7 @@ pub struct PoolLocks<'a> {
     _sync: MutexGuard<'a, ()>,
     _arenas: [MutexGuard<'a, Arena>; 2],
     _shards: Vec<super::thread_cache::ShardLocks<'a>>,
+    _graphs: Box<dyn crate::backend::Held + 'a>,
     _backend: Option<Box<dyn crate::backend::Held + 'a>>,
 }
 

@@ -122,6 +122,11 @@ impl GraphPools {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Holds this registry's lock until dropped, for `fork` (`CachingPool::lock_all`).
+    pub fn lock_for_fork(&self) -> Box<dyn crate::backend::Held + '_> {
+        Box::new(self.lock())
+    }
+
     /// A capture into `id` begins (PyTorch's `beginAllocateToPool`): the pool lives until as
     /// many `release` calls.
     pub fn begin(&self, id: GraphId) {
