@@ -1278,6 +1278,61 @@ void hbm_pool_destroy(struct HbmPool *pool);
 void *hbm_torch_malloc(ptrdiff_t size, int device, void *stream);
 
 /**
+ * `hbm_torch_malloc` for segments of PyTorch's own caching allocator
+ * (`torch.cuda.MemPool(...)`, `hbmalloc.torch.pool()`), which keeps a CUDA graph's memory out of
+ * other work itself: during a capture the block is served without a call the capture forbids,
+ * and is an ordinary block once freed. Otherwise as `hbm_torch_malloc` (NULL on out of memory:
+ * PyTorch's allocator checks it and raises).
+ */
+void *hbm_torch_segment_malloc(ptrdiff_t size, int device, void *stream);
+
+/**
+ * `hbm_torch_malloc` with a status, for callers that turn a refusal into an exception (the
+ * C++ shim of `hbmalloc.torch`, which raises `torch.OutOfMemoryError`): writes the block (NULL
+ * for `size` 0) to `*out_ptr` and returns `HBM_STATUS_OK`, or returns
+ * `HBM_STATUS_OUT_OF_MEMORY` after releasing the cache and retrying (one line on stderr;
+ * counted by `hbm_torch_oom_count`), `HBM_STATUS_INVALID_VALUE` for a negative size,
+ * `HBM_STATUS_INVALID_DEVICE`, or `HBM_STATUS_NULL_PARAMETER` for a NULL `out_ptr`; then
+ * `*out_ptr` is NULL.
+ *
+ * Requirements:
+ * `out_ptr` is NULL or valid for one pointer write.
+ */
+enum HbmStatus hbm_torch_try_malloc(ptrdiff_t size, int device, void *stream, void **out_ptr);
+
+/**
+ * Allocates for a CUDA graph that captures into PyTorch's memory pool `(pool_hi, pool_lo)`
+ * (its `MempoolId_t`), between `hbm_torch_graph_begin` and `hbm_torch_graph_end` of that pool.
+ * The block belongs to the pool until `hbm_torch_graph_release`: freed, it is reused only by
+ * allocations into the same pool. Returns and writes `*out_ptr` as `hbm_torch_try_malloc`;
+ * `HBM_STATUS_INVALID_VALUE` for a pool no capture has begun into.
+ *
+ * Requirements:
+ * `out_ptr` is NULL or valid for one pointer write.
+ */
+enum HbmStatus hbm_torch_graph_malloc(ptrdiff_t size, int device, void *stream, uint64_t pool_hi, uint64_t pool_lo, void **out_ptr);
+
+/**
+ * A CUDA graph capture into PyTorch's pool `(pool_hi, pool_lo)` on `device` is about to begin
+ * (PyTorch's `beginAllocateToPool`). Until the matching `hbm_torch_graph_end`, hbmalloc makes
+ * no driver call a capture forbids, on any thread. Returns `HBM_STATUS_INVALID_DEVICE` for a
+ * device without a pool.
+ */
+enum HbmStatus hbm_torch_graph_begin(int device, uint64_t pool_hi, uint64_t pool_lo);
+
+/**
+ * The capture into `(pool_hi, pool_lo)` has ended (`endAllocateToPool`).
+ */
+enum HbmStatus hbm_torch_graph_end(int device, uint64_t pool_hi, uint64_t pool_lo);
+
+/**
+ * A graph that captured into `(pool_hi, pool_lo)` is destroyed (`releasePool`). With the last
+ * of the pool's graphs, its freed blocks go back to the caching pool, reusable once the device
+ * has been synchronized (replays may still be queued). An unknown pool is a quiet no-op.
+ */
+enum HbmStatus hbm_torch_graph_release(int device, uint64_t pool_hi, uint64_t pool_lo);
+
+/**
  * Frees a block from `hbm_torch_malloc`, ordered on `stream`: it is reused at once by
  * allocations on `stream`, by other streams once `stream` has passed this point. `size` and
  * `device` are PyTorch's record; hbmalloc's own record decides (a block freed with another

@@ -12,13 +12,14 @@ prints one line starting with "pluggable_check:" per result, and the run exits 1
   line that allocated it.
 - viz: a snapshot dumped with a timeline on renders with `python -m torch.cuda._memory_viz`
   trace_plot and segment_plot.
-- graph: CUDA graph capture under the pluggable allocator works (replay equals eager) or fails
-  with an exception and a message, which is printed (never a crash).
+- graph: CUDA graph capture under hbmalloc.torch.enable() and into hbmalloc.torch.pool() works:
+  the capture is served by hbmalloc, 20 replays on new inputs each equal eager, and tensors
+  allocated while the graph lives never share its memory.
 - oom: an allocation larger than the device: hbm_torch_malloc releases its cache and returns
   NULL (counted in num_ooms), and PyTorch raises torch.OutOfMemoryError, with
-  hbmalloc.torch.enable() and (PyTorch 2.5+) inside `torch.cuda.use_mem_pool(hbmalloc.torch.pool())`.
-  A PyTorch whose pluggable allocator does not check for NULL hands out a tensor at address 0
-  instead: the check fails and says so.
+  hbmalloc.torch.enable() (through its C++ shim, which throws PyTorch's OutOfMemoryError) and
+  (PyTorch 2.5+) inside `torch.cuda.use_mem_pool(hbmalloc.torch.pool())`. A tensor at address 0
+  instead fails the check and says so.
 Set CUBLAS_WORKSPACE_CONFIG=:4096:8 (gpu-check.sh does) for deterministic cuBLAS.
 """
 import json
@@ -31,6 +32,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "python"))
 ROUNDS = 3
+REPLAYS = 20
 TAG = "pluggable_check:"
 
 
@@ -149,11 +151,23 @@ def viz(_alloc, _out):
               f"trace entries, {len(snap['segments'])} segments")
 
 
-def graph(_alloc, _out):
-    torch = use_allocator("hbm")
+def graph(alloc, _out):
+    """alloc 'hbm': capture under hbmalloc.torch.enable() (the shim passes PyTorch's graph hooks
+    on); 'pool': PyTorch's own allocator capturing into hbmalloc.torch.pool(). A small forward
+    pass is captured, replayed REPLAYS times on new inputs, each replay equal to eager; tensors
+    allocated after the capture must not land in the graph's memory."""
+    torch = use_allocator("hbm" if alloc == "hbm" else "torch")
+    import hbmalloc
+    import hbmalloc.torch
+    if alloc == "hbm" and hbmalloc.torch.shim_missing:
+        raise AssertionError(f"no shim: {hbmalloc.torch.shim_missing}")
+    if alloc == "pool" and not hasattr(torch.cuda, "MemPool"):
+        print(f"{TAG} graph pool: skipped, torch {torch.__version__} has no MemPool")
+        return
     model = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.GELU(),
                                 torch.nn.Linear(512, 512)).cuda().eval()
     static_x = torch.randn(64, 512, device="cuda")
+    pool = hbmalloc.torch.pool() if alloc == "pool" else None
     with torch.no_grad():
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -161,23 +175,33 @@ def graph(_alloc, _out):
             for _ in range(3):
                 model(static_x)
         torch.cuda.current_stream().wait_stream(side)
-        try:
-            g = torch.cuda.CUDAGraph()
+        before = hbmalloc.stats(0)["allocs"]
+        g = torch.cuda.CUDAGraph()
+        if pool is not None:
+            with torch.cuda.use_mem_pool(pool), torch.cuda.graph(g, pool=pool.id):
+                static_y = model(static_x)
+        else:
             with torch.cuda.graph(g):
                 static_y = model(static_x)
+        served = hbmalloc.stats(0)["allocs"] - before
+        assert served > 0, "the capture allocated nothing from hbmalloc"
+        graph_ptr = static_y.data_ptr()
+        for i in range(REPLAYS):
             new_x = torch.randn(64, 512, device="cuda")
             static_x.copy_(new_x)
             g.replay()
+            # Allocated while the graph lives: must not be the graph's memory.
+            other = torch.full((64, 512), float(i), device="cuda")
+            eager = model(new_x)
             torch.cuda.synchronize()
-            same = torch.equal(static_y, model(new_x))
-            print(f"{TAG} graph: capture works; replay equals eager: {same}")
-            assert same
-        except Exception as e:  # the message is the result
-            msg = " ".join(str(e).split())[:300]
-            print(f"{TAG} graph: capture fails with {type(e).__name__}: {msg}")
-            torch.cuda.synchronize()
-        # The allocator and the device are still usable either way.
+            assert other.data_ptr() != graph_ptr
+            assert torch.equal(static_y, eager), f"replay {i} differs from eager"
+            assert torch.equal(other, torch.full_like(other, float(i))), "graph wrote other memory"
+        del g, static_y
+        torch.cuda.synchronize()
         assert torch.ones(1 << 20, device="cuda").sum().item() == 1 << 20
+    print(f"{TAG} graph {alloc}: capture works ({served} allocations from hbmalloc); "
+          f"{REPLAYS} replays equal eager")
 
 
 def oom(alloc, _out):
@@ -271,7 +295,8 @@ def main(outdir):
         if not same:
             failed = 1
     for kind, alloc, conf in (("leak", "hbm", ""), ("viz", "hbm", ",timeline:200000"),
-                              ("graph", "hbm", ""), ("oom", "hbm", ""), ("oom", "pool", "")):
+                              ("graph", "hbm", ""), ("graph", "pool", ""), ("oom", "hbm", ""),
+                              ("oom", "pool", "")):
         r = spawn(kind, alloc, "-", conf)
         for line in r.stdout.splitlines():
             if line.startswith(TAG):

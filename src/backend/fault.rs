@@ -128,7 +128,7 @@ impl Backend for Faulty {
         }
         Ok(())
     }
-    forward_backend!(upstream; name, device, free, mem_info, report_out_of_memory, event_done, event_release, lock_for_fork, vmm_granularity, vmm_release, vmm_unmap, copy_d2d, copy_to_host, copy_from_host, copy_from_host_on, kv_append, kv_dequantize, kv_append_jobs, kv_dequantize_jobs, paged_decode_attention);
+    forward_backend!(upstream; name, device, free, mem_info, report_out_of_memory, event_done, event_release, stream_capture, exchange_capture_mode, lock_for_fork, vmm_granularity, vmm_release, vmm_unmap, copy_d2d, copy_to_host, copy_from_host, copy_from_host_on, kv_append, kv_dequantize, kv_append_jobs, kv_dequantize_jobs, paged_decode_attention);
 }
 
 #[cfg(test)]

@@ -54,6 +54,13 @@ impl Backend for Recorder {
     fn report_out_of_memory(&self, _: usize) {
         let _ = self.saw("report_out_of_memory");
     }
+    fn stream_capture(&self, _: Stream) -> Result<Capture> {
+        self.saw("stream_capture").map(|_| Capture::Active)
+    }
+    fn exchange_capture_mode(&self, _: CaptureMode) -> Result<CaptureMode> {
+        self.saw("exchange_capture_mode")
+            .map(|_| CaptureMode::ThreadLocal)
+    }
 }
 
 struct NoCaches;
@@ -110,12 +117,24 @@ fn adaptors_pass_defaulted_calls_to_their_upstream() {
             .unwrap();
         b.paged_decode_attention(&attention, 0).unwrap();
         b.report_out_of_memory(1);
+        assert_eq!(
+            b.stream_capture(0x10).unwrap(),
+            Capture::Active,
+            "{adaptor}"
+        );
+        assert_eq!(
+            b.exchange_capture_mode(CaptureMode::Relaxed).unwrap(),
+            CaptureMode::ThreadLocal,
+            "{adaptor}"
+        );
         let seen = rec.seen.lock().unwrap().clone();
         for call in [
             "copy_from_host_on",
             "kv_append_jobs",
             "kv_dequantize_jobs",
             "paged_decode_attention",
+            "stream_capture",
+            "exchange_capture_mode",
         ] {
             assert!(
                 seen.contains(&call),

@@ -114,7 +114,7 @@ impl Backend for Limited {
         self.refund(size);
         Ok(())
     }
-    forward_backend!(upstream; name, device, synchronize, event_record, event_done, event_release, lock_for_fork, vmm_granularity, vmm_reserve, vmm_release, copy_d2d, copy_to_host, copy_from_host, copy_from_host_on, kv_append, kv_dequantize, kv_append_jobs, kv_dequantize_jobs, paged_decode_attention);
+    forward_backend!(upstream; name, device, synchronize, event_record, event_done, event_release, stream_capture, exchange_capture_mode, lock_for_fork, vmm_granularity, vmm_reserve, vmm_release, copy_d2d, copy_to_host, copy_from_host, copy_from_host_on, kv_append, kv_dequantize, kv_append_jobs, kv_dequantize_jobs, paged_decode_attention);
 }
 
 #[cfg(test)]

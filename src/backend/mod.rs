@@ -50,6 +50,22 @@ macro_rules! forward_backend {
     (@ $up:ident event_release) => {
         fn event_release(&self, event: $crate::backend::Event) { self.$up.event_release(event) }
     };
+    (@ $up:ident stream_capture) => {
+        fn stream_capture(
+            &self,
+            stream: $crate::backend::Stream,
+        ) -> $crate::error::Result<$crate::backend::Capture> {
+            self.$up.stream_capture(stream)
+        }
+    };
+    (@ $up:ident exchange_capture_mode) => {
+        fn exchange_capture_mode(
+            &self,
+            mode: $crate::backend::CaptureMode,
+        ) -> $crate::error::Result<$crate::backend::CaptureMode> {
+            self.$up.exchange_capture_mode(mode)
+        }
+    };
     (@ $up:ident lock_for_fork) => {
         fn lock_for_fork(&self) -> Option<Box<dyn $crate::backend::Held + '_>> {
             self.$up.lock_for_fork()
@@ -226,6 +242,40 @@ pub type Stream = usize;
 /// An event recorded on a stream; backends hand out and take back their own handles.
 pub type Event = usize;
 
+/// Whether a stream is being captured into a CUDA graph (`cuStreamIsCapturing`). While one is,
+/// the driver refuses (and invalidates the capture for) the calls that would wait for or query
+/// work: `cuEventQuery`, synchronizes, and in the default "global" mode `cuMemAlloc`/`cuMemFree`
+/// too, from any thread whose mode is not relaxed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Capture {
+    None,
+    Active,
+    /// The capture was broken by an illegal call; it fails at its end.
+    Invalidated,
+}
+
+/// A thread's stream-capture mode (`CUstreamCaptureMode`, the driver's numbers): which of its
+/// calls a capture in progress forbids. `Relaxed` lets it allocate and free device memory.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CaptureMode {
+    Global = 0,
+    ThreadLocal = 1,
+    Relaxed = 2,
+}
+
+/// Runs `f` with the calling thread's capture mode relaxed, as PyTorch's own allocator does
+/// around `cudaMalloc`, so that allocating or freeing a chunk while another stream captures does
+/// not invalidate that capture. If the mode cannot be switched, `f` runs as it is.
+pub fn relaxed<T>(backend: &(impl Backend + ?Sized), f: impl FnOnce() -> T) -> T {
+    let previous = backend.exchange_capture_mode(CaptureMode::Relaxed).ok();
+    let out = f();
+    if let Some(mode) = previous {
+        let _ = backend.exchange_capture_mode(mode);
+    }
+    out
+}
+
 /// Anything held for its `Drop` (a lock guard, see `Backend::lock_for_fork`).
 pub trait Held {}
 impl<T> Held for T {}
@@ -267,6 +317,18 @@ pub trait Backend: Send + Sync {
 
     /// Gives an event back for reuse.
     fn event_release(&self, event: Event);
+
+    /// Whether `stream` is being captured into a graph; does not wait, and is legal during a
+    /// capture. The default, for a backend without graphs, is `Capture::None`.
+    fn stream_capture(&self, _stream: Stream) -> Result<Capture> {
+        Ok(Capture::None)
+    }
+
+    /// Sets the calling thread's capture mode; returns the one it replaces
+    /// (`cuThreadExchangeStreamCaptureMode`). The default, without graphs, changes nothing.
+    fn exchange_capture_mode(&self, _mode: CaptureMode) -> Result<CaptureMode> {
+        Ok(CaptureMode::Global)
+    }
 
     /// Holds the backend's own locks until dropped, for `fork` (`crate::runtime::fork`): a child must not
     /// inherit one held by a thread it lacks. `None` when the backend has none.

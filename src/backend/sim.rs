@@ -4,9 +4,12 @@
 //! touched), VMM reservations are `PROT_NONE` mappings whose pages `mprotect` commits, and the device
 //! capacity is an accounting limit (`sim_capacity`), so out-of-memory paths are testable. Work is
 //! synchronous here: events are complete when recorded (unless a test holds them, see
-//! `hold_events`) and `synchronize` only counts.
+//! `hold_events`) and `synchronize` only counts. Stream capture is simulated as the driver
+//! enforces it (`begin_capture`): while a stream captures, a call that would query or wait for
+//! work, or allocate or free, from a thread whose capture mode is not relaxed, invalidates the
+//! capture and fails.
 
-use super::{check_kv_io, Backend, DevicePtr, Event, KvRows, Stream};
+use super::{check_kv_io, Backend, Capture, CaptureMode, DevicePtr, Event, KvRows, Stream};
 use crate::dtype::quant::{dequantize_row, quantize_row};
 use crate::dtype::HbmType;
 use crate::error::{Error, Result};
@@ -37,6 +40,73 @@ pub fn complete_held_events() {
 
 fn held_events() -> std::sync::MutexGuard<'static, Option<HashSet<Event>>> {
     HELD_EVENTS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Streams being captured, with whether the capture was invalidated; events recorded into a
+/// capture (they belong to the graph, and querying one is an error). Process-wide, as events.
+struct Captures {
+    streams: Vec<(Stream, bool)>,
+    captured_events: Vec<Event>,
+}
+
+/// Streams in `CAPTURES` plus captured events: the calls skip the lock while it is 0.
+static CAPTURE_ITEMS: AtomicUsize = AtomicUsize::new(0);
+
+static CAPTURES: Mutex<Captures> = Mutex::new(Captures {
+    streams: Vec::new(),
+    captured_events: Vec::new(),
+});
+
+std::thread_local! {
+    /// This thread's capture mode (`CaptureMode` as a number); no destructor.
+    static MODE: std::cell::Cell<u32> = const { std::cell::Cell::new(CaptureMode::Global as u32) };
+}
+
+fn captures() -> std::sync::MutexGuard<'static, Captures> {
+    CAPTURES.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// For tests: `stream` begins a capture in the global mode (`cuStreamBeginCapture`).
+pub fn begin_capture(stream: Stream) {
+    captures().streams.push((stream, false));
+    CAPTURE_ITEMS.fetch_add(1, Ordering::SeqCst);
+}
+
+/// Ends `stream`'s capture (`cuStreamEndCapture`): `CUDA_ERROR_STREAM_CAPTURE_INVALIDATED`
+/// (901) if a forbidden call broke it, as the driver's end of capture fails then.
+pub fn end_capture(stream: Stream) -> Result<()> {
+    let mut c = captures();
+    let Some(i) = c.streams.iter().position(|&(s, _)| s == stream) else {
+        return Err(Error::InvalidValue("stream is not capturing"));
+    };
+    let (_, invalidated) = c.streams.remove(i);
+    CAPTURE_ITEMS.fetch_sub(1, Ordering::SeqCst);
+    if invalidated {
+        return Err(Error::Driver {
+            call: "cuStreamEndCapture",
+            code: 901,
+        });
+    }
+    Ok(())
+}
+
+/// A call the driver forbids while a global-mode capture is under way, unless the calling
+/// thread's mode is relaxed: it invalidates every capture and fails with
+/// `CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED` (900).
+fn unsafe_during_capture(call: &'static str) -> Result<()> {
+    if CAPTURE_ITEMS.load(Ordering::SeqCst) == 0
+        || MODE.with(|m| m.get()) == CaptureMode::Relaxed as u32
+    {
+        return Ok(());
+    }
+    let mut c = captures();
+    if c.streams.is_empty() {
+        return Ok(());
+    }
+    for s in c.streams.iter_mut() {
+        s.1 = true;
+    }
+    Err(Error::Driver { call, code: 900 })
 }
 
 pub struct SimBackend {
@@ -160,15 +230,15 @@ impl Backend for SimBackend {
     }
 
     fn lock_for_fork(&self) -> Option<Box<dyn super::Held + '_>> {
-        Some(Box::new(
-            self.mappings.lock().unwrap_or_else(|e| e.into_inner()),
-        ))
+        let mappings = self.mappings.lock().unwrap_or_else(|e| e.into_inner());
+        Some(Box::new((mappings, captures())))
     }
 
     fn alloc(&self, size: usize) -> Result<DevicePtr> {
         if size == 0 {
             return Err(Error::InvalidValue("zero-byte backend allocation"));
         }
+        unsafe_during_capture("cuMemAlloc_v2")?;
         self.charge(size)?;
         match self.map_anonymous(size, libc::PROT_READ | libc::PROT_WRITE) {
             Ok(ptr) => {
@@ -186,6 +256,7 @@ impl Backend for SimBackend {
     }
 
     fn free(&self, ptr: DevicePtr, size: usize) -> Result<()> {
+        unsafe_during_capture("cuMemFree_v2")?;
         self.unmap_known(ptr, size)?;
         self.refund(size);
         Ok(())
@@ -197,6 +268,7 @@ impl Backend for SimBackend {
     }
 
     fn synchronize(&self) -> Result<()> {
+        unsafe_during_capture("cuCtxSynchronize")?;
         self.syncs.fetch_add(1, Ordering::Relaxed);
         if HOLD_EVENTS.load(Ordering::Relaxed) {
             held_events().take();
@@ -208,8 +280,16 @@ impl Backend for SimBackend {
         Ok(())
     }
 
-    fn event_record(&self, _stream: Stream) -> Result<Event> {
+    fn event_record(&self, stream: Stream) -> Result<Event> {
         let event = NEXT_EVENT.fetch_add(1, Ordering::Relaxed) + 1;
+        if CAPTURE_ITEMS.load(Ordering::SeqCst) > 0 {
+            // Recorded into the graph: legal, but the event then says nothing about the stream.
+            let mut c = captures();
+            if c.streams.iter().any(|&(s, _)| s == stream) {
+                c.captured_events.push(event);
+                CAPTURE_ITEMS.fetch_add(1, Ordering::SeqCst);
+            }
+        }
         if HOLD_EVENTS.load(Ordering::Relaxed) {
             held_events().get_or_insert_with(HashSet::new).insert(event);
         }
@@ -217,12 +297,50 @@ impl Backend for SimBackend {
     }
 
     fn event_done(&self, event: Event) -> Result<bool> {
+        unsafe_during_capture("cuEventQuery")?;
+        if CAPTURE_ITEMS.load(Ordering::SeqCst) > 0 && captures().captured_events.contains(&event) {
+            return Err(Error::Driver {
+                call: "cuEventQuery",
+                code: 900,
+            });
+        }
         Ok(held_events()
             .as_ref()
             .map_or(true, |held| !held.contains(&event)))
     }
 
-    fn event_release(&self, _event: Event) {}
+    fn event_release(&self, event: Event) {
+        if CAPTURE_ITEMS.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        let mut c = captures();
+        if let Some(i) = c.captured_events.iter().position(|&e| e == event) {
+            c.captured_events.swap_remove(i);
+            CAPTURE_ITEMS.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    fn stream_capture(&self, stream: Stream) -> Result<Capture> {
+        if CAPTURE_ITEMS.load(Ordering::SeqCst) == 0 {
+            return Ok(Capture::None);
+        }
+        Ok(
+            match captures().streams.iter().find(|&&(s, _)| s == stream) {
+                None => Capture::None,
+                Some((_, false)) => Capture::Active,
+                Some((_, true)) => Capture::Invalidated,
+            },
+        )
+    }
+
+    fn exchange_capture_mode(&self, mode: CaptureMode) -> Result<CaptureMode> {
+        let old = MODE.with(|m| m.replace(mode as u32));
+        Ok(match old {
+            0 => CaptureMode::Global,
+            1 => CaptureMode::ThreadLocal,
+            _ => CaptureMode::Relaxed,
+        })
+    }
 
     fn vmm_granularity(&self) -> Option<usize> {
         Some(SIM_GRANULARITY)

@@ -15,12 +15,14 @@
 //! pointer in a deleter context, NULL included): both are quiet no-ops.
 
 use super::guard::ffi_guard;
-use crate::backend::Stream;
-use crate::error::Error;
+use super::status::HbmStatus;
+use crate::backend::{Capture, Stream};
+use crate::error::{Error, Result};
+use crate::pool::capture::{CapturingHere, GraphId, UNHOOKED};
 use crate::tracked::device::{self as device_alloc, Api};
 use crate::tracked::{self, FreeError};
 use std::ffi::{c_int, c_void};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// Allocations `hbm_torch_malloc` refused for want of memory.
 static OOMS: AtomicU64 = AtomicU64::new(0);
@@ -42,7 +44,7 @@ pub extern "C" fn hbm_torch_malloc(size: isize, device: c_int, stream: *mut c_vo
             }
             return std::ptr::null_mut();
         }
-        match device_alloc::alloc(device, size as usize, Some(stream as Stream), Api::Torch) {
+        match serve(size as usize, device, stream as Stream, Keep::Unhooked) {
             Ok(ptr) => ptr as *mut c_void,
             Err(e) => {
                 malloc_failed(size, device, &e);
@@ -50,6 +52,216 @@ pub extern "C" fn hbm_torch_malloc(size: isize, device: c_int, stream: *mut c_vo
             }
         }
     })
+}
+
+/// `hbm_torch_malloc` for segments of PyTorch's own caching allocator
+/// (`torch.cuda.MemPool(...)`, `hbmalloc.torch.pool()`), which keeps a CUDA graph's memory out of
+/// other work itself: during a capture the block is served without a call the capture forbids,
+/// and is an ordinary block once freed. Otherwise as `hbm_torch_malloc` (NULL on out of memory:
+/// PyTorch's allocator checks it and raises).
+#[no_mangle]
+pub extern "C" fn hbm_torch_segment_malloc(
+    size: isize,
+    device: c_int,
+    stream: *mut c_void,
+) -> *mut c_void {
+    ffi_guard!(std::ptr::null_mut(), {
+        if size <= 0 {
+            return std::ptr::null_mut();
+        }
+        match serve(size as usize, device, stream as Stream, Keep::Caller) {
+            Ok(ptr) => ptr as *mut c_void,
+            Err(e) => {
+                malloc_failed(size, device, &e);
+                std::ptr::null_mut()
+            }
+        }
+    })
+}
+
+/// `hbm_torch_malloc` with a status, for callers that turn a refusal into an exception (the
+/// C++ shim of `hbmalloc.torch`, which raises `torch.OutOfMemoryError`): writes the block (NULL
+/// for `size` 0) to `*out_ptr` and returns `HBM_STATUS_OK`, or returns
+/// `HBM_STATUS_OUT_OF_MEMORY` after releasing the cache and retrying (one line on stderr;
+/// counted by `hbm_torch_oom_count`), `HBM_STATUS_INVALID_VALUE` for a negative size,
+/// `HBM_STATUS_INVALID_DEVICE`, or `HBM_STATUS_NULL_PARAMETER` for a NULL `out_ptr`; then
+/// `*out_ptr` is NULL.
+///
+/// # Safety
+/// `out_ptr` is NULL or valid for one pointer write.
+#[no_mangle]
+pub unsafe extern "C" fn hbm_torch_try_malloc(
+    size: isize,
+    device: c_int,
+    stream: *mut c_void,
+    out_ptr: *mut *mut c_void,
+) -> HbmStatus {
+    ffi_guard!(HbmStatus::Panic, {
+        if out_ptr.is_null() {
+            return HbmStatus::NullParameter;
+        }
+        // SAFETY: non-NULL, and the caller promises it is writable.
+        unsafe { *out_ptr = std::ptr::null_mut() };
+        let served = match size {
+            ..0 => Err(Error::InvalidValue("negative size")),
+            0 => return HbmStatus::Ok,
+            _ => serve(size as usize, device, stream as Stream, Keep::Unhooked),
+        };
+        finish(served, size, device, out_ptr)
+    })
+}
+
+/// Allocates for a CUDA graph that captures into PyTorch's memory pool `(pool_hi, pool_lo)`
+/// (its `MempoolId_t`), between `hbm_torch_graph_begin` and `hbm_torch_graph_end` of that pool.
+/// The block belongs to the pool until `hbm_torch_graph_release`: freed, it is reused only by
+/// allocations into the same pool. Returns and writes `*out_ptr` as `hbm_torch_try_malloc`;
+/// `HBM_STATUS_INVALID_VALUE` for a pool no capture has begun into.
+///
+/// # Safety
+/// `out_ptr` is NULL or valid for one pointer write.
+#[no_mangle]
+pub unsafe extern "C" fn hbm_torch_graph_malloc(
+    size: isize,
+    device: c_int,
+    stream: *mut c_void,
+    pool_hi: u64,
+    pool_lo: u64,
+    out_ptr: *mut *mut c_void,
+) -> HbmStatus {
+    ffi_guard!(HbmStatus::Panic, {
+        if out_ptr.is_null() {
+            return HbmStatus::NullParameter;
+        }
+        // SAFETY: non-NULL, and the caller promises it is writable.
+        unsafe { *out_ptr = std::ptr::null_mut() };
+        let graph = (pool_hi, pool_lo);
+        let served = match size {
+            ..0 => Err(Error::InvalidValue("negative size")),
+            0 => return HbmStatus::Ok,
+            _ => crate::runtime::pool(device).and_then(|pool| {
+                if !pool.graph_is_live(graph) {
+                    return Err(Error::InvalidValue("no capture has begun into this pool"));
+                }
+                let _here = CapturingHere::new();
+                device_alloc::alloc_graph(device, size as usize, stream as Stream, graph)
+            }),
+        };
+        finish(served, size, device, out_ptr)
+    })
+}
+
+/// A CUDA graph capture into PyTorch's pool `(pool_hi, pool_lo)` on `device` is about to begin
+/// (PyTorch's `beginAllocateToPool`). Until the matching `hbm_torch_graph_end`, hbmalloc makes
+/// no driver call a capture forbids, on any thread. Returns `HBM_STATUS_INVALID_DEVICE` for a
+/// device without a pool.
+#[no_mangle]
+pub extern "C" fn hbm_torch_graph_begin(device: c_int, pool_hi: u64, pool_lo: u64) -> HbmStatus {
+    ffi_guard!(HbmStatus::Panic, {
+        match crate::runtime::pool(device) {
+            Ok(pool) => {
+                pool.graph_begin((pool_hi, pool_lo));
+                HbmStatus::Ok
+            }
+            Err(e) => HbmStatus::from(&e),
+        }
+    })
+}
+
+/// The capture into `(pool_hi, pool_lo)` has ended (`endAllocateToPool`).
+#[no_mangle]
+pub extern "C" fn hbm_torch_graph_end(device: c_int, pool_hi: u64, pool_lo: u64) -> HbmStatus {
+    ffi_guard!(HbmStatus::Panic, {
+        match crate::runtime::pool(device) {
+            Ok(pool) => {
+                pool.graph_end((pool_hi, pool_lo));
+                HbmStatus::Ok
+            }
+            Err(e) => HbmStatus::from(&e),
+        }
+    })
+}
+
+/// A graph that captured into `(pool_hi, pool_lo)` is destroyed (`releasePool`). With the last
+/// of the pool's graphs, its freed blocks go back to the caching pool, reusable once the device
+/// has been synchronized (replays may still be queued). An unknown pool is a quiet no-op.
+#[no_mangle]
+pub extern "C" fn hbm_torch_graph_release(device: c_int, pool_hi: u64, pool_lo: u64) -> HbmStatus {
+    ffi_guard!(HbmStatus::Panic, {
+        match crate::runtime::pool(device) {
+            Ok(pool) => {
+                pool.graph_release((pool_hi, pool_lo));
+                HbmStatus::Ok
+            }
+            Err(e) => HbmStatus::from(&e),
+        }
+    })
+}
+
+/// Who keeps memory allocated during a capture out of other work while the graph lives.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Keep {
+    /// The caller (PyTorch's caching allocator, over `hbm_torch_segment_malloc`).
+    Caller,
+    /// Nobody told hbmalloc when the graph dies: the block is never reused
+    /// (`capture::UNHOOKED`).
+    Unhooked,
+}
+
+/// Serves one PyTorch allocation. On a stream that captures a graph (one no hook announced:
+/// the announced ones come through `hbm_torch_graph_malloc`), no call the capture forbids.
+fn serve(size: usize, device: c_int, stream: Stream, keep: Keep) -> Result<usize> {
+    if !stream_captures(device, stream) {
+        return device_alloc::alloc(device, size, Some(stream), Api::Torch);
+    }
+    let _here = CapturingHere::new();
+    if keep == Keep::Caller {
+        return device_alloc::alloc(device, size, Some(stream), Api::Torch);
+    }
+    warn_unhooked_once();
+    device_alloc::alloc_graph(device, size, stream, UNHOOKED as GraphId)
+}
+
+/// Whether `stream` captures a graph. The default streams (0, 1) never do, and are not asked
+/// about (eager PyTorch allocates there: no driver call on that path).
+fn stream_captures(device: c_int, stream: Stream) -> bool {
+    stream > 1
+        && crate::runtime::pool(device).is_ok_and(|p| {
+            p.backend()
+                .stream_capture(stream)
+                .is_ok_and(|c| c != Capture::None)
+        })
+}
+
+#[cold]
+fn warn_unhooked_once() {
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    if !WARNED.swap(true, Ordering::Relaxed) {
+        eprintln!(
+            "hbmalloc: hbm_torch_malloc on a stream capturing a CUDA graph, with no graph pool \
+             announced (hbmalloc.torch.enable() installs PyTorch's graph hooks): that memory is \
+             never reused"
+        );
+    }
+}
+
+/// Writes a served block to `*out_ptr` or reports the failure; the status for either.
+fn finish(
+    served: Result<usize>,
+    size: isize,
+    device: c_int,
+    out_ptr: *mut *mut c_void,
+) -> HbmStatus {
+    match served {
+        Ok(ptr) => {
+            // SAFETY: checked non-NULL and writable by the callers.
+            unsafe { *out_ptr = ptr as *mut c_void };
+            HbmStatus::Ok
+        }
+        Err(e) => {
+            malloc_failed(size, device, &e);
+            HbmStatus::from(&e)
+        }
+    }
 }
 
 /// Frees a block from `hbm_torch_malloc`, ordered on `stream`: it is reused at once by
@@ -71,6 +283,7 @@ pub extern "C" fn hbm_torch_free(
         if ptr.is_null() {
             return;
         }
+        let _here = stream_captures(device, stream as Stream).then(CapturingHere::new);
         match device_alloc::free(ptr as usize, Some(stream as Stream), Api::Torch) {
             Ok(_) => {}
             // The tracked path has said what it found (a double free, an interior pointer,
@@ -231,6 +444,171 @@ mod tests {
         hbm_torch_free(a, 4096, 0, S1);
         assert_eq!(bad(), 3, "a double free");
         assert!(!hbm_torch_malloc(4096, 0, S1).is_null(), "still usable");
+        println!("child checks passed");
+    }
+
+    /// `try_malloc`'s statuses, which the C++ shim turns into PyTorch's exceptions.
+    #[test]
+    fn try_malloc_says_why_it_refused() {
+        if !in_child(
+            "try_malloc_says_why_it_refused",
+            "backend:sim,sim_capacity:64MiB,leak_report:off",
+        ) {
+            return;
+        }
+        let mut p: *mut c_void = 0x1 as *mut c_void;
+        // SAFETY: `p` is a valid out-parameter in every call below.
+        unsafe {
+            assert_eq!(
+                hbm_torch_try_malloc(1 << 40, 0, S1, &mut p),
+                HbmStatus::OutOfMemory
+            );
+            assert!(p.is_null());
+            assert_eq!(hbm_torch_oom_count(), 1);
+            assert_eq!(
+                hbm_torch_try_malloc(-1, 0, S1, &mut p),
+                HbmStatus::InvalidValue
+            );
+            assert_eq!(
+                hbm_torch_try_malloc(64, 9, S1, &mut p),
+                HbmStatus::InvalidDevice
+            );
+            assert_eq!(
+                hbm_torch_try_malloc(64, 0, S1, std::ptr::null_mut()),
+                HbmStatus::NullParameter
+            );
+            assert_eq!(hbm_torch_try_malloc(0, 0, S1, &mut p), HbmStatus::Ok);
+            assert!(p.is_null(), "an empty tensor");
+            assert_eq!(hbm_torch_try_malloc(4096, 0, S1, &mut p), HbmStatus::Ok);
+        }
+        assert!(!p.is_null());
+        hbm_torch_free(p, 4096, 0, S1);
+        assert_eq!(hbm_torch_oom_count(), 1);
+        println!("child checks passed");
+    }
+
+    /// A capture nobody announced (no PyTorch hooks): the stream path makes no call the capture
+    /// forbids (the simulated driver invalidates the capture otherwise), and what the capture
+    /// allocated is never handed to other work.
+    #[test]
+    fn an_unannounced_capture_stays_valid_and_keeps_its_memory() {
+        if !in_child(
+            "an_unannounced_capture_stays_valid_and_keeps_its_memory",
+            "backend:sim,leak_report:off",
+        ) {
+            return;
+        }
+        let size = 12 << 20;
+        sim::hold_events();
+        // A block waiting for its event on S2: reusing it elsewhere needs an event query.
+        let a = hbm_torch_malloc(size, 0, S2);
+        hbm_torch_free(a, size, 0, S2);
+        sim::begin_capture(S1 as Stream);
+        let x = hbm_torch_malloc(size, 0, S1);
+        assert!(!x.is_null(), "allocating during a capture works");
+        assert_ne!(x, a);
+        hbm_torch_free(x, size, 0, S1);
+        // A segment of PyTorch's own allocator: served quietly too, its owner keeps it.
+        let seg = hbm_torch_segment_malloc(size, 0, S1);
+        assert!(!seg.is_null());
+        sim::end_capture(S1 as Stream).expect("the capture stayed valid");
+        hbm_torch_free(seg, size, 0, S1);
+        sim::complete_held_events();
+        let after: Vec<_> = (0..3).map(|_| hbm_torch_malloc(size, 0, S3)).collect();
+        assert!(
+            after.contains(&seg),
+            "a segment is an ordinary block once freed"
+        );
+        assert!(
+            after.contains(&a),
+            "the block freed before the capture is reused"
+        );
+        assert!(
+            !after.contains(&x),
+            "the graph's block is never handed out again"
+        );
+        println!("child checks passed");
+    }
+
+    /// PyTorch's hooks: a graph pool's blocks serve its capture (freed and reused there on one
+    /// stream), stay out of other work while the graph lives, and go back once it is released;
+    /// while the capture is under way no thread's allocation or free breaks it.
+    #[test]
+    fn a_graph_pool_serves_its_capture_and_nothing_else_until_released() {
+        if !in_child(
+            "a_graph_pool_serves_its_capture_and_nothing_else_until_released",
+            "backend:sim,leak_report:off",
+        ) {
+            return;
+        }
+        let size = 12 << 20;
+        let pool = crate::runtime::pool(0).unwrap();
+        let graph_malloc = |stream| {
+            let mut p = std::ptr::null_mut();
+            // SAFETY: `p` is a valid out-parameter.
+            let st = unsafe { hbm_torch_graph_malloc(size, 0, stream, 5, 0, &mut p) };
+            assert_eq!(st, HbmStatus::Ok);
+            p
+        };
+        sim::hold_events();
+        let before = hbm_torch_malloc(size, 0, S2);
+        let waiting = hbm_torch_malloc(size, 0, S2);
+        hbm_torch_free(waiting, size, 0, S2);
+        let mut p = std::ptr::null_mut();
+        // SAFETY: `p` is a valid out-parameter.
+        let unbegun = unsafe { hbm_torch_graph_malloc(size, 0, S1, 5, 0, &mut p) };
+        assert_eq!(
+            unbegun,
+            HbmStatus::InvalidValue,
+            "no capture into pool 5 yet"
+        );
+
+        assert_eq!(hbm_torch_graph_begin(0, 5, 0), HbmStatus::Ok);
+        sim::begin_capture(S1 as Stream);
+        let temp = graph_malloc(S1);
+        hbm_torch_free(temp, size, 0, S1);
+        assert_eq!(
+            graph_malloc(S1),
+            temp,
+            "reused within the capture, same stream"
+        );
+        let output = graph_malloc(S1);
+        hbm_torch_free(temp, size, 0, S1);
+        // Other streams meanwhile: no event query (the waiting block), no event for a free.
+        let other = hbm_torch_malloc(size, 0, S3);
+        assert!(!other.is_null() && other != waiting);
+        hbm_torch_free(before, size, 0, S3);
+        sim::end_capture(S1 as Stream).expect("the capture stayed valid");
+        assert_eq!(hbm_torch_graph_end(0, 5, 0), HbmStatus::Ok);
+
+        sim::complete_held_events();
+        hbm_torch_free(output, size, 0, S2);
+        let later: Vec<_> = (0..4).map(|_| hbm_torch_malloc(size, 0, S3)).collect();
+        assert!(
+            later.contains(&waiting) && later.contains(&before),
+            "{later:?}"
+        );
+        assert!(
+            !later.contains(&temp) && !later.contains(&output),
+            "the graph's blocks stay out of other work while it lives"
+        );
+        assert_eq!(pool.graph_parked_bytes(), 2 * size as usize);
+        assert_eq!(hbm_torch_graph_release(0, 5, 0), HbmStatus::Ok);
+        assert_eq!(pool.graph_parked_bytes(), 0);
+        assert_eq!(
+            hbm_torch_graph_release(0, 5, 0),
+            HbmStatus::Ok,
+            "twice: no-op"
+        );
+        let reserved = pool.stats().reserved;
+        pool.trim().unwrap();
+        assert!(
+            pool.stats().reserved <= reserved - 2 * size as u64,
+            "released to the driver"
+        );
+        for p in later.into_iter().chain([other]) {
+            hbm_torch_free(p, size, 0, S3);
+        }
         println!("child checks passed");
     }
 

@@ -13,7 +13,7 @@
 
 use super::size_class::MIN_BLOCK;
 use crate::backend::{DevicePtr, Event, Stream};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum State {
@@ -49,7 +49,11 @@ pub struct Arena {
     free: BTreeSet<(usize, DevicePtr)>,
     pending: Vec<(DevicePtr, u64)>,
     pending_bytes: usize,
-    stream_freed: Vec<StreamFreed>,
+    stream_freed: HashMap<DevicePtr, StreamFreed>,
+    /// The blocks of `stream_freed` by (stream, block size), most recently freed last: the
+    /// same-stream reuse of every `cudaMallocAsync` / `hbm_torch_malloc` looks one up (a scan of
+    /// all waiting blocks there cost a PyTorch step more than its own allocator's).
+    same_stream: HashMap<(Stream, usize), Vec<DevicePtr>>,
     /// The completed epoch `settle_pending` last ran with.
     settled_at: u64,
     /// Bytes obtained from the driver and not yet given back.
@@ -120,11 +124,15 @@ impl Arena {
     /// order makes it safe to reuse at once. Exact, so that the block size stays a function of
     /// the request (callers that keep no record of it rely on that).
     pub fn take_same_stream(&mut self, size: usize, stream: Stream) -> Option<(DevicePtr, Event)> {
-        let i = self
+        let bucket = self.same_stream.get_mut(&(stream, size))?;
+        let addr = bucket.pop().expect("no empty buckets are kept");
+        if bucket.is_empty() {
+            self.same_stream.remove(&(stream, size));
+        }
+        let f = self
             .stream_freed
-            .iter()
-            .position(|f| f.stream == stream && self.blocks[&f.addr].size == size)?;
-        let f = self.stream_freed.swap_remove(i);
+            .remove(&addr)
+            .expect("indexed blocks wait for their event");
         self.blocks
             .get_mut(&f.addr)
             .expect("stream-freed block exists")
@@ -161,12 +169,20 @@ impl Arena {
             .expect("stream-freed block exists");
         debug_assert_eq!(block.state, State::Used);
         block.state = State::StreamPending;
-        self.stream_freed.push(StreamFreed {
+        let size = block.size;
+        self.stream_freed.insert(
             addr,
-            stream,
-            event,
-            epoch,
-        });
+            StreamFreed {
+                addr,
+                stream,
+                event,
+                epoch,
+            },
+        );
+        self.same_stream
+            .entry((stream, size))
+            .or_default()
+            .push(addr);
     }
 
     /// Returns a handed-out block that is already safe (synchronized) to the free set.
@@ -208,19 +224,23 @@ impl Arena {
         completed: u64,
         mut done: impl FnMut(Event) -> bool,
     ) -> Vec<Event> {
-        let mut released = Vec::new();
-        let mut i = 0;
-        while i < self.stream_freed.len() {
-            let f = self.stream_freed[i];
-            if f.epoch < completed || done(f.event) {
-                self.stream_freed.swap_remove(i);
-                self.make_free(f.addr);
-                released.push(f.event);
-            } else {
-                i += 1;
+        let settled: Vec<StreamFreed> = self
+            .stream_freed
+            .values()
+            .filter(|f| f.epoch < completed || done(f.event))
+            .copied()
+            .collect();
+        for f in &settled {
+            self.stream_freed.remove(&f.addr);
+            let key = (f.stream, self.blocks[&f.addr].size);
+            let bucket = self.same_stream.get_mut(&key).expect("indexed");
+            bucket.retain(|&a| a != f.addr);
+            if bucket.is_empty() {
+                self.same_stream.remove(&key);
             }
+            self.make_free(f.addr);
         }
-        released
+        settled.into_iter().map(|f| f.event).collect()
     }
 
     pub fn has_stream_freed(&self) -> bool {
@@ -326,6 +346,15 @@ impl Arena {
             }
         }
         assert_eq!(free_bytes, self.free_bytes);
+        let indexed: usize = self.same_stream.values().map(Vec::len).sum();
+        assert_eq!(indexed, self.stream_freed.len(), "same-stream index");
+        for (&(stream, size), addrs) in &self.same_stream {
+            for a in addrs {
+                assert_eq!(self.stream_freed[a].stream, stream);
+                assert_eq!(self.blocks[a].size, size);
+                assert_eq!(self.blocks[a].state, State::StreamPending);
+            }
+        }
         assert_eq!(
             self.free.len(),
             self.blocks
@@ -366,6 +395,41 @@ mod tests {
         a.check();
         assert_eq!(a.take_free_chunks(), vec![(0x10000, 8192)]);
         assert_eq!(a.reserved, 0);
+    }
+
+    /// Same-stream reuse finds its block by (stream, size) among many waiting ones, and blocks
+    /// settled by their events leave the index.
+    #[test]
+    fn same_stream_reuse_takes_the_matching_block_among_many() {
+        let mut a = Arena::default();
+        a.add_chunk(0x100000, 64 * 1024);
+        let blocks: Vec<DevicePtr> = (0..32).map(|_| a.take_best_fit(1024).unwrap()).collect();
+        let big = a.take_best_fit(2048).unwrap();
+        for (i, &p) in blocks.iter().enumerate() {
+            a.mark_stream_pending(p, 8 + 8 * (i % 4), 1000 + i, 9);
+        }
+        a.mark_stream_pending(big, 16, 2000, 9);
+        a.check();
+        assert_eq!(a.take_same_stream(2048, 16), Some((big, 2000)));
+        assert_eq!(a.take_same_stream(2048, 16), None);
+        assert_eq!(
+            a.take_same_stream(1024, 40),
+            None,
+            "no block freed on stream 40"
+        );
+        // Stream 24 freed blocks 2, 6, 10, ...: the last freed comes first.
+        assert_eq!(a.take_same_stream(1024, 24), Some((blocks[30], 1030)));
+        a.check();
+        let settled = a.settle_stream_freed(0, |e| e % 4 == 0);
+        assert_eq!(settled.len(), 8, "events of stream 8's blocks: {settled:?}");
+        a.check();
+        assert_eq!(
+            a.take_same_stream(1024, 8),
+            None,
+            "settled blocks are free, not indexed"
+        );
+        assert_eq!(a.take_same_stream(1024, 32), Some((blocks[31], 1031)));
+        a.check();
     }
 
     #[test]

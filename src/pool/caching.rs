@@ -18,6 +18,7 @@
 //! free, as the runtime does; `stream_safety:off` trusts the program.
 
 use super::arena::{Arena, Lookup, State};
+use super::capture::{self, FreeRoute, GraphId, GraphPools};
 use super::size_class::{
     block_size, chunk_size, class_of, class_size, MAX_CLASS_SIZE, SMALL_LIMIT,
 };
@@ -161,6 +162,8 @@ pub struct CachingPool {
     slow: SlowCounters,
     /// Out-of-memory releases of the cache, one per storm; counted as `oom_retries`.
     releases: ReleaseGate,
+    /// CUDA graphs' memory on the stream path (`capture`).
+    graphs: GraphPools,
 }
 
 impl CachingPool {
@@ -190,6 +193,7 @@ impl CachingPool {
             seen_exits: AtomicU64::new(0),
             slow: SlowCounters::default(),
             releases: ReleaseGate::default(),
+            graphs: GraphPools::default(),
         }
     }
 
@@ -295,6 +299,63 @@ impl CachingPool {
     /// event recorded now).
     pub fn free_async_unchecked(&self, ptr: DevicePtr, block: usize, stream: Stream) {
         self.count_free(block);
+        match self.graphs.free(ptr, block, stream) {
+            FreeRoute::Stream => self.free_after_event(ptr, block, stream),
+            FreeRoute::Kept => {}
+            FreeRoute::AfterSync => self.return_to_arena(vec![(ptr, block, UNSYNCED)]),
+        }
+    }
+
+    /// As `alloc_async_unchecked`, for a CUDA graph capturing into `graph` (PyTorch's
+    /// `beginAllocateToPool`): a block the graph pool holds, else a new one that then belongs
+    /// to it until `graph_release` (see `capture`).
+    pub fn alloc_graph_unchecked(
+        &self,
+        size: usize,
+        stream: Stream,
+        graph: GraphId,
+    ) -> Result<(DevicePtr, usize)> {
+        let block = checked_block(size)?;
+        if let Some(ptr) = self.graphs.take(graph, block, stream) {
+            self.count_alloc(block, true);
+            return Ok((ptr, block));
+        }
+        let (ptr, block) = self.alloc_async_unchecked(size, stream)?;
+        self.graphs.note(ptr, graph);
+        Ok((ptr, block))
+    }
+
+    /// A capture into `graph` begins; until it ends the pool makes no call a capture forbids.
+    pub fn graph_begin(&self, graph: GraphId) {
+        self.graphs.begin(graph);
+    }
+
+    /// A capture into `graph` has ended: once none is under way, the frees deferred during
+    /// captures get their events.
+    pub fn graph_end(&self, graph: GraphId) {
+        for (ptr, block, stream) in self.graphs.end(graph) {
+            self.free_after_event(ptr, block, stream);
+        }
+    }
+
+    /// A graph of `graph` is gone; with the last one, the pool's parked blocks go back to the
+    /// arena, reusable after a device synchronize (replays may still be queued).
+    pub fn graph_release(&self, graph: GraphId) {
+        let blocks = self.graphs.release(graph);
+        self.return_to_arena(blocks.into_iter().map(|(p, b)| (p, b, UNSYNCED)).collect());
+    }
+
+    /// Whether a capture has begun into `graph` and its graphs are not all released.
+    pub fn graph_is_live(&self, graph: GraphId) -> bool {
+        self.graphs.is_live(graph)
+    }
+
+    /// Bytes parked in graph pools, reused only by their graphs' captures.
+    pub fn graph_parked_bytes(&self) -> usize {
+        self.graphs.parked_bytes()
+    }
+
+    fn free_after_event(&self, ptr: DevicePtr, block: usize, stream: Stream) {
         match self.backend.event_record(stream) {
             Ok(event) => {
                 let epoch = self.epoch.load(Ordering::SeqCst);
@@ -367,8 +428,9 @@ impl CachingPool {
     }
 
     /// Takes every lock of the pool, in the one order no other path can deadlock against (the
-    /// synchronize lock, the arenas, each shard's two locks, then the backend's; no path holds a
-    /// shard lock while it waits for another, and the backend calls nothing above it), for
+    /// synchronize lock, the arenas, each shard's two locks, the graph pools', then the
+    /// backend's; no path holds a shard lock while it waits for another, the graph pools' lock
+    /// is held over no other, and the backend calls nothing above it), for
     /// `fork`: the child then finds none held by a thread it lacks.
     pub fn lock_all(&self) -> PoolLocks<'_> {
         let release = self.releases.lock_for_fork();
@@ -376,7 +438,9 @@ impl CachingPool {
         let small = lock(&self.small);
         let large = lock(&self.large);
         let shards = self.shards.iter().map(PaddedShard::lock_all).collect();
+        let graphs = self.graphs.lock_for_fork();
         PoolLocks {
+            _graphs: graphs,
             _release: release,
             _sync: sync,
             _arenas: [small, large],
@@ -479,7 +543,7 @@ impl CachingPool {
             let waiting = shard.waiting(class);
             own_waiting = waiting;
             drop(shard);
-            if waiting >= self.batch.class(block) {
+            if waiting >= self.batch.class(block) && !capture::quiet() {
                 self.sync_and_settle()?;
                 if let Some(ptr) = self.take_from_shard(block) {
                     return Ok((ptr, true));
@@ -489,7 +553,7 @@ impl CachingPool {
         if let Some(ptr) = self.take_from_arena(block) {
             return Ok((ptr, true));
         }
-        if self.waiting_bytes() >= self.batch.pending(block) {
+        if !capture::quiet() && self.waiting_bytes() >= self.batch.pending(block) {
             self.sync_and_settle()?;
             if let Some(ptr) = self
                 .take_from_shard(block)
@@ -524,6 +588,10 @@ impl CachingPool {
         own_waiting: usize,
         ordered: Ordered,
     ) -> Result<Option<DevicePtr>> {
+        // Giving chunks back and synchronizing are both refused during a capture.
+        if capture::quiet() {
+            return Ok(None);
+        }
         // Cheap first: atomics only. The peak is the one the pool samples as it grows.
         let reserved = self.slow.reserved.load(Ordering::Relaxed);
         let peak = self.slow.peak_in_use.load(Ordering::Relaxed);
@@ -614,7 +682,8 @@ impl CachingPool {
         ticket: u64,
         oom: Error,
     ) -> Result<(DevicePtr, bool)> {
-        let retried = if self.release_for(ticket, block).worth_retry() {
+        // The release synchronizes and frees chunks: not while a capture is under way.
+        let retried = if !capture::quiet() && self.release_for(ticket, block).worth_retry() {
             match self.take_from_arena(block) {
                 Some(ptr) => return Ok((ptr, true)),
                 None => self.grow(block).map(|p| (p, false)),
@@ -656,7 +725,8 @@ impl CachingPool {
         let largest = largest_split(block);
         let ptr = match arena.take_fit_within(block, largest) {
             Some(p) => p,
-            None if arena.has_stream_freed() => {
+            // Querying events is what a capture forbids first.
+            None if arena.has_stream_freed() && !capture::quiet() => {
                 let backend = &self.backend;
                 let done = arena
                     .settle_stream_freed(completed, |e| backend.event_done(e).unwrap_or(false));
@@ -688,9 +758,16 @@ impl CachingPool {
     /// is asked for: any allocation that fits in the device is served.
     fn grow(&self, block: usize) -> Result<DevicePtr> {
         let shared = chunk_size(block);
-        let (base, size) = match self.backend.alloc(shared) {
+        let alloc = |n| {
+            if capture::quiet() {
+                crate::backend::relaxed(&*self.backend, || self.backend.alloc(n))
+            } else {
+                self.backend.alloc(n)
+            }
+        };
+        let (base, size) = match alloc(shared) {
             Ok(base) => (base, shared),
-            Err(Error::OutOfMemory { .. }) if shared > block => (self.backend.alloc(block)?, block),
+            Err(Error::OutOfMemory { .. }) if shared > block => (alloc(block)?, block),
             Err(e) => return Err(e),
         };
         self.slow.add_reserved(size);
@@ -856,6 +933,7 @@ pub struct PoolLocks<'a> {
     _sync: MutexGuard<'a, ()>,
     _arenas: [MutexGuard<'a, Arena>; 2],
     _shards: Vec<super::thread_cache::ShardLocks<'a>>,
+    _graphs: Box<dyn crate::backend::Held + 'a>,
     _backend: Option<Box<dyn crate::backend::Held + 'a>>,
 }
 

@@ -5,6 +5,7 @@
 
 pub mod arena;
 pub mod caching;
+pub mod capture;
 pub mod legacy;
 pub mod pinned;
 pub mod scratch;

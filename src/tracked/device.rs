@@ -58,6 +58,21 @@ pub fn alloc_as(
     Ok(ptr)
 }
 
+/// As `alloc` for PyTorch (`Origin::TorchMalloc`), into the CUDA graph pool `graph` of
+/// `device`'s caching pool (`CachingPool::alloc_graph_unchecked`); freed with `free` as usual.
+pub fn alloc_graph(
+    device: i32,
+    size: usize,
+    stream: Stream,
+    graph: crate::pool::capture::GraphId,
+) -> Result<DevicePtr> {
+    let pool = runtime::pool(device)?;
+    let (ptr, _block) = pool.alloc_graph_unchecked(size, stream, graph)?;
+    track::on_alloc(ptr, size, device, stream, Origin::TorchMalloc);
+    nvtx::region_add(ptr, size);
+    Ok(ptr)
+}
+
 /// Frees `ptr`, whichever device's pool holds it (the runtime frees across devices too);
 /// `cudaFree` also takes managed memory back (freed here on the simulated device, handed to the
 /// caller to forward on CUDA). Needs no current device: the record says whose block it is.

@@ -15,8 +15,8 @@ mod vmm;
 pub use host::PinnedHostBackend;
 
 use super::{
-    check_append_jobs, check_gather_jobs, check_kv_io, AppendJob, Backend, DecodeAttention,
-    DevicePtr, Event, GatherJob, KvRows, Stream,
+    check_append_jobs, check_gather_jobs, check_kv_io, AppendJob, Backend, Capture, CaptureMode,
+    DecodeAttention, DevicePtr, Event, GatherJob, KvRows, Stream,
 };
 use crate::dtype::HbmType;
 use crate::error::{Error, Result};
@@ -401,6 +401,48 @@ impl Backend for CudaBackend {
                 .unwrap_or_else(|e| e.into_inner())
                 .push(event as CUevent);
         }
+    }
+
+    fn stream_capture(&self, stream: Stream) -> Result<Capture> {
+        // The legacy default stream (0, 1) cannot be captured, and asking about it while a
+        // blocking stream captures is itself an illegal implicit synchronization: never ask.
+        if stream <= 1 {
+            return Ok(Capture::None);
+        }
+        let _bound = self.bind()?;
+        let mut status = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+        // SAFETY: `stream` is the caller's `cudaStream_t` (see `event_record`); `status` is a
+        // valid out-parameter. The query is legal during a capture and does not wait.
+        check("cuStreamIsCapturing", unsafe {
+            sys::cuStreamIsCapturing(stream as CUstream, &mut status)
+        })?;
+        Ok(match status {
+            sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE => Capture::None,
+            sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE => Capture::Active,
+            _ => Capture::Invalidated,
+        })
+    }
+
+    fn exchange_capture_mode(&self, mode: CaptureMode) -> Result<CaptureMode> {
+        let mut m = match mode {
+            CaptureMode::Global => sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_GLOBAL,
+            CaptureMode::ThreadLocal => {
+                sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL
+            }
+            CaptureMode::Relaxed => sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED,
+        };
+        // SAFETY: `m` is a valid in/out parameter; the mode is the calling thread's alone and
+        // needs no context.
+        check("cuThreadExchangeStreamCaptureMode", unsafe {
+            sys::cuThreadExchangeStreamCaptureMode(&mut m)
+        })?;
+        Ok(match m {
+            sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_GLOBAL => CaptureMode::Global,
+            sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL => {
+                CaptureMode::ThreadLocal
+            }
+            _ => CaptureMode::Relaxed,
+        })
     }
 
     fn vmm_granularity(&self) -> Option<usize> {
