@@ -378,7 +378,7 @@ impl CachingPool {
         let large = lock(&self.large);
         let shards = self.shards.iter().map(PaddedShard::lock_all).collect();
         PoolLocks {
-            _release: release,
+            storm: release,
             _sync: sync,
             _arenas: [small, large],
             _shards: shards,
@@ -643,14 +643,14 @@ impl CachingPool {
         ticket: u64,
         oom: Error,
     ) -> Result<(DevicePtr, bool)> {
-        let retried = if self.release_for(ticket, block).worth_retry() {
-            match self.take_from_arena(block) {
-                Some(ptr) => return Ok((ptr, true)),
-                None => self.grow(block).map(|p| (p, false)),
-            }
-        } else {
-            Err(oom)
+        let retry = || match self.take_from_arena(block) {
+            Some(ptr) => Ok((ptr, true)),
+            None => self.grow(block).map(|p| (p, false)),
         };
+        let retried = self
+            .release_then(ticket, block, retry)
+            .1
+            .unwrap_or(Err(oom));
         retried.inspect_err(|e| {
             if matches!(e, Error::OutOfMemory { .. }) {
                 self.report_oom(block);
@@ -659,9 +659,16 @@ impl CachingPool {
     }
 
     /// After an attempt that took `ticket` (`release_ticket`) ran out of memory wanting
-    /// `bytes`: gives every cached byte back to the driver, unless another thread's release did
-    /// since or releasing cannot make room (free device memory plus the cache fall short).
-    pub fn release_for(&self, ticket: u64, bytes: usize) -> Released {
+    /// `bytes`: joins the out-of-memory storm and gives every cached byte back to the driver,
+    /// unless a release already served the storm or the ticket, or releasing cannot make room
+    /// (free device memory plus the cache fall short); then runs `retry` if it may succeed,
+    /// before leaving the storm (`ReleaseGate::release_then`).
+    pub fn release_then<T>(
+        &self,
+        ticket: u64,
+        bytes: usize,
+        retry: impl FnOnce() -> T,
+    ) -> (Released, Option<T>) {
         let room = || {
             let s = self.stats();
             let cached = s.reserved.saturating_sub(s.in_use) as usize;
@@ -669,10 +676,10 @@ impl CachingPool {
             cached > 0 && free.saturating_add(cached) >= bytes
         };
         self.releases
-            .release_after(ticket, room, || self.trim().unwrap_or(0))
+            .release_then(ticket, room, || self.trim().unwrap_or(0), retry)
     }
 
-    /// A ticket for `release_for`, taken before an attempt that may run out of memory.
+    /// A ticket for `release_then`, taken before an attempt that may run out of memory.
     pub fn release_ticket(&self) -> u64 {
         self.releases.ticket()
     }
@@ -881,11 +888,20 @@ fn stream_key(stream: Stream) -> Stream {
 
 /// Every lock of one pool, held until dropped (`CachingPool::lock_all`).
 pub struct PoolLocks<'a> {
-    _release: MutexGuard<'a, ()>,
+    storm: MutexGuard<'a, crate::backend::reclaim::Storm>,
     _sync: MutexGuard<'a, ()>,
     _arenas: [MutexGuard<'a, Arena>; 2],
     _shards: Vec<super::thread_cache::ShardLocks<'a>>,
     _backend: Option<Box<dyn crate::backend::Held + 'a>>,
+}
+
+impl PoolLocks<'_> {
+    /// In a child after `fork`, before the locks go: the threads the child lacks are in no
+    /// out-of-memory storm (one left counted in would keep the storm open, and its release spent,
+    /// for good).
+    pub fn after_fork_child(&mut self) {
+        self.storm.forget_threads();
+    }
 }
 
 /// Blocks from a remote list, for the arena: they wait for a pool synchronize begun after now.

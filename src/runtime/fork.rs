@@ -56,6 +56,13 @@ extern "C" fn parent() {
 }
 
 extern "C" fn child() {
+    let _ = std::panic::catch_unwind(|| {
+        let _ = HELD.try_with(|h| {
+            h.borrow_mut()
+                .iter_mut()
+                .for_each(PoolLocks::after_fork_child)
+        });
+    });
     release();
     crate::process::note_forked_child(runtime::active_if_decided() == Some(runtime::Active::Cuda));
     crate::pool::thread_cache::after_fork_child();
