@@ -40,6 +40,19 @@ fn fill_cache(pool: &CachingPool) {
     }
 }
 
+/// Brings the pool's peak in use to the device's size, as after a first storm: below that peak
+/// the pool grows without reclaiming first (`reclaim_before_grow`, which would otherwise hand
+/// the idle cache back before any allocation failed, leaving the storm nothing to release).
+fn had_the_device_in_use(pool: &CachingPool) {
+    let blocks: Vec<(DevicePtr, usize)> = (0..CAPACITY / STORM_BLOCK)
+        .map(|_| pool.alloc_unchecked(STORM_BLOCK).unwrap())
+        .collect();
+    for (p, b) in blocks {
+        pool.free_unchecked(p, b);
+    }
+    pool.trim().unwrap();
+}
+
 /// What one thread of a storm got.
 struct Outcome {
     held: Vec<(DevicePtr, usize)>,
@@ -97,6 +110,7 @@ fn check_outcomes(pool: &CachingPool, outcomes: &[Outcome]) -> usize {
 fn a_storm_of_16_threads_releases_the_cache_once() {
     let (sim, pool) = pool();
     let free_at_start = sim.mem_info().unwrap().0;
+    had_the_device_in_use(&pool);
     for round in 1..=3 {
         fill_cache(&pool);
         let before = pool.stats().oom_retries;
@@ -133,12 +147,19 @@ fn a_storm_of_other_consumers_releases_the_cache_once() {
         fn ticket(&self, _device: i32) -> u64 {
             self.0.release_ticket()
         }
-        fn release_for(&self, _device: i32, ticket: u64, bytes: usize) -> bool {
-            self.0.release_for(ticket, bytes).worth_retry()
+        fn release_then(
+            &self,
+            _device: i32,
+            ticket: u64,
+            bytes: usize,
+            retry: &mut dyn FnMut(),
+        ) -> bool {
+            self.0.release_then(ticket, bytes, retry).1.is_some()
         }
     }
     let (sim, pool) = pool();
     let free_at_start = sim.mem_info().unwrap().0;
+    had_the_device_in_use(&pool);
     fill_cache(&pool);
     let consumer: SharedBackend =
         Arc::new(Reclaiming::new(sim.clone(), Box::new(Pool(pool.clone()))));
@@ -170,4 +191,107 @@ fn a_storm_of_other_consumers_releases_the_cache_once() {
     }
     pool.trim().unwrap();
     assert_eq!(sim.mem_info().unwrap().0, free_at_start);
+}
+
+/// A simulated device whose `hold`-th allocation of `size` bytes waits until the test lets it
+/// go: it keeps one failure of a storm retrying while the test makes another thread fail.
+struct HeldRetry {
+    sim: Arc<SimBackend>,
+    size: usize,
+    hold: usize,
+    calls: std::sync::atomic::AtomicUsize,
+    /// (held now, let go)
+    state: std::sync::Mutex<(bool, bool)>,
+    changed: std::sync::Condvar,
+}
+
+impl HeldRetry {
+    fn wait_until(&self, done: impl Fn(&(bool, bool)) -> bool) {
+        let mut s = self.state.lock().unwrap();
+        while !done(&s) {
+            s = self.changed.wait(s).unwrap();
+        }
+    }
+    fn set(&self, f: impl FnOnce(&mut (bool, bool))) {
+        f(&mut self.state.lock().unwrap());
+        self.changed.notify_all();
+    }
+}
+
+impl Backend for HeldRetry {
+    fn alloc(&self, size: usize) -> hbmalloc::error::Result<DevicePtr> {
+        use std::sync::atomic::Ordering;
+        if size == self.size && self.calls.fetch_add(1, Ordering::SeqCst) + 1 == self.hold {
+            self.set(|s| s.0 = true);
+            self.wait_until(|s| s.1);
+        }
+        self.sim.alloc(size)
+    }
+    hbmalloc::forward_backend!(sim; name, device, free, mem_info, synchronize, event_record, event_done, event_release, lock_for_fork, vmm_granularity, vmm_reserve, vmm_release, vmm_map, vmm_unmap, copy_d2d, copy_to_host, copy_from_host);
+}
+
+/// A failure that arrives after the storm's release has finished, while another failure of the
+/// same storm is still retrying, belongs to that storm: it retries without releasing again,
+/// though the cache has refilled since. (The gate of one release per ticket released twice here,
+/// as it did on an H200, 47 releases for 3 rounds of 48 failures.)
+#[test]
+fn a_failure_while_the_storm_still_retries_does_not_release_again() {
+    const BLOCK: usize = 24 << 20;
+    let sim = Arc::new(SimBackend::new(0, 256 << 20));
+    let device = Arc::new(HeldRetry {
+        sim: sim.clone(),
+        size: 2 * BLOCK,
+        // The first 48 MiB attempt fails; the second is the retry after the release.
+        hold: 2,
+        calls: Default::default(),
+        state: Default::default(),
+        changed: Default::default(),
+    });
+    let settings = PoolSettings {
+        stream_safety: StreamSafety::Batched,
+        pending_limit: Some(64 << 20),
+    };
+    let pool = Arc::new(CachingPool::new(device.clone(), settings));
+    // Ten 24 MiB blocks fill the device; three freed ones wait in the cache.
+    let mut held: Vec<(DevicePtr, usize)> = (0..10)
+        .map(|_| pool.alloc_unchecked(BLOCK).unwrap())
+        .collect();
+    for (p, b) in held.drain(..3) {
+        pool.free_unchecked(p, b);
+    }
+    // The storm's first failure: 48 MiB, which only a release makes room for.
+    let first = {
+        let pool = pool.clone();
+        std::thread::spawn(move || pool.alloc_unchecked(2 * BLOCK))
+    };
+    device.wait_until(|s| s.0);
+    assert_eq!(pool.stats().oom_retries, 1, "the first failure released");
+    // While it retries: a block freed into the cache, then a failure with a fresh ticket.
+    let (p, b) = held.pop().unwrap();
+    pool.free_unchecked(p, b);
+    let late = {
+        let pool = pool.clone();
+        std::thread::spawn(move || pool.alloc_unchecked(4 * BLOCK + (16 << 20)))
+    }
+    .join()
+    .unwrap();
+    device.set(|s| s.1 = true);
+    let first = first
+        .join()
+        .unwrap()
+        .expect("the release served the first failure");
+    assert_eq!(
+        pool.stats().oom_retries,
+        1,
+        "one release for the storm (the late failure got {late:?})"
+    );
+    pool.free_unchecked(first.0, first.1);
+    if let Ok((p, b)) = late {
+        pool.free_unchecked(p, b);
+    }
+    for (p, b) in held {
+        pool.free_unchecked(p, b);
+    }
+    pool.trim().unwrap();
+    assert_eq!(sim.used(), 0);
 }

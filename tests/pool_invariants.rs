@@ -626,3 +626,55 @@ fn memory_held_follows_the_peak_in_use_when_sizes_keep_changing() {
         peak >> 20
     );
 }
+
+#[test]
+fn memory_two_threads_pass_between_them_is_reused_before_the_pool_grows() {
+    // PyTorch's pattern: the main thread allocates, the autograd thread frees what it got and
+    // allocates sizes of its own, and each thread's cache sits idle while the other one works.
+    // What one thread's shard holds (frees waiting on its remote list, its own idle cache) must
+    // serve the other before the pool grows: without that, each phase stacked its working set on
+    // top of the other's (272 MiB reserved for 128 MiB in use here, 160 with it). Round 0: the
+    // consumer grows while the producer's remote list holds the frees; round 1: the producer
+    // grows while the consumer's own cache sits idle.
+    use std::sync::mpsc::channel;
+    const SET: usize = 128 << 20;
+    let (_sim, pool) = pool(4 << 30, StreamSafety::Batched, None);
+    let pool = Arc::new(pool);
+    let (to_consumer, consumer_gets) = channel::<Vec<DevicePtr>>();
+    let (to_producer, producer_gets) = channel::<()>();
+    let consumer = {
+        let pool = pool.clone();
+        std::thread::spawn(move || {
+            for blocks in consumer_gets {
+                for p in blocks {
+                    pool.free(p).unwrap();
+                }
+                // Its own working set, of another size, freed into its own cache.
+                let own: Vec<DevicePtr> = (0..SET / (3 << 20))
+                    .map(|_| pool.alloc(3 << 20).unwrap())
+                    .collect();
+                for p in own {
+                    pool.free(p).unwrap();
+                }
+                to_producer.send(()).unwrap();
+            }
+        })
+    };
+    for round in 0..2 {
+        let size = if round % 2 == 0 { 2 << 20 } else { 5 << 20 };
+        let blocks: Vec<DevicePtr> = (0..SET / size).map(|_| pool.alloc(size).unwrap()).collect();
+        to_consumer.send(blocks).unwrap();
+        producer_gets.recv().unwrap();
+    }
+    drop(to_consumer);
+    consumer.join().unwrap();
+    pool.check();
+    let s = pool.stats();
+    assert_eq!(s.in_use, 0);
+    assert!(
+        s.peak_reserved as f64 <= 1.3 * SET as f64,
+        "peak reserved {} MiB for {} MiB in use at most",
+        s.peak_reserved >> 20,
+        SET >> 20
+    );
+}

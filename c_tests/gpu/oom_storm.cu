@@ -4,9 +4,11 @@
 // (cudaGetLastError clears it, the next small allocation succeeds); every successful one must be
 // usable memory; after everything is freed, cudaMemGetInfo must report what it did at the start.
 //
-// The caches are released once per storm of threads failing together, not once per failing
-// allocation: cache releases (hbm_stats' oom_retries) must stay well below the failures (a
-// release per failure was the defect: 233 in one run on an H200).
+// The caches are released once per storm of threads failing together (failed calls that
+// overlap in time), not once per failing allocation: each round prints its storms and its cache
+// releases (hbm_stats' oom_retries), which should be at most one per storm; the run fails if
+// releases reach half the failures (a release per failure was the defect: 233 in one run on an
+// H200).
 //
 // Run under LD_PRELOAD=libhbmalloc.so. Environment: STORM_THREADS (16), STORM_ROUNDS (3).
 // Prints one line per round and one with the totals (threads, successes, failures, cache
@@ -19,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "cuda_check.h"
 
@@ -29,11 +32,43 @@ typedef struct {
 } Stats;
 typedef int (*stats_fn)(int, Stats *);
 
+// A failed cudaMalloc's interval (CLOCK_MONOTONIC, ns): storms are the runs of overlapping ones.
+typedef struct {
+    long long start, end;
+} Span;
+enum { MAX_FAILS = 64 };
+
+static long long now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (long long)t.tv_sec * 1000000000LL + t.tv_nsec;
+}
+
+static int by_start(const void *a, const void *b) {
+    long long x = ((const Span *)a)->start, y = ((const Span *)b)->start;
+    return (x > y) - (x < y);
+}
+
+// Storms among `n` failed calls: groups of calls whose intervals overlap (transitively). A
+// release per storm is the contract; hbmalloc's own storms can only be more (its view of a
+// failure begins after the call does), so releases <= storms here is expected, not guaranteed.
+static int count_storms(Span *spans, int n) {
+    qsort(spans, n, sizeof *spans, by_start);
+    int storms = 0;
+    long long reach = -1;
+    for (int i = 0; i < n; i++) {
+        if (spans[i].start > reach) storms++;
+        if (spans[i].end > reach) reach = spans[i].end;
+    }
+    return storms;
+}
+
 struct Worker {
     pthread_t tid;
     int id;
     pthread_barrier_t *start;
     long ok, failed, wrong_code;
+    Span fails[MAX_FAILS];
 };
 
 static void *worker_main(void *arg) {
@@ -48,7 +83,9 @@ static void *worker_main(void *arg) {
         x ^= x << 13, x ^= x >> 7, x ^= x << 17;
         size_t size = ((size_t)256 << 20) + (size_t)(x % (768u << 20));
         void *p = NULL;
+        long long t0 = now_ns();
         cudaError_t e = cudaMalloc(&p, size);
+        long long t1 = now_ns();
         if (e == cudaSuccess) {
             w->ok++;
             // Usable memory: a memset that reaches its last byte.
@@ -60,6 +97,7 @@ static void *worker_main(void *arg) {
                 held[n++] = p;
             continue;
         }
+        if (w->failed < MAX_FAILS) w->fails[w->failed].start = t0, w->fails[w->failed].end = t1;
         w->failed++;
         if (e != cudaErrorMemoryAllocation) w->wrong_code++;
         // Not sticky: the error is cleared by cudaGetLastError and a small allocation works.
@@ -101,17 +139,23 @@ int main() {
             w[i].start = &start;
             pthread_create(&w[i].tid, NULL, worker_main, &w[i]);
         }
+        Span *spans = (Span *)calloc((size_t)threads * MAX_FAILS, sizeof *spans);
+        int n_spans = 0;
         for (int i = 0; i < threads; i++) {
             pthread_join(w[i].tid, NULL);
             ok += w[i].ok, failed += w[i].failed, wrong += w[i].wrong_code;
             round_ok += w[i].ok, round_failed += w[i].failed;
+            for (long f = 0; f < w[i].failed && f < MAX_FAILS; f++) spans[n_spans++] = w[i].fails[f];
         }
+        int storms = count_storms(spans, n_spans);
+        free(spans);
         Stats round_end;
         stats(0, &round_end);
         unsigned long long released = round_end.oom_retries - round_start.oom_retries;
         if (released > worst_round) worst_round = released;
-        printf("round %d: threads=%d successes=%ld failures=%ld cache_releases=%llu\n", r, threads,
-               round_ok, round_failed, released);
+        printf("round %d: threads=%d successes=%ld failures=%ld storms=%d cache_releases=%llu%s\n", r,
+               threads, round_ok, round_failed, storms, released,
+               released > (unsigned long long)storms ? " (more releases than storms)" : "");
         free(w);
         pthread_barrier_destroy(&start);
     }

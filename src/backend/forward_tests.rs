@@ -68,7 +68,7 @@ impl Caches for NoCaches {
     fn ticket(&self, _: i32) -> u64 {
         0
     }
-    fn release_for(&self, _: i32, _: u64, _: usize) -> bool {
+    fn release_then(&self, _: i32, _: u64, _: usize, _: &mut dyn FnMut()) -> bool {
         false
     }
 }

@@ -9,33 +9,38 @@
 //! The caching pool itself sits on the plain backend: it reclaims its own cache on its slow path,
 //! and a callback into it from under its own locks would deadlock.
 //!
-//! `ReleaseGate` makes a storm (many threads running out of memory together) release the caches
+//! `ReleaseGate` makes a storm (threads running out of memory together) release the caches
 //! once: a release drains every thread's cache, synchronizes and frees chunks, so one release
-//! serves every attempt that failed before it; and a release is skipped when it cannot make room.
+//! serves every attempt of the storm; and a release is skipped when it cannot make room.
 
 use super::{Backend, DevicePtr, SharedBackend};
 use crate::error::{Error, Result};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
 /// The caches of the process, as a consumer of device memory sees them.
 pub trait Caches: Send + Sync {
     /// A ticket for an attempt about to ask the device for memory (see `ReleaseGate::ticket`).
     fn ticket(&self, device: i32) -> u64;
-    /// After an attempt that took `ticket` ran out of memory wanting `bytes`: releases the
-    /// cached memory of `device` unless a release since the ticket already did; whether a retry
-    /// may now succeed.
-    fn release_for(&self, device: i32, ticket: u64, bytes: usize) -> bool;
+    /// After an attempt that took `ticket` ran out of memory wanting `bytes`: joins the storm of
+    /// `device`'s caches, releasing them if no release has served this storm yet, and runs
+    /// `retry` inside the storm if it may succeed now (`ReleaseGate::release_then`). Whether
+    /// `retry` ran.
+    fn release_then(&self, device: i32, ticket: u64, bytes: usize, retry: &mut dyn FnMut())
+        -> bool;
 }
 
 /// One release of cached memory per out-of-memory storm.
 ///
-/// A thread takes a ticket before it asks the device for memory; when that fails it calls
-/// `release_after`. Releases are serialized; a thread whose ticket is older than the last release
-/// retries without releasing again (that release drained everything cached when it ran, after
-/// the thread's attempt had failed), and a release is skipped when the device's free memory plus
-/// everything cached is still less than the request. Cost: one uncontended lock per
-/// out-of-memory answer; nothing on any other path.
+/// A storm is a run of out-of-memory answers that overlap in time: it begins with a failure
+/// while no other thread is handling one, and every failure that arrives before the last of them
+/// has retried joins it. Its first failure where releasing can make room releases the caches;
+/// every other failure of the storm waits for that release (the gate's lock) and retries without
+/// releasing again. A failure whose attempt began before a release finished is served by that
+/// release too (its ticket is older), whichever storm it falls in. A failure once the storm is
+/// over (every thread in it has retried, so an allocation has been served or refused since) is a
+/// new storm. Cost: one uncontended lock taken twice per out-of-memory answer; nothing on any
+/// other path.
 #[derive(Default)]
 pub struct ReleaseGate {
     /// Completed releases; a ticket is the value read before an attempt.
@@ -43,15 +48,31 @@ pub struct ReleaseGate {
     /// Releases that gave memory back (a release can find nothing: the room estimate counts a
     /// block another thread has just taken from the driver as cached until that thread counts it).
     productive: AtomicU64,
-    lock: Mutex<()>,
+    storm: Mutex<Storm>,
 }
 
-/// What `ReleaseGate::release_after` did.
+/// The storm in progress, under the gate's lock.
+#[derive(Default, Debug)]
+pub struct Storm {
+    /// Threads between their out-of-memory answer and the end of their retry.
+    active: usize,
+    /// Whether this storm's release has run.
+    released: bool,
+}
+
+impl Storm {
+    /// In a child after `fork`: the threads that were in a storm are not there.
+    pub fn forget_threads(&mut self) {
+        *self = Storm::default();
+    }
+}
+
+/// What `ReleaseGate::release_then` did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Released {
     /// This thread released the caches: `bytes` went back to the driver.
     Now { bytes: usize },
-    /// Another thread's release since the ticket already did the work: retry.
+    /// A release since the ticket, or this storm's release, already did the work: retry.
     Earlier,
     /// Releasing could not make room for the request (or found nothing cached): do not retry.
     Pointless,
@@ -75,8 +96,13 @@ impl ReleaseGate {
     }
 
     /// Holds the gate for `fork`: taken before every other lock of the pool that owns it.
-    pub fn lock_for_fork(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.lock.lock().unwrap_or_else(|e| e.into_inner())
+    pub fn lock_for_fork(&self) -> MutexGuard<'_, Storm> {
+        self.lock()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Storm> {
+        // Every update of `Storm` is one statement: a poisoned lock guards consistent data.
+        self.storm.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Releases so far that gave memory back to the driver.
@@ -84,28 +110,50 @@ impl ReleaseGate {
         self.productive.load(Ordering::Relaxed)
     }
 
-    /// After the attempt holding `ticket` ran out of memory: `room` says whether releasing can
-    /// help (free device memory plus cached bytes cover the request); `release` gives every
-    /// cached byte back and returns how many.
-    pub fn release_after(
+    /// After the attempt holding `ticket` ran out of memory: joins the storm; `room` says
+    /// whether releasing can help (free device memory plus cached bytes cover the request);
+    /// `release` gives every cached byte back and returns how many; `retry`, run if a retry may
+    /// succeed, is the attempt again, still inside the storm (a failure meanwhile joins it).
+    pub fn release_then<T>(
         &self,
         ticket: u64,
         room: impl FnOnce() -> bool,
         release: impl FnOnce() -> usize,
-    ) -> Released {
-        let _one = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        if self.generation.load(Ordering::Acquire) != ticket {
-            return Released::Earlier;
-        }
-        if !room() {
-            return Released::Pointless;
-        }
-        let bytes = release();
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        if bytes > 0 {
-            self.productive.fetch_add(1, Ordering::Relaxed);
-        }
-        Released::Now { bytes }
+        retry: impl FnOnce() -> T,
+    ) -> (Released, Option<T>) {
+        let outcome = {
+            let mut storm = self.lock();
+            if storm.active == 0 {
+                storm.released = false;
+            }
+            storm.active += 1;
+            if self.generation.load(Ordering::Acquire) != ticket || storm.released {
+                Released::Earlier
+            } else if !room() {
+                Released::Pointless
+            } else {
+                let bytes = release();
+                self.generation.fetch_add(1, Ordering::AcqRel);
+                storm.released = true;
+                if bytes > 0 {
+                    self.productive.fetch_add(1, Ordering::Relaxed);
+                }
+                Released::Now { bytes }
+            }
+        };
+        // Leaves the storm even if `retry` unwinds.
+        let _leave = Leave(self);
+        (outcome, outcome.worth_retry().then(retry))
+    }
+}
+
+/// Counts a thread out of the storm when dropped.
+struct Leave<'a>(&'a ReleaseGate);
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        let mut storm = self.0.lock();
+        storm.active = storm.active.saturating_sub(1);
     }
 }
 
@@ -125,12 +173,15 @@ impl Reclaiming {
     fn retry<T>(&self, bytes: usize, op: impl Fn() -> Result<T>) -> Result<T> {
         let device = self.upstream.device();
         let ticket = self.caches.ticket(device);
-        let result = match op() {
-            Err(Error::OutOfMemory { .. }) if self.caches.release_for(device, ticket, bytes) => {
-                op()
+        let mut result = op();
+        if let Err(Error::OutOfMemory { .. }) = result {
+            let mut again = None;
+            self.caches
+                .release_then(device, ticket, bytes, &mut || again = Some(op()));
+            if let Some(again) = again {
+                result = again;
             }
-            other => other,
-        };
+        }
         if let Err(Error::OutOfMemory { .. }) = result {
             self.upstream.report_out_of_memory(bytes);
         }
@@ -162,8 +213,14 @@ mod tests {
         fn ticket(&self, _device: i32) -> u64 {
             self.0.release_ticket()
         }
-        fn release_for(&self, _device: i32, ticket: u64, bytes: usize) -> bool {
-            self.0.release_for(ticket, bytes).worth_retry()
+        fn release_then(
+            &self,
+            _device: i32,
+            ticket: u64,
+            bytes: usize,
+            retry: &mut dyn FnMut(),
+        ) -> bool {
+            self.0.release_then(ticket, bytes, retry).1.is_some()
         }
     }
 
@@ -201,7 +258,7 @@ mod tests {
         fn ticket(&self, _device: i32) -> u64 {
             0
         }
-        fn release_for(&self, _device: i32, _ticket: u64, _bytes: usize) -> bool {
+        fn release_then(&self, _: i32, _: u64, _: usize, _: &mut dyn FnMut()) -> bool {
             self.0.fetch_add(1, Ordering::Relaxed);
             false
         }
@@ -226,19 +283,52 @@ mod tests {
         let runs = AtomicUsize::new(0);
         let release = || runs.fetch_add(1, Ordering::Relaxed) + 100;
         assert_eq!(
-            gate.release_after(early, || true, release),
-            Released::Now { bytes: 100 }
+            gate.release_then(early, || true, release, || ()),
+            (Released::Now { bytes: 100 }, Some(()))
         );
         // `late` failed before that release finished: it retries without releasing again.
         assert_eq!(
-            gate.release_after(late, || true, release),
-            Released::Earlier
+            gate.release_then(late, || true, release, || ()),
+            (Released::Earlier, Some(()))
         );
         // A fresh failure where releasing cannot make room: no release, no retry.
         let fresh = gate.ticket();
-        let outcome = gate.release_after(fresh, || false, release);
-        assert_eq!(outcome, Released::Pointless);
-        assert!(!outcome.worth_retry());
+        let outcome = gate.release_then(fresh, || false, release, || ());
+        assert_eq!(outcome, (Released::Pointless, None));
         assert_eq!((runs.load(Ordering::Relaxed), gate.releases()), (1, 1));
+    }
+
+    /// A failure that arrives after the storm's release finished, while another failure of the
+    /// storm is still retrying, joins that storm: no second release. Once every failure has
+    /// retried, the next one is a new storm and releases again.
+    #[test]
+    fn a_failure_during_another_ones_retry_joins_its_storm() {
+        let gate = ReleaseGate::default();
+        let runs = AtomicUsize::new(0);
+        let release = || runs.fetch_add(1, Ordering::Relaxed) + 100;
+        let first = gate.ticket();
+        let (outcome, _) = gate.release_then(
+            first,
+            || true,
+            release,
+            || {
+                // Inside the first failure's retry: a failure with a ticket taken after the release.
+                let fresh = gate.ticket();
+                assert_ne!(fresh, first);
+                assert_eq!(
+                    gate.release_then(fresh, || true, release, || ()),
+                    (Released::Earlier, Some(()))
+                );
+            },
+        );
+        assert_eq!(outcome, Released::Now { bytes: 100 });
+        assert_eq!(runs.load(Ordering::Relaxed), 1, "one release for the storm");
+        let next = gate.ticket();
+        assert_eq!(
+            gate.release_then(next, || true, release, || ()).0,
+            Released::Now { bytes: 101 },
+            "a later storm"
+        );
+        assert_eq!(gate.releases(), 2);
     }
 }

@@ -224,3 +224,72 @@ fn refused_pool_free_leaves_the_record_alone() {
         hbm_pool_destroy(pool);
     }
 }
+
+/// Issue 18, defect 1, the owner check itself: a block of pool A freed through pool B with the
+/// right size is refused as a pointer B does not own, and counted nowhere but as that refusal:
+/// no free in the timeline, the record as it was, pool A's count unchanged. (Without the
+/// check, B took the record, logged a free, then put the record back when its pool refused.)
+#[test]
+fn a_block_freed_through_another_pool_is_refused_and_logs_no_free() {
+    if crate::test_child::is_child() {
+        return freed_through_another_pool();
+    }
+    // The timeline is written at exit beside `report_json`: into a temporary place, not the
+    // working directory.
+    let report = std::env::temp_dir().join(format!("hbm-owner-check-{}.json", std::process::id()));
+    let out = crate::test_child::run(
+        "ffi::pool_api::tests::a_block_freed_through_another_pool_is_refused_and_logs_no_free",
+        Some(&format!(
+            "backend:sim,backtrace:off,leak_report:off,timeline:4096,report_json:{}",
+            report.display()
+        )),
+    );
+    for ext in ["json", "timeline.json", "timeline.svg"] {
+        let _ = std::fs::remove_file(report.with_extension(ext));
+    }
+    assert!(out.contains("owner checks passed"), "{out}");
+}
+
+fn freed_through_another_pool() {
+    use crate::track::timeline::EventKind;
+    let tracker = crate::track::global();
+    let frees_of = |p: usize| {
+        let (events, dropped) = tracker.timeline().expect("timeline:4096").events();
+        assert_eq!(dropped, 0);
+        events
+            .iter()
+            .filter(|e| e.ptr == p && e.kind == EventKind::Free)
+            .count()
+    };
+    for kind in [HbmPoolKind::Legacy, HbmPoolKind::Vmm] {
+        let (a, b) = (create(kind, None), create(kind, None));
+        let (mut p, mut actual) = (null_mut(), 0);
+        // SAFETY: a live pool and locals to write.
+        assert_eq!(
+            unsafe { hbm_pool_alloc(a, 1000, &mut p, &mut actual) },
+            HbmStatus::Ok
+        );
+        let before = tracker.get(p as usize).unwrap();
+        let rejected = tracker.bad_free_count();
+        // SAFETY: live pools; `p` is `a`'s block, of `actual` bytes.
+        let st = unsafe { hbm_pool_free(b, p, actual) };
+        assert_eq!(st, HbmStatus::InvalidPointer, "{kind:?}");
+        assert_eq!(frees_of(p as usize), 0, "{kind:?}: no free logged");
+        assert_eq!(
+            tracker.bad_free_count(),
+            rejected + 1,
+            "{kind:?}: one refusal"
+        );
+        assert_eq!(tracker.get(p as usize), Some(before), "{kind:?}");
+        assert_eq!((stats(a).live, stats(b).live), (1, 0), "{kind:?}");
+        // SAFETY: the right pool now.
+        assert_eq!(unsafe { hbm_pool_free(a, p, actual) }, HbmStatus::Ok);
+        assert_eq!(frees_of(p as usize), 1, "{kind:?}: the real free is logged");
+        // SAFETY: live pools, not used again.
+        unsafe {
+            hbm_pool_destroy(b);
+            hbm_pool_destroy(a);
+        }
+    }
+    println!("owner checks passed");
+}

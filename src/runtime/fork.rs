@@ -9,11 +9,14 @@
 //! pools of a CUDA process answer as the runtime does in a forked child. The simulated device,
 //! host memory, keeps working.
 //!
-//! The tracker's live-table keys, which a thread holds for the length of one insert or remove,
-//! are not locked at fork: the child drops those held (`track::after_fork_child`).
+//! The tracker's overflow map (records that do not fit its table) has a lock of its own, taken
+//! last (nothing is locked under it). The live-table keys, which a thread holds for the length of
+//! one insert or remove, are not locked at fork: the child drops those held
+//! (`track::after_fork_child`).
 
 use crate::pool::caching::PoolLocks;
 use crate::runtime;
+use crate::track::live_table::OverflowLock;
 use std::cell::RefCell;
 use std::sync::Once;
 
@@ -24,6 +27,7 @@ static INSTALL: Once = Once::new();
 thread_local! {
     /// The locks `prepare` took, released by `parent` or `child` on the same thread.
     static HELD: RefCell<Vec<PoolLocks<'static>>> = const { RefCell::new(Vec::new()) };
+    static HELD_TRACKER: RefCell<Option<OverflowLock<'static>>> = const { RefCell::new(None) };
 }
 
 /// Registers the fork handlers (idempotent); called when the first pool is created.
@@ -48,6 +52,8 @@ extern "C" fn prepare() {
             held.push(host.lock_all());
         }
         let _ = HELD.try_with(|h| *h.borrow_mut() = held);
+        let tracker = crate::track::lock_for_fork();
+        let _ = HELD_TRACKER.try_with(|h| *h.borrow_mut() = tracker);
     });
 }
 
@@ -56,6 +62,13 @@ extern "C" fn parent() {
 }
 
 extern "C" fn child() {
+    let _ = std::panic::catch_unwind(|| {
+        let _ = HELD.try_with(|h| {
+            h.borrow_mut()
+                .iter_mut()
+                .for_each(PoolLocks::after_fork_child)
+        });
+    });
     release();
     crate::process::note_forked_child(runtime::active_if_decided() == Some(runtime::Active::Cuda));
     crate::pool::thread_cache::after_fork_child();
@@ -64,6 +77,7 @@ extern "C" fn child() {
 
 fn release() {
     let _ = std::panic::catch_unwind(|| {
+        let _ = HELD_TRACKER.try_with(|h| h.borrow_mut().take());
         let _ = HELD.try_with(|h| h.borrow_mut().clear());
     });
 }
@@ -172,9 +186,58 @@ mod tests {
         println!("child checks passed");
     }
 
+    /// Forks while another thread holds the tracker's overflow map (the lock of records that do
+    /// not fit its table: an address not 4-byte aligned, here): each child records and forgets
+    /// such an address, allocates and frees, and exits.
+    #[test]
+    fn children_forked_while_the_trackers_overflow_map_is_held_work() {
+        if crate::test_child::is_child() {
+            return overflow_child();
+        }
+        let text = crate::test_child::run(
+            "runtime::fork::tests::children_forked_while_the_trackers_overflow_map_is_held_work",
+            Some("backend:sim,backtrace:off,leak_report:full"),
+        );
+        assert!(text.contains("child checks passed"), "{text}");
+    }
+
+    fn overflow_child() {
+        use crate::track::{self, Origin};
+        // The first pool installs the fork handlers; the tracker is built before the holder
+        // runs (a fork while another thread builds it leaves the child waiting for it).
+        cycle(&[512]);
+        track::global();
+        let stop = Arc::new(AtomicBool::new(false));
+        let holder = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let held = track::global().lock_for_fork();
+                    std::thread::sleep(Duration::from_micros(200));
+                    drop(held);
+                    std::thread::yield_now();
+                }
+            })
+        };
+        fork_children_doing(50, || {
+            let odd = 0x1001;
+            track::on_alloc(odd, 64, 0, 0, Origin::HbmAlloc);
+            assert!(track::on_free(odd), "the odd address was recorded");
+            cycle(&[512, 1 << 20]);
+        });
+        stop.store(true, Ordering::Relaxed);
+        holder.join().unwrap();
+        println!("child checks passed");
+    }
+
     /// Forks `rounds` children; each allocates and frees, exits within a deadline and prints
     /// nothing to stderr.
     fn fork_children(rounds: usize) {
+        fork_children_doing(rounds, || cycle(&[512, 64 << 10, 1 << 20, 40 << 20]));
+    }
+
+    /// As `fork_children`, each child running `body` instead.
+    fn fork_children_doing(rounds: usize, body: fn()) {
         for round in 0..rounds {
             let mut fds = [0; 2];
             // SAFETY: `fds` is a valid array of two ints.
@@ -184,7 +247,7 @@ mod tests {
             if pid == 0 {
                 // SAFETY: fds[1] is open; stderr now goes to the pipe.
                 unsafe { libc::dup2(fds[1], 2) };
-                cycle(&[512, 64 << 10, 1 << 20, 40 << 20]);
+                body();
                 // SAFETY: ends the child, running its exit handlers (the leak report's).
                 unsafe { libc::exit(0) };
             }

@@ -182,11 +182,17 @@ impl Caches for DevicePools {
             .map_or(0, CachingPool::release_ticket)
     }
 
-    fn release_for(&self, device: i32, ticket: u64, bytes: usize) -> bool {
+    fn release_then(
+        &self,
+        device: i32,
+        ticket: u64,
+        bytes: usize,
+        retry: &mut dyn FnMut(),
+    ) -> bool {
         POOLS
             .get(device as usize)
             .and_then(OnceCell::get)
-            .is_some_and(|pool| pool.release_for(ticket, bytes).worth_retry())
+            .is_some_and(|pool| pool.release_then(ticket, bytes, retry).1.is_some())
     }
 }
 

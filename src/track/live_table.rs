@@ -97,6 +97,9 @@ impl LiveTable {
     }
 }
 
+/// The overflow map's lock, held until dropped (`LiveTable::lock_for_fork`).
+pub struct OverflowLock<'a>(#[allow(dead_code)] std::sync::MutexGuard<'a, HashMap<usize, Live>>);
+
 // SAFETY: a slot is read or written only by the thread holding its key word (see the module
 // doc), whose acquire/release operations order those accesses; `Slot` is plain data.
 unsafe impl Sync for LiveTable {}
@@ -145,6 +148,13 @@ impl LiveTable {
     #[inline]
     fn slot(&self, b: usize, s: usize) -> *mut Slot {
         self.slots[b * SLOTS + s].get().cast()
+    }
+
+    /// Holds the overflow map's lock for `fork` (`runtime::fork`): a child forked while another
+    /// thread held it would wait for it forever on its first record that does not fit the table.
+    /// A leaf lock: nothing is taken under it, so it comes after every pool lock.
+    pub fn lock_for_fork(&self) -> OverflowLock<'_> {
+        OverflowLock(self.overflow())
     }
 
     fn overflow(&self) -> std::sync::MutexGuard<'_, HashMap<usize, Live>> {

@@ -190,6 +190,11 @@ pub(crate) fn global_if_started() -> Option<&'static Tracker> {
 }
 
 /// In a child after `fork`: drops the table keys threads the child lacks were holding.
+/// The global tracker's lock, held for `fork` (`runtime::fork`); `None` before any tracking.
+pub fn lock_for_fork() -> Option<live_table::OverflowLock<'static>> {
+    GLOBAL.get().map(Tracker::lock_for_fork)
+}
+
 pub fn after_fork_child() {
     if let Some(t) = GLOBAL.get() {
         t.after_fork_child();

@@ -85,6 +85,11 @@ impl Tracker {
         self.live.after_fork_child();
     }
 
+    /// The tracker's one lock, for `fork` (`LiveTable::lock_for_fork`).
+    pub fn lock_for_fork(&self) -> super::live_table::OverflowLock<'_> {
+        self.live.lock_for_fork()
+    }
+
     pub fn new(settings: Settings) -> Tracker {
         Tracker {
             live: LiveTable::default(),
