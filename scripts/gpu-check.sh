@@ -356,8 +356,9 @@ if want paged-torch; then
     if python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
         if HBMALLOC_LIB=$LIB PYTHONPATH=$PWD/python HBMALLOC_CONF=backend:cuda,leak_report:off \
             python3 -m unittest -v python/tests/test_paged.py >"$LOG/paged-torch.log" 2>&1 \
-            && grep -q '^paged-torch: ' "$LOG/paged-torch.log"; then
-            record "python paged KV torch views" PASS "$(grep -h '^paged-torch: ' "$LOG/paged-torch.log")"
+            && grep -q 'paged-torch: ' "$LOG/paged-torch.log"; then
+            # (unittest -v puts the test's print after "... " on its own line: no ^ anchor.)
+            record "python paged KV torch views" PASS "$(grep -o 'paged-torch: .*' "$LOG/paged-torch.log" | head -1)"
         else
             record "python paged KV torch views" FAIL "see paged-torch.log: $(tail -3 "$LOG/paged-torch.log" | tr '\n' ' ')"
         fi

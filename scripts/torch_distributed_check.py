@@ -83,8 +83,10 @@ def launch(lib, out, world, preload):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NCCL_NVLS_ENABLE="0")
         if preload:
+            # The full report with backtraces (the defaults): leaks are grouped by call stack, so
+            # the kept tensor is a group of its own with its size; a summary would only total.
             env.update(LD_PRELOAD=lib, PYTORCH_NO_CUDA_MEMORY_CACHING="1",
-                       HBMALLOC_CONF=f"backtrace:off,leak_report:summary,report_path:{out}/leaks-rank{rank}.txt")
+                       HBMALLOC_CONF=f"report_path:{out}/leaks-rank{rank}.txt")
         log = open(f"{out}/{mode}-rank{rank}.log", "w")
         procs.append(subprocess.Popen([sys.executable, __file__, "child", f"{out}/{mode}-rank{rank}.pt"],
                                       env=env, stdout=log, stderr=subprocess.STDOUT))
