@@ -62,6 +62,9 @@ help_text="$("$cli" --help 2>&1 || true)"
 extra=()
 grep -q -- '--fit ' <<<"$help_text" && extra+=(-fit off)
 grep -q -- '-no-cnv' <<<"$help_text" && extra+=(-no-cnv)
+# The library's own info lines (the buffer sizes) come at common's "trace" verbosity, 4, in builds
+# with --verbosity: at the default (3) a 2026-12 build printed none of them.
+grep -q -- '--verbosity' <<<"$help_text" && extra+=(-lv 4)
 work="$(mktemp -d)"
 # LLAMA_LOG_DIR: keep llama.cpp's logs there (gpu-check brings them back with its own).
 keep_logs() { [[ -n ${LLAMA_LOG_DIR:-} ]] && mkdir -p "$LLAMA_LOG_DIR" && cp "$work"/*.log "$LLAMA_LOG_DIR"/ 2>/dev/null; rm -rf "$work"; }
