@@ -671,8 +671,11 @@ fn memory_two_threads_pass_between_them_is_reused_before_the_pool_grows() {
     pool.check();
     let s = pool.stats();
     assert_eq!(s.in_use, 0);
+    // 1.5, not tighter: idle caches are taken once per growth of the pool (a shard is idle when
+    // it allocated nothing between two such visits), so a phase may grow by a chunk or two
+    // before the other thread's cache is seen idle (180 MiB here; 272 without any of this).
     assert!(
-        s.peak_reserved as f64 <= 1.3 * SET as f64,
+        s.peak_reserved as f64 <= 1.5 * SET as f64,
         "peak reserved {} MiB for {} MiB in use at most",
         s.peak_reserved >> 20,
         SET >> 20

@@ -161,6 +161,9 @@ pub struct CachingPool {
     /// `thread_cache::exits()` when this pool last adopted the shards of exited threads.
     seen_exits: AtomicU64,
     slow: SlowCounters,
+    /// The pool's driver allocations when a reclaim last took idle threads' caches
+    /// (`idle_visit_due`).
+    last_idle_visit: AtomicU64,
     /// Out-of-memory releases of the cache, one per storm; counted as `oom_retries`.
     releases: ReleaseGate,
     /// CUDA graphs' memory on the stream path (`capture`).
@@ -193,6 +196,7 @@ impl CachingPool {
             sync_lock: Mutex::new(()),
             seen_exits: AtomicU64::new(0),
             slow: SlowCounters::default(),
+            last_idle_visit: AtomicU64::new(0),
             releases: ReleaseGate::default(),
             graphs: GraphPools::default(),
         }
@@ -609,7 +613,7 @@ impl CachingPool {
         // left to the batch rule above (a pair loop synchronizes once per batch, not per pair).
         let shard = &self.shards[my_shard()];
         let mine = shard.lock().cached_bytes + shard.remote_bytes();
-        self.reclaim_idle_shards();
+        self.reclaim_idle_shards(self.idle_visit_due());
         if (mine + self.arena_bytes()).saturating_sub(own_waiting) < block {
             return Ok(None);
         }
@@ -635,6 +639,23 @@ impl CachingPool {
         Ok(None)
     }
 
+    /// Whether this reclaim also takes idle threads' caches (`reclaim_idle_shards`), not only
+    /// their remote lists: once per growth of the pool (a driver allocation since the last such
+    /// visit), so visits follow what memory is taken, not how often threads come by. Doing it on
+    /// every reclaim past the bound (a pair loop makes one per synchronize batch) cut a
+    /// 16-thread pair loop on an H200 from 71-81 to 3-5 M pairs/s: visits came microseconds
+    /// apart, so a thread descheduled or queued on the synchronize lock looked idle and lost
+    /// its cache, and every visit took every shard's lock, the line its owner's fast path uses.
+    fn idle_visit_due(&self) -> bool {
+        let grown = self.slow.driver_allocs.load(Ordering::Relaxed);
+        let last = self.last_idle_visit.load(Ordering::Relaxed);
+        grown > last
+            && self
+                .last_idle_visit
+                .compare_exchange(last, grown, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+
     /// Bytes in the arenas that are free or wait for a synchronize.
     fn arena_bytes(&self) -> usize {
         [&self.small, &self.large]
@@ -653,14 +674,14 @@ impl CachingPool {
     /// while the other one's phase runs: without this the pool grew past its bound beside them
     /// (train trace: 1650 MiB reserved for 1237 MiB in use). Slow path only, past the growth
     /// bound; never waits for a lock. Returns the bytes moved.
-    fn reclaim_idle_shards(&self) -> usize {
+    fn reclaim_idle_shards(&self, caches: bool) -> usize {
         let me = my_shard();
         let mut moved = 0;
         for (i, shard) in self.shards.iter().enumerate() {
             if i == me {
                 continue;
             }
-            let (remote, cached) = shard.try_take_idle();
+            let (remote, cached) = shard.try_take_idle(caches);
             let remote = unsynced(remote);
             moved += remote.iter().chain(&cached).map(|b| b.1).sum::<usize>();
             self.return_to_arena(remote);

@@ -358,7 +358,9 @@ impl PaddedShard {
     /// if the shard made no allocation since the previous such visit, so that a thread that keeps
     /// allocating keeps its working set (draining busy threads' caches on every growth cost a
     /// 16-thread pair loop on an H200 50-80x its throughput). A lock held elsewhere is skipped.
-    pub fn try_take_idle(&self) -> (Vec<(DevicePtr, usize)>, Evicted) {
+    /// `caches: false` takes the remote list only (an atomic read when it is empty; the owner's
+    /// lock is not touched).
+    pub fn try_take_idle(&self, caches: bool) -> (Vec<(DevicePtr, usize)>, Evicted) {
         let remote = match self.remote.bytes.load(Ordering::Acquire) {
             0 => Vec::new(),
             _ => self
@@ -370,6 +372,9 @@ impl PaddedShard {
                     std::mem::take(&mut *b)
                 }),
         };
+        if !caches {
+            return (remote, Vec::new());
+        }
         let cached = match self.local.try_lock() {
             Some(mut shard) => {
                 let allocs = shard.counters.allocs;
