@@ -33,6 +33,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 out_md="${1:-estimate-vs-llamacpp.md}"
+# NGL=0 with a CPU-only build of llama.cpp: everything on the CPU (checks weights, KV and the CPU
+# compute buffer on a machine without a GPU); default 99, every layer on GPU0.
+NGL=${NGL:-99}
 bin_dir="${LLAMA_CPP_BIN:?set LLAMA_CPP_BIN to the folder holding llama.cpp binaries}"
 compute_tol="${COMPUTE_TOL_PCT:-5}"
 cli=""
@@ -122,7 +125,7 @@ failures=0
 compare() {
     local name="$1" file="$2" ctx="$3" fa="$4" ctk="$5" ctv="$6" log="$work/$1.log"
     # One token of a tiny model takes seconds; 60 s means a hang, not a slow run.
-    if ! timeout 60 "$cli" -m "$file" -c "$ctx" -ngl 99 -fa "$fa" -ctk "$ctk" -ctv "$ctv" -n 1 \
+    if ! timeout 60 "$cli" -m "$file" -c "$ctx" -ngl "$NGL" -fa "$fa" -ctk "$ctk" -ctv "$ctv" -n 1 \
         -p "hi" --no-warmup "${extra[@]}" >"$log" 2>&1 </dev/null; then
         echo "estimate-vs-llamacpp: llama.cpp failed (or hung) for $name; the end of its log:" >&2
         tail -20 "$log" >&2
@@ -130,7 +133,7 @@ compare() {
         echo "| $name | - | run | - | - | - | FAIL (llama.cpp exited non-zero) |" | tee -a "$out_md"
         return 0
     fi
-    if ! "$hbm" estimate "$file" --ctx "$ctx" --ngl 99 --fa "$fa" --ctk "$ctk" --ctv "$ctv" \
+    if ! "$hbm" estimate "$file" --ctx "$ctx" --ngl "$NGL" --fa "$fa" --ctk "$ctk" --ctv "$ctv" \
         --json >"$work/$name.json" 2>"$work/$name.err"; then
         echo "estimate-vs-llamacpp: hbmalloc estimate failed for $name: $(cat "$work/$name.err")" >&2
         failures=$((failures + 1))
