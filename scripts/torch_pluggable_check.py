@@ -178,7 +178,9 @@ def graph(alloc, _out):
         before = hbmalloc.stats(0)["allocs"]
         g = torch.cuda.CUDAGraph()
         if pool is not None:
-            with torch.cuda.use_mem_pool(pool), torch.cuda.graph(g, pool=pool.id):
+            # graph(pool=...) itself routes the capture's allocations into the pool (inside
+            # use_mem_pool as well, PyTorch 2.11 refused: "already recording to mempool_id").
+            with torch.cuda.graph(g, pool=pool.id):
                 static_y = model(static_x)
         else:
             with torch.cuda.graph(g):
