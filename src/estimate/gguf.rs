@@ -110,6 +110,21 @@ pub struct GgufFile {
     pub file_len: u64,
 }
 
+#[cfg(test)]
+impl GgufFile {
+    /// A header of `kv` and no tensors, for tests of what is read from the metadata.
+    pub(crate) fn of_metadata(kv: Vec<(&str, Value)>) -> GgufFile {
+        GgufFile {
+            version: 3,
+            metadata: kv.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            tensors: vec![],
+            alignment: 32,
+            data_offset: 0,
+            file_len: 0,
+        }
+    }
+}
+
 impl GgufFile {
     /// The metadata value under `key`.
     pub fn get(&self, key: &str) -> Option<&Value> {

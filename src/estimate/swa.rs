@@ -135,14 +135,7 @@ mod tests {
     use super::*;
 
     fn file(kv: Vec<(&str, Value)>) -> GgufFile {
-        GgufFile {
-            version: 3,
-            metadata: kv.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
-            tensors: vec![],
-            alignment: 32,
-            data_offset: 0,
-            file_len: 0,
-        }
+        GgufFile::of_metadata(kv)
     }
 
     #[test]

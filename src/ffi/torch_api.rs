@@ -38,20 +38,26 @@ static OOMS: AtomicU64 = AtomicU64::new(0);
 #[no_mangle]
 pub extern "C" fn hbm_torch_malloc(size: isize, device: c_int, stream: *mut c_void) -> *mut c_void {
     ffi_guard!(std::ptr::null_mut(), {
-        if size <= 0 {
-            if size < 0 {
-                eprintln!("hbmalloc: hbm_torch_malloc({size}): negative size; returning NULL");
-            }
-            return std::ptr::null_mut();
+        if size < 0 {
+            eprintln!("hbmalloc: hbm_torch_malloc({size}): negative size; returning NULL");
         }
-        match serve(size as usize, device, stream as Stream, Keep::Unhooked) {
-            Ok(ptr) => ptr as *mut c_void,
-            Err(e) => {
-                malloc_failed(size, device, &e);
-                std::ptr::null_mut()
-            }
-        }
+        serve_or_null(size, device, stream, Keep::Unhooked)
     })
+}
+
+/// The two NULL-on-failure entry points' body: NULL for `size` <= 0, else the block, or NULL
+/// with the failure said and counted (`malloc_failed`).
+fn serve_or_null(size: isize, device: c_int, stream: *mut c_void, keep: Keep) -> *mut c_void {
+    if size <= 0 {
+        return std::ptr::null_mut();
+    }
+    match serve(size as usize, device, stream as Stream, keep) {
+        Ok(ptr) => ptr as *mut c_void,
+        Err(e) => {
+            malloc_failed(size, device, &e);
+            std::ptr::null_mut()
+        }
+    }
 }
 
 /// `hbm_torch_malloc` for segments of PyTorch's own caching allocator
@@ -65,18 +71,10 @@ pub extern "C" fn hbm_torch_segment_malloc(
     device: c_int,
     stream: *mut c_void,
 ) -> *mut c_void {
-    ffi_guard!(std::ptr::null_mut(), {
-        if size <= 0 {
-            return std::ptr::null_mut();
-        }
-        match serve(size as usize, device, stream as Stream, Keep::Caller) {
-            Ok(ptr) => ptr as *mut c_void,
-            Err(e) => {
-                malloc_failed(size, device, &e);
-                std::ptr::null_mut()
-            }
-        }
-    })
+    ffi_guard!(
+        std::ptr::null_mut(),
+        serve_or_null(size, device, stream, Keep::Caller)
+    )
 }
 
 /// `hbm_torch_malloc` with a status, for callers that turn a refusal into an exception (the
