@@ -13,7 +13,7 @@
 
 use super::abi::*;
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 /// The memory functions a tool gave us, and our domain in it.
@@ -74,13 +74,9 @@ fn attach_to(path: &std::ffi::OsStr) -> Result<Tool, String> {
     }
     // Before the tool's first NVTX call, its initialization included.
     init_cuda_runtime();
-    let domain = init_core(lib);
-    if domain.is_null() {
-        return Err(
-            "the tool created no NVTX domain (nvtxDomainCreateA), which its memory calls need"
-                .into(),
-        );
-    }
+    let domain = init_core(lib).map_err(|why| {
+        format!("the tool created no NVTX domain (nvtxDomainCreateA), which its memory calls need: {why}")
+    })?;
     let slots = init_mem_extension(lib)?;
     let layout = SlotLayout::of(slots[0].load(Ordering::Acquire));
     let slot = |cbid: usize| match slots[layout.slot(cbid)].load(Ordering::Acquire) {
@@ -178,6 +174,9 @@ unsafe extern "C" fn get_module_function_table(
     out_table: *mut *const usize,
     out_size: *mut c_uint,
 ) -> c_int {
+    if module < 32 {
+        MODULES_ASKED.fetch_or(1 << module, Ordering::AcqRel);
+    }
     let Some(table) = (module as usize)
         .checked_sub(1)
         .and_then(|m| module_tables().get(m))
@@ -220,25 +219,52 @@ unsafe extern "C" fn get_export_table(id: u32) -> *const c_void {
 /// Initializes the tool's core side and creates our domain; NULL when the tool has no core entry
 /// point or no `nvtxDomainCreateA` (the default domain, which compute-sanitizer's memory calls
 /// do not take).
-fn init_core(lib: *mut c_void) -> Domain {
+/// Why not, as the line the caller prints: each way this can fail says what the tool did (which
+/// modules it asked for, which of the domain module's slots it filled), so that one run under a
+/// tool tells what it expects.
+fn init_core(lib: *mut c_void) -> Result<Domain, String> {
     let Some(init) = symbol(lib, c"InitializeInjectionNvtx2") else {
-        return std::ptr::null_mut();
+        return Err("it has no InitializeInjectionNvtx2".into());
     };
     // SAFETY: the symbol NVTX's loader calls under this name, with this prototype.
     let init = unsafe { std::mem::transmute::<usize, InitCore>(init) };
     // SAFETY: our export table lives for the whole process.
     if unsafe { init(get_export_table) } == 0 {
-        return std::ptr::null_mut();
+        return Err(format!(
+            "its InitializeInjectionNvtx2 returned 0 ({})",
+            what_the_tool_did()
+        ));
     }
     let core2 = &CORE_SLOTS[MODULE_CORE2 as usize - 1];
     match core2[CBID_CORE2_DOMAIN_CREATE_A].load(Ordering::Acquire) {
-        0 => std::ptr::null_mut(),
+        0 => Err(format!(
+            "it left nvtxDomainCreateA's slot empty ({})",
+            what_the_tool_did()
+        )),
         f => {
             // SAFETY: the tool's nvtxDomainCreateA, called with a NUL-terminated name.
             let create = unsafe { std::mem::transmute::<usize, DomainCreateA>(f) };
-            unsafe { create(c"hbmalloc".as_ptr() as *const c_char) }
+            let domain = unsafe { create(c"hbmalloc".as_ptr() as *const c_char) };
+            match domain.is_null() {
+                true => Err("its nvtxDomainCreateA returned NULL".into()),
+                false => Ok(domain),
+            }
         }
     }
+}
+
+/// Bit `m` set: the tool asked for module `m`'s function table (`get_module_function_table`).
+static MODULES_ASKED: AtomicU32 = AtomicU32::new(0);
+
+/// "modules asked: [..]; CORE2 slots filled: [..]", for `init_core`'s errors.
+fn what_the_tool_did() -> String {
+    let asked = MODULES_ASKED.load(Ordering::Acquire);
+    let modules: Vec<u32> = (0..32).filter(|m| asked & (1 << m) != 0).collect();
+    let core2 = &CORE_SLOTS[MODULE_CORE2 as usize - 1];
+    let filled: Vec<usize> = (0..core2.len())
+        .filter(|&i| core2[i].load(Ordering::Acquire) != 0)
+        .collect();
+    format!("modules asked for: {modules:?}; CORE2 slots filled: {filled:?}")
 }
 
 /// The memory extension's slots: [module state, slot 0 .. slot 62], as the header keeps them.
