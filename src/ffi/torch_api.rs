@@ -154,29 +154,19 @@ pub unsafe extern "C" fn hbm_torch_graph_malloc(
 /// device without a pool.
 #[no_mangle]
 pub extern "C" fn hbm_torch_graph_begin(device: c_int, pool_hi: u64, pool_lo: u64) -> HbmStatus {
-    ffi_guard!(HbmStatus::Panic, {
-        match crate::runtime::pool(device) {
-            Ok(pool) => {
-                pool.graph_begin((pool_hi, pool_lo));
-                HbmStatus::Ok
-            }
-            Err(e) => HbmStatus::from(&e),
-        }
-    })
+    ffi_guard!(
+        HbmStatus::Panic,
+        on_pool(device, |pool| pool.graph_begin((pool_hi, pool_lo)))
+    )
 }
 
 /// The capture into `(pool_hi, pool_lo)` has ended (`endAllocateToPool`).
 #[no_mangle]
 pub extern "C" fn hbm_torch_graph_end(device: c_int, pool_hi: u64, pool_lo: u64) -> HbmStatus {
-    ffi_guard!(HbmStatus::Panic, {
-        match crate::runtime::pool(device) {
-            Ok(pool) => {
-                pool.graph_end((pool_hi, pool_lo));
-                HbmStatus::Ok
-            }
-            Err(e) => HbmStatus::from(&e),
-        }
-    })
+    ffi_guard!(
+        HbmStatus::Panic,
+        on_pool(device, |pool| pool.graph_end((pool_hi, pool_lo)))
+    )
 }
 
 /// A graph that captured into `(pool_hi, pool_lo)` is destroyed (`releasePool`). With the last
@@ -184,15 +174,21 @@ pub extern "C" fn hbm_torch_graph_end(device: c_int, pool_hi: u64, pool_lo: u64)
 /// has been synchronized (replays may still be queued). An unknown pool is a quiet no-op.
 #[no_mangle]
 pub extern "C" fn hbm_torch_graph_release(device: c_int, pool_hi: u64, pool_lo: u64) -> HbmStatus {
-    ffi_guard!(HbmStatus::Panic, {
-        match crate::runtime::pool(device) {
-            Ok(pool) => {
-                pool.graph_release((pool_hi, pool_lo));
-                HbmStatus::Ok
-            }
-            Err(e) => HbmStatus::from(&e),
+    ffi_guard!(
+        HbmStatus::Panic,
+        on_pool(device, |pool| pool.graph_release((pool_hi, pool_lo)))
+    )
+}
+
+/// The graph hooks' body: `f` on `device`'s caching pool, or the status of why there is none.
+fn on_pool(device: c_int, f: impl FnOnce(&crate::pool::CachingPool)) -> HbmStatus {
+    match crate::runtime::pool(device) {
+        Ok(pool) => {
+            f(pool);
+            HbmStatus::Ok
         }
-    })
+        Err(e) => HbmStatus::from(&e),
+    }
 }
 
 /// Who keeps memory allocated during a capture out of other work while the graph lives.
