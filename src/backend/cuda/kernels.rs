@@ -551,34 +551,19 @@ impl KvKernels {
         if !matches!(src_type, HbmType::F32 | HbmType::F16) {
             return Err(Error::InvalidValue("append reads F32 or F16"));
         }
-        let (mut elems, mut rows) = (0, 0);
-        let mut aligned = true;
-        for j in jobs {
-            check_rows(dst_type, j.dst_row_stride as usize, j.row_elems)?;
-            elems = elems.max(j.row_elems);
-            rows = rows.max(j.n_rows);
-            aligned &= j.src % 16 == 0;
-        }
-        if jobs.is_empty() || rows == 0 {
+        let rows = jobs
+            .iter()
+            .map(|j| (j.dst_row_stride, j.row_elems, j.n_rows));
+        let Some(extent) = batch_extent(dst_type, rows)? else {
             return Ok(());
-        }
+        };
+        let aligned = jobs.iter().all(|j| j.src % 16 == 0);
         let entry = match kind(dst_type) {
             k @ (1 | 2) if src_type == HbmType::F16 && aligned => k + 2,
             k => k,
         };
-        let block = block_threads(dst_type);
-        let threads = threads_for(dst_type, src_type, elems, rows);
-        let grid = self.jobs_grid(entry, src_type == HbmType::F16, threads, block, jobs.len());
-        self.launch_jobs(
-            self.paged[entry],
-            grid,
-            block,
-            device_jobs,
-            jobs.len(),
-            std::mem::size_of::<AppendJob>(),
-            (src_type as i32, dst_type as i32),
-            stream,
-        )
+        let batch = Batch::of::<AppendJob>(device_jobs, jobs.len(), dst_type, src_type, extent);
+        self.launch_batch(entry, batch, (src_type, dst_type), stream)
     }
 
     /// Queues on `stream` every gather of `jobs` (as `launch_append_jobs`).
@@ -593,26 +578,36 @@ impl KvKernels {
         if !matches!(dst_type, HbmType::F32 | HbmType::F16) {
             return Err(Error::InvalidValue("dequantize writes F32 or F16"));
         }
-        let (mut elems, mut rows) = (0, 0);
-        for j in jobs {
-            check_rows(src_type, j.src_row_stride as usize, j.row_elems)?;
-            elems = elems.max(j.row_elems);
-            rows = rows.max(j.n_rows);
-        }
-        if jobs.is_empty() || rows == 0 {
+        let rows = jobs
+            .iter()
+            .map(|j| (j.src_row_stride, j.row_elems, j.n_rows));
+        let Some(extent) = batch_extent(src_type, rows)? else {
             return Ok(());
-        }
-        let entry = 5 + kind(src_type);
-        let block = block_threads(src_type);
-        let threads = threads_for(src_type, dst_type, elems, rows);
-        let grid = self.jobs_grid(entry, dst_type == HbmType::F16, threads, block, jobs.len());
+        };
+        let batch = Batch::of::<GatherJob>(device_jobs, jobs.len(), src_type, dst_type, extent);
+        self.launch_batch(5 + kind(src_type), batch, (src_type, dst_type), stream)
+    }
+
+    /// Launches kernel `entry` of the paged module over `batch`, sized by its cache-side type.
+    fn launch_batch(
+        &self,
+        entry: usize,
+        batch: Batch,
+        (src_type, dst_type): (HbmType, HbmType),
+        stream: Stream,
+    ) -> Result<()> {
+        let (elems, rows) = batch.extent;
+        let block = block_threads(batch.cache_type);
+        let threads = threads_for(batch.cache_type, batch.plain_type, elems, rows);
+        let f16_side = batch.plain_type == HbmType::F16;
+        let grid = self.jobs_grid(entry, f16_side, threads, block, batch.n_jobs);
         self.launch_jobs(
             self.paged[entry],
             grid,
             block,
-            device_jobs,
-            jobs.len(),
-            std::mem::size_of::<GatherJob>(),
+            batch.jobs,
+            batch.n_jobs,
+            batch.job_bytes,
             (src_type as i32, dst_type as i32),
             stream,
         )
@@ -682,6 +677,53 @@ impl Drop for KvKernels {
 
 fn arg<T>(v: &mut T) -> *mut c_void {
     (v as *mut T).cast()
+}
+
+/// A batch of paged jobs in device memory: the cache side's type (quantized or not) sizes the
+/// launch, the plain side (F32 or F16) says whether the F16 kernels' wave cap applies.
+struct Batch {
+    jobs: DevicePtr,
+    n_jobs: usize,
+    job_bytes: usize,
+    cache_type: HbmType,
+    plain_type: HbmType,
+    /// The longest row and the most rows of any job.
+    extent: (u32, u32),
+}
+
+impl Batch {
+    fn of<J>(
+        jobs: DevicePtr,
+        n_jobs: usize,
+        cache: HbmType,
+        plain: HbmType,
+        extent: (u32, u32),
+    ) -> Self {
+        Batch {
+            jobs,
+            n_jobs,
+            job_bytes: std::mem::size_of::<J>(),
+            cache_type: cache,
+            plain_type: plain,
+            extent,
+        }
+    }
+}
+
+/// The longest row and the most rows over a batch's jobs (row stride, row elements, rows), each
+/// job's cache-side rows checked; `None` when there is nothing to launch.
+fn batch_extent(
+    cache_type: HbmType,
+    jobs: impl Iterator<Item = (u64, u32, u32)>,
+) -> Result<Option<(u32, u32)>> {
+    let (mut elems, mut rows, mut any) = (0, 0, false);
+    for (stride, row_elems, n_rows) in jobs {
+        check_rows(cache_type, stride as usize, row_elems)?;
+        elems = elems.max(row_elems);
+        rows = rows.max(n_rows);
+        any = true;
+    }
+    Ok((any && rows > 0).then_some((elems, rows)))
 }
 
 /// A row must be whole blocks, fit the stride, and keep every row aligned for its element type.
