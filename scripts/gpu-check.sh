@@ -162,7 +162,7 @@ if want reliability; then
     if nvcc -O2 -cudart shared -o build/gpu/oom_storm c_tests/gpu/oom_storm.cu 2>"$LOG/storm-build.log"; then
         out=$(HBMALLOC_CONF=backtrace:off LD_PRELOAD=$LIB build/gpu/oom_storm 2>&1)
         rc=$?
-        # Storms and cache releases per round: at most one release per storm.
+        # Each round is one storm: at most one cache release per round.
         grep '^round' <<<"$out" | tee "$LOG/storm-rounds.txt"
         [[ $rc == 0 ]] && record "out-of-memory storm" PASS "$(tail -1 <<<"$out")" || record "out-of-memory storm" FAIL "$out"
     else

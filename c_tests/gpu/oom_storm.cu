@@ -1,19 +1,23 @@
 // Out-of-memory storm under hbmalloc: threads allocate past the device's memory together, with
-// blocks freed on the way (so caches hold memory when the storm hits), several rounds in a row.
-// Every failed cudaMalloc must return cudaErrorMemoryAllocation (2) and leave nothing sticky
-// (cudaGetLastError clears it, the next small allocation succeeds); every successful one must be
-// usable memory; after everything is freed, cudaMemGetInfo must report what it did at the start.
+// memory cached when the storm hits, several rounds in a row. Every failed cudaMalloc must
+// return cudaErrorMemoryAllocation (2) and leave nothing sticky (cudaGetLastError clears it, the
+// next small allocation succeeds); every successful one must be usable memory; after everything
+// is freed, cudaMemGetInfo must report what it did at the start.
 //
-// The caches are released once per storm of threads failing together (failed calls that
-// overlap in time), not once per failing allocation: each round prints its storms and its cache
-// releases (hbm_stats' oom_retries), which should be at most one per storm; the run fails if
-// releases reach half the failures (a release per failure was the defect: 233 in one run on an
-// H200).
+// The caches are released once per storm (threads failing together), not once per failing
+// allocation. To make "once" exact, each round is one storm in two phases: the threads fill 70%
+// of the device and free a quarter of what they hold (the cache); then, past a barrier, they
+// allocate without freeing until each has failed three times. After the storm's release the
+// caches cannot fill again, so a second release would mean a release per failure. Each round
+// prints its failures and its cache releases (hbm_stats' oom_retries: releases that gave memory
+// back); the run fails if a round has more than one (a release per failure was the defect: 233
+// in one run on an H200). A round can have none: the pool may have reused or returned the cache
+// itself before the device ran out.
 //
 // Run under LD_PRELOAD=libhbmalloc.so. Environment: STORM_THREADS (16), STORM_ROUNDS (3).
 // Prints one line per round and one with the totals (threads, successes, failures, cache
 // releases, cudaMemGetInfo free before and after) and exits 1 on a wrong code, unusable memory,
-// memory not returned, or a release per failure.
+// memory not returned, or more than one cache release in a round.
 #include <cuda_runtime.h>
 #include <dlfcn.h>
 #include <pthread.h>
@@ -21,7 +25,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "cuda_check.h"
 
@@ -32,81 +35,65 @@ typedef struct {
 } Stats;
 typedef int (*stats_fn)(int, Stats *);
 
-// A failed cudaMalloc's interval (CLOCK_MONOTONIC, ns): storms are the runs of overlapping ones.
-typedef struct {
-    long long start, end;
-} Span;
-enum { MAX_FAILS = 64 };
-
-static long long now_ns(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (long long)t.tv_sec * 1000000000LL + t.tv_nsec;
-}
-
-static int by_start(const void *a, const void *b) {
-    long long x = ((const Span *)a)->start, y = ((const Span *)b)->start;
-    return (x > y) - (x < y);
-}
-
-// Storms among `n` failed calls: groups of calls whose intervals overlap (transitively). A
-// release per storm is the contract; hbmalloc's own storms can only be more (its view of a
-// failure begins after the call does), so releases <= storms here is expected, not guaranteed.
-static int count_storms(Span *spans, int n) {
-    qsort(spans, n, sizeof *spans, by_start);
-    int storms = 0;
-    long long reach = -1;
-    for (int i = 0; i < n; i++) {
-        if (spans[i].start > reach) storms++;
-        if (spans[i].end > reach) reach = spans[i].end;
-    }
-    return storms;
-}
-
 struct Worker {
     pthread_t tid;
     int id;
-    pthread_barrier_t *start;
+    size_t share;  // bytes this thread holds after the fill phase
+    pthread_barrier_t *filled, *done_failing;
     long ok, failed, wrong_code;
-    Span fails[MAX_FAILS];
 };
+
+// One allocation of `size`: usable memory (a memset that reaches its last byte) or the right,
+// non-sticky error. Returns the block or NULL.
+static void *try_alloc(struct Worker *w, size_t size) {
+    void *p = NULL;
+    cudaError_t e = cudaMalloc(&p, size);
+    if (e == cudaSuccess) {
+        w->ok++;
+        CHECK(cudaMemset(p, w->id, size));
+        return p;
+    }
+    w->failed++;
+    if (e != cudaErrorMemoryAllocation) w->wrong_code++;
+    // Not sticky: the error is cleared by cudaGetLastError and a small allocation works.
+    cudaGetLastError();
+    if (cudaGetLastError() != cudaSuccess) w->wrong_code++;
+    return NULL;
+}
 
 static void *worker_main(void *arg) {
     struct Worker *w = (struct Worker *)arg;
     enum { MAX = 4096 };
     void **held = (void **)calloc(MAX, sizeof *held);
     int n = 0;
-    pthread_barrier_wait(w->start);
     // Sizes 256 MiB to 1 GiB: a handful of threads fills an H200 in a few dozen allocations each.
     uint64_t x = 0x9E3779B97F4A7C15ULL * (w->id + 1);
-    for (;;) {
+    size_t held_bytes = 0;
+    while (held_bytes < w->share && n < MAX) {
         x ^= x << 13, x ^= x >> 7, x ^= x << 17;
         size_t size = ((size_t)256 << 20) + (size_t)(x % (768u << 20));
-        void *p = NULL;
-        long long t0 = now_ns();
-        cudaError_t e = cudaMalloc(&p, size);
-        long long t1 = now_ns();
-        if (e == cudaSuccess) {
-            w->ok++;
-            // Usable memory: a memset that reaches its last byte.
-            CHECK(cudaMemset(p, w->id, size));
-            // One in four is freed at once, so the cache holds memory when the device runs out.
-            if (x % 4 == 0 || n == MAX)
-                CHECK(cudaFree(p));
-            else
-                held[n++] = p;
-            continue;
-        }
-        if (w->failed < MAX_FAILS) w->fails[w->failed].start = t0, w->fails[w->failed].end = t1;
-        w->failed++;
-        if (e != cudaErrorMemoryAllocation) w->wrong_code++;
-        // Not sticky: the error is cleared by cudaGetLastError and a small allocation works.
-        cudaGetLastError();
-        if (cudaGetLastError() != cudaSuccess) w->wrong_code++;
-        if (w->failed >= 3) break;
+        void *p = try_alloc(w, size);
+        if (!p) break;
+        held[n++] = p, held_bytes += size;
     }
+    // A quarter back to the cache, then the storm: nothing is freed until every thread is done.
     CHECK(cudaDeviceSynchronize());
-    for (int i = 0; i < n; i++) CHECK(cudaFree(held[i]));
+    for (int i = 0; i < n; i += 4) {
+        CHECK(cudaFree(held[i]));
+        held[i] = NULL;
+    }
+    pthread_barrier_wait(w->filled);
+    long failed_before = w->failed;
+    while (w->failed - failed_before < 3 && n < MAX) {
+        x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+        size_t size = ((size_t)256 << 20) + (size_t)(x % (768u << 20));
+        void *p = try_alloc(w, size);
+        if (p) held[n++] = p;
+    }
+    pthread_barrier_wait(w->done_failing);
+    CHECK(cudaDeviceSynchronize());
+    for (int i = 0; i < n; i++)
+        if (held[i]) CHECK(cudaFree(held[i]));
     free(held);
     return NULL;
 }
@@ -131,33 +118,31 @@ int main() {
         Stats round_start;
         stats(0, &round_start);
         long round_ok = 0, round_failed = 0;
-        pthread_barrier_t start;
-        pthread_barrier_init(&start, NULL, threads);
+        pthread_barrier_t filled, done_failing;
+        pthread_barrier_init(&filled, NULL, threads);
+        pthread_barrier_init(&done_failing, NULL, threads);
         struct Worker *w = (struct Worker *)calloc(threads, sizeof *w);
         for (int i = 0; i < threads; i++) {
             w[i].id = i;
-            w[i].start = &start;
+            w[i].share = (size_t)(free0 * 0.7) / threads;
+            w[i].filled = &filled;
+            w[i].done_failing = &done_failing;
             pthread_create(&w[i].tid, NULL, worker_main, &w[i]);
         }
-        Span *spans = (Span *)calloc((size_t)threads * MAX_FAILS, sizeof *spans);
-        int n_spans = 0;
         for (int i = 0; i < threads; i++) {
             pthread_join(w[i].tid, NULL);
             ok += w[i].ok, failed += w[i].failed, wrong += w[i].wrong_code;
             round_ok += w[i].ok, round_failed += w[i].failed;
-            for (long f = 0; f < w[i].failed && f < MAX_FAILS; f++) spans[n_spans++] = w[i].fails[f];
         }
-        int storms = count_storms(spans, n_spans);
-        free(spans);
         Stats round_end;
         stats(0, &round_end);
         unsigned long long released = round_end.oom_retries - round_start.oom_retries;
         if (released > worst_round) worst_round = released;
-        printf("round %d: threads=%d successes=%ld failures=%ld storms=%d cache_releases=%llu%s\n", r,
-               threads, round_ok, round_failed, storms, released,
-               released > (unsigned long long)storms ? " (more releases than storms)" : "");
+        printf("round %d: threads=%d successes=%ld failures=%ld cache_releases=%llu%s\n", r, threads,
+               round_ok, round_failed, released, released > 1 ? " (more than one: the storm released twice)" : "");
         free(w);
-        pthread_barrier_destroy(&start);
+        pthread_barrier_destroy(&filled);
+        pthread_barrier_destroy(&done_failing);
     }
     void *small = NULL;
     cudaError_t after_storm = cudaMalloc(&small, 1 << 20);
@@ -175,9 +160,9 @@ int main() {
            "free_drift=%lld MiB small_alloc_after=%d\n",
            threads, rounds, ok, failed, wrong, releases, worst_round, (unsigned long long)after.in_use,
            free0 >> 20, free1 >> 20, drift >> 20, (int)after_storm);
-    // Once per storm: a release may serve many failures; one per failure is the defect.
-    int released_once = releases * 2 <= (unsigned long long)failed;
-    if (!released_once) printf("oom_storm: %llu cache releases for %ld failures\n", releases, failed);
+    // Once per storm: every round is one storm, and a release serves all its failures.
+    int released_once = worst_round <= 1;
+    if (!released_once) printf("oom_storm: %llu cache releases in one round (storm)\n", worst_round);
     int pass = wrong == 0 && failed >= (long)threads * rounds && after.in_use == before.in_use && returned &&
                after_storm == cudaSuccess && released_once;
     return pass ? 0 : 1;
