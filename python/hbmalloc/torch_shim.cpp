@@ -17,6 +17,7 @@
 #include <sys/types.h>
 
 #include <atomic>
+#include <cstdio>
 #include <cstdint>
 #include <functional>
 #include <mutex>
@@ -159,23 +160,29 @@ void* hbm_shim_malloc(ssize_t size, int device, cudaStream_t stream) {
   if (status == 0) {
     return ptr;
   }
-  TORCH_CHECK_WITH(
-      OutOfMemoryError,
-      status != kStatusOutOfMemory,
-      "CUDA out of memory. hbmalloc could not allocate ",
-      size,
-      " bytes on device ",
+  // The message is formatted with snprintf and handed to TORCH_CHECK as one string, so no C++
+  // stream is used here. Where the linker finds only libstdc++.a (seen on a GPU host: the shim
+  // then carries its own copy of the library), c10::str's ostringstream mixed that copy's
+  // locale with the process's libstdc++ and crashed (SIGSEGV) instead of raising.
+  char msg[320];
+  if (status == kStatusOutOfMemory) {
+    std::snprintf(
+        msg,
+        sizeof msg,
+        "CUDA out of memory. hbmalloc could not allocate %lld bytes on device %d even after "
+        "releasing its cached memory and retrying (its one-line explanation is on stderr).",
+        static_cast<long long>(size),
+        device);
+    TORCH_CHECK_WITH(OutOfMemoryError, false, static_cast<const char*>(msg));
+  }
+  std::snprintf(
+      msg,
+      sizeof msg,
+      "hbmalloc: allocating %lld bytes on device %d failed: %s",
+      static_cast<long long>(size),
       device,
-      " even after releasing its cached memory and retrying (its one-line explanation is on "
-      "stderr).");
-  TORCH_CHECK(
-      false,
-      "hbmalloc: allocating ",
-      size,
-      " bytes on device ",
-      device,
-      " failed: ",
       api.status_str(status));
+  TORCH_CHECK(false, static_cast<const char*>(msg));
   return nullptr;  // not reached: TORCH_CHECK(false, ...) throws
 }
 
