@@ -178,12 +178,14 @@ if want sanitizer; then
     # Any "Call to nvtx... failed" from the tool fails a run under hbmalloc, and each FAIL names
     # the tool's first complaint. First a probe (clean block, verbose): hbmalloc's attach line says
     # which slot layout the tool used (docs/tools.md); `--print-level info` shows the tool's notes.
+    # `--nvtx yes` on every run: without it the tool takes no NVTX call at all (it attaches, asks
+    # for no NVTX module and creates no domain: seen on the H200).
     first_complaint() { grep -m1 -E '(Warning|Error):' "$1" | sed 's/^=* *//'; }
     if nvcc -O2 -cudart shared -Iinclude -o build/gpu/oob c_tests/gpu/oob.cu 2>"$LOG/oob-build.log" &&
         nvcc -O2 -cudart shared -Iinclude -DOOB_CLEAN -o build/gpu/oob_clean c_tests/gpu/oob.cu 2>>"$LOG/oob-build.log"; then
         log=$LOG/sanitizer-probe.log
         OOB_EXPECT=hbmalloc HBMALLOC_CONF=backtrace:off,leak_report:off,nvtx:on,verbose:on LD_PRELOAD=$LIB \
-            compute-sanitizer --tool memcheck --print-level info --show-backtrace device \
+            compute-sanitizer --nvtx yes --tool memcheck --print-level info --show-backtrace device \
             build/gpu/oob_clean cudaMalloc >"$log" 2>&1
         rc=$?
         attach=$(grep -m1 'NVTX tool attached' "$log")
@@ -205,7 +207,7 @@ if want sanitizer; then
                 for run in "oob memcheck 1" "oob_clean memcheck 0" "oob_clean initcheck 0"; do
                     read -r exe tool want <<<"$run"
                     log=$LOG/sanitizer-$exe-$tool-$target-$how.log
-                    "${pre[@]}" compute-sanitizer --tool "$tool" "build/gpu/$exe" "$target" >"$log" 2>&1
+                    "${pre[@]}" compute-sanitizer --nvtx yes --tool "$tool" "build/gpu/$exe" "$target" >"$log" 2>&1
                     rc=$?
                     errors=$(grep -o 'ERROR SUMMARY: [0-9]*' "$log" | grep -o '[0-9]*$')
                     writes=$(grep -c 'Invalid __global__ write of size 4' "$log")
@@ -233,7 +235,7 @@ if want sanitizer; then
         if [[ -x build/gpu/churn ]] || nvcc -O2 -cudart shared -o build/gpu/churn c_tests/gpu/churn.cu 2>"$LOG/churn-build.log"; then
             log=$LOG/sanitizer-churn-nvtx.log
             CHURN_OPS=2000 CHURN_THREADS=4 HBMALLOC_CONF=backtrace:off,leak_report:off,nvtx:on LD_PRELOAD=$LIB \
-                compute-sanitizer --tool memcheck --error-exitcode 3 build/gpu/churn >"$log" 2>&1
+                compute-sanitizer --nvtx yes --tool memcheck --error-exitcode 3 build/gpu/churn >"$log" 2>&1
             rc=$?
             refused=$(grep -c 'Call to nvtx' "$log")
             summary=$(grep -E 'ERROR SUMMARY|ops=' "$log" | tr '\n' ' ')

@@ -264,7 +264,14 @@ fn what_the_tool_did() -> String {
     let filled: Vec<usize> = (0..core2.len())
         .filter(|&i| core2[i].load(Ordering::Acquire) != 0)
         .collect();
-    format!("modules asked for: {modules:?}; CORE2 slots filled: {filled:?}")
+    // compute-sanitizer attaches this way when run without `--nvtx yes` (seen on an H200).
+    let hint = match modules.is_empty() {
+        true => {
+            "; a tool that asks for nothing takes no NVTX calls: compute-sanitizer needs --nvtx yes"
+        }
+        false => "",
+    };
+    format!("modules asked for: {modules:?}; CORE2 slots filled: {filled:?}{hint}")
 }
 
 /// The memory extension's slots: [module state, slot 0 .. slot 62], as the header keeps them.
