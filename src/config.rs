@@ -342,6 +342,8 @@ static CONFIG: OnceCell<Config> = OnceCell::new();
 /// The process's configuration, read from `HBMALLOC_CONF` on first use; warnings go to stderr once.
 pub fn get() -> &'static Config {
     CONFIG.get_or_init(|| {
+        #[cfg(test)]
+        crate::process::init::test_pause::here("config");
         let text = std::env::var_os("HBMALLOC_CONF").unwrap_or_default();
         let (cfg, warnings) = Config::parse_bytes(text.as_bytes());
         for w in warnings {

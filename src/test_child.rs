@@ -18,9 +18,19 @@ pub fn run(name: &str, conf: Option<&str>) -> String {
 
 /// As `run`, returning the child's stdout and stderr.
 pub fn run_output(name: &str, conf: Option<&str>) -> (String, String) {
+    run_output_with_env(name, conf, &[])
+}
+
+/// As `run`, with more variables in the child's environment.
+pub fn run_with_env(name: &str, conf: Option<&str>, env: &[(&str, &str)]) -> String {
+    run_output_with_env(name, conf, env).0
+}
+
+fn run_output_with_env(name: &str, conf: Option<&str>, env: &[(&str, &str)]) -> (String, String) {
     let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
     cmd.args(["--exact", name, "--nocapture", "--test-threads=1"])
-        .env(CHILD, "1");
+        .env(CHILD, "1")
+        .envs(env.iter().copied());
     match conf {
         Some(c) => cmd.env("HBMALLOC_CONF", c),
         None => cmd.env_remove("HBMALLOC_CONF"),

@@ -230,6 +230,70 @@ mod tests {
         println!("child checks passed");
     }
 
+    /// Forks while another thread is held inside a first set-up (the configuration, the
+    /// backend choice, the device's pool, the global tracker; a fresh process each): the child
+    /// allocates, frees and exits. Were the fork not to wait for the set-up, the child would wait
+    /// forever on the one the thread it lacks had begun.
+    fn fork_during_first_set_up_of(name: &str) {
+        let text = crate::test_child::run_with_env(
+            "runtime::fork::tests::child_forked_during_a_first_set_up",
+            Some("backend:sim,backtrace:off,leak_report:full"),
+            &[("HBM_TEST_PAUSE_IN", name)],
+        );
+        assert!(text.contains("child checks passed"), "{name}: {text}");
+    }
+
+    #[test]
+    fn children_forked_during_the_configurations_set_up_work() {
+        fork_during_first_set_up_of("config");
+    }
+
+    #[test]
+    fn children_forked_during_the_backend_choice_work() {
+        fork_during_first_set_up_of("runtime::active");
+    }
+
+    #[test]
+    fn children_forked_during_a_pools_set_up_work() {
+        fork_during_first_set_up_of("runtime::pool");
+    }
+
+    #[test]
+    fn children_forked_during_the_trackers_set_up_work() {
+        fork_during_first_set_up_of("track::global");
+    }
+
+    #[test]
+    fn child_forked_during_a_first_set_up() {
+        use crate::process::init::test_pause;
+        if !crate::test_child::is_child() {
+            return;
+        }
+        let name = std::env::var("HBM_TEST_PAUSE_IN").expect("a set-up to pause in");
+        test_pause::pause_in(name.leak(), Duration::from_millis(300));
+        let first = std::thread::spawn(|| {
+            let mut p = std::ptr::null_mut();
+            // SAFETY: a local out-parameter; the block is ours to free.
+            unsafe {
+                assert_eq!(crate::ffi::cuda_api::cudaMalloc(&mut p, 4096), 0);
+                assert_eq!(crate::ffi::cuda_api::cudaFree(p), 0);
+            }
+        });
+        while !test_pause::entered() {
+            std::thread::yield_now();
+        }
+        fork_children_doing(1, || {
+            let mut p = std::ptr::null_mut();
+            // SAFETY: a local out-parameter; the block is ours to free.
+            unsafe {
+                assert_eq!(crate::ffi::cuda_api::cudaMalloc(&mut p, 4096), 0);
+                assert_eq!(crate::ffi::cuda_api::cudaFree(p), 0);
+            }
+        });
+        first.join().unwrap();
+        println!("child checks passed");
+    }
+
     /// Forks `rounds` children; each allocates and frees, exits within a deadline and prints
     /// nothing to stderr.
     fn fork_children(rounds: usize) {

@@ -31,14 +31,18 @@ static BACKENDS: [OnceCell<SharedBackend>; MAX_DEVICES] = [const { OnceCell::new
 
 /// The backend kind in force: `backend:auto` picks CUDA when a driver and a device are present.
 pub fn active() -> Active {
-    *ACTIVE.get_or_init(|| match config::get().backend {
-        BackendKind::Sim => Active::Sim,
-        BackendKind::Cuda => Active::Cuda,
-        BackendKind::Auto => {
-            if crate::backend::cuda::CudaBackend::available() {
-                Active::Cuda
-            } else {
-                Active::Sim
+    *ACTIVE.get_or_init(|| {
+        #[cfg(test)]
+        crate::process::init::test_pause::here("runtime::active");
+        match config::get().backend {
+            BackendKind::Sim => Active::Sim,
+            BackendKind::Cuda => Active::Cuda,
+            BackendKind::Auto => {
+                if crate::backend::cuda::CudaBackend::available() {
+                    Active::Cuda
+                } else {
+                    Active::Sim
+                }
             }
         }
     })
@@ -218,8 +222,11 @@ fn pool_slow(device: i32) -> Result<&'static CachingPool> {
     fork::install();
     crate::track::set_exit_summaries(pool_summaries);
     let backend = raw_backend(device)?;
-    Ok(POOLS[device as usize]
-        .get_or_init(|| CachingPool::new(backend, PoolSettings::from_config(config::get()))))
+    Ok(POOLS[device as usize].get_or_init(|| {
+        #[cfg(test)]
+        crate::process::init::test_pause::here("runtime::pool");
+        CachingPool::new(backend, PoolSettings::from_config(config::get()))
+    }))
 }
 
 /// The pools created so far, with their device ordinals.

@@ -168,6 +168,8 @@ static GLOBAL: OnceCell<Tracker> = OnceCell::new();
 /// the exit report, so every entry point that records an allocation gets one.
 pub fn global() -> &'static Tracker {
     GLOBAL.get_or_init(|| {
+        #[cfg(test)]
+        crate::process::init::test_pause::here("track::global");
         let tracker = Tracker::new(Settings::from_config(config::get()));
         // The unit-test process frees bad pointers on purpose in many tests at once: its exit
         // report would read like a failure among passing tests. Tests of the exit report run in
