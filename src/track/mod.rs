@@ -34,7 +34,7 @@ pub mod timeline_svg;
 pub mod trace;
 
 use crate::config::{self, Config, LeakReport, PythonFrames, StackWalk};
-use once_cell::sync::OnceCell;
+use crate::process::init::InitCell;
 
 pub use capture::Unwinder;
 #[cfg(test)]
@@ -162,14 +162,13 @@ impl Settings {
     }
 }
 
-static GLOBAL: OnceCell<Tracker> = OnceCell::new();
+/// An `InitCell`: a fork waits for the tracker's set-up (`process::init`).
+static GLOBAL: InitCell<Tracker> = InitCell::new("track::global");
 
 /// The process-wide tracker, built from `HBMALLOC_CONF` on first use. Building it also registers
 /// the exit report, so every entry point that records an allocation gets one.
 pub fn global() -> &'static Tracker {
     GLOBAL.get_or_init(|| {
-        #[cfg(test)]
-        crate::process::init::test_pause::here("track::global");
         let tracker = Tracker::new(Settings::from_config(config::get()));
         // The unit-test process frees bad pointers on purpose in many tests at once: its exit
         // report would read like a failure among passing tests. Tests of the exit report run in
