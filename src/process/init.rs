@@ -16,8 +16,10 @@
 //! of those: the cells that the pool, backend and tracker code reads are filled before the first
 //! pool or tracker exists. A set-up runs with the lock held, so it must not wait for a fork in
 //! progress: before glibc 2.36 `fork` holds glibc's own handler lock across the handlers, which
-//! `pthread_atfork`, `dlclose` and a nested `fork` also take. The CUDA driver's first probe (which
-//! does all three) therefore runs outside (`backend::cuda::CudaBackend::device_count`).
+//! `pthread_atfork`, `dlclose` and a nested `fork` also take. So the CUDA driver's first probe
+//! (`cuInit`, which may do all three) runs outside the lock (`CudaBackend::device_count`, and
+//! its callers `runtime::active` and `ffi::runtime_state` probe before they take it); a device
+//! backend's own set-up (retaining the primary context, after the probe) does run under it.
 
 use once_cell::sync::OnceCell;
 use std::cell::Cell;
@@ -27,8 +29,8 @@ use std::time::Duration;
 /// A value set up once per process, under the set-up lock (see the module doc).
 pub struct InitCell<T> {
     cell: OnceCell<T>,
-    /// For diagnostics and the tests' pause (`test_pause`).
-    #[allow(dead_code)]
+    /// For the tests' pause (`test_pause`) and for a reader of the code.
+    #[cfg_attr(not(test), allow(dead_code))]
     name: &'static str,
 }
 
@@ -88,6 +90,9 @@ impl<T> InitCell<T> {
 
     /// Sets the value unless it is set (`Err` with `value` then).
     pub fn set(&self, value: T) -> Result<(), T> {
+        if self.cell.get().is_some() {
+            return Err(value);
+        }
         let _held = Held::take();
         self.cell.set(value)
     }
