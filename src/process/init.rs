@@ -267,6 +267,7 @@ pub mod test_pause {
 
     static WHERE: Mutex<Option<(&'static str, Duration)>> = Mutex::new(None);
     static ENTERED: AtomicBool = AtomicBool::new(false);
+    static LEFT: AtomicBool = AtomicBool::new(false);
 
     /// The next thread to run the set-up `name` sleeps `hold` inside it.
     pub fn pause_in(name: &'static str, hold: Duration) {
@@ -292,6 +293,12 @@ pub mod test_pause {
         };
         ENTERED.store(true, Ordering::Release);
         std::thread::sleep(hold);
+        LEFT.store(true, Ordering::Release);
+    }
+
+    /// Whether the paused thread has come out of its pause (still inside the set-up).
+    pub fn left() -> bool {
+        LEFT.load(Ordering::Acquire)
     }
 }
 

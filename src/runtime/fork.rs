@@ -286,6 +286,11 @@ mod tests {
             std::thread::yield_now();
         }
         fork_children_doing(1, || {
+            if !test_pause::left() {
+                // The fork did not wait for the set-up to finish.
+                // SAFETY: ends the child at once, with a status the parent reports.
+                unsafe { libc::_exit(3) };
+            }
             let mut p = std::ptr::null_mut();
             // SAFETY: a local out-parameter; the block is ours to free.
             unsafe {
