@@ -3,7 +3,7 @@
 //! A malformed entry never aborts the host program: it prints one warning line naming the key and
 //! the entry is ignored, leaving the default in force.
 
-use once_cell::sync::OnceCell;
+use crate::process::init::InitCell;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
@@ -337,7 +337,8 @@ pub fn parse_size(text: &str) -> Option<usize> {
     number.checked_mul(1usize << shift)
 }
 
-static CONFIG: OnceCell<Config> = OnceCell::new();
+/// An `InitCell`: a fork waits for the configuration's set-up (`process::init`).
+static CONFIG: InitCell<Config> = InitCell::new("config");
 
 /// The process's configuration, read from `HBMALLOC_CONF` on first use; warnings go to stderr once.
 pub fn get() -> &'static Config {

@@ -3,6 +3,8 @@
 //! that the backend, the tool annotations and the tracker can ask without reaching up to the
 //! code that sets them (`track::exit`, `fork`).
 
+pub mod init;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Once;
 

@@ -7,7 +7,7 @@
 //! A function that is not found stays `None` and is never called. The driver's functions
 //! (`driver`) are found the same way, in an already-loaded `libcuda.so.1`.
 
-use once_cell::sync::OnceCell;
+use crate::process::init::InitCell;
 use std::ffi::{c_int, c_uint, c_void, CStr};
 
 pub type FreeFn = unsafe extern "C" fn(*mut c_void) -> c_int;
@@ -70,8 +70,8 @@ pub struct RealDriver {
     pub mem_free: Option<CuMemFreeFn>,
 }
 
-static REAL: OnceCell<RealCuda> = OnceCell::new();
-static DRIVER: OnceCell<RealDriver> = OnceCell::new();
+static REAL: InitCell<RealCuda> = InitCell::new("ffi::real_cuda");
+static DRIVER: InitCell<RealDriver> = InitCell::new("ffi::real_driver");
 
 const RUNTIME_LIBS: [&CStr; 3] = [c"libcudart.so.13", c"libcudart.so.12", c"libcudart.so"];
 const DRIVER_LIBS: [&CStr; 2] = [c"libcuda.so.1", c"libcuda.so"];

@@ -7,8 +7,8 @@
 //! address, pool hits fail with 700 as the runtime's `cudaMalloc` does.
 
 use super::status::cuda_error;
+use crate::process::init::InitCell;
 use crate::runtime::{self, MAX_DEVICES};
-use once_cell::sync::OnceCell;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 /// Errors after which the runtime refuses every call on the device until the process ends
@@ -44,16 +44,26 @@ fn sticky_of(device: i32) -> Option<i32> {
 /// `cudaErrorInsufficientDriver` / `cudaErrorNoDevice` when `backend:auto` found no usable CUDA
 /// device (the simulated device serves only when `backend:sim` asks for it); decided once.
 fn no_device() -> Option<i32> {
-    static ANSWER: OnceCell<Option<i32>> = OnceCell::new();
-    *ANSWER.get_or_init(|| {
-        runtime::auto_fell_back().then(|| {
-            if crate::backend::cuda::CudaBackend::driver_present() {
-                cuda_error::NO_DEVICE
-            } else {
-                cuda_error::INSUFFICIENT_DRIVER
-            }
-        })
-    })
+    match NO_DEVICE.get() {
+        Some(answer) => *answer,
+        None => no_device_slow(),
+    }
+}
+
+static NO_DEVICE: InitCell<Option<i32>> = InitCell::new("ffi::no_device");
+
+#[cold]
+fn no_device_slow() -> Option<i32> {
+    // Worked out before the set-up lock is taken: it probes the driver, which a fork must not
+    // wait for (`process::init`); every thread that races here works out the same answer.
+    let answer = runtime::auto_fell_back().then(|| {
+        if crate::backend::cuda::CudaBackend::driver_present() {
+            cuda_error::NO_DEVICE
+        } else {
+            cuda_error::INSUFFICIENT_DRIVER
+        }
+    });
+    *NO_DEVICE.get_or_init(|| answer)
 }
 
 /// The code the runtime would return for any call now, before looking at its arguments.

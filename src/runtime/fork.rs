@@ -9,20 +9,30 @@
 //! pools of a CUDA process answer as the runtime does in a forked child. The simulated device,
 //! host memory, keeps working.
 //!
+//! A set-up in progress on another thread (the configuration, the backend choice, a device's
+//! backend or pool, the tracker: `process::init::InitCell`s) is waited for first: the set-up
+//! lock is taken before every lock here, so the pools enumerated are all there are, and the
+//! child finds each set-up either not begun or finished.
+//!
 //! The tracker's overflow map (records that do not fit its table) has a lock of its own, taken
 //! last (nothing is locked under it). The live-table keys, which a thread holds for the length of
 //! one insert or remove, are not locked at fork: the child drops those held
 //! (`track::after_fork_child`).
 
 use crate::pool::caching::PoolLocks;
+use crate::process::init::{set_fork_hooks, ForkHooks};
 use crate::runtime;
 use crate::track::live_table::OverflowLock;
 use std::cell::RefCell;
-use std::sync::Once;
 
 pub use crate::process::{cuda_lost, in_child};
 
-static INSTALL: Once = Once::new();
+/// Run by `process::init`'s handlers, inside its set-up lock.
+static HOOKS: ForkHooks = ForkHooks {
+    prepare,
+    parent,
+    child,
+};
 
 thread_local! {
     /// The locks `prepare` took, released by `parent` or `child` on the same thread.
@@ -32,16 +42,10 @@ thread_local! {
 
 /// Registers the fork handlers (idempotent); called when the first pool is created.
 pub fn install() {
-    INSTALL.call_once(|| {
-        // SAFETY: the three handlers are `extern "C" fn()` that never unwind.
-        let rc = unsafe { libc::pthread_atfork(Some(prepare), Some(parent), Some(child)) };
-        if rc != 0 {
-            eprintln!("hbmalloc: could not register the fork handlers ({rc})");
-        }
-    });
+    set_fork_hooks(&HOOKS);
 }
 
-extern "C" fn prepare() {
+fn prepare() {
     let _ = std::panic::catch_unwind(|| {
         let mut held = Vec::new();
         // A fixed order: devices in ordinal order, then the pinned host pool.
@@ -57,11 +61,11 @@ extern "C" fn prepare() {
     });
 }
 
-extern "C" fn parent() {
+fn parent() {
     release();
 }
 
-extern "C" fn child() {
+fn child() {
     let _ = std::panic::catch_unwind(|| {
         let _ = HELD.try_with(|h| {
             h.borrow_mut()
@@ -162,9 +166,7 @@ mod tests {
     }
 
     fn grow_and_trim_child() {
-        // The runtime is set up before the workers start: a fork while a worker runs its lazy
-        // set-up leaves the child waiting on it forever (a race apart from the one tested here).
-        crate::runtime::pool(0).unwrap();
+        // The workers set up the runtime themselves: the first forks race that set-up too.
         let stop = Arc::new(AtomicBool::new(false));
         let workers: Vec<_> = (0..2)
             .map(|t| {
@@ -203,8 +205,8 @@ mod tests {
 
     fn overflow_child() {
         use crate::track::{self, Origin};
-        // The first pool installs the fork handlers; the tracker is built before the holder
-        // runs (a fork while another thread builds it leaves the child waiting for it).
+        // The first pool installs the fork handlers, and the tracker is built before the
+        // holder runs: it holds the tracker's lock, which needs the tracker.
         cycle(&[512]);
         track::global();
         let stop = Arc::new(AtomicBool::new(false));
@@ -227,6 +229,76 @@ mod tests {
         });
         stop.store(true, Ordering::Relaxed);
         holder.join().unwrap();
+        println!("child checks passed");
+    }
+
+    /// Forks while another thread is held inside a first set-up (the configuration, the
+    /// backend choice, the device's pool, the global tracker; a fresh process each): the child
+    /// allocates, frees and exits. Were the fork not to wait for the set-up, the child would wait
+    /// forever on the one the thread it lacks had begun.
+    fn fork_during_first_set_up_of(name: &str) {
+        let text = crate::test_child::run_with_env(
+            "runtime::fork::tests::child_forked_during_a_first_set_up",
+            Some("backend:sim,backtrace:off,leak_report:full"),
+            &[("HBM_TEST_PAUSE_IN", name)],
+            Duration::from_secs(60),
+        );
+        assert!(text.contains("child checks passed"), "{name}: {text}");
+    }
+
+    #[test]
+    fn children_forked_during_the_configurations_set_up_work() {
+        fork_during_first_set_up_of("config");
+    }
+
+    #[test]
+    fn children_forked_during_the_backend_choice_work() {
+        fork_during_first_set_up_of("runtime::active");
+    }
+
+    #[test]
+    fn children_forked_during_a_pools_set_up_work() {
+        fork_during_first_set_up_of("runtime::pool");
+    }
+
+    #[test]
+    fn children_forked_during_the_trackers_set_up_work() {
+        fork_during_first_set_up_of("track::global");
+    }
+
+    #[test]
+    fn child_forked_during_a_first_set_up() {
+        use crate::process::init::test_pause;
+        if !crate::test_child::is_child() {
+            return;
+        }
+        let name = std::env::var("HBM_TEST_PAUSE_IN").expect("a set-up to pause in");
+        test_pause::pause_in(name.leak(), Duration::from_millis(300));
+        let first = std::thread::spawn(|| {
+            let mut p = std::ptr::null_mut();
+            // SAFETY: a local out-parameter; the block is ours to free.
+            unsafe {
+                assert_eq!(crate::ffi::cuda_api::cudaMalloc(&mut p, 4096), 0);
+                assert_eq!(crate::ffi::cuda_api::cudaFree(p), 0);
+            }
+        });
+        while !test_pause::entered() {
+            std::thread::yield_now();
+        }
+        fork_children_doing(1, || {
+            if !test_pause::left() {
+                // The fork did not wait for the set-up to finish.
+                // SAFETY: ends the child at once, with a status the parent reports.
+                unsafe { libc::_exit(3) };
+            }
+            let mut p = std::ptr::null_mut();
+            // SAFETY: a local out-parameter; the block is ours to free.
+            unsafe {
+                assert_eq!(crate::ffi::cuda_api::cudaMalloc(&mut p, 4096), 0);
+                assert_eq!(crate::ffi::cuda_api::cudaFree(p), 0);
+            }
+        });
+        first.join().unwrap();
         println!("child checks passed");
     }
 

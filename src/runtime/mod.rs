@@ -13,7 +13,7 @@ use crate::backend::{host_memory, SharedBackend, HOST_DEVICE};
 use crate::config::{self, BackendKind, MemLimit};
 use crate::error::{Error, Result};
 use crate::pool::{CachingPool, PinnedPool, PoolSettings};
-use once_cell::sync::OnceCell;
+use crate::process::init::InitCell;
 use std::sync::Arc;
 
 /// The most devices one process can use; device ordinals at or above it are invalid.
@@ -26,21 +26,30 @@ pub enum Active {
     Sim,
 }
 
-static ACTIVE: OnceCell<Active> = OnceCell::new();
-static BACKENDS: [OnceCell<SharedBackend>; MAX_DEVICES] = [const { OnceCell::new() }; MAX_DEVICES];
+// Every process-wide set-up here is an `InitCell`, which a fork waits for (`process::init`).
+static ACTIVE: InitCell<Active> = InitCell::new("runtime::active");
+static BACKENDS: [InitCell<SharedBackend>; MAX_DEVICES] =
+    [const { InitCell::new("runtime::backend") }; MAX_DEVICES];
 
 /// The backend kind in force: `backend:auto` picks CUDA when a driver and a device are present.
 pub fn active() -> Active {
-    *ACTIVE.get_or_init(|| match config::get().backend {
+    match ACTIVE.get() {
+        Some(active) => *active,
+        None => active_slow(),
+    }
+}
+
+#[cold]
+fn active_slow() -> Active {
+    let kind = config::get().backend;
+    // The driver is probed before the set-up lock is taken: a fork must not wait for it
+    // (`process::init`).
+    let cuda = kind == BackendKind::Auto && crate::backend::cuda::CudaBackend::available();
+    *ACTIVE.get_or_init(|| match kind {
         BackendKind::Sim => Active::Sim,
         BackendKind::Cuda => Active::Cuda,
-        BackendKind::Auto => {
-            if crate::backend::cuda::CudaBackend::available() {
-                Active::Cuda
-            } else {
-                Active::Sim
-            }
-        }
+        BackendKind::Auto if cuda => Active::Cuda,
+        BackendKind::Auto => Active::Sim,
     })
 }
 
@@ -132,8 +141,8 @@ pub fn backend(device: i32) -> Result<SharedBackend> {
         .cloned()
 }
 
-static CONSUMER_BACKENDS: [OnceCell<SharedBackend>; MAX_DEVICES] =
-    [const { OnceCell::new() }; MAX_DEVICES];
+static CONSUMER_BACKENDS: [InitCell<SharedBackend>; MAX_DEVICES] =
+    [const { InitCell::new("runtime::consumer_backend") }; MAX_DEVICES];
 
 fn check_device(device: i32) -> Result<()> {
     if device < 0 || device >= device_count() || device as usize >= MAX_DEVICES {
@@ -178,7 +187,7 @@ impl Caches for DevicePools {
     fn ticket(&self, device: i32) -> u64 {
         POOLS
             .get(device as usize)
-            .and_then(OnceCell::get)
+            .and_then(InitCell::get)
             .map_or(0, CachingPool::release_ticket)
     }
 
@@ -191,18 +200,19 @@ impl Caches for DevicePools {
     ) -> bool {
         POOLS
             .get(device as usize)
-            .and_then(OnceCell::get)
+            .and_then(InitCell::get)
             .is_some_and(|pool| pool.release_then(ticket, bytes, retry).1.is_some())
     }
 }
 
-static POOLS: [OnceCell<CachingPool>; MAX_DEVICES] = [const { OnceCell::new() }; MAX_DEVICES];
+static POOLS: [InitCell<CachingPool>; MAX_DEVICES] =
+    [const { InitCell::new("runtime::pool") }; MAX_DEVICES];
 
 /// The caching pool of `device` (the one behind `cudaMalloc`), created on first use.
 #[inline]
 pub fn pool(device: i32) -> Result<&'static CachingPool> {
     // The hot path: one load, no reference-count traffic on the shared backend.
-    if let Some(pool) = POOLS.get(device as usize).and_then(OnceCell::get) {
+    if let Some(pool) = POOLS.get(device as usize).and_then(InitCell::get) {
         if !crate::process::cuda_lost() {
             return Ok(pool);
         }
@@ -242,7 +252,7 @@ fn pool_summaries() -> Vec<String> {
     lines
 }
 
-static HOST_POOL: OnceCell<PinnedPool> = OnceCell::new();
+static HOST_POOL: InitCell<PinnedPool> = InitCell::new("runtime::host_pool");
 
 /// The pinned host pool (the one behind `cudaMallocHost`), created on first use: over the
 /// driver's pinned memory on CUDA, over ordinary host memory (bounded by the host's RAM) on the
@@ -264,8 +274,9 @@ fn host_pool_slow() -> Result<&'static PinnedPool> {
     }
     fork::install();
     crate::track::set_exit_summaries(pool_summaries);
+    let active = active(); // outside the set-up: it may probe the driver
     HOST_POOL.get_or_try_init(|| {
-        let backend: SharedBackend = match active() {
+        let backend: SharedBackend = match active {
             Active::Sim => Arc::new(SimBackend::new(HOST_DEVICE, host_memory().1)),
             Active::Cuda => Arc::new(crate::backend::cuda::PinnedHostBackend::new()?),
         };
@@ -281,7 +292,7 @@ pub fn host_pool_if_started() -> Option<&'static PinnedPool> {
     HOST_POOL.get()
 }
 
-static SIM_MANAGED: OnceCell<SimBackend> = OnceCell::new();
+static SIM_MANAGED: InitCell<SimBackend> = InitCell::new("runtime::sim_managed");
 
 /// Where `cudaMallocManaged` memory comes from on the simulated device: host memory of its own
 /// (managed memory is not pooled, see `crate::tracked::host`), bounded by the host's RAM.

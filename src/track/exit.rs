@@ -13,7 +13,7 @@
 
 use super::registry::Tracker;
 use crate::config::LeakReport;
-use once_cell::sync::OnceCell;
+use crate::process::init::InitCell;
 use std::ffi::OsStr;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
@@ -23,7 +23,7 @@ use std::sync::Once;
 static INSTALL: Once = Once::new();
 /// The pools' one-line summaries for `verbose:on`, given by the layer that owns the pools
 /// (`runtime`), so that the tracker never reaches up to it.
-static SUMMARIES: OnceCell<fn() -> Vec<String>> = OnceCell::new();
+static SUMMARIES: InitCell<fn() -> Vec<String>> = InitCell::new("track::summaries");
 
 /// Sets what `verbose:on` prints at exit after the reports (the first call wins).
 pub fn set_exit_summaries(lines: fn() -> Vec<String>) {

@@ -34,7 +34,7 @@ pub mod timeline_svg;
 pub mod trace;
 
 use crate::config::{self, Config, LeakReport, PythonFrames, StackWalk};
-use once_cell::sync::OnceCell;
+use crate::process::init::InitCell;
 
 pub use capture::Unwinder;
 #[cfg(test)]
@@ -162,7 +162,8 @@ impl Settings {
     }
 }
 
-static GLOBAL: OnceCell<Tracker> = OnceCell::new();
+/// An `InitCell`: a fork waits for the tracker's set-up (`process::init`).
+static GLOBAL: InitCell<Tracker> = InitCell::new("track::global");
 
 /// The process-wide tracker, built from `HBMALLOC_CONF` on first use. Building it also registers
 /// the exit report, so every entry point that records an allocation gets one.

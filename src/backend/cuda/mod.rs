@@ -22,8 +22,7 @@ use crate::dtype::HbmType;
 use crate::error::{Error, Result};
 use cudarc::driver::sys::{self, CUcontext, CUdevice, CUdeviceptr, CUevent, CUresult, CUstream};
 use kernels::KvKernels;
-use once_cell::sync::OnceCell;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 /// A backend for one CUDA device.
@@ -56,8 +55,14 @@ unsafe impl Send for CudaBackend {}
 // SAFETY: as for `Send`; no method hands out `&mut` access to shared state without the mutex.
 unsafe impl Sync for CudaBackend {}
 
-/// Device count found by the first probe; 0 when there is no usable driver.
-static DEVICE_COUNT: OnceCell<i32> = OnceCell::new();
+/// Device count found by the first probe (0 when there is no usable driver); before that
+/// `UNPROBED`, or, while a thread probes, minus the pid of its process. Not a once-cell: the
+/// probe runs outside the set-up lock that a fork waits for (`process::init`: the driver's
+/// initialisation may fork, register fork handlers or unload a library, each of which waits for
+/// a fork in progress before glibc 2.36), so a child may be forked mid-probe and must not wait
+/// for it.
+static DEVICE_COUNT: AtomicI32 = AtomicI32::new(UNPROBED);
+const UNPROBED: i32 = i32::MIN;
 
 /// Primary context of each device with a backend, as an address (0 = none yet): lets
 /// `current_device` name the thread's device without a driver call beyond `cuCtxGetCurrent`.
@@ -87,6 +92,34 @@ fn probe_device_count() -> i32 {
         }
     })
     .unwrap_or(0)
+}
+
+#[cold]
+fn device_count_slow() -> i32 {
+    // SAFETY: getpid has no preconditions.
+    let me = unsafe { libc::getpid() };
+    loop {
+        match DEVICE_COUNT.load(Ordering::Acquire) {
+            n if n >= 0 => return n,
+            // Another thread of this process probes: the driver takes its time.
+            n if n == -me => std::thread::sleep(std::time::Duration::from_micros(100)),
+            UNPROBED => {
+                let won = DEVICE_COUNT
+                    .compare_exchange(UNPROBED, -me, Ordering::Acquire, Ordering::Acquire)
+                    .is_ok();
+                if won {
+                    let n = probe_device_count();
+                    DEVICE_COUNT.store(n, Ordering::Release);
+                    return n;
+                }
+            }
+            // A forked child of a process that was probing: the driver was being initialised at
+            // the fork, and does not survive it. No device.
+            n => {
+                let _ = DEVICE_COUNT.compare_exchange(n, 0, Ordering::AcqRel, Ordering::Acquire);
+            }
+        }
+    }
 }
 
 /// `Err(Error::Driver)` unless the call succeeded.
@@ -142,7 +175,10 @@ impl CudaBackend {
 
     /// Number of CUDA devices (0 when the driver is absent or fails to initialise). Cached.
     pub fn device_count() -> i32 {
-        *DEVICE_COUNT.get_or_init(probe_device_count)
+        match DEVICE_COUNT.load(Ordering::Acquire) {
+            n if n >= 0 => n,
+            _ => device_count_slow(),
+        }
     }
 
     /// The device the CUDA runtime considers current on this thread: the device of the thread's
@@ -623,6 +659,29 @@ impl Backend for CudaBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A child forked while another thread probed the driver answers "no device" at once,
+    /// rather than waiting for a probe no thread of it runs (the parent's pid stands in the
+    /// state; in a child process of the test binary, which owns its `DEVICE_COUNT`).
+    #[test]
+    fn a_probe_begun_before_fork_is_not_waited_for() {
+        if !crate::test_child::is_child() {
+            let text = crate::test_child::run_with_env(
+                "backend::cuda::tests::a_probe_begun_before_fork_is_not_waited_for",
+                Some("backend:sim"),
+                &[],
+                std::time::Duration::from_secs(60),
+            );
+            assert!(text.contains("child checks passed"), "{text}");
+            return;
+        }
+        // SAFETY: getpid has no preconditions.
+        let parent = unsafe { libc::getppid() };
+        DEVICE_COUNT.store(-parent, Ordering::Release);
+        assert_eq!(CudaBackend::device_count(), 0);
+        assert!(!CudaBackend::available());
+        println!("child checks passed");
+    }
 
     #[test]
     fn driver_results_map_to_errors() {
