@@ -592,7 +592,8 @@ fn timeline_chart_has_a_band_per_site_up_to_the_peak() {
     assert_eq!(bands.len(), 9, "{text}");
     let sites: Vec<&str> = bands.iter().map(|a| a["data-site"].as_str()).collect();
     assert!(
-        sites[0].starts_with("track::load_weights tests/track.rs:"),
+        // "track::load_weights" in a debug build, "load_weights" with line tables only.
+        sites[0].contains("load_weights tests/track.rs:"),
         "{sites:?}"
     );
     for name in ["forward_activations", "grow_kv_cache", "leak_scratch"] {
@@ -604,7 +605,7 @@ fn timeline_chart_has_a_band_per_site_up_to_the_peak() {
         "{text}"
     );
     assert!(
-        text.contains("track::grow_kv_cache tests/track.rs:"),
+        text.contains("grow_kv_cache tests/track.rs:"),
         "legend: {text}"
     );
 

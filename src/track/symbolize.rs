@@ -153,15 +153,33 @@ fn is_own(frame: &SymFrame) -> bool {
             return true;
         }
     }
+    // The library's modules: a program built from this crate (the `hbmalloc` tool, the tests)
+    // has functions under `hbmalloc::` too, and those are the caller's frames.
+    const MODULES: [&str; 10] = [
+        "backend", "config", "error", "ffi", "kernels", "kv", "pool", "runtime", "track", "tracked",
+    ];
+    // Linked into an executable and built with line tables only (the release profile), frames
+    // carry short names ("on_alloc_owned"): then the module's source file says whose it is.
+    if own_shared_library().is_none() {
+        let in_module = |file: &str| {
+            // The unwinder's frames too (the backtrace crate's sources, "backtrace-0.3.x/...").
+            if file.starts_with("backtrace-") {
+                return true;
+            }
+            let rest = file.strip_prefix("src/").unwrap_or("");
+            MODULES.iter().any(|m| {
+                rest.strip_prefix(m)
+                    .is_some_and(|r| r.starts_with('/') || r == ".rs")
+            })
+        };
+        if frame.file.as_deref().is_some_and(in_module) {
+            return true;
+        }
+    }
     let Some(f) = &frame.function else {
         return false;
     };
     let f = f.strip_prefix('<').unwrap_or(f);
-    // The library's modules by name: a program built from this crate (the `hbmalloc` tool, the
-    // tests) has functions under `hbmalloc::` too, and those are the caller's frames.
-    const MODULES: [&str; 10] = [
-        "backend", "config", "error", "ffi", "kernels", "kv", "pool", "runtime", "track", "tracked",
-    ];
     let ours = f.strip_prefix("hbmalloc::").is_some_and(|rest| {
         MODULES
             .iter()
@@ -279,6 +297,25 @@ mod tests {
             offset: 0,
             inlined: false,
         }
+    }
+
+    #[test]
+    fn short_names_are_told_apart_by_their_source_file() {
+        let at = |name: &str, file: &str| SymFrame {
+            file: Some(file.to_string()),
+            ..named(name)
+        };
+        // What a release build (line tables only) linked into a program gives.
+        assert!(is_own(&at("on_alloc_owned", "src/track/registry.rs")));
+        assert!(is_own(&at(
+            "trace",
+            "backtrace-0.3.77/src/backtrace/mod.rs"
+        )));
+        assert!(is_own(&at("alloc_cached", "src/pool/caching.rs")));
+        assert!(is_own(&at("parse", "src/config.rs")));
+        assert!(!is_own(&at("leak_a", "tests/track.rs")));
+        assert!(!is_own(&at("main", "src/bin/hbmalloc.rs")));
+        assert!(!is_own(&at("pooled", "src/pooling.rs")));
     }
 
     #[test]
