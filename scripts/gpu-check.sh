@@ -4,7 +4,8 @@
 # then, from the repository root on the GPU machine (CUDA toolkit, driver, python3 + torch):
 #   bash scripts/gpu-check.sh [section ...]   sections: rust c limit stream reliability sanitizer torch paged-torch bench demo examples
 #   (bench also runs PyTorch's and RMM's allocators and the hbm_* C API: bench/peer_bench.cpp)
-#   (not run by default: `llama`, llama.cpp built with CUDA and run with and without hbmalloc
+#   (not run by default: `overhead`, what the CUDA context and cuBLAS hold (c_tests/gpu/context_overhead.cu);
+#   `llama`, llama.cpp built with CUDA and run with and without hbmalloc
 #   (scripts/gpu-llama.sh), ~8 min, before `replay-peers` so that its trace is replayed too;
 #   `distributed`, torch.distributed with NCCL, one rank per GPU (scripts/torch_distributed_check.py);
 #   `workloads`, real PyTorch programs end to end, ~7 min; `replay-peers`, the recorded traces
@@ -167,6 +168,18 @@ if want reliability; then
         [[ $rc == 0 ]] && record "out-of-memory storm" PASS "$(tail -1 <<<"$out")" || record "out-of-memory storm" FAIL "$out"
     else
         record "out-of-memory storm build" FAIL "$(head -3 "$LOG/storm-build.log" | tr '\n' ' ')"
+    fi
+fi
+
+if want overhead; then
+    # What a process holds besides its allocations (the context, cuBLAS): the figure behind
+    # `hbmalloc estimate --overhead`'s default (docs/estimate.md). Idle use from nvidia-smi first.
+    if nvcc -O2 -cudart shared -o build/gpu/context_overhead c_tests/gpu/context_overhead.cu -lcublas 2>"$LOG/overhead-build.log"; then
+        idle=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i 0 | head -1)
+        out=$(build/gpu/context_overhead "$idle" 2>&1)
+        [[ $? == 0 ]] && record "context overhead" PASS "$out" || record "context overhead" FAIL "$out"
+    else
+        record "context overhead build" FAIL "$(head -3 "$LOG/overhead-build.log" | tr '\n' ' ')"
     fi
 fi
 
