@@ -1,30 +1,15 @@
 //! The estimate: weights, KV cache, compute buffers and overhead, per device.
 //!
-//! Compute buffers are an APPROXIMATION of ggml-alloc's worst-case graph for one micro-batch
-//! (llama.cpp reserves it at start-up: `graph_reserve` with n_tokens = n_ubatch, every cache cell
-//! visible). ggml-alloc frees a tensor after its last use, so a device's peak is one layer's
-//! largest live set, not the sum over layers. Per GPU that holds layers, in f32 (4 bytes):
-//!
-//! ```text
-//! hidden   = 4 * n_ubatch * n_embd                 residual, norm, attention out, ffn out
-//! attn     = n_ubatch * n_kv * n_head              KQ scores (soft_max in place), without FA
-//!          = n_ubatch * n_head * head_dim_v        the output only, with flash attention
-//! ffn      = 3 * n_ubatch * n_ff                   gate, up and their product (n_ff: widest
-//!                                                  dense FFN, or expert width * experts used)
-//! logits   = n_ubatch * n_vocab                    on the device that holds the output layer
-//! layers   = hidden + max(attn, ffn)
-//! compute  = 4 * max(layers, hidden + logits)      (the output comes after the last layer)
-//! ```
-//!
-//! with `n_kv` the KV cells per stream of the widest layer (`estimate::kv`: the padded n_ctx, or
-//! each sequence's share of it; a model whose every layer slides uses the smaller SWA size). The CPU's host compute buffer holds the
-//! input embeddings (`4 * n_ubatch * n_embd`) plus the layers/logits above for whatever part of
-//! the model runs on it. This is where the estimate is least exact; scripts/estimate-vs-llamacpp.sh
-//! measures it against llama.cpp's `compute buffer size` lines.
+//! Compute buffers: `estimate::compute` rebuilds the graph llama.cpp reserves for one
+//! micro-batch and replays ggml-alloc's placement on it, per device (docs/estimate.md).
 //!
 //! Overhead: each GPU also carries the CUDA context, cuBLAS and the kernels' workspaces, which
 //! no file describes; it is a stated, configurable figure ([`DEFAULT_OVERHEAD`]).
 
+use super::compute::{
+    self,
+    graph::{Flavor, Layer, Shape},
+};
 use super::ggml_type::GgmlType;
 use super::kv::{kv_layout, KvLayout, KvParams};
 use super::weights::{slot_devices, weights_per_device, Model};
@@ -172,16 +157,20 @@ pub fn estimate(m: &Model, p: &Params) -> Result<Estimate, String> {
     for (il, l) in layout.layers.iter().enumerate() {
         kv[slots[il]] = kv[slots[il]].saturating_add(l.bytes());
     }
-    let c = ComputeShape::new(m, p, n_ubatch, &layout);
+    let shape = compute_shape(m, p, n_ubatch, &layout);
     let out_dev = slots[h.n_layer as usize];
     let devices = (0..n_dev)
         .map(|d| {
-            let has_layers = slots[..h.n_layer as usize].contains(&d);
-            let mut compute = c.device(has_layers, d == out_dev);
+            let on_d = |il: &usize| slots[*il] == d;
+            let first = (0..h.n_layer as usize).find(on_d).unwrap_or(0);
+            let end = (0..h.n_layer as usize).rfind(on_d).map_or(0, |l| l + 1);
+            let (output, gpu) = (d == out_dev, d != 0);
+            let compute = if d == 0 && first >= end && !output {
+                compute::host_inputs_bytes(&shape)
+            } else {
+                compute::device_bytes(&shape, first, end, output, gpu)
+            };
             let overhead = if d == 0 { 0 } else { p.overhead };
-            if d == 0 {
-                compute = compute.saturating_add(c.input_embd);
-            }
             DeviceEstimate {
                 name: if d == 0 {
                     "CPU".into()
@@ -213,46 +202,32 @@ pub fn estimate(m: &Model, p: &Params) -> Result<Estimate, String> {
     })
 }
 
-/// The terms of the compute-buffer formula (module docs), in bytes.
-struct ComputeShape {
-    hidden: u64,
-    layer_peak: u64,
-    logits: u64,
-    input_embd: u64,
-}
-
-impl ComputeShape {
-    fn new(m: &Model, p: &Params, n_ubatch: u64, kv: &KvLayout) -> ComputeShape {
-        let h = &m.hparams;
-        let all_swa = kv.layers.iter().all(|l| l.swa || l.cells == 0);
-        let n_kv = if all_swa { kv.cells_swa } else { kv.cells_full };
-        let n_head = m.n_head.max(1);
-        // Saturating: the sizes come from a file header, which may lie.
-        let mul = |xs: &[u64]| xs.iter().fold(1u64, |a, &x| a.saturating_mul(x));
-        let f = 4u64; // f32 activations
-        let attn = if p.flash_attn {
-            mul(&[n_ubatch, n_head, h.head_dim_v])
-        } else {
-            mul(&[n_ubatch, n_kv, n_head])
-        };
-        let ffn = mul(&[3, n_ubatch, m.n_ff]);
-        let hidden = mul(&[f, 4, n_ubatch, h.n_embd]);
-        ComputeShape {
-            hidden,
-            layer_peak: hidden.saturating_add(f.saturating_mul(attn.max(ffn))),
-            logits: mul(&[f, n_ubatch, m.n_vocab]),
-            input_embd: mul(&[f, n_ubatch, h.n_embd]),
-        }
-    }
-
-    fn device(&self, has_layers: bool, has_output: bool) -> u64 {
-        let layers = if has_layers { self.layer_peak } else { 0 };
-        let output = if has_output {
-            self.hidden.saturating_add(self.logits)
-        } else {
-            0
-        };
-        layers.max(output)
+/// The sizes of the graph llama.cpp reserves (`compute::graph`).
+fn compute_shape(m: &Model, p: &Params, n_ubatch: u64, kv: &KvLayout) -> Shape {
+    let h = &m.hparams;
+    let quantized_rot = |t: GgmlType, hd: u64| t.is_quantized() && hd > 0 && hd % 64 == 0;
+    Shape {
+        flavor: Flavor::of(&h.arch),
+        n_ubatch,
+        n_embd: h.n_embd,
+        n_head: m.n_head.max(1),
+        head_dim_k: h.head_dim_k,
+        head_dim_v: h.head_dim_v,
+        n_ff: m.n_ff,
+        n_vocab: m.n_vocab,
+        layers: kv
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(il, l)| Layer {
+                n_kv: if l.swa { kv.cells_swa } else { kv.cells_full },
+                swa: l.swa,
+                n_head_kv: h.n_head_kv.get(il).copied().unwrap_or(0),
+            })
+            .collect(),
+        flash_attn: p.flash_attn,
+        k_rot: quantized_rot(p.type_k, h.head_dim_k),
+        v_rot: quantized_rot(p.type_v, h.head_dim_v),
     }
 }
 
