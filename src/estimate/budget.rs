@@ -253,15 +253,20 @@ mod tests {
         assert_eq!(gpu.weights_bytes, m.total_bytes() - cpu.weights_bytes);
         assert_eq!(gpu.kv_bytes, 2 << 30);
         assert_eq!(cpu.kv_bytes, 0);
-        // KQ 512 x 4096 x 32 f32 = 256 MiB, + hidden 32 MiB; logits (62.5 MiB) come later.
-        assert_eq!(gpu.compute_bytes, 288 * MIB);
-        assert_eq!(cpu.compute_bytes, 8 * MIB);
+        // Layer 0's KQ (512 x 4096 x 32 f32 = 256 MiB) above the inputs (the f32 mask 8 MiB,
+        // V's cache indices 512 x 4096 i64 = 16 MiB, 10 KiB of token ids, positions, K indices
+        // and output ids), the residual, and a hole of the attention norm and the un-roped Q
+        // (8 MiB each) that it does not fit in, plus the roped Q: 312 MiB + 10 KiB.
+        assert_eq!(gpu.compute_bytes, 312 * MIB + 10 * 1024);
+        // The host: the same inputs plus the embeddings input and their get_rows (8 MiB each).
+        assert_eq!(cpu.compute_bytes, 40 * MIB + 10 * 1024);
         assert_eq!(gpu.overhead_bytes, DEFAULT_OVERHEAD);
         assert_eq!(
             e.total_bytes(),
             e.weights_bytes() + e.kv_bytes() + e.compute_bytes() + e.overhead_bytes()
         );
-        // Flash attention drops the KQ matrix: the FFN (3 x 512 x 11008 f32) is the peak.
+        // Flash attention drops the KQ matrix: layer 0's FFN (gate, up, swiglu: 3 x 512 x 11008
+        // f32) is the peak, above the f16 mask, the residual and two 8 MiB holes.
         let fa = estimate(
             &m,
             &Params {
@@ -270,13 +275,19 @@ mod tests {
             },
         )
         .unwrap();
-        assert_eq!(fa.devices[1].compute_bytes, 32 * MIB + 4 * 3 * 512 * 11008);
+        let ffn = 4 * 3 * 512 * 11008;
+        assert_eq!(
+            fa.devices[1].compute_bytes,
+            4 * MIB + 3 * 8 * MIB + ffn + 14 * 1024
+        );
     }
 
     #[test]
     fn a_short_context_caps_the_micro_batch() {
-        // llama.cpp: n_batch = min(n_ctx, 2048), n_ubatch = min(n_batch, 512) = 256 here; the
-        // FFN (3 x 256 x 11008 f32) beside the hidden state is the peak (512 would double it).
+        // llama.cpp: n_batch = min(n_ctx, 2048), n_ubatch = min(n_batch, 512) = 256 here; layer
+        // 0's FFN (3 x 256 x 11008 f32) is the peak (512 would double it), above the inputs
+        // (V's indices 256 x 4096 i64 = 8 MiB, the f32 mask 256 KiB, 5 KiB of ids), the
+        // residual and two holes of one hidden state (4 MiB) each.
         let e = estimate(
             &llama7b(),
             &Params {
@@ -285,7 +296,11 @@ mod tests {
             },
         )
         .unwrap();
-        assert_eq!(e.devices[1].compute_bytes, 16 * MIB + 4 * 3 * 256 * 11008);
+        let inputs = 8 * MIB + 256 * 1024 + 5 * 1024;
+        assert_eq!(
+            e.devices[1].compute_bytes,
+            inputs + 3 * 4 * MIB + 4 * 3 * 256 * 11008
+        );
     }
 
     #[test]

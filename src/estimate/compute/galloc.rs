@@ -227,3 +227,42 @@ impl Arena {
         self.free.insert(at, (off, size));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_place_ops_share_their_parents_memory() {
+        let mut g = Graph::default();
+        let w = g.external();
+        let a = g.op(100, &[w]);
+        let b = g.inplace(&[a]); // a's only consumer: same memory
+        let c = g.inplace(&[b, w]);
+        g.op(100, &[c]);
+        // a/b/c at 0..128 (32-byte rounding), the last op beside them.
+        assert_eq!(g.reserve(32), 256);
+    }
+
+    #[test]
+    fn a_view_keeps_its_base_alive_and_holes_are_best_fit() {
+        let mut g = Graph::default();
+        let w = g.external();
+        let a = g.op(64, &[w]); // 0..64
+        let v = g.view(a, &[]); // rope of a reshape: never in place
+        let b = g.inplace(&[v]); // 64..128
+        let big = g.op(256, &[b]); // b freed after: 0..128 is one hole; big at 128..384
+        g.op(128, &[big]); // fits the hole
+        assert_eq!(g.reserve(32), 384);
+    }
+
+    #[test]
+    fn inputs_come_first_and_are_freed_after_their_last_use() {
+        let mut g = Graph::default();
+        let i = g.input(1000);
+        let x = g.op(1000, &[i]); // 1024..2048; the input's 0..1024 freed after
+        g.op(1000, &[x]); // into the input's hole
+        assert_eq!(g.reserve(32), 2048);
+        assert_eq!(g.inputs_bytes(32), 1024);
+    }
+}

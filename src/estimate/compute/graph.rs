@@ -80,6 +80,9 @@ pub struct Part {
     pub first: usize,
     pub end: usize,
     pub output: bool,
+    /// A GPU's buffer: the token embeddings' input stays on the host (the scheduler copies
+    /// only what a GPU split reads: the embeddings' `get_rows`, modelled by that node).
+    pub gpu: bool,
 }
 
 /// One cache's inputs: `[weights, cache, positions, k_idxs, v_idxs, mask]` and its rotations.
@@ -100,10 +103,12 @@ pub fn build(s: &Shape, part: Part) -> Graph {
     let gemma = s.flavor != Flavor::Llama;
 
     let tokens = g.input(4 * n);
-    g.input(e); // inp_embd: the embeddings path, consumed by no node of a token batch
-                // llama_kv_cache::build_input_k_rot: the largest power of two (64 or more) dividing the
-                // head size; V's is always 64 x 64. Each cache (full, sliding) has its own pair; the first
-                // cache's comes before the positions.
+    if !part.gpu {
+        g.input(e); // inp_embd: the embeddings path, consumed by no node of a token batch
+    }
+    // llama_kv_cache::build_input_k_rot: the largest power of two (64 or more) dividing the
+    // head size; V's is always 64 x 64. Each cache (full, sliding) has its own pair; the first
+    // cache's comes before the positions.
     let k_rot_bytes = 4u64 << (2 * s.head_dim_k.trailing_zeros().clamp(6, 30));
     let rot = |g: &mut Graph| {
         let k = s.k_rot.then(|| g.input(k_rot_bytes));
