@@ -89,8 +89,7 @@ impl Graph {
         self.tensors
             .iter()
             .filter(|t| t.kind == Kind::Input)
-            .map(|t| a.round(t.bytes))
-            .sum()
+            .fold(0u64, |sum, t| sum.saturating_add(a.round(t.bytes)))
     }
 
     /// The buffer ggml-alloc would reserve for this graph, with `align`-byte alignment.
@@ -186,38 +185,45 @@ impl Arena {
         let mut best: Option<usize> = None;
         for i in 0..last {
             let s = self.free[i].1;
-            if s >= size && best.is_none_or(|b| s <= self.free[b].1) {
+            if s >= size && best.map_or(true, |b| s <= self.free[b].1) {
                 best = Some(i);
             }
         }
         let i = best.unwrap_or(last);
         let (off, s) = self.free[i];
+        if s < size {
+            // Only a lying header asks for more than half the address space: report that.
+            self.max_size = u64::MAX;
+            return off;
+        }
         if s == size {
             self.free.remove(i);
         } else {
-            self.free[i] = (off + size, s - size);
+            self.free[i] = (off.saturating_add(size), s - size);
         }
         self.max_size = self.max_size.max(off.saturating_add(size));
         off
     }
 
+    /// Gives a block back, merging it with the free neighbours it touches (saturating: a
+    /// lying header's sizes must not panic).
     fn free(&mut self, off: u64, bytes: u64) {
         let size = self.round(bytes);
+        let end = |b: (u64, u64)| b.0.saturating_add(b.1);
         for i in 0..self.free.len() {
-            let (bo, bs) = self.free[i];
-            if bo + bs == off {
-                self.free[i].1 += size;
-                if i + 1 < self.free.len() && self.free[i].0 + self.free[i].1 == self.free[i + 1].0
-                {
-                    self.free[i].1 += self.free[i + 1].1;
+            let b = self.free[i];
+            if end(b) == off {
+                self.free[i].1 = b.1.saturating_add(size);
+                if i + 1 < self.free.len() && end(self.free[i]) == self.free[i + 1].0 {
+                    self.free[i].1 = self.free[i].1.saturating_add(self.free[i + 1].1);
                     self.free.remove(i + 1);
                 }
                 return;
             }
-            if off + size == bo {
-                self.free[i] = (off, bs + size);
-                if i > 0 && self.free[i - 1].0 + self.free[i - 1].1 == off {
-                    self.free[i - 1].1 += self.free[i].1;
+            if off.saturating_add(size) == b.0 {
+                self.free[i] = (off, b.1.saturating_add(size));
+                if i > 0 && end(self.free[i - 1]) == off {
+                    self.free[i - 1].1 = self.free[i - 1].1.saturating_add(self.free[i].1);
                     self.free.remove(i);
                 }
                 return;
@@ -254,6 +260,15 @@ mod tests {
         let big = g.op(256, &[b]); // b freed after: 0..128 is one hole; big at 128..384
         g.op(128, &[big]); // fits the hole
         assert_eq!(g.reserve(32), 384);
+    }
+
+    #[test]
+    fn absurd_sizes_saturate_instead_of_panicking() {
+        let mut g = Graph::default();
+        let a = g.input(u64::MAX - 5);
+        let b = g.op(u64::MAX / 3, &[a]);
+        g.op(7, &[b]);
+        assert_eq!(g.reserve(128), u64::MAX);
     }
 
     #[test]

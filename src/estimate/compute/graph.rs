@@ -132,9 +132,9 @@ pub fn build(s: &Shape, part: Part) -> Graph {
         let v_rows = if s.flash_attn {
             1
         } else {
-            l.n_head_kv * s.head_dim_v
+            l.n_head_kv.saturating_mul(s.head_dim_v)
         };
-        let v_idxs = g.input(8 * n * v_rows);
+        let v_idxs = g.input((8 * n).saturating_mul(v_rows));
         let mask_elt = if s.flash_attn { 2 } else { 4 };
         let mask = g.input(l.n_kv.saturating_mul(n).saturating_mul(mask_elt));
         kinds.push(Kv {
@@ -188,10 +188,10 @@ fn layer(
     let n = s.n_ubatch;
     let f32_ = |x: u64| x.saturating_mul(4).saturating_mul(n);
     let e = f32_(s.n_embd);
-    let eq = f32_(s.n_head * s.head_dim_k);
-    let ek = f32_(l.n_head_kv * s.head_dim_k);
-    let ev = f32_(l.n_head_kv * s.head_dim_v);
-    let eo = f32_(s.n_head * s.head_dim_v);
+    let eq = f32_(s.n_head.saturating_mul(s.head_dim_k));
+    let ek = f32_(l.n_head_kv.saturating_mul(s.head_dim_k));
+    let ev = f32_(l.n_head_kv.saturating_mul(s.head_dim_v));
+    let eo = f32_(s.n_head.saturating_mul(s.head_dim_v));
     let gemma = s.flavor != Flavor::Llama;
 
     let x = norm(g, inp, w, e);
@@ -202,14 +202,15 @@ fn layer(
         if !qk {
             return v;
         }
-        let r = if s.flavor == Flavor::Gemma3 {
+        // Rope of the reshape view makes a new tensor; Gemma-3's q/k norm comes first, and
+        // rope then runs in place on it.
+        if s.flavor == Flavor::Gemma3 {
             let nrm = g.op(bytes, &[v]);
             let nrm = g.inplace(&[nrm, w]);
             g.inplace(&[nrm, pos])
         } else {
             g.op(bytes, &[v, pos])
-        };
-        r
+        }
     };
     // Each chain (projection, rope, Hadamard rotation) is expanded whole: q, then v and k
     // (k last for llama, for rope fusion into the cache; Gemma's builders reach k first).

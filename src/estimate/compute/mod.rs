@@ -62,7 +62,7 @@ pub fn host_inputs_bytes(s: &Shape) -> u64 {
         },
     )
     .inputs_bytes(CPU_ALIGN)
-    .saturating_add(4 * s.n_ubatch * s.n_embd)
+    .saturating_add(s.n_embd.saturating_mul(4 * s.n_ubatch))
 }
 
 #[cfg(test)]
