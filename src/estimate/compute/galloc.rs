@@ -31,11 +31,22 @@ enum Kind {
     View { base: Id },
 }
 
+/// The most sources a node here has (flash attention: q, k, v, mask), as in ggml (10).
+const MAX_SRC: usize = 4;
+
 #[derive(Debug, Clone)]
 struct Tensor {
     kind: Kind,
     bytes: u64,
-    srcs: Vec<Id>,
+    /// Inline: a graph has ~40 tensors a layer, and a fuzzed header may claim 65536 layers.
+    src: [Id; MAX_SRC],
+    n_src: u8,
+}
+
+impl Tensor {
+    fn srcs(&self) -> &[Id] {
+        &self.src[..self.n_src as usize]
+    }
 }
 
 /// A graph in execution order: inputs and externals first by construction, nodes as added.
@@ -46,10 +57,13 @@ pub struct Graph {
 
 impl Graph {
     fn push(&mut self, kind: Kind, bytes: u64, srcs: &[Id]) -> Id {
+        let mut src = [0; MAX_SRC];
+        src[..srcs.len()].copy_from_slice(srcs);
         self.tensors.push(Tensor {
             kind,
             bytes,
-            srcs: srcs.to_vec(),
+            src,
+            n_src: srcs.len() as u8,
         });
         self.tensors.len() - 1
     }
@@ -78,9 +92,9 @@ impl Graph {
             Kind::View { base } => base,
             _ => src,
         };
-        let mut all = vec![src];
-        all.extend_from_slice(srcs);
-        self.push(Kind::View { base }, 0, &all)
+        let mut all = [src; MAX_SRC];
+        all[1..=srcs.len()].copy_from_slice(srcs);
+        self.push(Kind::View { base }, 0, &all[..=srcs.len()])
     }
 
     /// The inputs' bytes, each rounded to `align`.
@@ -101,7 +115,7 @@ impl Graph {
             if let Kind::View { base } = t.kind {
                 views[base] += 1;
             }
-            for &s in &t.srcs {
+            for &s in t.srcs() {
                 children[s] += 1;
             }
         }
@@ -117,7 +131,7 @@ impl Graph {
                 Kind::Op { inplace } => {
                     let reuse = inplace
                         .then(|| {
-                            t.srcs.iter().copied().find(|&p| {
+                            t.srcs().iter().copied().find(|&p| {
                                 addr[p].is_some()
                                     && !matches!(self.tensors[p].kind, Kind::View { .. })
                                     && children[p] == 1
@@ -133,7 +147,7 @@ impl Graph {
                 }
                 Kind::External | Kind::Input | Kind::View { .. } => {}
             }
-            for &p in &t.srcs {
+            for &p in t.srcs() {
                 children[p] -= 1;
                 if children[p] != 0 || views[p] != 0 {
                     continue;
