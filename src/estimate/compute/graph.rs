@@ -115,11 +115,10 @@ pub fn build(s: &Shape, part: Part) -> Graph {
         let v = s.v_rot.then(|| g.input(4 * 64 * 64));
         (k, v)
     };
-    let mut first_rot = Some((s.k_rot.then(|| g.input(k_rot_bytes)), None));
+    let k_rot0 = s.k_rot.then(|| g.input(k_rot_bytes));
     let pos = g.input(4 * n);
-    if let Some(r) = first_rot.as_mut() {
-        r.1 = s.v_rot.then(|| g.input(4 * 64 * 64));
-    }
+    let v_rot0 = s.v_rot.then(|| g.input(4 * 64 * 64));
+    let mut first_rot = Some((k_rot0, v_rot0));
     // One input set per cache kind, in the order the layers first use them.
     let layers = &s.layers[part.first..part.end];
     let mut kinds: Vec<Kv> = Vec::new();
@@ -175,7 +174,6 @@ fn norm(g: &mut Graph, x: Id, w: Id, bytes: u64) -> Id {
     g.inplace(&[n, w])
 }
 
-#[allow(clippy::too_many_arguments)]
 fn layer(
     g: &mut Graph,
     s: &Shape,
