@@ -25,7 +25,9 @@
 #                buffer of a quantized KV tensor adds under 0.5 KiB of row padding, well inside
 #                it for these models, and the "size" lines have none);
 #   compute:     COMPUTE_TOL_PCT percent (default 5, the issue's target) of llama.cpp's figure:
-#                the compute buffers are an approximation (docs/estimate.md).
+#                the estimate replays llama.cpp's graph reserve (docs/estimate.md, "Compute
+#                buffers"); CPU-only (NGL=0) it agrees to 0.01 MiB, the GPU split is modelled
+#                but unmeasured.
 # A log without the lines above prints the lines it looked at, and counts as a failure.
 # The table goes to stdout and to OUT.md (default: estimate-vs-llamacpp.md). About 15 runs of a
 # few seconds each.

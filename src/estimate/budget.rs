@@ -1,30 +1,15 @@
 //! The estimate: weights, KV cache, compute buffers and overhead, per device.
 //!
-//! Compute buffers are an APPROXIMATION of ggml-alloc's worst-case graph for one micro-batch
-//! (llama.cpp reserves it at start-up: `graph_reserve` with n_tokens = n_ubatch, every cache cell
-//! visible). ggml-alloc frees a tensor after its last use, so a device's peak is one layer's
-//! largest live set, not the sum over layers. Per GPU that holds layers, in f32 (4 bytes):
-//!
-//! ```text
-//! hidden   = 4 * n_ubatch * n_embd                 residual, norm, attention out, ffn out
-//! attn     = n_ubatch * n_kv * n_head              KQ scores (soft_max in place), without FA
-//!          = n_ubatch * n_head * head_dim_v        the output only, with flash attention
-//! ffn      = 3 * n_ubatch * n_ff                   gate, up and their product (n_ff: widest
-//!                                                  dense FFN, or expert width * experts used)
-//! logits   = n_ubatch * n_vocab                    on the device that holds the output layer
-//! layers   = hidden + max(attn, ffn)
-//! compute  = 4 * max(layers, hidden + logits)      (the output comes after the last layer)
-//! ```
-//!
-//! with `n_kv` the KV cells per stream of the widest layer (`estimate::kv`: the padded n_ctx, or
-//! each sequence's share of it; a model whose every layer slides uses the smaller SWA size). The CPU's host compute buffer holds the
-//! input embeddings (`4 * n_ubatch * n_embd`) plus the layers/logits above for whatever part of
-//! the model runs on it. This is where the estimate is least exact; scripts/estimate-vs-llamacpp.sh
-//! measures it against llama.cpp's `compute buffer size` lines.
+//! Compute buffers: `estimate::compute` rebuilds the graph llama.cpp reserves for one
+//! micro-batch and replays ggml-alloc's placement on it, per device (docs/estimate.md).
 //!
 //! Overhead: each GPU also carries the CUDA context, cuBLAS and the kernels' workspaces, which
 //! no file describes; it is a stated, configurable figure ([`DEFAULT_OVERHEAD`]).
 
+use super::compute::{
+    self,
+    graph::{Flavor, Layer, Shape},
+};
 use super::ggml_type::GgmlType;
 use super::kv::{kv_layout, KvLayout, KvParams};
 use super::weights::{slot_devices, weights_per_device, Model};
@@ -172,16 +157,20 @@ pub fn estimate(m: &Model, p: &Params) -> Result<Estimate, String> {
     for (il, l) in layout.layers.iter().enumerate() {
         kv[slots[il]] = kv[slots[il]].saturating_add(l.bytes());
     }
-    let c = ComputeShape::new(m, p, n_ubatch, &layout);
+    let shape = compute_shape(m, p, n_ubatch, &layout);
     let out_dev = slots[h.n_layer as usize];
     let devices = (0..n_dev)
         .map(|d| {
-            let has_layers = slots[..h.n_layer as usize].contains(&d);
-            let mut compute = c.device(has_layers, d == out_dev);
+            let on_d = |il: &usize| slots[*il] == d;
+            let first = (0..h.n_layer as usize).find(on_d).unwrap_or(0);
+            let end = (0..h.n_layer as usize).rfind(on_d).map_or(0, |l| l + 1);
+            let (output, gpu) = (d == out_dev, d != 0);
+            let compute = if d == 0 && first >= end && !output {
+                compute::host_inputs_bytes(&shape)
+            } else {
+                compute::device_bytes(&shape, first, end, output, gpu)
+            };
             let overhead = if d == 0 { 0 } else { p.overhead };
-            if d == 0 {
-                compute = compute.saturating_add(c.input_embd);
-            }
             DeviceEstimate {
                 name: if d == 0 {
                     "CPU".into()
@@ -213,46 +202,32 @@ pub fn estimate(m: &Model, p: &Params) -> Result<Estimate, String> {
     })
 }
 
-/// The terms of the compute-buffer formula (module docs), in bytes.
-struct ComputeShape {
-    hidden: u64,
-    layer_peak: u64,
-    logits: u64,
-    input_embd: u64,
-}
-
-impl ComputeShape {
-    fn new(m: &Model, p: &Params, n_ubatch: u64, kv: &KvLayout) -> ComputeShape {
-        let h = &m.hparams;
-        let all_swa = kv.layers.iter().all(|l| l.swa || l.cells == 0);
-        let n_kv = if all_swa { kv.cells_swa } else { kv.cells_full };
-        let n_head = m.n_head.max(1);
-        // Saturating: the sizes come from a file header, which may lie.
-        let mul = |xs: &[u64]| xs.iter().fold(1u64, |a, &x| a.saturating_mul(x));
-        let f = 4u64; // f32 activations
-        let attn = if p.flash_attn {
-            mul(&[n_ubatch, n_head, h.head_dim_v])
-        } else {
-            mul(&[n_ubatch, n_kv, n_head])
-        };
-        let ffn = mul(&[3, n_ubatch, m.n_ff]);
-        let hidden = mul(&[f, 4, n_ubatch, h.n_embd]);
-        ComputeShape {
-            hidden,
-            layer_peak: hidden.saturating_add(f.saturating_mul(attn.max(ffn))),
-            logits: mul(&[f, n_ubatch, m.n_vocab]),
-            input_embd: mul(&[f, n_ubatch, h.n_embd]),
-        }
-    }
-
-    fn device(&self, has_layers: bool, has_output: bool) -> u64 {
-        let layers = if has_layers { self.layer_peak } else { 0 };
-        let output = if has_output {
-            self.hidden.saturating_add(self.logits)
-        } else {
-            0
-        };
-        layers.max(output)
+/// The sizes of the graph llama.cpp reserves (`compute::graph`).
+fn compute_shape(m: &Model, p: &Params, n_ubatch: u64, kv: &KvLayout) -> Shape {
+    let h = &m.hparams;
+    let quantized_rot = |t: GgmlType, hd: u64| t.is_quantized() && hd > 0 && hd % 64 == 0;
+    Shape {
+        flavor: Flavor::of(&h.arch),
+        n_ubatch,
+        n_embd: h.n_embd,
+        n_head: m.n_head.max(1),
+        head_dim_k: h.head_dim_k,
+        head_dim_v: h.head_dim_v,
+        n_ff: m.n_ff,
+        n_vocab: m.n_vocab,
+        layers: kv
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(il, l)| Layer {
+                n_kv: if l.swa { kv.cells_swa } else { kv.cells_full },
+                swa: l.swa,
+                n_head_kv: h.n_head_kv.get(il).copied().unwrap_or(0),
+            })
+            .collect(),
+        flash_attn: p.flash_attn,
+        k_rot: quantized_rot(p.type_k, h.head_dim_k),
+        v_rot: quantized_rot(p.type_v, h.head_dim_v),
     }
 }
 
@@ -278,15 +253,20 @@ mod tests {
         assert_eq!(gpu.weights_bytes, m.total_bytes() - cpu.weights_bytes);
         assert_eq!(gpu.kv_bytes, 2 << 30);
         assert_eq!(cpu.kv_bytes, 0);
-        // KQ 512 x 4096 x 32 f32 = 256 MiB, + hidden 32 MiB; logits (62.5 MiB) come later.
-        assert_eq!(gpu.compute_bytes, 288 * MIB);
-        assert_eq!(cpu.compute_bytes, 8 * MIB);
+        // Layer 0's KQ (512 x 4096 x 32 f32 = 256 MiB) above the inputs (the f32 mask 8 MiB,
+        // V's cache indices 512 x 4096 i64 = 16 MiB, 10 KiB of token ids, positions, K indices
+        // and output ids), the residual, and a hole of the attention norm and the un-roped Q
+        // (8 MiB each) that it does not fit in, plus the roped Q: 312 MiB + 10 KiB.
+        assert_eq!(gpu.compute_bytes, 312 * MIB + 10 * 1024);
+        // The host: the same inputs plus the embeddings input and their get_rows (8 MiB each).
+        assert_eq!(cpu.compute_bytes, 40 * MIB + 10 * 1024);
         assert_eq!(gpu.overhead_bytes, DEFAULT_OVERHEAD);
         assert_eq!(
             e.total_bytes(),
             e.weights_bytes() + e.kv_bytes() + e.compute_bytes() + e.overhead_bytes()
         );
-        // Flash attention drops the KQ matrix: the FFN (3 x 512 x 11008 f32) is the peak.
+        // Flash attention drops the KQ matrix: layer 0's FFN (gate, up, swiglu: 3 x 512 x 11008
+        // f32) is the peak, above the f16 mask, the residual and two 8 MiB holes.
         let fa = estimate(
             &m,
             &Params {
@@ -295,13 +275,19 @@ mod tests {
             },
         )
         .unwrap();
-        assert_eq!(fa.devices[1].compute_bytes, 32 * MIB + 4 * 3 * 512 * 11008);
+        let ffn = 4 * 3 * 512 * 11008;
+        assert_eq!(
+            fa.devices[1].compute_bytes,
+            4 * MIB + 3 * 8 * MIB + ffn + 14 * 1024
+        );
     }
 
     #[test]
     fn a_short_context_caps_the_micro_batch() {
-        // llama.cpp: n_batch = min(n_ctx, 2048), n_ubatch = min(n_batch, 512) = 256 here; the
-        // FFN (3 x 256 x 11008 f32) beside the hidden state is the peak (512 would double it).
+        // llama.cpp: n_batch = min(n_ctx, 2048), n_ubatch = min(n_batch, 512) = 256 here; layer
+        // 0's FFN (3 x 256 x 11008 f32) is the peak (512 would double it), above the inputs
+        // (V's indices 256 x 4096 i64 = 8 MiB, the f32 mask 256 KiB, 5 KiB of ids), the
+        // residual and two holes of one hidden state (4 MiB) each.
         let e = estimate(
             &llama7b(),
             &Params {
@@ -310,7 +296,11 @@ mod tests {
             },
         )
         .unwrap();
-        assert_eq!(e.devices[1].compute_bytes, 16 * MIB + 4 * 3 * 256 * 11008);
+        let inputs = 8 * MIB + 256 * 1024 + 5 * 1024;
+        assert_eq!(
+            e.devices[1].compute_bytes,
+            inputs + 3 * 4 * MIB + 4 * 3 * 256 * 11008
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! `ggml_type` is the ggml type table; readers and the estimate build on it.
 
 pub mod budget;
+pub mod compute;
 pub mod ggml_type;
 pub mod gguf;
 pub mod kv;
