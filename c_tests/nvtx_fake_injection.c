@@ -133,6 +133,9 @@ static struct heap *heap_by_handle(void *h) {
 }
 
 static int domain_ok(void *domain, const char *call) {
+    /* Without nvtxDomainCreateA (FAKE_NVTX_NO_DOMAIN), the default domain, as compute-sanitizer
+     * 2025.3 takes it. */
+    if (domain == NULL && getenv("FAKE_NVTX_NO_DOMAIN")) return 1;
     if (domain != DOMAIN) {
         say("bad %s: domain %p is not one nvtxDomainCreateA returned", call, domain);
         return 0;

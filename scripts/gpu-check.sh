@@ -219,6 +219,10 @@ if want sanitizer; then
             for target in $targets; do
                 for run in "oob memcheck 1" "oob_clean memcheck 0" "oob_clean initcheck 0"; do
                     read -r exe tool want <<<"$run"
+                    # VMM-backed memory is not annotated (compute-sanitizer refuses a reserved
+                    # address range as a heap): there the planted write goes unseen, as without
+                    # hbmalloc's annotations, and the runs must still be clean otherwise.
+                    [[ $target == *-vmm && $exe == oob ]] && want=unseen
                     log=$LOG/sanitizer-$exe-$tool-$target-$how.log
                     "${pre[@]}" compute-sanitizer --nvtx yes --tool "$tool" "build/gpu/$exe" "$target" >"$log" 2>&1
                     rc=$?
@@ -228,7 +232,7 @@ if want sanitizer; then
                     ok=0
                     if [[ $refused != 0 ]]; then
                         ok=0
-                    elif [[ $want == 0 ]]; then
+                    elif [[ $want == 0 || $want == unseen ]]; then
                         [[ $rc == 0 && $errors == 0 ]] && ok=1
                     elif [[ $how == plain ]]; then
                         # The baseline: the stray write, and whatever memcheck adds after it

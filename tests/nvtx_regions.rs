@@ -536,7 +536,8 @@ fn kv_cache_sequences_are_regions_of_their_tensors() {
 }
 
 /// Without `NVTX_INJECTION64_PATH` nothing is loaded or called; a tool that refuses the memory
-/// extension, or a path that does not load, costs one line on stderr and nothing else.
+/// extension, or a path that does not load, costs one line on stderr and nothing else; a tool
+/// that makes no domain is used in the default one.
 #[test]
 fn no_tool_no_calls_and_bad_tools_are_one_line() {
     if is_child() {
@@ -547,7 +548,9 @@ fn no_tool_no_calls_and_bad_tools_are_one_line() {
             assert_eq!(cudaMalloc(&mut p, 4000), 0);
             assert_eq!(cudaFree(p), 0);
         }
-        assert!(!hbmalloc::nvtx::active());
+        // Only the tool without a domain is used (in the default domain).
+        let used = std::env::var_os("FAKE_NVTX_NO_DOMAIN").is_some();
+        assert_eq!(hbmalloc::nvtx::active(), used);
         let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
         let loaded = maps.contains("libnvtx_fake_injection");
         let named =
@@ -593,8 +596,8 @@ fn no_tool_no_calls_and_bad_tools_are_one_line() {
     assert_eq!(lines.len(), 1, "{}", missing.stderr);
     assert!(lines[0].contains("cannot load it"), "{}", lines[0]);
 
-    // compute-sanitizer takes no memory call without a domain from nvtxDomainCreateA: a tool
-    // that gives none is not used (before, every call went out with a NULL domain).
+    // A tool that makes no domain (compute-sanitizer 2025.3 fills no slot while it initializes)
+    // gets its calls in the default (NULL) domain, which that tool takes.
     let no_domain = run_child(
         name,
         true,
@@ -604,24 +607,20 @@ fn no_tool_no_calls_and_bad_tools_are_one_line() {
         ],
     );
     assert!(
-        no_domain
-            .log
-            .iter()
-            .all(|l| !l.starts_with("heap") && !l.starts_with("region") && !l.starts_with("bad")),
+        no_domain.log.iter().any(|l| l.starts_with("heap"))
+            && no_domain.log.iter().any(|l| l.starts_with("region"))
+            && no_domain.log.iter().all(|l| !l.starts_with("bad")),
         "{:#?}",
         no_domain.log
     );
-    let lines: Vec<_> = no_domain
-        .stderr
-        .lines()
-        .filter(|l| l.contains("NVTX_INJECTION64_PATH"))
-        .collect();
-    assert_eq!(lines.len(), 1, "{}", no_domain.stderr);
-    assert!(lines[0].contains("no NVTX domain"), "{}", lines[0]);
+    assert!(
+        !no_domain.stderr.contains("NVTX_INJECTION64_PATH"),
+        "{}",
+        no_domain.stderr
+    );
 }
 
-/// Annotations are opt-in (`nvtx:on`): with a tool named but the switch off, nothing is loaded
-/// and nothing is called.
+/// With the switch off (`nvtx:off`) and a tool named, nothing is loaded and nothing is called.
 #[test]
 fn without_the_switch_a_named_tool_is_not_loaded() {
     if is_child() {
@@ -643,7 +642,10 @@ fn without_the_switch_a_named_tool_is_not_loaded() {
     let off = run_child(
         "without_the_switch_a_named_tool_is_not_loaded",
         true,
-        &[("HBMALLOC_CONF", "backend:sim,backtrace:off,leak_report:off")],
+        &[(
+            "HBMALLOC_CONF",
+            "backend:sim,backtrace:off,leak_report:off,nvtx:off",
+        )],
     );
     assert!(off.log.is_empty(), "{:#?}", off.log);
 }

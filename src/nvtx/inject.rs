@@ -22,6 +22,9 @@ pub struct Tool {
     pub domain: Domain,
     /// Where the tool put its memory functions (reported with `verbose:on`).
     pub layout: SlotLayout,
+    /// Whether the tool takes a reserved (VMM) address range as a heap: compute-sanitizer
+    /// refuses one ("Call to nvtxMemHeapRegister failed", counted as an error: seen on an H200).
+    pub takes_reserved_ranges: bool,
     pub heap_register: HeapRegister,
     pub heap_unregister: HeapUnregister,
     pub regions_register: RegionsRegister,
@@ -74,9 +77,20 @@ fn attach_to(path: &std::ffi::OsStr) -> Result<Tool, String> {
     }
     // Before the tool's first NVTX call, its initialization included.
     init_cuda_runtime();
-    let domain = init_core(lib).map_err(|why| {
-        format!("the tool created no NVTX domain (nvtxDomainCreateA), which its memory calls need: {why}")
-    })?;
+    // A tool that gives no domain gets NVTX's default one (NULL): compute-sanitizer 2025.3 (CUDA
+    // 13.0) fills no slot during InitializeInjectionNvtx2 and yet takes memory calls in the NULL
+    // domain, as its own NVTX clients' first nvtxDomainCreateA returns NULL there (seen on an
+    // H200: a plain client's planted write was reported so).
+    let domain = match init_core(lib) {
+        Ok(domain) => domain,
+        Err(Core::NoDomain(why)) => {
+            if crate::config::get().verbose {
+                eprintln!("hbmalloc: NVTX: the tool created no domain ({why}); using the default (NULL) domain");
+            }
+            std::ptr::null_mut()
+        }
+        Err(Core::Refused(why)) => return Err(why),
+    };
     let slots = init_mem_extension(lib)?;
     let layout = SlotLayout::of(slots[0].load(Ordering::Acquire));
     let slot = |cbid: usize| match slots[layout.slot(cbid)].load(Ordering::Acquire) {
@@ -97,12 +111,20 @@ fn attach_to(path: &std::ffi::OsStr) -> Result<Tool, String> {
         Ok(Tool {
             domain,
             layout,
+            takes_reserved_ranges: takes_reserved_ranges(path),
             heap_register: std::mem::transmute::<usize, HeapRegister>(hr),
             heap_unregister: std::mem::transmute::<usize, HeapUnregister>(hu),
             regions_register: std::mem::transmute::<usize, RegionsRegister>(rr),
             regions_unregister: std::mem::transmute::<usize, RegionsUnregister>(ru),
         })
     }
+}
+
+/// Whether the tool injected from `path` takes a reserved (VMM) address range as a heap: not
+/// compute-sanitizer (`libsanitizer-collection.so`), which refuses one.
+fn takes_reserved_ranges(path: &std::ffi::OsStr) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    !path.as_bytes().windows(9).any(|w| w == b"sanitizer")
 }
 
 /// The runtime libraries a program may have loaded, newest first.
@@ -209,6 +231,7 @@ static VERSION_INFO: ExportVersionInfo = ExportVersionInfo {
 };
 
 unsafe extern "C" fn get_export_table(id: u32) -> *const c_void {
+    TABLES_ASKED.fetch_or(1 << id.min(31), Ordering::AcqRel);
     match id {
         ETID_CALLBACKS => &CALLBACKS as *const ExportCallbacks as *const c_void,
         ETID_VERSIONINFO => &VERSION_INFO as *const ExportVersionInfo as *const c_void,
@@ -222,36 +245,45 @@ unsafe extern "C" fn get_export_table(id: u32) -> *const c_void {
 /// Why not, as the line the caller prints: each way this can fail says what the tool did (which
 /// modules it asked for, which of the domain module's slots it filled), so that one run under a
 /// tool tells what it expects.
-fn init_core(lib: *mut c_void) -> Result<Domain, String> {
+/// Why `init_core` gave no domain: the tool refused NVTX, or took it and made no domain.
+enum Core {
+    Refused(String),
+    NoDomain(String),
+}
+
+fn init_core(lib: *mut c_void) -> Result<Domain, Core> {
     let Some(init) = symbol(lib, c"InitializeInjectionNvtx2") else {
-        return Err("it has no InitializeInjectionNvtx2".into());
+        return Err(Core::Refused("it has no InitializeInjectionNvtx2".into()));
     };
     // SAFETY: the symbol NVTX's loader calls under this name, with this prototype.
     let init = unsafe { std::mem::transmute::<usize, InitCore>(init) };
     // SAFETY: our export table lives for the whole process.
     if unsafe { init(get_export_table) } == 0 {
-        return Err(format!(
+        return Err(Core::Refused(format!(
             "its InitializeInjectionNvtx2 returned 0 ({})",
             what_the_tool_did()
-        ));
+        )));
     }
     let core2 = &CORE_SLOTS[MODULE_CORE2 as usize - 1];
     match core2[CBID_CORE2_DOMAIN_CREATE_A].load(Ordering::Acquire) {
-        0 => Err(format!(
+        0 => Err(Core::NoDomain(format!(
             "it left nvtxDomainCreateA's slot empty ({})",
             what_the_tool_did()
-        )),
+        ))),
         f => {
             // SAFETY: the tool's nvtxDomainCreateA, called with a NUL-terminated name.
             let create = unsafe { std::mem::transmute::<usize, DomainCreateA>(f) };
             let domain = unsafe { create(c"hbmalloc".as_ptr() as *const c_char) };
             match domain.is_null() {
-                true => Err("its nvtxDomainCreateA returned NULL".into()),
+                true => Err(Core::NoDomain("its nvtxDomainCreateA returned NULL".into())),
                 false => Ok(domain),
             }
         }
     }
 }
+
+/// Bit `t` set: the tool asked for export table `t` (`get_export_table`; 31 for any above).
+static TABLES_ASKED: AtomicU32 = AtomicU32::new(0);
 
 /// Bit `m` set: the tool asked for module `m`'s function table (`get_module_function_table`).
 static MODULES_ASKED: AtomicU32 = AtomicU32::new(0);
@@ -260,18 +292,15 @@ static MODULES_ASKED: AtomicU32 = AtomicU32::new(0);
 fn what_the_tool_did() -> String {
     let asked = MODULES_ASKED.load(Ordering::Acquire);
     let modules: Vec<u32> = (0..32).filter(|m| asked & (1 << m) != 0).collect();
+    let tables_asked = TABLES_ASKED.load(Ordering::Acquire);
+    let tables: Vec<u32> = (0..32).filter(|t| tables_asked & (1 << t) != 0).collect();
     let core2 = &CORE_SLOTS[MODULE_CORE2 as usize - 1];
     let filled: Vec<usize> = (0..core2.len())
         .filter(|&i| core2[i].load(Ordering::Acquire) != 0)
         .collect();
-    // compute-sanitizer attaches this way when run without `--nvtx yes` (seen on an H200).
-    let hint = match modules.is_empty() {
-        true => {
-            "; a tool that asks for nothing takes no NVTX calls: compute-sanitizer needs --nvtx yes"
-        }
-        false => "",
-    };
-    format!("modules asked for: {modules:?}; CORE2 slots filled: {filled:?}{hint}")
+    format!(
+        "export tables asked for: {tables:?}; modules asked for: {modules:?}; CORE2 slots filled: {filled:?}"
+    )
 }
 
 /// The memory extension's slots: [module state, slot 0 .. slot 62], as the header keeps them.
@@ -305,4 +334,21 @@ fn init_mem_extension(lib: *mut c_void) -> Result<&'static [AtomicUsize], String
         return Err("its InitializeInjectionNvtxExtension refused the memory extension".into());
     }
     Ok(slots)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compute_sanitizer_is_offered_no_reserved_range() {
+        let path = |p: &str| std::ffi::OsString::from(p);
+        assert!(!takes_reserved_ranges(&path("libsanitizer-collection.so")));
+        assert!(!takes_reserved_ranges(&path(
+            "/usr/local/cuda/compute-sanitizer/libsanitizer-collection.so"
+        )));
+        assert!(takes_reserved_ranges(&path(
+            "/tmp/libnvtx_fake_injection.so"
+        )));
+    }
 }

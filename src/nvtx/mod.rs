@@ -91,8 +91,12 @@ fn tool_slow() -> Option<Call> {
                     STATE.store(if on { ON } else { OFF }, Ordering::Release);
                     if on && crate::config::get().verbose {
                         if let Some(t) = TOOL.get() {
+                            let domain = match t.domain.is_null() {
+                                true => "the default domain",
+                                false => "domain hbmalloc",
+                            };
                             eprintln!(
-                                "hbmalloc: NVTX tool attached: domain hbmalloc, memory functions in the {:?} slot layout",
+                                "hbmalloc: NVTX tool attached: {domain}, memory functions in the {:?} slot layout",
                                 t.layout
                             );
                         }
@@ -172,6 +176,16 @@ impl HeapKind {
 pub fn heap_add(base: usize, size: usize, kind: HeapKind) {
     if let Some(call) = tool() {
         heap_add_slow(call.tool, base, size, kind);
+    }
+}
+
+/// As `heap_add`, for a reserved (VMM) address range, which a tool that does not take one as a
+/// heap (compute-sanitizer) is not offered: its blocks then go unannotated.
+pub fn reserved_heap_add(base: usize, size: usize, kind: HeapKind) {
+    if let Some(call) = tool() {
+        if call.tool.takes_reserved_ranges {
+            heap_add_slow(call.tool, base, size, kind);
+        }
     }
 }
 

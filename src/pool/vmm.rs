@@ -81,7 +81,7 @@ impl VmmPool {
         let reserve = round_up(options.reserve_size.min(total), granularity)
             .ok_or(Error::InvalidValue("reservation size overflows"))?;
         let base = backend.vmm_reserve(reserve)?;
-        crate::nvtx::heap_add(base, reserve, crate::nvtx::HeapKind::ScratchPool);
+        crate::nvtx::reserved_heap_add(base, reserve, crate::nvtx::HeapKind::ScratchPool);
         let mut arena = Arena::default();
         arena.add_chunk(base, reserve);
         Ok(VmmPool {

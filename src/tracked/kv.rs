@@ -6,7 +6,7 @@
 use super::{take, Want};
 use crate::backend::SharedBackend;
 use crate::error::Result;
-use crate::kv::cache::{KvCache, KvParams};
+use crate::kv::cache::{Growth, KvCache, KvParams};
 use crate::nvtx;
 use crate::track::{self, Origin};
 
@@ -19,7 +19,11 @@ pub fn create(backend: SharedBackend, params: KvParams, device: i32) -> Result<B
     track::global().on_alloc_owned(handle, held, device, 0, Origin::KvCache, handle);
     if nvtx::active() {
         for ((base, size), _) in cache.tensor_regions() {
-            nvtx::heap_add(base, size, nvtx::HeapKind::KvCache);
+            match params.growth {
+                // A VMM cache's tensors are reserved address ranges.
+                Growth::Vmm => nvtx::reserved_heap_add(base, size, nvtx::HeapKind::KvCache),
+                _ => nvtx::heap_add(base, size, nvtx::HeapKind::KvCache),
+            }
         }
     }
     Ok(cache)
