@@ -167,7 +167,9 @@ fn is_own(frame: &SymFrame) -> bool {
                 return true;
             }
             let rest = file.strip_prefix("src/").unwrap_or("");
-            MODULES.iter().any(|m| {
+            // Not the C boundary's: its entry points (`hbm_kv_cache_create`, named without a
+            // module path) are where a report's call site begins.
+            MODULES.iter().filter(|&&m| m != "ffi").any(|m| {
                 rest.strip_prefix(m)
                     .is_some_and(|r| r.starts_with('/') || r == ".rs")
             })
@@ -316,6 +318,10 @@ mod tests {
         assert!(!is_own(&at("leak_a", "tests/track.rs")));
         assert!(!is_own(&at("main", "src/bin/hbmalloc.rs")));
         assert!(!is_own(&at("pooled", "src/pooling.rs")));
+        assert!(!is_own(&at(
+            "hbm_kv_cache_create",
+            "src/ffi/kv_cache_api.rs"
+        )));
     }
 
     #[test]
