@@ -602,7 +602,7 @@ extern "C" {
 
 /**
  * Fills `*out_params` with the defaults: n_ctx 4096, n_batch 2048, n_ubatch 512, one sequence,
- * F16 K and V, flash attention off, every layer on one GPU, 300 MiB overhead.
+ * F16 K and V, flash attention off, every layer on one GPU, 600 MiB overhead.
  *
  * Returns `HBM_STATUS_NULL_PARAMETER` if `out_params` is NULL, `HBM_STATUS_INVALID_VALUE` if
  * `out_params->size` is smaller than this version's `sizeof(HbmEstimateParams)`.

@@ -222,7 +222,9 @@ fn fit_walks_the_ladder() {
     assert_eq!(v["rung"], "gpu-f16");
     assert_eq!(v["rejected"].as_array().unwrap().len(), 0);
     assert_eq!(v["llama_cpp_args"], "-ngl 33 -c 4096 -fa off");
-    let v = json(&["fit", "--preset", "llama-7b", "--free", "15GiB", "--json"]);
+    let v = json(&[
+        "fit", "--preset", "llama-7b", "--free", "15660MiB", "--json",
+    ]);
     assert_eq!(v["rung"], "gpu-q8_0");
     assert_eq!(v["type_k"], "q8_0");
     assert_eq!(v["flash_attn"], true);
@@ -252,10 +254,10 @@ fn fit_walks_the_ladder() {
     ]);
     assert_eq!(v["tensor_split"], serde_json::json!([0.5, 0.5]));
     assert!(v["n_ctx"].as_u64().unwrap() % 256 == 0);
-    // Without --mem: the device the backend reports (the simulated one here, 15 GiB).
+    // Without --mem: the device the backend reports (the simulated one here, 15660 MiB).
     let o = run(
         &["fit", "--preset", "llama-7b"],
-        "backend:sim,sim_capacity:15GiB,leak_report:off",
+        "backend:sim,sim_capacity:15660MiB,leak_report:off",
     );
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert!(stderr(&o).contains("simulated device"));

@@ -14,9 +14,10 @@ use super::ggml_type::GgmlType;
 use super::kv::{kv_layout, KvLayout, KvParams};
 use super::weights::{slot_devices, weights_per_device, Model};
 
-/// Per-GPU overhead assumed when none is given: 300 MiB (CUDA context with kernels loaded and
-/// cuBLAS workspace on recent drivers); measure it with scripts/estimate-vs-llamacpp.sh.
-pub const DEFAULT_OVERHEAD: u64 = 300 << 20;
+/// Per-GPU overhead assumed when none is given: 600 MiB. Measured on an H200 (CUDA 13.0, driver
+/// 580; `scripts/gpu-check.sh overhead`, c_tests/gpu/context_overhead.cu): the context 527 MiB,
+/// a cuBLAS handle and its first GEMM 66 more, 593 in all.
+pub const DEFAULT_OVERHEAD: u64 = 600 << 20;
 
 /// Largest context, batch and sequence count accepted (2^32 tokens, 2^24, 2^16).
 pub const MAX_CTX: u64 = 1 << 32;

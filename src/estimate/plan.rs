@@ -236,7 +236,7 @@ mod tests {
         let p = plan("llama-7b", &[24 * GIB], Ctx::Fixed(4096));
         assert_eq!((p.rung, p.rejected.len()), ("gpu-f16", 0));
         assert_eq!(p.llama_cpp_args().join(" "), "-ngl 33 -c 4096 -fa off");
-        let p = plan("llama-7b", &[15 * GIB], Ctx::Fixed(4096));
+        let p = plan("llama-7b", &[15 * GIB + 300 * (1 << 20)], Ctx::Fixed(4096));
         assert_eq!(p.rung, "gpu-q8_0");
         assert_eq!(p.rejected[0].rung, "gpu-f16");
         assert!(
@@ -249,7 +249,7 @@ mod tests {
             p.llama_cpp_args().join(" "),
             "-ngl 33 -c 4096 -ctk q8_0 -ctv q8_0 -fa on"
         );
-        let p = plan("llama-7b", &[14 * GIB + 600 * (1 << 20)], Ctx::Fixed(4096));
+        let p = plan("llama-7b", &[14 * GIB + 900 * (1 << 20)], Ctx::Fixed(4096));
         assert_eq!(p.rung, "gpu-q4_0");
         let p = plan("llama-7b", &[8 * GIB], Ctx::Fixed(4096));
         assert_eq!(p.rung, "partial");

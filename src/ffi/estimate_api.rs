@@ -195,7 +195,7 @@ unsafe fn model(text: *const c_char, preset: bool) -> Result<Model, HbmStatus> {
 }
 
 /// Fills `*out_params` with the defaults: n_ctx 4096, n_batch 2048, n_ubatch 512, one sequence,
-/// F16 K and V, flash attention off, every layer on one GPU, 300 MiB overhead.
+/// F16 K and V, flash attention off, every layer on one GPU, 600 MiB overhead.
 ///
 /// Returns `HBM_STATUS_NULL_PARAMETER` if `out_params` is NULL, `HBM_STATUS_INVALID_VALUE` if
 /// `out_params->size` is smaller than this version's `sizeof(HbmEstimateParams)`.
@@ -505,7 +505,7 @@ mod tests {
             tensor_split: [0.0; HBM_ESTIMATE_MAX_GPUS],
             estimate: blank_estimate(),
         };
-        let free = [15u64 << 30];
+        let free = [(15u64 << 30) + (300 << 20)];
         // SAFETY: valid string, structs and a one-element array.
         unsafe {
             let s = hbm_estimate_fit(name.as_ptr(), 1, &p, free.as_ptr(), 1, 1 << 30, &mut plan);
