@@ -748,8 +748,18 @@ fn exit_report_is_printed_at_exit() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     println!("{stderr}");
-    // The other thread may hold one 256-byte block at the moment of exit.
-    assert!(stderr.contains("hbmalloc: LEAK SUMMARY: 3145"), "{stderr}");
+    // The other thread's 256-byte blocks may be on record at the moment of exit (the report
+    // reads the table while it runs: one, and now and then two, were seen).
+    let leaked: u64 = stderr
+        .split("hbmalloc: LEAK SUMMARY: ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no leak summary: {stderr}"));
+    assert!(
+        (3 * MIB as u64..=3 * MIB as u64 + 64 * 256).contains(&leaked),
+        "{stderr}"
+    );
     let site = "hbmalloc: 3145728 bytes (3.0 MiB) in 1 allocation from cudaMalloc on device 0\n";
     assert!(stderr.contains(site), "{stderr}");
     assert!(
