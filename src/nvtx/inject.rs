@@ -239,18 +239,16 @@ unsafe extern "C" fn get_export_table(id: u32) -> *const c_void {
     }
 }
 
-/// Initializes the tool's core side and creates our domain; NULL when the tool has no core entry
-/// point or no `nvtxDomainCreateA` (the default domain, which compute-sanitizer's memory calls
-/// do not take).
-/// Why not, as the line the caller prints: each way this can fail says what the tool did (which
-/// modules it asked for, which of the domain module's slots it filled), so that one run under a
-/// tool tells what it expects.
 /// Why `init_core` gave no domain: the tool refused NVTX, or took it and made no domain.
 enum Core {
     Refused(String),
     NoDomain(String),
 }
 
+/// Initializes the tool's core side and creates our domain. Each way this can fail says, in the
+/// line the caller prints, what the tool did (which export tables and modules it asked for,
+/// which of the domain module's slots it filled), so that one run under a tool tells what it
+/// expects; `Core::NoDomain` lets the caller go on in the default domain.
 fn init_core(lib: *mut c_void) -> Result<Domain, Core> {
     let Some(init) = symbol(lib, c"InitializeInjectionNvtx2") else {
         return Err(Core::Refused("it has no InitializeInjectionNvtx2".into()));
