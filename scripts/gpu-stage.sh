@@ -43,7 +43,11 @@ LLAMA_CPP_PY=${LLAMA_CPP_PY:-0.3.36}
 llama_tar=target/llama-src-$LLAMA_CPP_PY.tar.xz
 if [[ ! -f $llama_tar ]]; then
     sdist=$(mktemp -d)
-    if pip download --quiet --no-deps --no-binary :all: --dest "$sdist" "llama-cpp-python==$LLAMA_CPP_PY" 2>/dev/null; then
+    # The sdist's address from PyPI's simple index, fetched as a plain file: `pip download` of an
+    # sdist prepares its metadata, which builds the build backend from source (and can hang).
+    url=$(curl -fsS -m 60 https://pypi.org/simple/llama-cpp-python/ 2>/dev/null \
+        | grep -o "https://[^\"#]*/llama_cpp_python-$LLAMA_CPP_PY\.tar\.gz" | head -n 1)
+    if [[ -n $url ]] && curl -fsS -m 600 -o "$sdist/llama_cpp_python-$LLAMA_CPP_PY.tar.gz" "$url"; then
         tar xzf "$sdist"/llama_cpp_python-*.tar.gz -C "$sdist"
         tar cJf "$llama_tar" -C "$sdist"/llama_cpp_python-*/vendor \
             --exclude=llama.cpp/models --exclude=llama.cpp/docs --exclude=llama.cpp/media \

@@ -8,7 +8,7 @@
 
 use super::compute::{
     self,
-    graph::{Flavor, Layer, Shape},
+    graph::{CacheType, Flavor, Layer, Shape},
 };
 use super::ggml_type::GgmlType;
 use super::kv::{kv_layout, KvLayout, KvParams};
@@ -229,6 +229,19 @@ fn compute_shape(m: &Model, p: &Params, n_ubatch: u64, kv: &KvLayout) -> Shape {
         flash_attn: p.flash_attn,
         k_rot: quantized_rot(p.type_k, h.head_dim_k),
         v_rot: quantized_rot(p.type_v, h.head_dim_v),
+        k_cache: cache_type(p.type_k),
+        v_cache: cache_type(p.type_v),
+        v_is_k_view: h.kv_lora_rank > 0,
+    }
+}
+
+fn cache_type(t: GgmlType) -> CacheType {
+    if t == GgmlType::F16 {
+        CacheType::F16
+    } else if t == GgmlType::F32 {
+        CacheType::F32
+    } else {
+        CacheType::Converted
     }
 }
 

@@ -71,6 +71,25 @@ pub struct Shape {
     /// the attention output) by a Hadamard matrix (`attn_rot_k`, `attn_rot_v`).
     pub k_rot: bool,
     pub v_rot: bool,
+    /// What the cache types mean for flash attention (unused without it).
+    pub k_cache: CacheType,
+    pub v_cache: CacheType,
+    /// MLA: V is a view of K's cache (one f16 copy serves both).
+    pub v_is_k_view: bool,
+}
+
+/// A K or V cache's element type, as flash attention sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheType {
+    /// Read as stored.
+    F16,
+    /// `build_attn_mha` casts an f32 cache view to f16: a graph node, on every backend.
+    F32,
+    /// Quantized or BF16: the CPU kernel reads it as stored; ggml-cuda's multi-token kernels
+    /// (MMA, tile) read f16 and convert the view into space behind the attention output, which
+    /// the CUDA buffer type counts in that node's size
+    /// (`ggml_cuda_flash_attn_ext_get_alloc_size`).
+    Converted,
 }
 
 /// Which part of the model one device's buffer runs.
@@ -153,7 +172,7 @@ pub fn build(s: &Shape, part: Part) -> Graph {
         let Some(kv) = kinds.iter().find(|k| k.swa == l.swa) else {
             continue;
         };
-        cur = layer(&mut g, s, l, cur, kv.ids, kv.rot, last.then_some(out_ids));
+        cur = layer(&mut g, s, l, cur, kv, last.then_some(out_ids), part.gpu);
     }
     if part.output {
         let mut x = g.inplace(&[cur]);
@@ -169,6 +188,27 @@ pub fn build(s: &Shape, part: Part) -> Graph {
     g
 }
 
+/// The flash-attention node's size: its output, and on a GPU the f16 copies of a converted K
+/// and V behind it, each 128-aligned (`ggml_cuda_flash_attn_ext_get_f16_extra_data`; ggml-alloc
+/// asks before the node has an address, so the padding is of the running size). The reserve's
+/// batch of `n_ubatch` tokens takes the MMA or tile kernel, which read f16; at 1-2 tokens the
+/// vector kernel reads quantized K/V as stored (a K/V type pair without a vector kernel, which
+/// needs the copies there too, is not modelled).
+fn fa_bytes(s: &Shape, gpu: bool, out: u64, nel_k: u64, nel_v: u64) -> u64 {
+    if !gpu || s.n_ubatch <= 2 {
+        return out;
+    }
+    let pad = |x: u64| x.saturating_add(127) & !127;
+    let mut end = out;
+    if s.k_cache == CacheType::Converted {
+        end = pad(end).saturating_add(nel_k.saturating_mul(2));
+    }
+    if s.v_cache == CacheType::Converted && !s.v_is_k_view {
+        end = pad(end).saturating_add(nel_v.saturating_mul(2));
+    }
+    end
+}
+
 fn norm(g: &mut Graph, x: Id, w: Id, bytes: u64) -> Id {
     let n = g.op(bytes, &[x]); // rms_norm of a tensor with other consumers: a new tensor
     g.inplace(&[n, w])
@@ -179,10 +219,12 @@ fn layer(
     s: &Shape,
     l: &Layer,
     inp: Id,
-    [w, cache, pos, k_idxs, v_idxs, mask]: [Id; 6],
-    (k_rot, v_rot): (Option<Id>, Option<Id>),
+    kv: &Kv,
     out_ids: Option<Id>,
+    gpu: bool,
 ) -> Id {
+    let [w, cache, pos, k_idxs, v_idxs, mask] = kv.ids;
+    let (k_rot, v_rot) = kv.rot;
     let n = s.n_ubatch;
     let f32_ = |x: u64| x.saturating_mul(4).saturating_mul(n);
     let e = f32_(s.n_embd);
@@ -244,7 +286,24 @@ fn layer(
     g.view(cache, &[v, v_idxs]);
     let qv = g.view(q, &[]);
     let mut cur = if s.flash_attn {
-        let o = g.op(eo, &[qv, cache, cache, mask]);
+        let nel_k = l
+            .n_kv
+            .saturating_mul(l.n_head_kv)
+            .saturating_mul(s.head_dim_k);
+        let nel_v = l
+            .n_kv
+            .saturating_mul(l.n_head_kv)
+            .saturating_mul(s.head_dim_v);
+        // The casts are srcs 1 and 2 of the attention node, expanded in that order.
+        let k = match s.k_cache {
+            CacheType::F32 => g.op(nel_k.saturating_mul(2), &[cache]),
+            _ => cache,
+        };
+        let v = match s.v_cache {
+            CacheType::F32 => g.op(nel_v.saturating_mul(2), &[cache]),
+            _ => cache,
+        };
+        let o = g.op(fa_bytes(s, gpu, eo, nel_k, nel_v), &[qv, k, v, mask]);
         g.view(o, &[])
     } else {
         let mut kq = g.op(

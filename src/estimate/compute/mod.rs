@@ -14,9 +14,11 @@
 //!   scheduler copies the inputs a GPU split reads into that GPU's buffer, so the CPU buffer
 //!   holds the inputs and the token embeddings' `get_rows` (the embeddings stay on the CPU),
 //!   and each GPU replays its layers with its own copy of the inputs;
-//! - flash attention: the CUDA kernel's f16 casts of K/V/Q and cuBLAS's f16 copies of
-//!   activations come from the CUDA pool (`ggml_cuda_pool`), not from the compute buffer, so
-//!   the graph is the same on both; the pool is part of the per-GPU overhead.
+//! - flash attention: with a quantized or BF16 cache, ggml-cuda's multi-token kernels convert
+//!   K and V to f16 into space the CUDA buffer type adds to the attention node's size
+//!   ([`graph::CacheType::Converted`]); the CPU kernel reads them as stored. Q's f16 cast and
+//!   cuBLAS's f16 copies of activations come from the CUDA pool (`ggml_cuda_pool`), which is
+//!   part of the per-GPU overhead.
 //! - Not modelled: pipeline parallelism (several GPUs with every layer offloaded keep
 //!   `n_copies` = 4 graph copies), op offload of CPU layers' matrix products to the GPU.
 
@@ -67,7 +69,7 @@ pub fn host_inputs_bytes(s: &Shape) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::graph::{Flavor, Layer, Shape};
+    use super::graph::{CacheType, Flavor, Layer, Shape};
     use super::*;
 
     const MIB: f64 = (1 << 20) as f64;
@@ -87,6 +89,9 @@ mod tests {
             flash_attn: false,
             k_rot: false,
             v_rot: false,
+            k_cache: CacheType::F16,
+            v_cache: CacheType::F16,
+            v_is_k_view: false,
         }
     }
 
@@ -156,6 +161,60 @@ mod tests {
             ..gemma3_8192()
         };
         assert_mib(cpu_only(&s), 20.1777);
+    }
+
+    // Measured with the same llama.cpp built with CUDA on an H200, -ngl 99, `CUDA0 compute buffer
+    // size` as the comparison table prints it, to 0.01 MiB
+    // (bench/results-h200-2026-12-04-estimate-vs-llamacpp.md).
+
+    fn assert_mib2(bytes: u64, llama_cpp: f64) {
+        let mib = bytes as f64 / MIB;
+        assert!(
+            (mib - llama_cpp).abs() < 0.005,
+            "{mib:.4} MiB, llama.cpp {llama_cpp} MiB"
+        );
+    }
+
+    #[test]
+    fn cuda_flash_attention_converts_a_quantized_cache_in_its_own_node() {
+        let f16 = Shape {
+            flash_attn: true,
+            ..gqa(4096)
+        };
+        let gpu = |s: &Shape| device_bytes(s, 0, 4, true, true);
+        assert_mib2(gpu(&f16), 15.26);
+        // q8_0 K and V: the rotations (16 KiB each) and, behind each attention output (1 MiB),
+        // f16 copies of the 4096-cell K and V views (1 MiB each).
+        let q8 = Shape {
+            k_rot: true,
+            v_rot: true,
+            k_cache: CacheType::Converted,
+            v_cache: CacheType::Converted,
+            ..f16.clone()
+        };
+        assert_mib2(gpu(&q8), 15.29);
+        // Without the copies (the CPU's kernel reads the cache as stored) the GPU would need a
+        // MiB less: what the estimate said before it modelled them.
+        let stored = Shape {
+            k_cache: CacheType::F16,
+            v_cache: CacheType::F16,
+            ..q8.clone()
+        };
+        assert_mib2(gpu(&stored), 14.29);
+    }
+
+    #[test]
+    fn cuda_flash_attention_copies_each_layers_own_window() {
+        // Gemma-3: the copies of the 768-cell sliding layers and of the 8192-cell full one.
+        let s = Shape {
+            flash_attn: true,
+            k_rot: true,
+            v_rot: true,
+            k_cache: CacheType::Converted,
+            v_cache: CacheType::Converted,
+            ..gemma3_8192()
+        };
+        assert_mib2(device_bytes(&s, 0, 7, true, true), 20.93);
     }
 
     #[test]
