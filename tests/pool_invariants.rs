@@ -543,29 +543,6 @@ fn bad_frees_are_classified_and_change_nothing() {
     pool.check();
 }
 
-#[test]
-fn per_thread_stream_blocks_are_not_reused_by_another_thread_at_once() {
-    // cudaStreamPerThread (handle 2) is a different stream on every thread.
-    let (_sim, pool) = pool(1 << 30, StreamSafety::Batched, Some(1 << 30));
-    let pool = Arc::new(pool);
-    let a = pool.alloc_async(3 << 20, 2).unwrap();
-    pool.free_async(a, 2).unwrap();
-    let p2 = pool.clone();
-    let other = std::thread::spawn(move || p2.alloc_async(3 << 20, 2).unwrap())
-        .join()
-        .unwrap();
-    assert_ne!(
-        other, a,
-        "another thread's per-thread stream must wait for the free"
-    );
-    assert_eq!(
-        pool.alloc_async(3 << 20, 2).unwrap(),
-        a,
-        "the freeing thread reuses at once"
-    );
-    pool.check();
-}
-
 /// The smallest simulated device the configuration accepts (1 MiB, below one 2 MiB shared chunk)
 /// still serves every allocation that fits in it.
 #[test]

@@ -127,3 +127,34 @@ fn a_series_keeps_every_peak_in_at_most_1000_points() {
     );
     assert!(points.iter().all(|p| p[2] >= p[1]), "reserved below in use");
 }
+
+#[test]
+fn a_torch_replay_reuses_a_streams_freed_memory_while_its_events_wait() {
+    // Five 4 MiB blocks fill one 20 MiB chunk; two neighbours are freed on the stream, then
+    // 8 MiB is asked for on it. The events never complete (no synchronize on this path, a lag
+    // longer than the trace): only the stream's own reuse of its merged frees avoids a chunk.
+    let mut trace = String::from("# hbmalloc trace v1: time_ns thread op ptr size stream device\n");
+    for i in 1..=5 {
+        trace += &format!("{i} 10 a {i}000 4194304 0 0\n");
+    }
+    trace += "6 10 f 2000 4194304 0 0\n7 10 f 3000 4194304 0 0\n8 10 a 9000 8388608 0 0\n";
+    let lag: &[&std::ffi::OsStr] = &["--torch".as_ref(), "--event-lag".as_ref(), "1000".as_ref()];
+    let out = replay_with(&trace, lag);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(field(&stdout, "entry").trim(), "torch-lag1000");
+    assert_eq!(field(&stdout, "peak_reserved_mib"), "20.0", "{stdout}");
+    assert_eq!(field(&stdout, "syncs"), "0", "{stdout}");
+}
+
+#[test]
+fn an_event_lag_needs_the_torch_entry_points() {
+    let out = replay_with("# header\n", &["--event-lag".as_ref(), "5".as_ref()]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--torch"), "{stderr}");
+}

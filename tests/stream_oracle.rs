@@ -7,12 +7,15 @@
 //! free has then finished). Memory freed with `cudaFreeAsync(p, s)` may be handed out at once to
 //! an allocation on `s`, and elsewhere once the event recorded at the free has completed, or
 //! after such a synchronize. The oracle's events complete late (after a random number of
-//! queries), so the pool's event paths run.
+//! queries), so the pool's event paths run, and in stream order, as CUDA's do: once an event
+//! completes, so has every event recorded before it on its stream (whether or not the pool still
+//! holds them), since the stream has passed them.
 //!
 //! Seen to fail (2026-12-04) under each of these mutations of the epoch logic: `end_sync`
 //! completing `started + 2`; `credit` completing `epoch + 2`; `credit` crediting a closed epoch
 //! whose mark equals the pool's completed epoch (`>` for `>=`); the pool's synchronize completing
-//! `started + 2`; and `cudaFreeAsync` stamping its block one epoch early.
+//! `started + 2`; and `cudaFreeAsync` stamping its block one epoch early. Seen to fail
+//! (2026-12-04) when the arena's merge of a stream's freed neighbours kept the older event.
 
 use hbmalloc::backend::sim::SimBackend;
 use hbmalloc::backend::{Backend, DevicePtr, Event, Stream};
@@ -32,6 +35,9 @@ struct Log {
     pending: HashMap<Event, u32>,
     /// Completed events: the sequence number of their completion.
     done: HashMap<Event, u64>,
+    /// Every event's stream (the default and per-thread handles with their thread: per-thread
+    /// default streams are one stream per thread) and the sequence number of its record.
+    recorded: HashMap<Event, ((Stream, Option<std::thread::ThreadId>), u64)>,
     /// The event the last `event_record` of each thread returned.
     last_event: HashMap<std::thread::ThreadId, Event>,
     rng: u64,
@@ -89,7 +95,12 @@ impl Backend for Oracle {
         self.sim.synchronize()?;
         let mut log = self.log.lock().unwrap();
         // A device synchronize completes every event recorded before it began.
-        let covered: Vec<Event> = log.pending.keys().copied().collect();
+        let covered: Vec<Event> = log
+            .recorded
+            .iter()
+            .filter(|(e, &(_, at))| at < start && !log.done.contains_key(e))
+            .map(|(&e, _)| e)
+            .collect();
         let end = self.tick();
         for e in covered {
             log.pending.remove(&e);
@@ -100,7 +111,10 @@ impl Backend for Oracle {
     }
     fn event_record(&self, stream: Stream) -> Result<Event> {
         let e = self.sim.event_record(stream)?;
+        let at = self.tick();
         let mut log = self.log.lock().unwrap();
+        let thread = matches!(stream, 0 | 2).then(|| std::thread::current().id());
+        log.recorded.insert(e, ((stream, thread), at));
         log.rng ^= log.rng << 13;
         log.rng ^= log.rng >> 7;
         log.rng ^= log.rng << 17;
@@ -117,9 +131,21 @@ impl Backend for Oracle {
         }
         match log.pending.get_mut(&event) {
             Some(0) => {
-                log.pending.remove(&event);
                 let at = self.tick();
-                log.done.insert(event, at);
+                // The stream has passed this event, and so every one recorded before it there.
+                let (stream, recorded_at) = log.recorded[&event];
+                let passed: Vec<Event> = log
+                    .recorded
+                    .iter()
+                    .filter(|(e, &(s, r))| {
+                        s == stream && r <= recorded_at && !log.done.contains_key(e)
+                    })
+                    .map(|(&e, _)| e)
+                    .collect();
+                for e in passed {
+                    log.pending.remove(&e);
+                    log.done.insert(e, at);
+                }
                 Ok(true)
             }
             Some(n) => {
@@ -130,7 +156,8 @@ impl Backend for Oracle {
         }
     }
     fn event_release(&self, event: Event) {
-        self.log.lock().unwrap().pending.remove(&event);
+        // Nothing queries a released event again, but its stream still passes it: it stays in
+        // the log, to complete with a later event of its stream or a synchronize.
         self.sim.event_release(event)
     }
     fn vmm_granularity(&self) -> Option<usize> {

@@ -38,6 +38,26 @@ pub fn complete_held_events() {
     held_events().take();
 }
 
+/// Events recorded this many after an event complete it (0: every event is complete at once).
+static EVENT_LAG: AtomicUsize = AtomicUsize::new(0);
+/// Every event up to this one is complete: a synchronize ran after it was recorded.
+static SYNCED_UPTO: AtomicUsize = AtomicUsize::new(0);
+
+/// For replays of a device that runs behind its host: from now on an event completes once `lag`
+/// more events have been recorded after it (on any simulated device), or a synchronize ran.
+/// Process-wide, as events.
+pub fn set_event_lag(lag: usize) {
+    EVENT_LAG.store(lag, Ordering::SeqCst);
+}
+
+/// Whether the event lag still keeps `event` incomplete.
+fn lagging(event: Event) -> bool {
+    let lag = EVENT_LAG.load(Ordering::Relaxed);
+    lag > 0
+        && event > SYNCED_UPTO.load(Ordering::Acquire)
+        && NEXT_EVENT.load(Ordering::Relaxed) < event.saturating_add(lag)
+}
+
 fn held_events() -> std::sync::MutexGuard<'static, Option<HashSet<Event>>> {
     HELD_EVENTS.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -270,6 +290,7 @@ impl Backend for SimBackend {
     fn synchronize(&self) -> Result<()> {
         unsafe_during_capture("cuCtxSynchronize")?;
         self.syncs.fetch_add(1, Ordering::Relaxed);
+        SYNCED_UPTO.fetch_max(NEXT_EVENT.load(Ordering::Relaxed), Ordering::AcqRel);
         if HOLD_EVENTS.load(Ordering::Relaxed) {
             held_events().take();
         }
@@ -303,6 +324,9 @@ impl Backend for SimBackend {
                 call: "cuEventQuery",
                 code: 900,
             });
+        }
+        if lagging(event) {
+            return Ok(false);
         }
         Ok(held_events()
             .as_ref()

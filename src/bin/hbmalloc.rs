@@ -69,9 +69,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
         Err(e) => {
-            // One line: clap's first line (it names the argument and what was wrong).
+            // One line: clap's first line (it names the argument and what was wrong), with the
+            // indented lines that follow a first line ending in ':' (the missing arguments).
             let text = e.render().to_string();
-            let line = text.lines().next().unwrap_or("bad usage");
+            let mut lines = text.lines();
+            let mut line = lines.next().unwrap_or("bad usage").to_string();
+            if line.ends_with(':') {
+                let named: Vec<&str> = lines
+                    .take_while(|l| l.starts_with(' '))
+                    .map(str::trim)
+                    .collect();
+                line = format!("{} {}", line, named.join(", "));
+            }
             eprintln!(
                 "hbmalloc: {} (try --help)",
                 line.trim_start_matches("error: ")

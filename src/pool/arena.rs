@@ -50,10 +50,10 @@ pub struct Arena {
     pending: Vec<(DevicePtr, u64)>,
     pending_bytes: usize,
     stream_freed: HashMap<DevicePtr, StreamFreed>,
-    /// The blocks of `stream_freed` by (stream, block size), most recently freed last: the
-    /// same-stream reuse of every `cudaMallocAsync` / `hbm_torch_malloc` looks one up (a scan of
-    /// all waiting blocks there cost a PyTorch step more than its own allocator's).
-    same_stream: HashMap<(Stream, usize), Vec<DevicePtr>>,
+    /// The blocks of `stream_freed` by stream, then size and address: the same-stream reuse of
+    /// every `cudaMallocAsync` / `hbm_torch_malloc` takes the best fit among its stream's (a
+    /// scan of all waiting blocks there cost a PyTorch step more than its own allocator's).
+    same_stream: BTreeSet<(Stream, usize, DevicePtr)>,
     /// The completed epoch `settle_pending` last ran with.
     settled_at: u64,
     /// Bytes obtained from the driver and not yet given back.
@@ -120,24 +120,56 @@ impl Arena {
         Some(addr)
     }
 
-    /// Takes a block of exactly `size` bytes freed asynchronously on `stream`: the stream's own
-    /// order makes it safe to reuse at once. Exact, so that the block size stays a function of
-    /// the request (callers that keep no record of it rely on that).
-    pub fn take_same_stream(&mut self, size: usize, stream: Stream) -> Option<(DevicePtr, Event)> {
-        let bucket = self.same_stream.get_mut(&(stream, size))?;
-        let addr = bucket.pop().expect("no empty buckets are kept");
-        if bucket.is_empty() {
-            self.same_stream.remove(&(stream, size));
-        }
+    /// Takes `size` bytes from the smallest block of at most `largest` bytes freed
+    /// asynchronously on `stream`: the stream's own order makes it safe to reuse at once, as
+    /// PyTorch's allocator reuses any block of a stream's pool. The rest of a larger block is
+    /// split off and keeps waiting, with the block's event, for other streams (so the block
+    /// handed out is exactly `size`: callers that keep no record of it rely on that). Returns
+    /// the block and, when it was taken whole, its event, which nothing needs any more.
+    pub fn take_same_stream(
+        &mut self,
+        size: usize,
+        largest: usize,
+        stream: Stream,
+    ) -> Option<(DevicePtr, Option<Event>)> {
+        let &key @ (_, found, addr) = self
+            .same_stream
+            .range((stream, size, 0)..=(stream, largest, DevicePtr::MAX))
+            .next()?;
+        self.same_stream.remove(&key);
         let f = self
             .stream_freed
             .remove(&addr)
             .expect("indexed blocks wait for their event");
-        self.blocks
-            .get_mut(&f.addr)
-            .expect("stream-freed block exists")
-            .state = State::Used;
-        Some((f.addr, f.event))
+        let block = self
+            .blocks
+            .get_mut(&addr)
+            .expect("stream-freed block exists");
+        block.state = State::Used;
+        let rest = found - size;
+        if rest == 0 {
+            return Some((addr, Some(f.event)));
+        }
+        debug_assert!(rest >= MIN_BLOCK, "block sizes are multiples of MIN_BLOCK");
+        block.size = size;
+        let tail = addr + size;
+        let next = block.next.replace(tail);
+        self.blocks.insert(
+            tail,
+            Block {
+                size: rest,
+                prev: Some(addr),
+                next,
+                state: State::StreamPending,
+            },
+        );
+        if let Some(n) = next {
+            self.blocks.get_mut(&n).expect("neighbour exists").prev = Some(tail);
+        }
+        self.stream_freed
+            .insert(tail, StreamFreed { addr: tail, ..f });
+        self.same_stream.insert((stream, rest, tail));
+        Some((addr, None))
     }
 
     /// Size of the block starting at `addr` (which must be one).
@@ -155,34 +187,95 @@ impl Arena {
     }
 
     /// Marks a handed-out block freed on `stream`, guarded by `event`, recorded before the pool
-    /// epoch was `epoch`.
+    /// epoch was `epoch`, and merges it with neighbours freed on the same stream, as PyTorch's
+    /// allocator merges the free blocks of a stream's pool (else a request larger than any one
+    /// piece grows the pool while the stream's own freed memory waits). The caller records
+    /// `event` while holding the arena, so it is the newest event of every block here: once it
+    /// completes the stream has passed the neighbours' frees too, and the merged block keeps it
+    /// and this epoch. Returns the neighbours' events, which nothing needs any more.
+    #[must_use = "the merged-away events go back to the backend"]
     pub fn mark_stream_pending(
         &mut self,
         addr: DevicePtr,
         stream: Stream,
         event: Event,
         epoch: u64,
-    ) {
+    ) -> Vec<Event> {
         let block = self
             .blocks
             .get_mut(&addr)
             .expect("stream-freed block exists");
         debug_assert_eq!(block.state, State::Used);
         block.state = State::StreamPending;
-        let size = block.size;
+        let (prev, next) = (block.prev, block.next);
+        let mut merged = Vec::new();
+        if let Some(n) = next {
+            if self.take_neighbour(n, stream, &mut merged) {
+                self.join(addr, n);
+            }
+        }
+        let mut start = addr;
+        if let Some(p) = prev {
+            if self.take_neighbour(p, stream, &mut merged) {
+                self.join(p, addr);
+                start = p;
+            }
+        }
+        let merged_block = self.blocks.get_mut(&start).expect("block exists");
+        merged_block.state = State::StreamPending;
+        let size = merged_block.size;
         self.stream_freed.insert(
-            addr,
+            start,
             StreamFreed {
-                addr,
+                addr: start,
                 stream,
                 event,
                 epoch,
             },
         );
-        self.same_stream
-            .entry((stream, size))
-            .or_default()
-            .push(addr);
+        self.same_stream.insert((stream, size, start));
+        merged
+    }
+
+    /// Takes neighbour `n` out of its set if a block freed on `stream` may absorb it: a free
+    /// block (which then waits with it: on a busy device, for about as long as the stream takes
+    /// to pass the free), or one freed on the same stream (its event goes to `events`).
+    fn take_neighbour(&mut self, n: DevicePtr, stream: Stream, events: &mut Vec<Event>) -> bool {
+        match self.blocks[&n].state {
+            State::Free => {
+                let size = self.blocks[&n].size;
+                self.free.remove(&(size, n));
+                self.free_bytes -= size;
+                true
+            }
+            State::StreamPending if self.stream_freed[&n].stream == stream => {
+                events.push(self.unindex(n));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Takes a stream-freed block out of the waiting records (its block stays); returns its
+    /// event.
+    fn unindex(&mut self, addr: DevicePtr) -> Event {
+        let f = self.stream_freed.remove(&addr).expect("stream-freed block");
+        let size = self.blocks[&addr].size;
+        let indexed = self.same_stream.remove(&(f.stream, size, addr));
+        debug_assert!(indexed, "every stream-freed block is indexed");
+        f.event
+    }
+
+    /// Merges the block at `next` into its neighbour `at`, keeping `at`'s state.
+    fn join(&mut self, at: DevicePtr, next: DevicePtr) {
+        let nb = self.blocks.remove(&next).expect("neighbour exists");
+        let b = self.blocks.get_mut(&at).expect("block exists");
+        debug_assert_eq!(b.next, Some(next));
+        b.size += nb.size;
+        b.next = nb.next;
+        if let Some(nn) = nb.next {
+            self.blocks.get_mut(&nn).expect("neighbour exists").prev = Some(at);
+        }
     }
 
     /// Returns a handed-out block that is already safe (synchronized) to the free set.
@@ -231,13 +324,7 @@ impl Arena {
             .copied()
             .collect();
         for f in &settled {
-            self.stream_freed.remove(&f.addr);
-            let key = (f.stream, self.blocks[&f.addr].size);
-            let bucket = self.same_stream.get_mut(&key).expect("indexed");
-            bucket.retain(|&a| a != f.addr);
-            if bucket.is_empty() {
-                self.same_stream.remove(&key);
-            }
+            self.unindex(f.addr);
             self.make_free(f.addr);
         }
         settled.into_iter().map(|f| f.event).collect()
@@ -346,14 +433,18 @@ impl Arena {
             }
         }
         assert_eq!(free_bytes, self.free_bytes);
-        let indexed: usize = self.same_stream.values().map(Vec::len).sum();
-        assert_eq!(indexed, self.stream_freed.len(), "same-stream index");
-        for (&(stream, size), addrs) in &self.same_stream {
-            for a in addrs {
-                assert_eq!(self.stream_freed[a].stream, stream);
-                assert_eq!(self.blocks[a].size, size);
-                assert_eq!(self.blocks[a].state, State::StreamPending);
-            }
+        assert_eq!(
+            self.same_stream.len(),
+            self.stream_freed.len(),
+            "same-stream index"
+        );
+        let mut events = std::collections::HashSet::new();
+        for &(stream, size, a) in &self.same_stream {
+            assert_eq!(self.stream_freed[&a].stream, stream);
+            assert_eq!(self.blocks[&a].size, size);
+            assert_eq!(self.blocks[&a].state, State::StreamPending);
+            // Each event guards one block: giving it back when that block settles is safe.
+            assert!(events.insert(self.stream_freed[&a].event), "shared event");
         }
         assert_eq!(
             self.free.len(),
@@ -397,39 +488,80 @@ mod tests {
         assert_eq!(a.reserved, 0);
     }
 
-    /// Same-stream reuse finds its block by (stream, size) among many waiting ones, and blocks
-    /// settled by their events leave the index.
+    /// Same-stream reuse finds its block by stream among many waiting ones, best fit, and
+    /// blocks settled by their events leave the index.
     #[test]
-    fn same_stream_reuse_takes_the_matching_block_among_many() {
+    fn same_stream_reuse_takes_the_best_fit_of_its_stream() {
         let mut a = Arena::default();
-        a.add_chunk(0x100000, 64 * 1024);
+        // Exactly the blocks below: no free rest for the last one to absorb.
+        a.add_chunk(0x100000, 34 * 1024);
         let blocks: Vec<DevicePtr> = (0..32).map(|_| a.take_best_fit(1024).unwrap()).collect();
         let big = a.take_best_fit(2048).unwrap();
         for (i, &p) in blocks.iter().enumerate() {
-            a.mark_stream_pending(p, 8 + 8 * (i % 4), 1000 + i, 9);
+            assert_eq!(
+                a.mark_stream_pending(p, 8 + 8 * (i % 4), 1000 + i, 9),
+                Vec::<Event>::new()
+            );
         }
-        a.mark_stream_pending(big, 16, 2000, 9);
+        assert_eq!(a.mark_stream_pending(big, 16, 2000, 9), Vec::<Event>::new());
         a.check();
-        assert_eq!(a.take_same_stream(2048, 16), Some((big, 2000)));
-        assert_eq!(a.take_same_stream(2048, 16), None);
+        assert_eq!(a.take_same_stream(2048, 4096, 16), Some((big, Some(2000))));
         assert_eq!(
-            a.take_same_stream(1024, 40),
+            a.take_same_stream(2048, 4096, 16),
+            None,
+            "stream 16's other blocks are smaller"
+        );
+        assert_eq!(
+            a.take_same_stream(1024, 4096, 40),
             None,
             "no block freed on stream 40"
         );
-        // Stream 24 freed blocks 2, 6, 10, ...: the last freed comes first.
-        assert_eq!(a.take_same_stream(1024, 24), Some((blocks[30], 1030)));
+        // Stream 24 freed blocks 2, 6, 10, ...: the lowest address of the best size first.
+        assert_eq!(
+            a.take_same_stream(1024, 4096, 24),
+            Some((blocks[2], Some(1002)))
+        );
         a.check();
         let settled = a.settle_stream_freed(0, |e| e % 4 == 0);
         assert_eq!(settled.len(), 8, "events of stream 8's blocks: {settled:?}");
         a.check();
         assert_eq!(
-            a.take_same_stream(1024, 8),
+            a.take_same_stream(1024, 4096, 8),
             None,
             "settled blocks are free, not indexed"
         );
-        assert_eq!(a.take_same_stream(1024, 32), Some((blocks[31], 1031)));
+        assert_eq!(
+            a.take_same_stream(1024, 4096, 32),
+            Some((blocks[3], Some(1003)))
+        );
         a.check();
+    }
+
+    /// A larger block of the stream serves a smaller request at once; the rest keeps the event
+    /// and serves the stream again, or settles with it.
+    #[test]
+    fn same_stream_reuse_splits_a_larger_block() {
+        let mut a = Arena::default();
+        a.add_chunk(0x100000, 8192);
+        let p = a.take_best_fit(8192).unwrap();
+        assert_eq!(a.mark_stream_pending(p, 16, 77, 3), Vec::<Event>::new());
+        assert_eq!(
+            a.take_same_stream(1024, 2048, 16),
+            None,
+            "8 KiB is more than the largest split allowed for 1 KiB"
+        );
+        assert_eq!(a.take_same_stream(1024, 8192, 16), Some((p, None)));
+        a.check();
+        assert_eq!(a.lookup(p + 1024), Lookup::Start(State::StreamPending));
+        assert_eq!(a.take_same_stream(2048, 8192, 16), Some((p + 1024, None)));
+        assert_eq!(a.take_same_stream(1024, 8192, 8), None, "another stream");
+        a.check();
+        // The remaining 5 KiB settles with the event; the taken parts come back free.
+        assert_eq!(a.settle_stream_freed(0, |e| e == 77), vec![77]);
+        a.release(p);
+        a.release(p + 1024);
+        a.check();
+        assert_eq!(a.take_free_chunks(), vec![(0x100000, 8192)]);
     }
 
     #[test]
@@ -438,8 +570,12 @@ mod tests {
         a.add_chunk(0x10000, 2048);
         let p = a.take_best_fit(1024).unwrap();
         let q = a.take_best_fit(1024).unwrap();
-        a.mark_stream_pending(p, 8, 100, 5);
-        a.mark_stream_pending(q, 8, 101, 7);
+        assert_eq!(a.mark_stream_pending(p, 8, 100, 5), Vec::<Event>::new());
+        assert_eq!(
+            a.mark_stream_pending(q, 16, 101, 7),
+            Vec::<Event>::new(),
+            "another stream's"
+        );
         // A synchronize that began in epoch 5 completed (completed = 6): it covers p only, and
         // q's event is not done yet.
         assert_eq!(a.settle_stream_freed(6, |_| false), vec![100]);
@@ -448,6 +584,49 @@ mod tests {
         assert_eq!(a.settle_stream_freed(6, |e| e == 101), vec![101]);
         a.check();
         assert_eq!(a.take_free_chunks(), vec![(0x10000, 2048)]);
+    }
+
+    /// A block freed on a stream absorbs its free neighbours, which then wait with it.
+    #[test]
+    fn a_stream_freed_block_absorbs_its_free_neighbours() {
+        let mut a = Arena::default();
+        a.add_chunk(0x10000, 4096);
+        let p = a.take_best_fit(1024).unwrap();
+        let q = a.take_best_fit(1024).unwrap();
+        a.release(p);
+        assert_eq!(a.mark_stream_pending(q, 8, 100, 5), Vec::<Event>::new());
+        a.check();
+        assert_eq!(a.free_bytes, 0);
+        assert_eq!(a.take_best_fit(1024), None, "all of it waits for stream 8");
+        assert_eq!(a.take_same_stream(4096, 8192, 8), Some((p, Some(100))));
+        a.check();
+    }
+
+    /// Neighbours freed on one stream merge into one block that keeps the newest event and
+    /// epoch (the stream passes the older frees first), so a larger request of the stream fits.
+    #[test]
+    fn a_streams_freed_neighbours_merge_under_the_newest_event() {
+        let mut a = Arena::default();
+        a.add_chunk(0x10000, 4096);
+        let b: Vec<DevicePtr> = (0..4).map(|_| a.take_best_fit(1024).unwrap()).collect();
+        assert_eq!(a.mark_stream_pending(b[0], 8, 100, 5), Vec::<Event>::new());
+        assert_eq!(a.mark_stream_pending(b[2], 8, 102, 6), Vec::<Event>::new());
+        assert_eq!(
+            a.mark_stream_pending(b[3], 16, 103, 6),
+            Vec::<Event>::new(),
+            "not stream 8's"
+        );
+        a.check();
+        assert_eq!(a.take_same_stream(3072, 4096, 8), None);
+        // b[1] joins both of stream 8's neighbours: their events go back.
+        assert_eq!(a.mark_stream_pending(b[1], 8, 101, 7), vec![102, 100]);
+        a.check();
+        assert_eq!(a.lookup(b[1]), Lookup::Interior(b[0]));
+        // A synchronize begun in epoch 5 covered b[0] alone; the merged block waits for the one
+        // of epoch 7 or its own event, not for b[0]'s.
+        assert_eq!(a.settle_stream_freed(6, |e| e == 100), Vec::<Event>::new());
+        assert_eq!(a.take_same_stream(3072, 4096, 8), Some((b[0], Some(101))));
+        a.check();
     }
 
     #[test]

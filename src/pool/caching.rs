@@ -154,7 +154,8 @@ pub struct CachingPool {
     /// the one below which all such blocks are safe. Thread caches keep their own (`thread_cache`).
     epoch: AtomicU64,
     completed: AtomicU64,
-    /// Number of blocks waiting in `Arena::stream_freed`, to skip the lock when there are none.
+    /// Number of blocks waiting in `Arena::stream_freed` (each holds its own event), to skip the
+    /// lock when there are none.
     stream_freed: AtomicUsize,
     /// Held while a synchronize runs (`sync_and_settle`).
     sync_lock: Mutex<()>,
@@ -285,12 +286,17 @@ impl CachingPool {
     pub fn alloc_async_unchecked(&self, size: usize, stream: Stream) -> Result<(DevicePtr, usize)> {
         let block = checked_block(size)?;
         if self.stream_freed.load(Ordering::Acquire) > 0 {
-            let taken = self
-                .arena_for(block)
-                .take_same_stream(block, stream_key(stream));
+            let taken = self.arena_for(block).take_same_stream(
+                block,
+                largest_split(block),
+                stream_key(stream),
+            );
             if let Some((ptr, event)) = taken {
-                self.stream_freed.fetch_sub(1, Ordering::AcqRel);
-                self.backend.event_release(event);
+                // A split block's rest keeps the event (and stays counted).
+                if let Some(event) = event {
+                    self.stream_freed.fetch_sub(1, Ordering::AcqRel);
+                    self.backend.event_release(event);
+                }
                 self.count_alloc(block, true);
                 note_owner(ptr, my_shard());
                 return Ok((ptr, block));
@@ -361,15 +367,22 @@ impl CachingPool {
     }
 
     fn free_after_event(&self, ptr: DevicePtr, block: usize, stream: Stream) {
+        // Recorded under the arena, so that one stream's events there are recorded in the order
+        // they are marked (the arena's merge of a stream's neighbours relies on it).
+        let mut arena = self.arena_for(block);
         match self.backend.event_record(stream) {
             Ok(event) => {
                 let epoch = self.epoch.load(Ordering::SeqCst);
-                self.arena_for(block)
-                    .mark_stream_pending(ptr, stream_key(stream), event, epoch);
+                let merged = arena.mark_stream_pending(ptr, stream_key(stream), event, epoch);
+                drop(arena);
                 self.stream_freed.fetch_add(1, Ordering::AcqRel);
+                self.release_events(merged);
             }
             // Without an event, the epoch rule (a later device synchronize) still keeps it safe.
-            Err(_) => self.return_to_arena(vec![(ptr, block, self.epoch.load(Ordering::SeqCst))]),
+            Err(_) => {
+                drop(arena);
+                self.return_to_arena(vec![(ptr, block, self.epoch.load(Ordering::SeqCst))]);
+            }
         }
     }
 

@@ -7,6 +7,11 @@
 //! frees what. Every event uses the default stream: a recorded stream is a handle from another
 //! process, so `cudaMallocAsync` events are counted and replayed as plain allocations.
 //!
+//! `--torch` replays every event through PyTorch's pluggable entry points instead, stream-ordered
+//! on one stream, as `hbmalloc.torch.enable()` serves a program on its current stream;
+//! `--event-lag N` (simulated device only) then keeps each free's event incomplete until N more
+//! have been recorded, as a GPU that runs behind its host does.
+//!
 //! `--series FILE` also writes memory over the replay, in the format `bench/peer_bench.cpp`
 //! writes for the other allocators (`# hbmalloc series v1`): at most 1000 lines
 //! `<events done> <requested bytes live> <reserved bytes>`, each the highest figures of its
@@ -34,7 +39,17 @@ pub struct ReplayArgs {
     /// Also write memory in use and reserved over the replay to this file.
     #[arg(long, value_name = "FILE")]
     series: Option<PathBuf>,
+    /// Replay through the pluggable allocator's entry points, on one stream.
+    #[arg(long)]
+    torch: bool,
+    /// With --torch on the simulated device: a free's event completes N events later.
+    #[arg(long, value_name = "N", requires = "torch")]
+    event_lag: Option<usize>,
 }
+
+/// The stream of a `--torch` replay: a non-default stream, the same for every thread (a
+/// program's current stream after `torch.cuda.set_stream`).
+const TORCH_STREAM: usize = 0x7000;
 
 /// The most points a series file holds.
 const SERIES_POINTS: usize = 1000;
@@ -77,6 +92,14 @@ pub fn run(args: ReplayArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(lag) = args.event_lag {
+        hbmalloc::backend::sim::set_event_lag(lag);
+    }
+    let api = if args.torch {
+        (Api::Torch, Some(TORCH_STREAM))
+    } else {
+        (Api::Runtime, None)
+    };
     let turn = AtomicUsize::new(0);
     let live: Mutex<HashMap<usize, DevicePtr>> = Mutex::new(HashMap::new());
     let failed: Mutex<Option<String>> = Mutex::new(None);
@@ -85,7 +108,7 @@ pub fn run(args: ReplayArgs) -> ExitCode {
     std::thread::scope(|s| {
         for events in &trace.threads {
             let (turn, live, failed, samples) = (&turn, &live, &failed, samples.as_ref());
-            s.spawn(move || replay_thread(events, turn, live, failed, samples));
+            s.spawn(move || replay_thread(events, api, turn, live, failed, samples));
         }
     });
     let seconds = started.elapsed().as_secs_f64();
@@ -124,7 +147,7 @@ pub fn run(args: ReplayArgs) -> ExitCode {
     println!(
         "replay {} events={} threads={} stream_events_on_default={} host_events_skipped={} \
          seconds={:.3} peak_requested_mib={:.1} peak_blocks_mib={:.1} peak_reserved_mib={:.1} \
-         reserved_over_requested={:.3} driver_calls={driver_calls} syncs={syncs}",
+         reserved_over_requested={:.3} driver_calls={driver_calls} syncs={syncs} entry={}",
         args.file.display(),
         trace.events,
         trace.threads.len(),
@@ -134,13 +157,19 @@ pub fn run(args: ReplayArgs) -> ExitCode {
         mib(trace.peak_requested as u64),
         mib(trace.peak_blocks as u64),
         mib(peak_reserved),
-        peak_reserved as f64 / trace.peak_requested.max(1) as f64
+        peak_reserved as f64 / trace.peak_requested.max(1) as f64,
+        match (args.torch, args.event_lag) {
+            (false, _) => "cuda".to_string(),
+            (true, None) => "torch".to_string(),
+            (true, Some(lag)) => format!("torch-lag{lag}"),
+        }
     );
     ExitCode::SUCCESS
 }
 
 fn replay_thread(
     events: &[(usize, Event)],
+    (api, stream): (Api, Option<usize>),
     turn: &AtomicUsize,
     live: &Mutex<HashMap<usize, DevicePtr>>,
     failed: &Mutex<Option<String>>,
@@ -154,14 +183,14 @@ fn replay_thread(
             std::thread::yield_now();
         }
         let result = if e.alloc {
-            alloc::alloc(e.device, e.size, None, Api::Runtime)
+            alloc::alloc(e.device, e.size, stream, api)
                 .map(|p| {
                     live.lock().expect("replay map").insert(e.ptr, p);
                 })
                 .map_err(|err| format!("event {index}: allocation of {} failed: {err}", e.size))
         } else {
             match live.lock().expect("replay map").remove(&e.ptr) {
-                Some(p) => alloc::free(p, None, Api::Runtime)
+                Some(p) => alloc::free(p, stream, api)
                     .map(|_| ())
                     .map_err(|err| format!("event {index}: free failed: {err:?}")),
                 // A free of memory allocated before the trace began: nothing to replay.
