@@ -6,7 +6,8 @@
 #                                    buffer sizes, llama-bench with and without LD_PRELOAD=LIB
 #                                    (interleaved rounds; the preloaded run writes a trace), and a
 #                                    subset of test-backend-ops under LD_PRELOAD
-# `check` prints one "RESULT|name|PASS or FAIL|detail" line per check for gpu-check's table.
+# `check` prints one "RESULT|name|PASS or FAIL|detail" line per check for gpu-check's table;
+# LLAMA_CHECKS (default "estimate bench ops") picks which of the three run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 cmd=${1:?build or check} LOG=${2:?log folder}
@@ -43,7 +44,10 @@ fi
 export PYTHONPATH="$SRC/llama.cpp/gguf-py${PYTHONPATH:+:$PYTHONPATH}"
 # estimate-vs-llamacpp.sh runs target/release/hbmalloc; the GPU machine has the staged CLI.
 mkdir -p target/release && [[ -x target/release/hbmalloc ]] || cp gpu-stage/hbmalloc target/release/hbmalloc
-if LLAMA_CPP_BIN=$BIN LLAMA_LOG_DIR=$LOG/estimate-llama-logs timeout 240 bash scripts/estimate-vs-llamacpp.sh "$LOG/estimate-vs-llamacpp.md" \
+checks=" ${LLAMA_CHECKS:-estimate bench ops} "
+if [[ $checks != *" estimate "* ]]; then
+    :
+elif LLAMA_CPP_BIN=$BIN LLAMA_LOG_DIR=$LOG/estimate-llama-logs timeout 240 bash scripts/estimate-vs-llamacpp.sh "$LOG/estimate-vs-llamacpp.md" \
     >"$LOG/estimate-vs-llamacpp.log" 2>&1; then
     result "estimate vs llama.cpp" PASS "$(grep -c '^| ' "$LOG/estimate-vs-llamacpp.md") rows in estimate-vs-llamacpp.md"
 else
@@ -53,6 +57,7 @@ fi
 # llama-bench on a 0.85 B-parameter random model (large enough that a 512-token prompt takes tens
 # of milliseconds: a 150 M one ran in 3 ms, all noise): prompt processing and generation, plain and
 # preloaded in interleaved rounds (the preloaded rounds' allocations traced for `replay`).
+if [[ $checks == *" bench "* ]]; then
 model=$BLD/bench-model.gguf  # not in LOG: the logs travel back, 300 MiB would not
 python3 scripts/write_test_gguf.py "$model" --layers 16 --embd 2048 --heads 16 --kv-heads 4 --ff 5632 --vocab 32000
 : >"$LOG/llama-bench.txt"
@@ -93,11 +98,13 @@ if [[ $? -eq 0 && -s $LOG/llama-bench.trace ]]; then
 else
     result "llama-bench plain vs LD_PRELOAD" FAIL "${summary:-no figures} (trace: $(wc -l <"$LOG/llama-bench.trace" 2>/dev/null || echo none))"
 fi
+fi
 
 # test-backend-ops, CUDA0 against the CPU, under LD_PRELOAD; its trace proves hbmalloc served it
 # (a clean run prints nothing of ours).
 # FLASH_ATTN_EXT is left out: its 10^4 cases alone outlast the time box (6765 cases of the others
 # passed in 200 s while it ran).
+[[ $checks == *" ops "* ]] || exit 0
 ops=MUL_MAT,GET_ROWS,CPY,ADD,MUL,SOFT_MAX,ROPE,RMS_NORM,SET_ROWS
 rm -f "$LOG/test-backend-ops.trace"
 HBMALLOC_CONF=backtrace:off,trace:$LOG/test-backend-ops.trace LD_PRELOAD=$LIB timeout 240 \

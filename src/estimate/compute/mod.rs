@@ -184,7 +184,8 @@ mod tests {
         let gpu = |s: &Shape| device_bytes(s, 0, 4, true, true);
         assert_mib2(gpu(&f16), 15.26);
         // q8_0 K and V: the rotations (16 KiB each) and, behind each attention output (1 MiB),
-        // f16 copies of the 4096-cell K and V views (1 MiB each).
+        // f16 copies of the 4096-cell K and V views (1 MiB each). The copies are f16 whatever
+        // the cache holds: llama.cpp's q4_0 row is the same 15.29.
         let q8 = Shape {
             k_rot: true,
             v_rot: true,
@@ -215,6 +216,10 @@ mod tests {
             ..gemma3_8192()
         };
         assert_mib2(device_bytes(&s, 0, 7, true, true), 20.93);
+        // At n_ctx 1024 the full layer has 1024 cells, the sliding ones still 768.
+        let mut s1024 = s.clone();
+        s1024.layers[5].n_kv = 1024;
+        assert_mib2(device_bytes(&s1024, 0, 7, true, true), 13.18);
     }
 
     #[test]
