@@ -51,7 +51,7 @@ fn serve_or_null(size: isize, device: c_int, stream: *mut c_void, keep: Keep) ->
     if size <= 0 {
         return std::ptr::null_mut();
     }
-    match serve(size as usize, device, stream as Stream, keep) {
+    match serve(size as usize, device, torch_stream(stream), keep) {
         Ok(ptr) => ptr as *mut c_void,
         Err(e) => {
             malloc_failed(size, device, &e);
@@ -103,7 +103,7 @@ pub unsafe extern "C" fn hbm_torch_try_malloc(
         let served = match size {
             ..0 => Err(Error::InvalidValue("negative size")),
             0 => return HbmStatus::Ok,
-            _ => serve(size as usize, device, stream as Stream, Keep::Unhooked),
+            _ => serve(size as usize, device, torch_stream(stream), Keep::Unhooked),
         };
         finish(served, size, device, out_ptr)
     })
@@ -141,7 +141,7 @@ pub unsafe extern "C" fn hbm_torch_graph_malloc(
                     return Err(Error::InvalidValue("no capture has begun into this pool"));
                 }
                 let _here = CapturingHere::new();
-                device_alloc::alloc_graph(device, size as usize, stream as Stream, graph)
+                device_alloc::alloc_graph(device, size as usize, torch_stream(stream), graph)
             }),
         };
         finish(served, size, device, out_ptr)
@@ -199,6 +199,18 @@ enum Keep {
     /// Nobody told hbmalloc when the graph dies: the block is never reused
     /// (`capture::UNHOOKED`).
     Unhooked,
+}
+
+/// PyTorch's stream as the pool keys it. PyTorch is built with the legacy default stream, so its
+/// NULL is the process's one legacy stream, the same on every thread; the pool keys a bare 0 by
+/// thread (as under `--default-stream per-thread`), which would keep the main thread from
+/// reusing at once what PyTorch's autograd thread frees on that stream. Handle 1 is
+/// `CU_STREAM_LEGACY`: that stream by name, for events too.
+fn torch_stream(stream: *mut c_void) -> Stream {
+    match stream as Stream {
+        0 => 1,
+        s => s,
+    }
 }
 
 /// Serves one PyTorch allocation. On a stream that captures a graph (one no hook announced:
@@ -277,8 +289,8 @@ pub extern "C" fn hbm_torch_free(
         if ptr.is_null() {
             return;
         }
-        let _here = stream_captures(device, stream as Stream).then(CapturingHere::new);
-        match device_alloc::free(ptr as usize, Some(stream as Stream), Api::Torch) {
+        let _here = stream_captures(device, torch_stream(stream)).then(CapturingHere::new);
+        match device_alloc::free(ptr as usize, Some(torch_stream(stream)), Api::Torch) {
             Ok(_) => {}
             // The tracked path has said what it found (a double free, an interior pointer,
             // a block of another kind).
@@ -339,6 +351,35 @@ mod tests {
         let out = crate::test_child::run(&format!("ffi::torch_api::tests::{name}"), Some(conf));
         assert!(out.contains("child checks passed"), "{out}");
         false
+    }
+
+    /// PyTorch's NULL stream is the legacy stream, one for every thread: what its autograd
+    /// thread frees there, the main thread reuses at once.
+    #[test]
+    fn the_null_stream_is_one_stream_for_every_thread() {
+        if !in_child(
+            "the_null_stream_is_one_stream_for_every_thread",
+            "backend:sim,leak_report:off",
+        ) {
+            return;
+        }
+        let size = 12 << 20;
+        sim::hold_events();
+        let a = hbm_torch_malloc(size, 0, std::ptr::null_mut()) as usize;
+        assert_ne!(a, 0);
+        std::thread::spawn(move || hbm_torch_free(a as *mut c_void, size, 0, std::ptr::null_mut()))
+            .join()
+            .unwrap();
+        let b = hbm_torch_malloc(size, 0, std::ptr::null_mut());
+        assert_eq!(b as usize, a, "the free's stream is this thread's too");
+        let c = hbm_torch_malloc(size, 0, S1);
+        hbm_torch_free(b, size, 0, std::ptr::null_mut());
+        let d = hbm_torch_malloc(size, 0, S2);
+        assert_ne!(d as usize, a, "another stream waits for the event");
+        sim::complete_held_events();
+        hbm_torch_free(c, size, 0, S1);
+        hbm_torch_free(d, size, 0, S2);
+        println!("child checks passed");
     }
 
     /// 12 MiB blocks get a chunk each, so no other free memory can serve a request in their place.
