@@ -6,10 +6,11 @@
 //! - `Used`: handed out, or parked in a per-thread cache (the arena cannot tell the two apart);
 //! - `Pending`: freed, but work queued before the free may still use it: reusable once the
 //!   pool's completed epoch passes the stamp in `pending`;
-//! - `StreamPending`: freed with `cudaFreeAsync`: reusable at once on its stream, elsewhere once
-//!   its event completes.
+//! - `StreamPending`: freed with `cudaFreeAsync`: reusable at once on its stream (best fit, split),
+//!   elsewhere once its event completes.
 //!
-//! Invariant: two adjacent blocks of one chunk are never both `Free` (they are merged).
+//! Invariants: two adjacent blocks of one chunk are never both `Free`, nor both `StreamPending`
+//! on one stream (they are merged); a `StreamPending` block has an event of its own.
 
 use super::size_class::MIN_BLOCK;
 use crate::backend::{DevicePtr, Event, Stream};
@@ -425,6 +426,11 @@ impl Arena {
                 assert!(
                     !(b.state == State::Free && nb.state == State::Free),
                     "unmerged at {addr:#x}"
+                );
+                let stream_of = |a: &DevicePtr| self.stream_freed.get(a).map(|f| f.stream);
+                assert!(
+                    stream_of(&addr).is_none() || stream_of(&addr) != stream_of(&n),
+                    "one stream's freed neighbours unmerged at {addr:#x}"
                 );
             }
             if b.state == State::Free {
