@@ -98,24 +98,12 @@ impl Arena {
         self.free.remove(&(found, addr));
         self.free_bytes -= found;
         let rest = found - size;
-        let block = self.blocks.get_mut(&addr).expect("free set names a block");
-        block.state = State::Used;
+        self.blocks
+            .get_mut(&addr)
+            .expect("free set names a block")
+            .state = State::Used;
         if rest >= MIN_BLOCK {
-            block.size = size;
-            let tail = addr + size;
-            let next = block.next.replace(tail);
-            self.blocks.insert(
-                tail,
-                Block {
-                    size: rest,
-                    prev: Some(addr),
-                    next,
-                    state: State::Used,
-                },
-            );
-            if let Some(n) = next {
-                self.blocks.get_mut(&n).expect("neighbour exists").prev = Some(tail);
-            }
+            let tail = self.split(addr, size, State::Used);
             self.make_free(tail);
         }
         Some(addr)
@@ -142,16 +130,27 @@ impl Arena {
             .stream_freed
             .remove(&addr)
             .expect("indexed blocks wait for their event");
-        let block = self
-            .blocks
+        self.blocks
             .get_mut(&addr)
-            .expect("stream-freed block exists");
-        block.state = State::Used;
+            .expect("stream-freed block exists")
+            .state = State::Used;
         let rest = found - size;
         if rest == 0 {
             return Some((addr, Some(f.event)));
         }
         debug_assert!(rest >= MIN_BLOCK, "block sizes are multiples of MIN_BLOCK");
+        let tail = self.split(addr, size, State::StreamPending);
+        self.stream_freed
+            .insert(tail, StreamFreed { addr: tail, ..f });
+        self.same_stream.insert((stream, rest, tail));
+        Some((addr, None))
+    }
+
+    /// Cuts the block at `addr` to `size` bytes; the rest becomes a block of its own in `state`,
+    /// whose address is returned (the caller files it in the set that state needs).
+    fn split(&mut self, addr: DevicePtr, size: usize, state: State) -> DevicePtr {
+        let block = self.blocks.get_mut(&addr).expect("block exists");
+        let rest = block.size - size;
         block.size = size;
         let tail = addr + size;
         let next = block.next.replace(tail);
@@ -161,16 +160,13 @@ impl Arena {
                 size: rest,
                 prev: Some(addr),
                 next,
-                state: State::StreamPending,
+                state,
             },
         );
         if let Some(n) = next {
             self.blocks.get_mut(&n).expect("neighbour exists").prev = Some(tail);
         }
-        self.stream_freed
-            .insert(tail, StreamFreed { addr: tail, ..f });
-        self.same_stream.insert((stream, rest, tail));
-        Some((addr, None))
+        tail
     }
 
     /// Size of the block starting at `addr` (which must be one).
