@@ -285,9 +285,13 @@ fn churn(pool: &CachingPool, oracle: &Oracle, ledger: &Mutex<Ledger>, seed: u64,
             let at = oracle.tick();
             if asynch {
                 let s = STREAMS[rng.below(3) as usize];
+                // The ledger is held across the free: the event is known only once the pool has
+                // the block, and a thread that gets the block at once (on `s`) must find the free
+                // noted when it checks, else a late note outlives its reuse.
+                let mut l = ledger.lock().unwrap();
                 pool.free_async_unchecked(ptr, block, s);
                 let event = oracle.take_last_event();
-                ledger.lock().unwrap().note_free(
+                l.note_free(
                     ptr,
                     block,
                     Freed {
