@@ -204,19 +204,22 @@ impl Arena {
             .expect("stream-freed block exists");
         debug_assert_eq!(block.state, State::Used);
         block.state = State::StreamPending;
-        let (prev, next) = (block.prev, block.next);
         let mut merged = Vec::new();
-        if let Some(n) = next {
-            if self.take_neighbour(n, stream, &mut merged) {
-                self.join(addr, n);
+        // A free neighbour taken in may itself border a block freed on this stream: keep going
+        // (at most two steps a side, as two free blocks are never adjacent).
+        while let Some(n) = self.blocks[&addr].next {
+            if !self.take_neighbour(n, stream, &mut merged) {
+                break;
             }
+            self.join(addr, n);
         }
         let mut start = addr;
-        if let Some(p) = prev {
-            if self.take_neighbour(p, stream, &mut merged) {
-                self.join(p, addr);
-                start = p;
+        while let Some(p) = self.blocks[&start].prev {
+            if !self.take_neighbour(p, stream, &mut merged) {
+                break;
             }
+            self.join(p, start);
+            start = p;
         }
         let merged_block = self.blocks.get_mut(&start).expect("block exists");
         merged_block.state = State::StreamPending;
@@ -601,6 +604,28 @@ mod tests {
         assert_eq!(a.free_bytes, 0);
         assert_eq!(a.take_best_fit(1024), None, "all of it waits for stream 8");
         assert_eq!(a.take_same_stream(4096, 8192, 8), Some((p, Some(100))));
+        a.check();
+    }
+
+    /// A free neighbour taken in brings the stream's block beyond it along (found by the fuzzer:
+    /// the merged block and that one were left side by side).
+    #[test]
+    fn a_free_neighbour_brings_the_streams_block_beyond_it() {
+        let mut a = Arena::default();
+        a.add_chunk(0x10000, 5 * 1024);
+        let b: Vec<DevicePtr> = (0..5).map(|_| a.take_best_fit(1024).unwrap()).collect();
+        assert_eq!(a.mark_stream_pending(b[0], 8, 100, 5), Vec::<Event>::new());
+        assert_eq!(a.mark_stream_pending(b[4], 8, 104, 5), Vec::<Event>::new());
+        a.release(b[1]);
+        a.release(b[3]);
+        a.check();
+        // b[2]: free b[1] and b[3] on either side, stream 8's b[0] and b[4] beyond them.
+        assert_eq!(a.mark_stream_pending(b[2], 8, 102, 6), vec![104, 100]);
+        a.check();
+        assert_eq!(
+            a.take_same_stream(5 * 1024, 8192, 8),
+            Some((b[0], Some(102)))
+        );
         a.check();
     }
 
