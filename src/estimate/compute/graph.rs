@@ -198,7 +198,10 @@ fn fa_bytes(s: &Shape, gpu: bool, out: u64, nel_k: u64, nel_v: u64) -> u64 {
     if !gpu || s.n_ubatch <= 2 {
         return out;
     }
-    let pad = |x: u64| x.div_ceil(super::CUDA_ALIGN).saturating_mul(super::CUDA_ALIGN);
+    let pad = |x: u64| {
+        x.div_ceil(super::CUDA_ALIGN)
+            .saturating_mul(super::CUDA_ALIGN)
+    };
     let mut end = out;
     if s.k_cache == CacheType::Converted {
         end = pad(end).saturating_add(nel_k.saturating_mul(2));
